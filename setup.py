@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ssb_jax",
+    version="0.1.0",
+    description="Semantic Soft Bootstrapping (RL-free self-distillation for math reasoning) in JAX/Flax",
+    packages=find_packages(include=["ssb_jax", "ssb_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "transformers>=4.45",
+        "datasets>=2.20",
+        "grain>=0.2.2",
+        "ml-collections>=0.1.1",
+        "safetensors>=0.4.3",
+        "huggingface_hub>=0.24",
+        "tokenizers>=0.19",
+        "math-verify>=0.5",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        # torch only for parity tests and peer benchmarks; pinned to the CPU wheel on local disk.
+        "test": ["torch==2.13.0", "pytest>=8", "peft>=0.12", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)

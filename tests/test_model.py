@@ -1,0 +1,227 @@
+"""Parity of the Flax Qwen2 with Hugging Face transformers, cache consistency, dtypes, checkpoints."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssb_jax
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.qwen2 import forward, init_cache, positions_from_mask
+from ssb_jax.model.weights import CheckpointError, load_params, save_params
+from tests.hf_models import hf_logits, make_hf_checkpoint, make_hf_model
+
+TOL = 1e-4
+
+
+def padded_batch(rng, vocab, lengths, total, left):
+    tokens = rng.integers(0, vocab, size=(len(lengths), total))
+    mask = np.zeros((len(lengths), total), bool)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, total - n:] = True
+        else:
+            mask[i, :n] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return tokens, mask, positions
+
+
+def assert_parity(directory, rng, left, lengths=(9, 5, 1), total=9):
+    config, params = load_params(directory)
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, lengths, total, left)
+    ours = np.asarray(ssb_jax.compute_logits(params, config, tokens, mask, positions))
+    ref = hf_logits(directory, tokens, mask, positions)
+    err = np.abs(ours - ref)[mask].max()
+    assert err < TOL, f"max abs logit error {err}"
+    return config
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_logits_match_transformers(request, tied, left):
+    directory = request.getfixturevalue("tiny_checkpoint" if tied else "tiny_untied_checkpoint")
+    config = assert_parity(directory, np.random.default_rng(), left)
+    assert config.tie_word_embeddings == tied
+
+
+def test_sharded_checkpoint_matches(tmp_path):
+    directory = make_hf_checkpoint(tmp_path, tie=False, seed=3, max_shard_size="40KB")
+    assert (directory / "model.safetensors.index.json").exists()
+    assert len(list(directory.glob("*.safetensors"))) > 2
+    assert_parity(directory, np.random.default_rng(), left=True)
+
+
+def test_real_qwen05b_widths_and_vocab(tmp_path):
+    """Qwen2.5-0.5B's real widths and 151,936 vocab, 2 layers."""
+    from ssb_jax.paths import shared_data_path
+    real = json.loads(shared_data_path("qwen2.5_configs", "Qwen2.5-0.5B-Instruct", "config.json").read_text())
+    fields = dict(vocab_size=real["vocab_size"], hidden_size=real["hidden_size"],
+                  intermediate_size=real["intermediate_size"], num_hidden_layers=2,
+                  num_attention_heads=real["num_attention_heads"],
+                  num_key_value_heads=real["num_key_value_heads"], rope_theta=real["rope_theta"],
+                  rms_norm_eps=real["rms_norm_eps"])
+    directory = make_hf_checkpoint(tmp_path, tie=True, seed=4, **fields)
+    config = assert_parity(directory, np.random.default_rng(), left=True, lengths=(12, 7), total=12)
+    assert config.vocab_size == 151936 and config.hidden_size == 896
+
+
+def test_prefill_then_decode_equals_full_forward(tiny_checkpoint):
+    config, params = load_params(tiny_checkpoint)
+    rng = np.random.default_rng()
+    total, prompt = 14, 6
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, (14, 10, 8), total, left=True)
+    full, _ = forward(params, tokens, positions, mask, config=config)
+    cache = init_cache(config, tokens.shape[0], total + 2)
+    step = jax.jit(lambda p, t, pos, m, c: forward(p, t, pos, m, c, config=config))
+    logits, cache = step(params, tokens[:, :prompt], positions[:, :prompt], mask[:, :prompt], cache)
+    pieces = [logits]
+    for t in range(prompt, total):
+        logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        pieces.append(logits)
+    incremental = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+    err = np.abs(incremental - np.asarray(full))[mask].max()
+    assert err < 1e-5, err
+    assert int(cache["index"]) == total
+
+
+def test_bf16_params_close_to_f32(tiny_checkpoint):
+    config32, params32 = load_params(tiny_checkpoint)
+    config16, params16 = load_params(tiny_checkpoint, dtype="bfloat16")
+    assert params16["layers"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    tokens, mask, positions = padded_batch(np.random.default_rng(), config32.vocab_size, (10, 6), 10, left=True)
+    l32 = np.asarray(ssb_jax.compute_logits(params32, config32, tokens, mask, positions))
+    l16 = np.asarray(ssb_jax.compute_logits(params16, config16, tokens, mask, positions))
+    assert l16.dtype == np.float32
+    rel = np.linalg.norm((l16 - l32)[mask]) / np.linalg.norm(l32[mask])
+    assert rel < 2e-2, rel
+
+
+def test_save_load_bit_exact(tiny_untied_checkpoint, tmp_path):
+    config, params = load_params(tiny_untied_checkpoint)
+    save_params(params, config, tmp_path / "one")
+    save_params(params, config, tmp_path / "many", max_shard_bytes=20_000)
+    assert (tmp_path / "many" / "model.safetensors.index.json").exists()
+    for sub in ("one", "many"):
+        config2, params2 = load_params(tmp_path / sub)
+        assert config2 == config
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and transformers reads what we wrote
+    tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (7, 4), 7, left=False)
+    np.testing.assert_allclose(hf_logits(tmp_path / "many", tokens, mask, positions),
+                               hf_logits(tiny_untied_checkpoint, tokens, mask, positions), atol=1e-6)
+
+
+def _rewrite(src, dst, edit):
+    """Copy a single-file checkpoint, passing its tensors through edit(dict) -> dict."""
+    from safetensors.numpy import load_file, save_file
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = edit(load_file(str(src / "model.safetensors")))
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
+    name = "model.layers.1.self_attn.k_proj.bias"
+    bad = _rewrite(tiny_checkpoint, tmp_path / "bad", lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
+        load_params(bad)
+
+
+def test_unexpected_tensor_is_named(tiny_checkpoint, tmp_path):
+    bad = _rewrite(tiny_checkpoint, tmp_path / "bad", lambda t: {**t, "model.layers.0.extra.weight": np.zeros(3, np.float32)})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        load_params(bad)
+
+
+def test_shape_mismatch_is_named(tiny_checkpoint, tmp_path):
+    name = "model.layers.2.mlp.up_proj.weight"
+    bad = _rewrite(tiny_checkpoint, tmp_path / "bad", lambda t: {**t, name: t[name][:-1]})
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' has shape"):
+        load_params(bad)
+
+
+def test_corrupted_file_fails(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    data = (tiny_checkpoint / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="model.safetensors|safetensors|header|incomplete|size"):
+        load_params(bad)
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really")
+    from ssb_jax.model.weights import safetensors_files
+    with pytest.raises(CheckpointError, match="pickle-format weights.*pytorch_model.bin"):
+        safetensors_files(tmp_path)
+
+
+QWEN25_SIZES = {  # (hidden, layers, heads, kv heads, intermediate, vocab, tied) of the released models
+    "0.5B": (896, 24, 14, 2, 4864, 151936, True),
+    "1.5B": (1536, 28, 12, 2, 8960, 151936, True),
+    "3B": (2048, 36, 16, 2, 11008, 151936, True),
+    "7B": (3584, 28, 28, 4, 18944, 152064, False),
+    "14B": (5120, 48, 40, 8, 13824, 152064, False),
+    "32B": (5120, 64, 40, 8, 27648, 152064, False),
+    "72B": (8192, 80, 64, 8, 29568, 152064, False),
+}
+
+
+def _meta_param_count(hf_dict):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**hf_dict))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("size", sorted(QWEN25_SIZES))
+def test_param_count_equals_transformers(size):
+    h, layers, heads, kv, inter, vocab, tied = QWEN25_SIZES[size]
+    hf = dict(model_type="qwen2", hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab, tie_word_embeddings=tied)
+    assert ModelConfig.from_hf_dict(hf).param_count() == _meta_param_count(hf)
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-0.5B-Instruct", "Qwen2.5-3B-Instruct", "Qwen2.5-7B-Instruct"])
+def test_real_configs_param_count(name):
+    from ssb_jax.paths import shared_data_path
+    path = shared_data_path("qwen2.5_configs", name, "config.json")
+    hf = json.loads(path.read_text())
+    hf_fields = {k: v for k, v in hf.items() if k not in ("architectures", "transformers_version", "_name_or_path")}
+    assert ModelConfig.from_json(path).param_count() == _meta_param_count(hf_fields)
+
+
+def test_sharded_forward_equals_single_device(tiny_untied_checkpoint):
+    from ssb_jax.sharding import make_mesh
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    config, params = load_params(tiny_untied_checkpoint)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    config_s, params_s = ssb_jax.load_model(tiny_untied_checkpoint, mesh=mesh)
+    assert len(params_s["layers"]["q_proj"]["kernel"].sharding.device_set) == 8
+    tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (8, 3, 8, 5), 8, left=True)
+    single = np.asarray(ssb_jax.compute_logits(params, config, tokens, mask, positions))
+    from ssb_jax.sharding import shard
+    batch = shard({"tokens": tokens, "mask": mask, "positions": positions}, mesh, "batch/")
+    sharded = ssb_jax.compute_logits(params_s, config_s, batch["tokens"], batch["mask"], batch["positions"])
+    assert len(sharded.sharding.device_set) > 1
+    np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
+
+
+def test_positions_from_mask():
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], bool)
+    np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]])
+
+
+def test_remat_and_dpa_paths_agree(tiny_checkpoint):
+    config, params = load_params(tiny_checkpoint)
+    tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (6, 4), 6, left=True)
+    base = np.asarray(forward(params, tokens, positions, mask, config=config)[0])
+    for variant in (config.replace(remat=True), config.replace(attention_impl="dot_product_attention")):
+        out = np.asarray(forward(params, tokens, positions, mask, config=variant)[0])
+        np.testing.assert_allclose(out[mask], base[mask], atol=1e-5)
