@@ -1,0 +1,161 @@
+"""From chat prompts to text: template, sort by length, bucket, run `generate`, restore order.
+
+Prompt lengths and batch sizes are padded up to buckets so that a run over thousands of prompts
+compiles a handful of programs. A mesh, when given, shards each batch over its data axes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import zlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.tokenizer import Chat, encode_chat
+from ssb_jax.sampling.sampler import FINISH_STOP, SamplingParams, generate, row_keys_for
+from ssb_jax.sharding import BATCH_AXES
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]          # the sampled tokens, the stop token included when there is one
+    finish_reason: str            # "stop" or "length"
+    text: str | None = None       # decoded without special tokens (None without a tokenizer)
+    logprobs: list[float] | None = None  # per token, under the untempered model distribution
+
+
+class PromptTooLongError(ValueError):
+    pass
+
+
+def stable_row_id(key) -> int:
+    """A 31-bit id that depends only on the prompt's key, never on the run or the batch."""
+    return zlib.crc32(str(key).encode()) & 0x7FFFFFFF
+
+
+def power_of_two_buckets(minimum: int, maximum: int) -> list[int]:
+    buckets, b = [], minimum
+    while b < maximum:
+        buckets.append(b)
+        b *= 2
+    return buckets + [maximum]
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int | None:
+    for b in buckets:
+        if length <= b:
+            return b
+    return None
+
+
+class Sampler:
+    """Holds the model and the compiled programs; generate() is the entry point."""
+
+    def __init__(self, params, config: ModelConfig, tokenizer=None, *, batch_size: int = 8,
+                 max_prompt_tokens: int = 2048, prompt_buckets: Sequence[int] | None = None,
+                 min_prompt_bucket: int = 16, mesh=None, lora=None, lora_scales=None,
+                 show_progress: bool = True):
+        self.params, self.config, self.tokenizer = params, config, tokenizer
+        self.lora, self.lora_scales = lora, dict(lora_scales or {})
+        self.mesh = mesh
+        data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+        if batch_size % data_parallel:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data-parallel size {data_parallel}")
+        self.batch_size = batch_size
+        self.batch_buckets = [b for b in power_of_two_buckets(data_parallel, batch_size) if b % data_parallel == 0]
+        self.prompt_buckets = sorted(prompt_buckets) if prompt_buckets else power_of_two_buckets(
+            min(min_prompt_bucket, max_prompt_tokens), max_prompt_tokens)
+        self.max_prompt_tokens = self.prompt_buckets[-1]
+        self.show_progress = show_progress
+        self.num_compilations = 0  # traces of the generate program; one per (batch, prompt) bucket and sampling
+        self._generate = jax.jit(self._traced_generate, static_argnames=("sampling", "n"))
+
+    def _traced_generate(self, params, lora, tokens, mask, keys, *, sampling, n):
+        self.num_compilations += 1
+        return generate(params, tokens, mask, keys, config=self.config, sampling=sampling, n=n, lora=lora,
+                        lora_scales=self.lora_scales, mesh=self.mesh)
+
+    # ------------------------------------------------------------------ public
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, n: int = 1, seed: int = 0,
+                 ids: Sequence | None = None, system_prompt: str | None = None) -> list[list[Completion]]:
+        """Chat prompts (strings or message lists) -> n completions each, in input order."""
+        if self.tokenizer is None:
+            raise ValueError("Sampler.generate needs a tokenizer; use generate_ids for token ids")
+        prompts = [encode_chat(self.tokenizer, chat, system_prompt=system_prompt) for chat in chats]
+        return self.generate_ids(prompts, sampling, n=n, seed=seed, ids=ids)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, n: int = 1,
+                     seed: int = 0, ids: Sequence | None = None) -> list[list[Completion]]:
+        ids = list(range(len(prompts))) if ids is None else list(ids)
+        if len(ids) != len(prompts):
+            raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
+        for key, prompt in zip(ids, prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {key!r} is empty")
+            if len(prompt) > self.max_prompt_tokens:
+                raise PromptTooLongError(f"prompt {key!r} has {len(prompt)} tokens, more than max_prompt_tokens="
+                                         f"{self.max_prompt_tokens}")
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        progress = _progress(len(prompts) * n, self.show_progress)
+        generated, start = 0, time.perf_counter()
+        for begin in range(0, len(order), self.batch_size):
+            chunk = order[begin:begin + self.batch_size]
+            out = self._run_batch([prompts[i] for i in chunk], [stable_row_id(ids[i]) for i in chunk],
+                                  sampling, n, seed)
+            for row, i in enumerate(chunk):
+                results[i] = out[row * n:(row + 1) * n]
+            generated += sum(len(c.token_ids) for c in out)
+            if progress is not None:
+                progress.update(len(chunk) * n)
+                progress.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
+        if progress is not None:
+            progress.close()
+        return results
+
+    # ------------------------------------------------------------------ internals
+
+    def _run_batch(self, prompts, row_ids, sampling, n, seed) -> list[Completion]:
+        rows = bucket_for(len(prompts), self.batch_buckets)
+        width = bucket_for(max(len(p) for p in prompts), self.prompt_buckets)
+        tokens = np.full((rows, width), sampling.pad_id, np.int32)
+        mask = np.zeros((rows, width), bool)
+        for r, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
+            tokens[r, width - len(prompt):] = prompt
+            mask[r, width - len(prompt):] = True
+        # filler rows reuse row id 0; their outputs are dropped
+        keys = row_keys_for(seed, list(row_ids) + [0] * (rows - len(prompts)), n)
+        tokens, mask, keys = self._place(tokens), self._place(mask), self._place(keys)
+        out = jax.device_get(self._generate(self.params, self.lora, tokens, mask, keys, sampling=sampling, n=n))
+        completions = []
+        for r in range(len(prompts) * n):
+            length = int(out["lengths"][r])
+            token_ids = out["tokens"][r, :length].tolist()
+            text = None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            completions.append(Completion(
+                token_ids=token_ids,
+                finish_reason="stop" if out["finish_reason"][r] == FINISH_STOP else "length",
+                text=text, logprobs=out["logprobs"][r, :length].tolist()))
+        return completions
+
+    def _place(self, array):
+        if self.mesh is None:
+            return jnp.asarray(array)
+        return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(BATCH_AXES)))
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="sampling", unit="seq")

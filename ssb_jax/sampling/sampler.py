@@ -1,0 +1,183 @@
+"""Pure, jitted sampling: one prefill, then a decode loop that runs on the device.
+
+`generate` takes a left-padded prompt batch and per-row PRNG keys and returns the completions.
+Each output row draws its randomness only from its own key (folded with the step number), so a
+row's samples do not depend on what else shares its batch. With n > 1 the prompt is prefilled
+once and its KV cache replicated n times (rows are prompt-major: prompt0 sample0..n-1, prompt1 ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.qwen2 import forward, init_cache, logits_from_hidden, positions_from_mask
+from ssb_jax.sharding import tree_shardings
+
+FINISH_LENGTH, FINISH_STOP = 0, 1
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy. top_k 0 and top_p 1.0 mean off."""
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = ()
+    # The stop ids cannot be sampled before this many new tokens (benchmarks suppress EOS this way).
+    min_new_tokens: int = 0
+    # Pad id written after a row has finished.
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+# ----------------------------------------------------------------------------- token choice
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """True for tokens whose logit is at least the k-th largest (ties at the boundary are kept)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return jnp.ones(logits.shape, bool)
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return logits >= kth
+
+
+def top_p_mask(logits: jax.Array, p: float, candidates: int = 0) -> jax.Array:
+    """Nucleus: keep a token iff the probability mass of tokens strictly more likely is below p.
+
+    Tied tokens are kept or dropped together. `candidates` > 0 says only the top `candidates`
+    tokens can survive (top-k already applied), so only those need sorting.
+    """
+    if p >= 1.0:
+        return jnp.ones(logits.shape, bool)
+    probs = jax.nn.softmax(logits, axis=-1)
+    width = candidates if 0 < candidates < logits.shape[-1] else logits.shape[-1]
+    sorted_probs = jax.lax.top_k(probs, width)[0]
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = mass_before < p
+    # the smallest kept probability; every token at least that likely is in the nucleus
+    threshold = jnp.min(jnp.where(kept, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    return probs >= threshold
+
+
+def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+    """Temperature, then top-k, then top-p (the order HF generate applies them); dropped -> -inf."""
+    scaled = logits / sampling.temperature
+    keep = top_k_mask(scaled, sampling.top_k)
+    scaled = jnp.where(keep, scaled, _NEG_INF)
+    if sampling.top_p < 1.0:
+        scaled = jnp.where(top_p_mask(scaled, sampling.top_p, sampling.top_k), scaled, _NEG_INF)
+    return scaled
+
+
+def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: SamplingParams):
+    """Pick one token per row from float32 logits [R, V]; returns (tokens [R], log-probs [R]).
+
+    The log-prob is under the model's own distribution (temperature 1, no filtering).
+    """
+    if sampling.stop_ids and sampling.min_new_tokens > 0:
+        stop = jnp.zeros(logits.shape[-1], bool).at[jnp.array(sampling.stop_ids)].set(True)
+        logits = jnp.where(stop & (step < sampling.min_new_tokens), _NEG_INF, logits)
+    if sampling.greedy:
+        tokens = jnp.argmax(logits, axis=-1)
+    else:
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        tokens = jax.vmap(jax.random.categorical)(step_keys, filter_logits(logits, sampling))
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logprobs
+
+
+# ----------------------------------------------------------------------------- generation
+
+def generate(params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_keys: jax.Array, *,
+             config: ModelConfig, sampling: SamplingParams, n: int = 1, lora=None, lora_scales=None,
+             mesh=None):
+    """Sample completions for left-padded prompts.
+
+    prompt_tokens, prompt_mask [B, P]; row_keys [B * n] PRNG keys (one per output row).
+    Returns a dict: tokens [B*n, M] int32 (pad after the end), lengths [B*n] (the stop token counts),
+    finish_reason [B*n] (FINISH_STOP or FINISH_LENGTH), logprobs [B*n, M] float32.
+    """
+    B, P = prompt_tokens.shape
+    M = sampling.max_new_tokens
+    R = B * n
+    prompt_mask = prompt_mask.astype(bool)
+    positions = positions_from_mask(prompt_mask)
+    cache = init_cache(config, B, P + M)
+    hidden, cache = forward(params, prompt_tokens, positions, prompt_mask, cache, lora,
+                            config=config, lora_scales=lora_scales, return_hidden=True)
+    last_logits = logits_from_hidden(params, hidden[:, -1], config)
+    next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    if n > 1:  # one prefill, replicated: k/v are [L, B, ...], everything else is batch-first
+        cache = {"k": jnp.repeat(cache["k"], n, axis=1), "v": jnp.repeat(cache["v"], n, axis=1),
+                 "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
+        last_logits = jnp.repeat(last_logits, n, axis=0)
+        next_position = jnp.repeat(next_position, n, axis=0)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, tree_shardings(cache, mesh, "cache/"))
+    stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
+
+    first, first_lp = choose_tokens(last_logits, row_keys, 0, sampling)
+    state = {
+        "step": jnp.int32(1),
+        "tokens": jnp.full((R, M), sampling.pad_id, jnp.int32).at[:, 0].set(first),
+        "logprobs": jnp.zeros((R, M), jnp.float32).at[:, 0].set(first_lp),
+        "done": jnp.isin(first, stop_ids),
+        "lengths": jnp.ones((R,), jnp.int32),
+        "last": first,
+        "cache": cache,
+    }
+
+    def keep_going(s):
+        return (s["step"] < M) & ~jnp.all(s["done"])
+
+    def decode_step(s):
+        step = s["step"]
+        pos = (next_position + step - 1)[:, None]  # the fed token is the (step-1)-th new one
+        logits, cache = forward(params, s["last"][:, None], pos, jnp.ones((R, 1), bool), s["cache"], lora,
+                                config=config, lora_scales=lora_scales)
+        token, lp = choose_tokens(logits[:, 0], row_keys, step, sampling)
+        token = jnp.where(s["done"], sampling.pad_id, token)
+        lp = jnp.where(s["done"], 0.0, lp)
+        return {
+            "step": step + 1,
+            "tokens": jax.lax.dynamic_update_slice_in_dim(s["tokens"], token[:, None], step, axis=1),
+            "logprobs": jax.lax.dynamic_update_slice_in_dim(s["logprobs"], lp[:, None], step, axis=1),
+            "done": s["done"] | jnp.isin(token, stop_ids),
+            "lengths": s["lengths"] + (~s["done"]).astype(jnp.int32),
+            "last": token,
+            "cache": cache,
+        }
+
+    state = jax.lax.while_loop(keep_going, decode_step, state)
+    finished = jnp.where(state["done"], FINISH_STOP, FINISH_LENGTH)
+    return {"tokens": state["tokens"], "lengths": state["lengths"], "finish_reason": finished,
+            "logprobs": state["logprobs"]}
+
+
+def row_keys_for(seed: int, row_ids: Sequence[int], n: int) -> jax.Array:
+    """Keys for n samples of each row: key(seed) folded with the row id, then the sample index.
+    Row ids are stable per prompt (see driver.stable_row_id), so a prompt samples the same tokens
+    whatever batch it lands in and however often a run is resumed."""
+    ids = jnp.repeat(jnp.asarray([int(r) & 0x7FFFFFFF for r in row_ids], jnp.uint32), n)
+    samples = jnp.tile(jnp.arange(n, dtype=jnp.uint32), len(row_ids))
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))(ids, samples)
