@@ -1,0 +1,116 @@
+"""Sampling throughput: ssb_jax vs transformers `generate`, in one process, plus the bandwidth roofline.
+
+    python -m benchmarks.sampling                      # 0.5B shape, f32, CPU, batch 1 and 8
+    python -m benchmarks.sampling --shape 3b --dtype bfloat16 --batches 1 64   # on a GPU
+
+Random weights (speed does not depend on their values); EOS is suppressed on both sides
+(min_new_tokens = max_new_tokens) so every row generates exactly max_new_tokens tokens.
+Roofline: each decode step must read every weight once (the tied embedding is the LM head) plus the
+KV cache; tokens/s <= batch * bandwidth / bytes per step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import best_of, copy_bandwidth_gbs, hf_config, machine_info, model_config, write_results
+from ssb_jax.model.qwen2 import init_params
+from ssb_jax.sampling.sampler import SamplingParams, generate, row_keys_for
+
+MODES = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.8, top_k=50)}
+
+
+def bytes_per_step(config, batch: int, context: int) -> int:
+    itemsize = jnp.dtype(config.jnp_dtype).itemsize
+    weights = config.param_count() * itemsize
+    kv = 2 * config.num_layers * batch * context * config.kv_size * itemsize
+    return weights + kv
+
+
+def ours(config, params, batch, prompt_len, new_tokens, mode, repeats):
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
+    mask = jnp.ones((batch, prompt_len), bool)
+    keys = row_keys_for(0, list(range(batch)), 1)
+    sampling = SamplingParams(max_new_tokens=new_tokens, stop_ids=(151643, 151645), min_new_tokens=new_tokens,
+                              **MODES[mode])
+    run = jax.jit(lambda p, t, m, k: generate(p, t, m, k, config=config, sampling=sampling))
+    start = time.perf_counter()
+    out = jax.block_until_ready(run(params, tokens, mask, keys))
+    first = time.perf_counter() - start
+    assert int(out["lengths"].min()) == new_tokens
+    seconds = best_of(lambda: jax.block_until_ready(run(params, tokens, mask, keys)), repeats)
+    return {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds, "compile_and_first_run_s": first}
+
+
+def transformers_side(model, config, batch, prompt_len, new_tokens, mode, repeats):
+    import torch
+    rng = np.random.default_rng(0)
+    ids = torch.as_tensor(rng.integers(0, config.vocab_size, (batch, prompt_len)))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=[151643, 151645],
+                  pad_token_id=151643)
+    if mode == "greedy":
+        kwargs.update(do_sample=False)
+    else:
+        kwargs.update(do_sample=True, temperature=0.8, top_k=50, top_p=1.0)
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        assert out.shape[1] == prompt_len + new_tokens
+    run()  # warm-up
+    seconds = best_of(run, repeats)
+    return {"seconds": seconds, "tokens_per_s": batch * new_tokens / seconds}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="0.5b")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers")
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+
+    config = model_config(args.shape, args.dtype, args.layers)
+    params = init_params(config, jax.random.key(0))
+    bandwidth = copy_bandwidth_gbs() if jax.default_backend() == "cpu" else None
+    model = None
+    if not args.no_peer:
+        import torch
+        from transformers import Qwen2ForCausalLM
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = Qwen2ForCausalLM(hf_config(config)).to(device=device, dtype=torch_dtype).eval()
+    rows = []
+    for batch in args.batches:
+        for mode in args.modes:
+            row = {"batch": batch, "mode": mode}
+            row["ssb_jax"] = ours(config, params, batch, args.prompt, args.new_tokens, mode, args.repeats)
+            if model is not None:
+                row["transformers"] = transformers_side(model, config, batch, args.prompt, args.new_tokens, mode,
+                                                        args.repeats)
+                row["speedup"] = row["ssb_jax"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+            if bandwidth:
+                mean_context = args.prompt + args.new_tokens / 2
+                roofline = batch * bandwidth * 1e9 / bytes_per_step(config, batch, mean_context)
+                row["roofline_tokens_per_s"] = roofline
+                row["fraction_of_roofline"] = row["ssb_jax"]["tokens_per_s"] / roofline
+            rows.append(row)
+            print(row, flush=True)
+    name = args.name or f"sampling_{jax.default_backend()}_{args.shape}_{args.dtype}"
+    write_results(name, {"config": vars(args), "copy_bandwidth_gbs": bandwidth, "machine": machine_info(),
+                         "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
