@@ -1,0 +1,179 @@
+import json
+import logging
+
+import pytest
+
+from ssb_jax.data.datasets import (
+    DataError, Problem, load_aime24, load_gsm8k, load_math500, load_problems)
+from ssb_jax.paths import shared_data_dir
+
+needs_shared_data = pytest.mark.skipif(
+    not (shared_data_dir() / "gsm8k" / "train.jsonl").exists(),
+    reason=f"shared data not found under {shared_data_dir()} (set SSB_DATA_DIR)")
+
+
+def _write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@needs_shared_data
+@pytest.mark.parametrize("loader, count, source", [
+    (lambda: load_gsm8k("train"), 7473, "gsm8k_train"),
+    (lambda: load_gsm8k("test"), 1319, "gsm8k_test"),
+    (load_math500, 500, "math500"),
+    (load_aime24, 30, "aime24"),
+])
+def test_shared_files_load_with_expected_counts(loader, count, source):
+    problems = loader()
+    assert len(problems) == count
+    assert problems.skipped == 0
+    assert len({problem.id for problem in problems}) == count
+    assert all(problem.question and problem.answer for problem in problems)
+    assert all(problem.source == source for problem in problems)
+
+
+@needs_shared_data
+def test_shared_names_and_record_shapes():
+    gsm8k = load_problems("gsm8k_test")
+    assert gsm8k[0].id == "gsm8k_test-0"
+    assert gsm8k[0].answer == "18"  # Janet's ducks
+    assert "####" in gsm8k[0].extra["solution"]
+    assert not any("," in problem.answer for problem in gsm8k)
+    assert any(problem.answer.startswith("-") for problem in load_gsm8k("train"))
+    math500 = load_problems("math500")
+    assert math500[0].id == "test/precalculus/807.json"
+    assert math500[0].extra["subject"] == "Precalculus" and "solution" in math500[0].extra
+    aime = load_problems("aime24")
+    assert {problem.id for problem in aime} == {str(i) for i in range(60, 90)}
+    assert "025" in {problem.answer for problem in aime}  # kept as written
+
+
+def test_gsm8k_gold_commas_stripped_from_local_file(tmp_path):
+    path = _write_jsonl(tmp_path / "gsm.jsonl", [
+        json.dumps({"question": "How much?", "answer": "It costs 1,000 + 80.\n#### 1,080"}),
+        json.dumps({"question": "Loss?", "answer": "Down 4.\n#### -4"}),
+    ])
+    problems = load_gsm8k("train", path=path)
+    assert [p.answer for p in problems] == ["1080", "-4"]
+    assert [p.id for p in problems] == ["gsm8k_train-0", "gsm8k_train-1"]
+    assert problems[0].extra["solution"].endswith("#### 1,080")
+
+
+def test_field_discovery_ids_and_named_fields(tmp_path):
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [
+        json.dumps({"Problem": "P1", "Answer": 25, "id": 7}),
+        json.dumps({"problem": "P2", "answer": "\\frac{1}{2}", "unique_id": "u/2"}),
+        json.dumps({"question": "P3", "answer": "3"}),
+    ])
+    problems = load_problems(str(path))
+    assert problems == [
+        Problem("7", "P1", "25", "mixed", {}),
+        Problem("u/2", "P2", "\\frac{1}{2}", "mixed", {}),
+        Problem("mixed-2", "P3", "3", "mixed", {}),
+    ]
+    named = _write_jsonl(tmp_path / "named.jsonl", [json.dumps({"q": "Q", "gold": "5", "other": 1})])
+    (problem,) = load_problems(named, question_field="q", answer_field="gold")
+    assert (problem.question, problem.answer, problem.extra) == ("Q", "5", {"other": 1})
+
+
+def test_malformed_line_error_names_file_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [
+        json.dumps({"question": "a", "answer": "1"}),
+        '{"question": "b", "answer": ',
+        json.dumps({"question": "c", "answer": "3"}),
+    ])
+    with pytest.raises(DataError) as error:
+        load_problems(path)
+    assert f"{path}:2" in str(error.value)
+    assert "malformed JSON" in str(error.value)
+
+
+def test_missing_field_error_names_field_file_and_line(tmp_path):
+    path = _write_jsonl(tmp_path / "missing.jsonl", [
+        json.dumps({"question": "a", "answer": "1"}),
+        json.dumps({"question": "b", "answer": "2"}),
+        json.dumps({"question": "c"}),
+    ])
+    with pytest.raises(DataError) as error:
+        load_problems(path)
+    message = str(error.value)
+    assert f"{path}:3" in message and "'answer'" in message
+    with pytest.raises(DataError, match="'prompt'"):
+        load_problems(path, question_field="prompt")
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    path = _write_jsonl(tmp_path / "dup.jsonl", [
+        json.dumps({"id": 1, "question": "a", "answer": "1"}),
+        json.dumps({"id": 1, "question": "b", "answer": "2"}),
+    ])
+    with pytest.raises(DataError, match=r"dup.jsonl:2: duplicate id '1'.*dup.jsonl:1"):
+        load_problems(path)
+
+
+def test_skip_mode_counts_and_logs(tmp_path, caplog):
+    path = _write_jsonl(tmp_path / "skip.jsonl", [
+        json.dumps({"question": "a", "answer": "1"}),
+        "not json",
+        json.dumps({"question": "c"}),
+        "",
+        json.dumps({"question": "e", "answer": "5"}),
+        "[1, 2]",
+    ])
+    with caplog.at_level(logging.WARNING):
+        problems = load_problems(path, on_bad_line="skip")
+    assert [p.question for p in problems] == ["a", "e"]
+    # Ids come from the record position, so skipping does not shift later ids.
+    assert [p.id for p in problems] == ["skip-0", "skip-3"]
+    assert problems.skipped == 3
+    assert f"{path}:2" in problems.skipped_lines[0]
+    assert "skipped 3 bad record(s)" in caplog.text
+    with pytest.raises(ValueError, match="on_bad_line"):
+        load_problems(path, on_bad_line="ignore")
+
+
+def test_parquet_file_loads(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed in this venv")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow.parquet not available")
+    path = tmp_path / "aime_like.parquet"
+    table = pa.table({"id": [60, 61], "problem": ["Find x.", "Find y."],
+                      "answer": ["025", "113"], "url": ["u0", "u1"]})
+    pq.write_table(table, path)
+    problems = load_problems(str(path))
+    assert [(p.id, p.question, p.answer) for p in problems] == [
+        ("60", "Find x.", "025"), ("61", "Find y.", "113")]
+    assert problems[0].extra == {"url": "u0"}
+    missing = tmp_path / "no_answer.parquet"
+    pq.write_table(pa.table({"problem": ["a"]}), missing)
+    with pytest.raises(DataError, match=r"no_answer.parquet: row 0: missing field 'answer'"):
+        load_problems(missing)
+
+
+def test_unknown_spec_and_file_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gsm8k_train"):
+        load_problems("gsm8k_validation")
+    with pytest.raises(ValueError, match="GSM8K split"):
+        load_gsm8k("validation")
+    csv = tmp_path / "data.csv"
+    csv.write_text("question,answer\n")
+    with pytest.raises(ValueError, match="unsupported"):
+        load_problems(csv)
+
+
+def test_missing_shared_file_falls_back_to_hub(tmp_path, monkeypatch):
+    import sys
+    import types
+    calls = []
+
+    def fake_load_dataset(name, *args, split):
+        calls.append((name, args, split))
+        return [{"question": "Q", "answer": "work\n#### 2,000"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+    monkeypatch.setenv("SSB_DATA_DIR", str(tmp_path))  # an empty shared folder
+    problems = load_gsm8k("test")
+    assert calls == [("openai/gsm8k", ("main",), "test")]
+    assert [(p.id, p.answer) for p in problems] == [("gsm8k_test-0", "2000")]
+    load_aime24()
+    assert calls[-1] == ("HuggingFaceH4/aime_2024", (), "train")
