@@ -1,0 +1,268 @@
+"""The curation stage: rollouts -> mixed groups -> hinted teacher solutions -> verified pairs.
+
+For each question (in a seeded shuffled order): sample K rollouts under the tutor prompt and grade
+them; keep the question only when at least one rollout is right and one wrong; show the model the
+question with a correct trace and the trace of the most common wrong answer (the hinted prompt),
+sample one solution, and keep the pair only if that solution is still right and ended with a stop
+token. Each processed question becomes one JSONL record, appended batch by batch, so a killed run
+resumes where it stopped.
+
+The sampler is anything with `generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`
+(ssb_jax.sampling.driver.Sampler, or a scripted fake in tests).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import random
+import statistics
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ssb_jax.data.datasets import Problem
+from ssb_jax.data.records import RecordStore, write_json_atomic
+from ssb_jax.grading import LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response, normalize_answer
+from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
+from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
+from ssb_jax.sampling.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+RECORDS_FILE = "records.jsonl"
+SUMMARY_FILE = "curation_summary.json"
+VERDICTS = ("all_correct", "all_wrong", "teacher_failed", "kept")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurationConfig:
+    num_rollouts: int = 4
+    rollout_temperature: float = 0.8
+    rollout_top_k: int = 50
+    rollout_top_p: float = 1.0
+    rollout_max_new_tokens: int = 1024
+    solution_temperature: float = 0.4
+    solution_top_k: int = 50
+    solution_top_p: float = 1.0
+    solution_max_new_tokens: int = 1024
+    target_pairs: int = 256          # stop once this many pairs are kept (0: process all questions)
+    max_questions: int = 0           # look at no more than this many questions (0: all)
+    shuffle: bool = True
+    seed: int = 0
+    correct_choice: str = "first"    # "first" | "shortest" | "random": which correct rollout is the hint
+    no_answer_is_wrong: bool = True  # a rollout without a \boxed answer counts as wrong for mixing
+    questions_per_batch: int = 32    # records are appended (and survive a crash) per batch
+    grader: str = "math_verify"
+
+    def __post_init__(self):
+        if self.correct_choice not in ("first", "shortest", "random"):
+            raise ValueError(f"correct_choice must be first, shortest or random, got {self.correct_choice!r}")
+        if self.num_rollouts < 2:
+            raise ValueError(f"num_rollouts must be >= 2 to see both a right and a wrong answer, got {self.num_rollouts}")
+
+
+def question_order(problems: Sequence[Problem], config: CurationConfig) -> list[Problem]:
+    ordered = list(problems)
+    if config.shuffle:
+        random.Random(config.seed).shuffle(ordered)
+    if config.max_questions:
+        ordered = ordered[:config.max_questions]
+    return ordered
+
+
+def _question_rng(config: CurationConfig, problem_id: str) -> random.Random:
+    """Per-question randomness, independent of processing order (so resumed runs agree)."""
+    return random.Random(zlib.crc32(f"{config.seed}:{problem_id}".encode()))
+
+
+def select_traces(rollouts: Sequence[dict], config: CurationConfig, rng: random.Random):
+    """Pick (correct rollout, wrong rollout) from graded rollouts, or None when the group is not mixed.
+
+    Each rollout is a dict with "text", "answer" (or None), "label", "num_tokens". The wrong trace
+    carries the most common wrong answer (ties broken by rng); a trace with no answer is chosen only
+    when no wrong trace has one.
+    """
+    correct = [r for r in rollouts if r["label"] == LABEL_CORRECT]
+    wrong = [r for r in rollouts if r["label"] == LABEL_WRONG]
+    no_answer = [r for r in rollouts if r["label"] == LABEL_NO_ANSWER]
+    if config.no_answer_is_wrong and not wrong:
+        wrong = no_answer
+    if not correct or not wrong:
+        return None
+    if config.correct_choice == "first":
+        chosen_correct = correct[0]
+    elif config.correct_choice == "shortest":
+        chosen_correct = min(correct, key=lambda r: r["num_tokens"])
+    else:
+        chosen_correct = rng.choice(correct)
+    groups: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in wrong:  # dicts keep insertion order: the first trace of each answer represents it
+        groups[normalize_answer(r["answer"]) if r["answer"] is not None else ""].append(r)
+    most = max(len(g) for g in groups.values())
+    tied = [key for key, g in groups.items() if len(g) == most]
+    chosen_key = tied[0] if len(tied) == 1 else rng.choice(sorted(tied))
+    return chosen_correct, groups[chosen_key][0]
+
+
+def _grade(completion, gold: str, config: CurationConfig) -> dict:
+    result = grade_response(completion.text, gold, grader=config.grader)
+    return {"text": completion.text, "answer": result.answer, "label": result.label,
+            "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}
+
+
+def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
+                   prompts: PromptSet) -> list[dict]:
+    stops = tuple(stop_token_ids(tokenizer))
+    ids = [p.id for p in problems]
+    student_ids = [encode_chat(tokenizer, prompts.student_messages(p.question)) for p in problems]
+    rollout_params = SamplingParams(
+        max_new_tokens=config.rollout_max_new_tokens, temperature=config.rollout_temperature,
+        top_k=config.rollout_top_k, top_p=config.rollout_top_p, stop_ids=stops)
+    rollouts = sampler.generate_ids(student_ids, rollout_params, n=config.num_rollouts, seed=config.seed, ids=ids)
+
+    records, hinted = [], []
+    for problem, prompt_ids, completions in zip(problems, student_ids, rollouts):
+        graded = [_grade(c, problem.answer, config) for c in completions]
+        record = {"id": problem.id, "question": problem.question, "gold": problem.answer,
+                  "source": problem.source, "student_prompt_ids": prompt_ids,
+                  "rollouts": [{k: g[k] for k in ("answer", "label", "num_tokens", "finish_reason")} for g in graded]}
+        labels = {g["label"] for g in graded}
+        picked = select_traces(graded, config, _question_rng(config, problem.id))
+        if picked is None:
+            record["verdict"] = "all_correct" if labels == {LABEL_CORRECT} else "all_wrong"
+        else:
+            correct, wrong = picked
+            messages = prompts.hinted_messages(problem.question, correct["text"], wrong["text"])
+            record.update(correct_trace=correct["text"], wrong_trace=wrong["text"], wrong_answer=wrong["answer"],
+                          hinted_messages=messages, teacher_prompt_ids=encode_chat(tokenizer, messages))
+            hinted.append(record)
+        records.append(record)
+
+    if hinted:
+        solution_params = SamplingParams(
+            max_new_tokens=config.solution_max_new_tokens, temperature=config.solution_temperature,
+            top_k=config.solution_top_k, top_p=config.solution_top_p, stop_ids=stops)
+        solutions = sampler.generate_ids([r["teacher_prompt_ids"] for r in hinted], solution_params, n=1,
+                                         seed=config.seed + 1, ids=[r["id"] for r in hinted])
+        for record, (completion,) in zip(hinted, solutions):
+            graded = _grade(completion, record["gold"], config)
+            # ids as sampled (no re-tokenization drift), ending with the stop token when there is one
+            record.update(solution_text=completion.text, solution_ids=list(completion.token_ids),
+                          solution_answer=graded["answer"], solution_finish_reason=completion.finish_reason)
+            ok = graded["label"] == LABEL_CORRECT and completion.finish_reason == "stop"
+            record["verdict"] = "kept" if ok else "teacher_failed"
+    return records
+
+
+def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig, out_dir: str | Path, *,
+        prompts: PromptSet = DEFAULT_PROMPTS) -> dict:
+    """Curate until `target_pairs` are kept or the questions run out; resumable. Returns the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = RecordStore(out_dir / RECORDS_FILE)
+    done = store.done_ids()
+    kept = sum(1 for r in store.read_all() if r.get("verdict") == "kept")
+    todo = [p for p in question_order(problems, config) if p.id not in done]
+    if done:
+        log.info("curation: resuming with %d questions done (%d pairs kept), %d to go", len(done), kept, len(todo))
+    for begin in range(0, len(todo), config.questions_per_batch):
+        if config.target_pairs and kept >= config.target_pairs:
+            break
+        batch = todo[begin:begin + config.questions_per_batch]
+        records = _process_batch(batch, sampler, tokenizer, config, prompts)
+        store.append(records)
+        kept += sum(r["verdict"] == "kept" for r in records)
+        log.info("curation: %d questions done, %d pairs kept", len(done) + begin + len(batch), kept)
+    summary = summarize(store.read_all())
+    summary["complete"] = ((config.target_pairs > 0 and kept >= config.target_pairs)
+                           or len(store.done_ids()) >= len(question_order(problems, config)))
+    write_json_atomic(out_dir / SUMMARY_FILE, summary)
+    log.info("curation summary: %s", json.dumps({k: summary[k] for k in ("questions", "verdicts")}))
+    return summary
+
+
+def _length_stats(lengths: Iterable[int]) -> dict[str, float]:
+    lengths = sorted(lengths)
+    if not lengths:
+        return {"count": 0}
+    return {"count": len(lengths), "mean": statistics.fmean(lengths), "median": statistics.median(lengths),
+            "p90": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))], "max": lengths[-1]}
+
+
+def summarize(records: Sequence[dict]) -> dict[str, Any]:
+    verdicts = collections.Counter(r["verdict"] for r in records)
+    return {
+        "questions": len(records),
+        "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS},
+        "mixed": verdicts.get("kept", 0) + verdicts.get("teacher_failed", 0),
+        "rollout_accuracy": (sum(x["label"] == LABEL_CORRECT for r in records for x in r["rollouts"])
+                             / max(1, sum(len(r["rollouts"]) for r in records))),
+        "rollout_tokens": _length_stats(x["num_tokens"] for r in records for x in r["rollouts"]),
+        "solution_tokens": _length_stats(len(r["solution_ids"]) for r in records if "solution_ids" in r),
+    }
+
+
+def kept_pairs(records: Iterable[dict], limit: int = 0) -> list[dict]:
+    """The training examples: kept records in curation order, at most `limit` (0: all)."""
+    pairs = [r for r in records if r.get("verdict") == "kept"]
+    return pairs[:limit] if limit else pairs
+
+
+# ----------------------------------------------------------------------------- reference format
+
+def export_reference_format(records: Iterable[dict], teacher_path: str | Path, student_path: str | Path) -> int:
+    """Write the original code's two line-aligned `messages` files; returns the number of pairs."""
+    lines_t, lines_s = [], []
+    for r in kept_pairs(records):
+        system, user = r["hinted_messages"]
+        lines_t.append(json.dumps({"messages": [system, user, {"role": "assistant", "content": r["solution_text"]}]}))
+        student_system = {"role": "system", "content": system["content"]}
+        lines_s.append(json.dumps({"messages": [student_system, {"role": "user", "content": r["question"]}]}))
+    for path, lines in ((teacher_path, lines_t), (student_path, lines_s)):
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(path)
+    return len(lines_t)
+
+
+def import_reference_format(teacher_path: str | Path, student_path: str | Path, tokenizer) -> list[dict]:
+    """Records (verdict "kept") from the reference two-file format, tokenized with `tokenizer`.
+
+    The assistant text is tokenized and the end-of-turn token appended, so the student learns to stop.
+    """
+    def read(path):
+        rows = []
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{number}: expected a JSON object with a 'messages' list ({e})") from e
+            rows.append((number, messages))
+        return rows
+
+    teacher, student = read(teacher_path), read(student_path)
+    if len(teacher) != len(student):
+        raise ValueError(f"{teacher_path} has {len(teacher)} examples but {student_path} has {len(student)}")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    records = []
+    for (line, t_msgs), (_, s_msgs) in zip(teacher, student):
+        roles = [m.get("role") for m in t_msgs]
+        if roles[-1:] != ["assistant"]:
+            raise ValueError(f"{teacher_path}:{line}: the last message must be the assistant's solution")
+        prompt, solution = t_msgs[:-1], t_msgs[-1]["content"]
+        question = next((m["content"] for m in s_msgs if m.get("role") == "user"), None)
+        if question is None:
+            raise ValueError(f"{student_path}:{line}: no user message")
+        records.append({
+            "id": f"reference-{line - 1}", "question": question, "hinted_messages": prompt,
+            "teacher_prompt_ids": encode_chat(tokenizer, prompt),
+            "student_prompt_ids": encode_chat(tokenizer, s_msgs),
+            "solution_text": solution,
+            "solution_ids": tokenizer.encode(solution, add_special_tokens=False) + [end_of_turn],
+            "verdict": "kept",
+        })
+    return records

@@ -1,0 +1,57 @@
+"""A scripted stand-in for the Sampler, for curation tests: texts by question id, real token ids."""
+import time
+import zlib
+
+from ssb_jax.sampling.driver import Completion
+
+
+class ScriptedSampler:
+    """rollouts[id] -> list of K texts; solutions[id] -> text. Unscripted ids get `default(id, i)`.
+
+    Rollout and solution calls are told apart by temperature (0.8 vs 0.4 in the curation config).
+    """
+
+    def __init__(self, tokenizer, rollouts=None, solutions=None, default=None, delay_s=0.0,
+                 solution_temperature=0.4):
+        self.tokenizer = tokenizer
+        self.rollouts, self.solutions = dict(rollouts or {}), dict(solutions or {})
+        self.default = default or (lambda key, i: "I do not know.")
+        self.delay_s = delay_s
+        self.solution_temperature = solution_temperature
+        self.calls = []
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def _completion(self, text, finish="stop"):
+        ids = self.tokenizer.encode(text, add_special_tokens=False) + ([self.end] if finish == "stop" else [])
+        return Completion(token_ids=ids, finish_reason=finish, text=text)
+
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None):
+        time.sleep(self.delay_s)
+        solution = sampling.temperature == self.solution_temperature
+        self.calls.append(("solution" if solution else "rollout", list(ids), n))
+        out = []
+        for key in ids:
+            if solution:
+                text = self.solutions.get(key, self.default(key, -1))
+                finish = "length" if text.endswith("<truncated>") else "stop"
+                out.append([self._completion(text, finish)])
+            else:
+                texts = self.rollouts.get(key) or [self.default(key, i) for i in range(n)]
+                assert len(texts) == n
+                out.append([self._completion(t) for t in texts])
+        return out
+
+
+def hashed_answers(gold_by_id):
+    """A deterministic default: a mix of right, wrong and missing answers that depends only on (id, i)."""
+    def default(key, i):
+        h = zlib.crc32(f"{key}:{i}".encode()) % 5
+        gold = gold_by_id[key]
+        if i == -1:  # solution: usually right
+            return f"Careful work. \\boxed{{{gold}}}" if h != 0 else "Oops \\boxed{-1}"
+        if h in (0, 1):
+            return f"So the answer is \\boxed{{{gold}}}."
+        if h in (2, 3):
+            return f"So the answer is \\boxed{{{int(gold) + h}}}."
+        return "No idea."
+    return default
