@@ -1,0 +1,368 @@
+"""Evaluation: greedy pass@1 and sampled avg@n / maj@n of several models on several datasets.
+
+Datasets come as one comma-separated spec ("math500,aime24,/path/x.jsonl"): each part is a known
+dataset name or a local JSONL/Parquet file, with fields detected as in curation. Models come as a
+dict of named samplers ({"base": ..., "student": ...}), each anything with
+`generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`.
+
+Each protocol is a named preset (`PROTOCOLS`) that fixes the grader and the decoding:
+  * "math_verify": our fairer protocol. Greedy pass@1 plus avg@n and maj@n over n samples, answers
+    compared numerically, as normalized strings, then with math_verify.
+  * "string_match": the MOTIF paper's protocol. Greedy only, 1024 new tokens, normalized string match.
+Every number in the results names the protocol (and grader) it was computed under.
+
+Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore), appended batch
+by batch, so a killed run resumes without redoing finished problems. The results table
+(results.json, results.md) is always recomputed from those files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import statistics
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ssb_jax.data.datasets import KNOWN_DATASETS, Problem, load_problems
+from ssb_jax.data.records import RecordStore, write_json_atomic
+from ssb_jax.grading import (LABEL_CORRECT, LABEL_NO_ANSWER, RELATIVE_TOLERANCE, grade_response,
+                             normalize_answer, parse_number)
+from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
+from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
+from ssb_jax.sampling.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+OUTPUTS_DIR = "outputs"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    name: str
+    grader: str                # a name in ssb_jax.grading.GRADERS
+    sampled: bool              # also report avg@n and maj@n over EvalConfig.n_samples samples
+    max_new_tokens: int        # 0: EvalConfig.max_new_tokens
+    description: str
+
+
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    Protocol("math_verify", grader="math_verify", sampled=True, max_new_tokens=0,
+             description="greedy pass@1 plus sampled avg@n / maj@n; answers compared numerically, "
+                         "as normalized strings, then with math_verify"),
+    Protocol("string_match", grader="string_match", sampled=False, max_new_tokens=1024,
+             description="MOTIF paper protocol: greedy decoding, 1024 new tokens, normalized string match"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    datasets: str = "math500,aime24"     # comma-separated known names and/or local .jsonl/.parquet paths
+    protocols: tuple[str, ...] = ("math_verify", "string_match")
+    n_samples: int = 8                   # n of avg@n / maj@n (0: greedy pass@1 only)
+    temperature: float = 0.6             # for the sampled responses; pass@1 is always greedy
+    top_k: int = 0
+    top_p: float = 0.95
+    max_new_tokens: int = 1024           # for protocols without a fixed budget
+    max_problems: int = 0                # the first this many problems of each dataset (0: all)
+    seed: int = 0
+    problems_per_batch: int = 64         # outputs are appended (and survive a crash) per batch
+
+    def __post_init__(self):
+        if isinstance(self.protocols, str):
+            object.__setattr__(self, "protocols", tuple(p.strip() for p in self.protocols.split(",") if p.strip()))
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise ValueError(f"protocols must be some of {sorted(PROTOCOLS)}, got {self.protocols!r}")
+        if self.n_samples < 0 or self.problems_per_batch < 1 or self.max_problems < 0:
+            raise ValueError("n_samples and max_problems must be >= 0 and problems_per_batch >= 1")
+        if not dataset_specs(self.datasets):
+            raise ValueError("datasets is empty")
+
+
+def dataset_specs(datasets: str) -> list[str]:
+    return [s.strip() for s in str(datasets).split(",") if s.strip()]
+
+
+def dataset_name(spec: str) -> str:
+    """The known name, or the file's stem for a local path."""
+    return spec if spec in KNOWN_DATASETS else Path(spec).stem
+
+
+def load_datasets(config: EvalConfig) -> dict[str, list[Problem]]:
+    datasets: dict[str, list[Problem]] = {}
+    for spec in dataset_specs(config.datasets):
+        name = dataset_name(spec)
+        if name in datasets:
+            raise ValueError(f"two datasets are both named {name!r}; rename one of the files")
+        problems = list(load_problems(spec))
+        datasets[name] = problems[:config.max_problems] if config.max_problems else problems
+    return datasets
+
+
+# ----------------------------------------------------------------------------- majority vote
+
+def same_answer(a: str, b: str) -> bool:
+    """Numeric equality (relative 1e-6) when both are numbers, else equal normalized strings."""
+    x, y = parse_number(a), parse_number(b)
+    if x is not None and y is not None:
+        return math.isclose(x, y, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12)
+    return normalize_answer(a) == normalize_answer(b)
+
+
+def majority_vote(answers: Sequence[str | None]) -> tuple[int | None, int]:
+    """(index of a response carrying the winning answer, its number of votes); (None, 0) if none answered.
+
+    Missing answers do not vote. A tie goes to the answer that appeared first, so the vote depends
+    only on the (seeded) samples.
+    """
+    groups: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        group = next((g for g in groups if same_answer(answers[g[0]], answer)), None)
+        if group is None:
+            groups.append([i])
+        else:
+            group.append(i)
+    if not groups:
+        return None, 0
+    winner = max(groups, key=len)  # max keeps the first of equals: the earliest answer wins ties
+    return winner[0], len(winner)
+
+
+# ----------------------------------------------------------------------------- generation and grading
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one protocol generates: greedy params, and sampled params (None when not sampled)."""
+    protocol: Protocol
+    greedy: SamplingParams
+    sampled: SamplingParams | None
+    n: int                     # samples per problem (0 when not sampled)
+
+    def settings(self, seed: int, prompts: PromptSet) -> dict:
+        """Everything the stored outputs depend on; a resumed run must match it."""
+        return json.loads(json.dumps({
+            "protocol": self.protocol.name, "grader": self.protocol.grader,
+            "greedy": dataclasses.asdict(self.greedy),
+            "sampled": dataclasses.asdict(self.sampled) if self.sampled else None,
+            "n_samples": self.n, "seed": seed if self.sampled else None,
+            "prompts": dataclasses.asdict(prompts)}))
+
+
+def _plans(config: EvalConfig, stops: tuple[int, ...]) -> list[_Plan]:
+    plans = []
+    for name in config.protocols:
+        protocol = PROTOCOLS[name]
+        max_new = protocol.max_new_tokens or config.max_new_tokens
+        greedy = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_ids=stops)
+        sampled = None
+        if protocol.sampled and config.n_samples > 0:
+            sampled = SamplingParams(max_new_tokens=max_new, temperature=config.temperature, top_k=config.top_k,
+                                     top_p=config.top_p, stop_ids=stops)
+        plans.append(_Plan(protocol, greedy, sampled, config.n_samples if sampled else 0))
+    return plans
+
+
+def _open_store(path: Path, settings: dict) -> RecordStore:
+    settings_path = path.with_name(path.stem + ".settings.json")
+    if settings_path.exists():
+        stored = json.loads(settings_path.read_text())
+        if stored != settings:
+            raise ValueError(f"{path} holds outputs made with other settings ({settings_path}); "
+                             "evaluate into a new directory or delete those files")
+    else:
+        write_json_atomic(settings_path, settings)
+    return RecordStore(path)
+
+
+def _response(completion, gold: str, grader: str) -> dict:
+    graded = grade_response(completion.text, gold, grader=grader)
+    return {"text": completion.text, "answer": graded.answer, "label": graded.label,
+            "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}
+
+
+def _record(problem: Problem, greedy, samples, plan: _Plan) -> dict:
+    grader = plan.protocol.grader
+    record = {"id": problem.id, "question": problem.question, "gold": problem.answer,
+              "greedy": _response(greedy, problem.answer, grader)}
+    if samples is not None:
+        record["samples"] = [_response(c, problem.answer, grader) for c in samples]
+        winner, votes = majority_vote([s["answer"] for s in record["samples"]])
+        record["majority"] = {
+            "answer": None if winner is None else record["samples"][winner]["answer"], "votes": votes,
+            "label": LABEL_NO_ANSWER if winner is None else record["samples"][winner]["label"]}
+    return record
+
+
+class _Generations:
+    """Completions of one batch, cached by (sampling params, n): protocols that decode alike
+    (e.g. greedy at the same token budget) share one generation."""
+
+    def __init__(self, sampler, prompt_ids: Mapping[str, list[int]], seed: int):
+        self.sampler, self.prompt_ids, self.seed = sampler, prompt_ids, seed
+        self.cache: dict[tuple[SamplingParams, int], dict[str, list]] = {}
+
+    def get(self, ids: Sequence[str], sampling: SamplingParams, n: int) -> list[list]:
+        done = self.cache.setdefault((sampling, n), {})
+        missing = [i for i in ids if i not in done]
+        if missing:
+            out = self.sampler.generate_ids([self.prompt_ids[i] for i in missing], sampling, n=n, seed=self.seed,
+                                            ids=missing)
+            done.update(zip(missing, out))
+        return [done[i] for i in ids]
+
+
+def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mapping[str, RecordStore],
+                  plans: Sequence[_Plan], config: EvalConfig, prompts: PromptSet, label: str) -> None:
+    todo = [p for p in problems if any(p.id not in stores[plan.protocol.name] for plan in plans)]
+    if len(todo) < len(problems):
+        log.info("eval %s: %d of %d problems already done", label, len(problems) - len(todo), len(problems))
+    for begin in range(0, len(todo), config.problems_per_batch):
+        batch = todo[begin:begin + config.problems_per_batch]
+        generations = _Generations(
+            sampler, {p.id: encode_chat(tokenizer, prompts.student_messages(p.question)) for p in batch}, config.seed)
+        for plan in plans:
+            store = stores[plan.protocol.name]
+            need = [p for p in batch if p.id not in store]
+            if not need:
+                continue
+            ids = [p.id for p in need]
+            greedy = [c[0] for c in generations.get(ids, plan.greedy, 1)]
+            sampled = generations.get(ids, plan.sampled, plan.n) if plan.sampled else [None] * len(need)
+            store.append(_record(p, g, s, plan) for p, g, s in zip(need, greedy, sampled))
+        log.info("eval %s: %d/%d problems", label, len(problems) - len(todo) + begin + len(batch), len(problems))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _ratio(count: float, total: int) -> float | None:
+    return count / total if total else None
+
+
+def _response_stats(responses: Sequence[dict]) -> dict:
+    return {"truncated_rate": _ratio(sum(r["finish_reason"] == "length" for r in responses), len(responses)),
+            "mean_tokens": _ratio(sum(r["num_tokens"] for r in responses), len(responses))}
+
+
+def _binomial_row(metric: str, labels: Sequence[str], responses: Sequence[dict]) -> dict:
+    """One 0/1 outcome per problem; SE sqrt(p(1-p)/N)."""
+    n, correct = len(labels), sum(label == LABEL_CORRECT for label in labels)
+    p = _ratio(correct, n)
+    return {"metric": metric, "problems": n, "correct": correct, "graded": n, "accuracy": p,
+            "se": None if p is None else math.sqrt(p * (1 - p) / n),
+            "no_answer_rate": _ratio(sum(label == LABEL_NO_ANSWER for label in labels), n),
+            **_response_stats(responses)}
+
+
+def metric_rows(records: Sequence[dict], n_samples: int) -> list[dict]:
+    """pass@1, and avg@n / maj@n when n_samples > 0; counts, accuracy, SE, rates, length."""
+    rows = [_binomial_row("pass@1", [r["greedy"]["label"] for r in records], [r["greedy"] for r in records])]
+    if n_samples > 0:
+        samples = [s for r in records for s in r["samples"]]
+        means = [statistics.fmean(s["label"] == LABEL_CORRECT for s in r["samples"]) for r in records]
+        # SE of the mean over problems of per-problem accuracy (population SD, so avg@1 matches pass@1's SE)
+        rows.append({"metric": f"avg@{n_samples}", "problems": len(records),
+                     "correct": sum(s["label"] == LABEL_CORRECT for s in samples), "graded": len(samples),
+                     "accuracy": statistics.fmean(means) if means else None,
+                     "se": statistics.pstdev(means) / math.sqrt(len(means)) if means else None,
+                     "no_answer_rate": _ratio(sum(s["label"] == LABEL_NO_ANSWER for s in samples), len(samples)),
+                     **_response_stats(samples)})
+        rows.append(_binomial_row(f"maj@{n_samples}", [r["majority"]["label"] for r in records], samples))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def outputs_path(out_dir: str | Path, model: str, dataset: str, protocol: str) -> Path:
+    return Path(out_dir) / OUTPUTS_DIR / model / dataset / f"{protocol}.jsonl"
+
+
+def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: str | Path, *,
+        prompts: PromptSet = DEFAULT_PROMPTS) -> dict:
+    """Evaluate every model on every dataset under every protocol; resumable. Returns the results
+    (also written to out_dir/results.json and out_dir/results.md)."""
+    for model in samplers:
+        if not _SAFE_NAME.fullmatch(model):
+            raise ValueError(f"model name {model!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    out_dir = Path(out_dir)
+    datasets = load_datasets(config)
+    plans = _plans(config, tuple(stop_token_ids(tokenizer)))
+    stores = {}
+    for model, sampler in samplers.items():
+        for dataset, problems in datasets.items():
+            stores[model, dataset] = {
+                plan.protocol.name: _open_store(outputs_path(out_dir, model, dataset, plan.protocol.name),
+                                                plan.settings(config.seed, prompts))
+                for plan in plans}
+            _evaluate_one(sampler, tokenizer, problems, stores[model, dataset], plans, config, prompts,
+                          f"{model}/{dataset}")
+
+    rows, complete = [], True
+    for dataset, problems in datasets.items():  # ordered so each model's number sits beside the others'
+        for plan in plans:
+            per_model = {}
+            for model in samplers:
+                stored = {r["id"]: r for r in stores[model, dataset][plan.protocol.name].read_all()}
+                records = [stored[p.id] for p in problems if p.id in stored]
+                complete &= len(records) == len(problems)
+                per_model[model] = metric_rows(records, plan.n)
+            for i in range(len(per_model[next(iter(samplers))])):
+                for model in samplers:
+                    rows.append({"model": model, "dataset": dataset, "protocol": plan.protocol.name,
+                                 "grader": plan.protocol.grader, **per_model[model][i],
+                                 "outputs": str(outputs_path("", model, dataset, plan.protocol.name))})
+    results = {
+        "protocols": {plan.protocol.name: {"grader": plan.protocol.grader, "description": plan.protocol.description,
+                                           "max_new_tokens": plan.greedy.max_new_tokens,
+                                           "n_samples": plan.n}
+                      for plan in plans},
+        "sampling": {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
+                     "seed": config.seed},
+        "datasets": {name: len(problems) for name, problems in datasets.items()},
+        "models": list(samplers),
+        "rows": rows,
+        "complete": complete,
+        "config": dataclasses.asdict(config),
+    }
+    write_json_atomic(out_dir / RESULTS_JSON, results)
+    (out_dir / RESULTS_MD).write_text(format_markdown(results))
+    log.info("eval results in %s\n%s", out_dir / RESULTS_MD, format_markdown(results))
+    return results
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def format_markdown(results: dict) -> str:
+    """The results table plus a legend naming each protocol's grader and decoding."""
+    lines = ["| dataset | protocol | metric | model | correct | accuracy % ± SE | no answer % | truncated % "
+             "| mean tokens |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        tokens = "–" if r["mean_tokens"] is None else f"{r['mean_tokens']:.1f}"
+        lines.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['model']} | "
+                     f"{r['correct']}/{r['graded']} | {_percent(r['accuracy'])} ± {_percent(r['se'])} | "
+                     f"{_percent(r['no_answer_rate'])} | {_percent(r['truncated_rate'])} | {tokens} |")
+    s = results["sampling"]
+    lines += ["", "Protocols:"]
+    for name, p in results["protocols"].items():
+        lines.append(f"- **{name}** (grader `{p['grader']}`, up to {p['max_new_tokens']} new tokens): "
+                     f"{p['description']}.")
+    lines += ["", "pass@1: greedy decoding, one response per problem. "
+              f"avg@n: mean accuracy of n responses sampled at temperature {s['temperature']}, top-k {s['top_k']}, "
+              f"top-p {s['top_p']} (seed {s['seed']}); `correct` counts responses and the SE is across problems of "
+              "the per-problem mean. maj@n: majority vote over the n extracted answers (numeric equality, else "
+              "normalized strings; ties to the earliest answer). SE for pass@1 and maj@n: sqrt(p(1-p)/N). "
+              "No answer: no \\boxed{} answer (for maj@n: none of the n responses had one). "
+              "Truncated: stopped at the token budget. Mean tokens: generated tokens, stop token included."]
+    if not results.get("complete", True):
+        lines += ["", "**Incomplete**: some problems have no outputs yet; rerun to finish."]
+    return "\n".join(lines) + "\n"
