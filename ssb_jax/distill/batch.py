@@ -1,0 +1,128 @@
+"""Aligned teacher/student batches.
+
+A record is a plain dict with "id", "teacher_prompt_ids" (hinted prompt, chat-rendered),
+"student_prompt_ids" (plain prompt) and "solution_ids" (the sampled solution, ending with the
+stop token). The teacher sequence is teacher_prompt ‖ solution, the student sequence is
+student_prompt ‖ solution; both are right padded to a bucketed length.
+
+The logit at position p predicts token p + 1, so solution token j is predicted at position
+prompt_len - 1 + j of each sequence: `teacher_index` / `student_index` [B, A] hold those
+positions, `answer_tokens` [B, A] the solution tokens and `answer_mask` [B, A] which are real.
+Padded answer slots point at position 0 and are masked out. Rows beyond the records (a short
+last batch) are all padding, so every step of a run has the same batch size.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+RECORD_KEYS = ("teacher_prompt_ids", "student_prompt_ids", "solution_ids")
+
+
+def bucket_length(n: int, buckets: Sequence[int] = (), min_bucket: int = 16) -> int:
+    """Smallest configured bucket >= n; without a list, the next power of two >= max(n, min_bucket)."""
+    if buckets:
+        for b in buckets:
+            if b >= n:
+                return int(b)
+        raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+    n = max(int(n), int(min_bucket), 1)
+    return 1 << (n - 1).bit_length()
+
+
+def check_record(record: Mapping) -> None:
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        raise KeyError(f"record {record.get('id')!r} lacks {missing}")
+    if len(record["solution_ids"]) == 0:
+        raise ValueError(f"record {record.get('id')!r} has an empty solution")
+    for k in ("teacher_prompt_ids", "student_prompt_ids"):
+        if len(record[k]) == 0:
+            raise ValueError(f"record {record.get('id')!r} has an empty {k}")
+
+
+def truncated_solution(record: Mapping, max_seq_len: int = 0) -> list[int]:
+    """The solution, cut so that both sequences fit in max_seq_len (0: no limit)."""
+    solution = list(record["solution_ids"])
+    if max_seq_len > 0:
+        longest_prompt = max(len(record["teacher_prompt_ids"]), len(record["student_prompt_ids"]))
+        room = max_seq_len - longest_prompt
+        if room < 1:
+            raise ValueError(f"record {record.get('id')!r}: prompt of {longest_prompt} tokens leaves no room "
+                             f"for the solution within max_seq_len={max_seq_len}")
+        solution = solution[:room]
+    return solution
+
+
+def _sequences(records, side, solutions, length):
+    B = len(solutions)
+    tokens = np.zeros((B, length), np.int32)
+    mask = np.zeros((B, length), bool)
+    for i, (rec, sol) in enumerate(zip(records, solutions)):
+        seq = list(rec[f"{side}_prompt_ids"]) + sol
+        tokens[i, :len(seq)] = seq
+        mask[i, :len(seq)] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return tokens, mask, positions
+
+
+def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, buckets: Sequence[int] = (),
+                min_bucket: int = 16, max_seq_len: int = 0, include_teacher: bool = True,
+                teacher_cache: Callable[[object], Mapping[str, np.ndarray]] | None = None) -> dict:
+    """Numpy batch dict (see module docstring). `teacher_cache(id)` (cached mode) returns that
+    example's per-answer-token arrays "logprobs" [n, k], "ids" [n, k], "tail_logprob" [n],
+    "target_logprob" [n], which are added as teacher_topk_logprobs / teacher_topk_ids /
+    teacher_tail_logprob / teacher_target_logprob [B, A(, k)]."""
+    records = list(records)
+    if not records:
+        raise ValueError("build_batch needs at least one record")
+    for r in records:
+        check_record(r)
+    B = batch_size or len(records)
+    if len(records) > B:
+        raise ValueError(f"{len(records)} records do not fit a batch of {B}")
+    solutions = [truncated_solution(r, max_seq_len) for r in records]
+    A = bucket_length(max(len(s) for s in solutions), buckets, min_bucket)
+    out = {}
+    sides = ("teacher", "student") if include_teacher else ("student",)
+    for side in sides:
+        longest = max(len(r[f"{side}_prompt_ids"]) + len(s) for r, s in zip(records, solutions))
+        length = bucket_length(longest, buckets, min_bucket)
+        tokens, mask, positions = _sequences(records, side, solutions, length)
+        pad = B - len(records)
+        if pad:
+            tokens, mask, positions = (np.concatenate([x, np.zeros((pad, length), x.dtype)]) for x in (tokens, mask, positions))
+        out[f"{side}_tokens"], out[f"{side}_mask"], out[f"{side}_positions"] = tokens, mask, positions
+    answer_tokens = np.zeros((B, A), np.int32)
+    answer_mask = np.zeros((B, A), bool)
+    indices = {side: np.zeros((B, A), np.int32) for side in ("teacher", "student")}
+    for i, (rec, sol) in enumerate(zip(records, solutions)):
+        n = len(sol)
+        answer_tokens[i, :n] = sol
+        answer_mask[i, :n] = True
+        for side in ("teacher", "student"):
+            indices[side][i, :n] = len(rec[f"{side}_prompt_ids"]) - 1 + np.arange(n)
+    out["answer_tokens"], out["answer_mask"] = answer_tokens, answer_mask
+    out["student_index"] = indices["student"]
+    if include_teacher:
+        out["teacher_index"] = indices["teacher"]
+    if teacher_cache is not None:
+        first = teacher_cache(records[0]["id"])
+        k = first["logprobs"].shape[-1]
+        lp = np.zeros((B, A, k), np.float32)
+        ids = np.zeros((B, A, k), np.int32)
+        tail = np.full((B, A), -1e30, np.float32)
+        target = np.zeros((B, A), np.float32)
+        for i, (rec, sol) in enumerate(zip(records, solutions)):
+            cached = first if i == 0 else teacher_cache(rec["id"])
+            n = len(sol)
+            if cached["logprobs"].shape[0] < n:
+                raise ValueError(f"teacher cache holds {cached['logprobs'].shape[0]} tokens for record "
+                                 f"{rec['id']!r}, whose solution has {n}; rebuild the cache")
+            lp[i, :n], ids[i, :n] = cached["logprobs"][:n], cached["ids"][:n]
+            tail[i, :n], target[i, :n] = cached["tail_logprob"][:n], cached["target_logprob"][:n]
+        out.update(teacher_topk_logprobs=lp, teacher_topk_ids=ids, teacher_tail_logprob=tail,
+                   teacher_target_logprob=target)
+    out["row_valid"] = np.arange(B) < len(records)
+    return out

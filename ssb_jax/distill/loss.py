@@ -1,0 +1,129 @@
+"""Distillation loss at answer positions, projected to the vocabulary in chunks.
+
+    loss = T² · KL(softmax(t/T) ‖ softmax(s/T)) + λ_CE · CE(student, solution token)
+
+averaged over answer tokens (or per sequence, then over sequences). Only the hidden states at
+answer positions are gathered ([B, A, D]); the vocabulary projection then runs over chunks of
+`chunk` answer positions per sequence under `lax.map` with `jax.checkpoint`, so at most one
+chunk of [B, chunk, V] logits (teacher and student) is alive, in the forward and the backward.
+
+Teacher modes:
+- online: teacher hidden states [B, A, D] (base model, LoRA off, on the teacher sequence), full vocabulary.
+- cached: per answer token the teacher's top-k log-probs of softmax(t/T) (at the distillation
+  temperature) with their ids, plus the log of the remaining tail mass; the KL runs over the
+  k ids plus one tail bucket, whose student mass is logsumexp of the student's tempered
+  log-probs outside the k ids. With k = V there is no tail and the KL is exact.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+def _project(hidden, head):
+    dtype = jnp.promote_types(hidden.dtype, jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=dtype).astype(dtype)
+
+
+def _token_terms_online(s_logits, t_logits, targets, temperature):
+    t_logits = jax.lax.stop_gradient(t_logits)
+    s_logp_T = jax.nn.log_softmax(s_logits / temperature, axis=-1)
+    t_logp_T = jax.nn.log_softmax(t_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(t_logp_T) * (t_logp_T - s_logp_T), axis=-1)
+    s_logp = jax.nn.log_softmax(s_logits, axis=-1)
+    t_logp = jax.nn.log_softmax(t_logits, axis=-1)
+    ce = -jnp.take_along_axis(s_logp, targets[..., None], axis=-1)[..., 0]
+    teacher_ce = -jnp.take_along_axis(t_logp, targets[..., None], axis=-1)[..., 0]
+    agree = (jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1)).astype(s_logits.dtype)
+    return kl, ce, teacher_ce, agree
+
+
+def _token_terms_cached(s_logits, cached, targets, temperature):
+    lp = jax.lax.stop_gradient(cached["logprobs"]).astype(s_logits.dtype)   # [..., k]
+    ids = cached["ids"]
+    tail = jnp.maximum(jax.lax.stop_gradient(cached["tail_logprob"]).astype(s_logits.dtype), _NEG)
+    V, k = s_logits.shape[-1], ids.shape[-1]
+    s_logp_T = jax.nn.log_softmax(s_logits / temperature, axis=-1)
+    s_k = jnp.take_along_axis(s_logp_T, ids, axis=-1)
+    kl = jnp.sum(jnp.exp(lp) * (lp - s_k), axis=-1)
+    if k < V:  # one tail bucket: everything outside the teacher's top-k
+        in_topk = jnp.zeros(s_logp_T.shape, bool)
+        in_topk = jnp.put_along_axis(in_topk, ids, True, axis=-1, inplace=False)
+        s_tail = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, s_logp_T), axis=-1)
+        kl = kl + jnp.exp(tail) * (tail - s_tail)
+    s_logp = jax.nn.log_softmax(s_logits, axis=-1)
+    ce = -jnp.take_along_axis(s_logp, targets[..., None], axis=-1)[..., 0]
+    teacher_ce = -jax.lax.stop_gradient(cached["target_logprob"]).astype(s_logits.dtype)
+    agree = (jnp.argmax(s_logits, -1) == ids[..., 0]).astype(s_logits.dtype)
+    return kl, ce, teacher_ce, agree
+
+
+def token_terms(student_hidden, teacher, targets, head, temperature: float, chunk: int = 0):
+    """Per-answer-token (kl at T without T², ce, teacher_ce, agree), each [B, A].
+
+    student_hidden [B, A, D]; teacher: hidden [B, A, D] (online) or a dict of cached arrays
+    ("logprobs", "ids" [B, A, k], "tail_logprob", "target_logprob" [B, A]); targets [B, A]; head [D, V].
+    """
+    cached = isinstance(teacher, Mapping)
+
+    def terms(s_h, t, y):
+        s_logits = _project(s_h, head)
+        if cached:
+            return _token_terms_cached(s_logits, t, y, temperature)
+        return _token_terms_online(s_logits, _project(jax.lax.stop_gradient(t), head), y, temperature)
+
+    B, A = targets.shape
+    if not chunk or chunk >= A:
+        return terms(student_hidden, teacher, targets)
+    n = -(-A // chunk)
+    pad = n * chunk - A
+
+    def split(x):  # [B, A, ...] -> [n, B, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape((B, n, chunk) + x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    xs = (split(student_hidden), jax.tree_util.tree_map(split, teacher), split(targets))
+    out = jax.lax.map(jax.checkpoint(lambda args: terms(*args)), xs)
+    # [n, B, chunk] -> [B, A]
+    return tuple(jnp.moveaxis(o, 0, 1).reshape(B, n * chunk)[:, :A] for o in out)
+
+
+def masked_mean(x, mask, per_sequence: bool = False):
+    """Mean of x [B, A] over mask; per_sequence: mean per row, then over rows with any token."""
+    mask = mask.astype(x.dtype)
+    if per_sequence:
+        counts = jnp.sum(mask, axis=1)
+        per_row = jnp.sum(x * mask, axis=1) / jnp.maximum(counts, 1)
+        rows = (counts > 0).astype(x.dtype)
+        return jnp.sum(per_row * rows) / jnp.maximum(jnp.sum(rows), 1)
+    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def distill_objective(student_hidden, teacher, targets, mask, head, *, temperature: float, ce_weight: float = 0.0,
+                      per_sequence_mean: bool = False, chunk: int = 0):
+    """(loss, metrics) from answer-position hidden states; see the module docstring."""
+    kl, ce, teacher_ce, agree = token_terms(student_hidden, teacher, targets, head, temperature, chunk)
+    kl_mean = masked_mean(kl, mask, per_sequence_mean)
+    ce_mean = masked_mean(ce, mask, per_sequence_mean)
+    loss = temperature ** 2 * kl_mean
+    if ce_weight:
+        loss = loss + ce_weight * ce_mean
+    metrics = {
+        "loss": loss,
+        "kl": kl_mean,
+        "ce": ce_mean,
+        "teacher_ce": masked_mean(teacher_ce, mask, per_sequence_mean),
+        "agree": masked_mean(agree, mask, per_sequence_mean),
+        "answer_tokens": jnp.sum(mask.astype(jnp.int32)),
+    }
+    return loss, metrics
+
+
+def gather_positions(hidden, index):
+    """hidden [B, T, D], index [B, A] -> [B, A, D]."""
+    return jnp.take_along_axis(hidden, index[..., None].astype(jnp.int32), axis=1)

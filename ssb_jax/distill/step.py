@@ -1,0 +1,201 @@
+"""The jitted distillation train step: LoRA-only AdamW, sharded by the rules of ssb_jax.sharding.
+
+State: {"lora": LoRA tree, "opt_state": optax state over the LoRA tree only, "step": int32}.
+The base parameters are a separate, never-differentiated argument (frozen; may be bf16).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ssb_jax.distill.config import TrainConfig
+from ssb_jax.distill.loss import distill_objective, gather_positions
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.lora import LoraConfig, init_lora
+from ssb_jax.model.qwen2 import forward, lm_head_matrix
+from ssb_jax.sharding import param_shardings, spec_for, tree_shardings
+
+CACHED_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob", "teacher_target_logprob")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
+    total_steps = max(int(total_steps), 1)
+    warmup = tc.warmup_steps or int(round(tc.warmup_ratio * total_steps))
+    warmup = min(warmup, total_steps - 1) if total_steps > 1 else 0
+    decay_steps = max(total_steps - warmup, 1)
+    lr = tc.learning_rate
+    if tc.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif tc.schedule == "linear":
+        main = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        main = optax.cosine_decay_schedule(lr, decay_steps)
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(tc: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(tc, total_steps)
+    parts = []
+    if tc.grad_clip and tc.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(tc.grad_clip))
+    parts.append(optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps, weight_decay=tc.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def total_steps_for(num_examples: int, tc: TrainConfig, process_count: int = 1) -> int:
+    per_process = -(-num_examples // process_count) if process_count > 1 else num_examples
+    local_batch = tc.batch_size // process_count
+    steps = -(-(per_process * tc.epochs) // local_batch)
+    return min(steps, tc.max_steps) if tc.max_steps > 0 else steps
+
+
+# ----------------------------------------------------------------------------- loss
+
+def student_answer_hidden(lora, params, batch, *, model_config: ModelConfig, lora_config: LoraConfig):
+    """Final-normed hidden states of base + LoRA on the student sequence at the answer positions [B, A, D]."""
+    hidden, _ = forward(params, batch["student_tokens"], batch["student_positions"], batch["student_mask"],
+                        lora=lora, config=model_config, lora_scales=lora_config.scales(), return_hidden=True)
+    return gather_positions(hidden, batch["student_index"])
+
+
+def teacher_answer_hidden(params, batch, *, model_config: ModelConfig):
+    """Hidden states of the base (LoRA off) on the teacher sequence at the answer positions, no gradient."""
+    hidden, _ = forward(params, batch["teacher_tokens"], batch["teacher_positions"], batch["teacher_mask"],
+                        config=model_config, return_hidden=True)
+    return jax.lax.stop_gradient(gather_positions(hidden, batch["teacher_index"]))
+
+
+def distill_loss(lora, params, batch: Mapping[str, jax.Array], *, model_config: ModelConfig,
+                 lora_config: LoraConfig, tc: TrainConfig):
+    """(loss, metrics) for one batch (see ssb_jax.distill.batch for the keys)."""
+    params = jax.lax.stop_gradient(params)
+    student = student_answer_hidden(lora, params, batch, model_config=model_config, lora_config=lora_config)
+    if tc.teacher_mode == "online":
+        teacher = teacher_answer_hidden(params, batch, model_config=model_config)
+    else:
+        teacher = {"logprobs": batch["teacher_topk_logprobs"], "ids": batch["teacher_topk_ids"],
+                   "tail_logprob": batch["teacher_tail_logprob"], "target_logprob": batch["teacher_target_logprob"]}
+    return distill_objective(student, teacher, batch["answer_tokens"], batch["answer_mask"],
+                             lm_head_matrix(params, model_config), temperature=tc.temperature,
+                             ce_weight=tc.ce_weight, per_sequence_mean=tc.per_sequence_mean, chunk=tc.logits_chunk)
+
+
+def batch_keys(tc: TrainConfig) -> tuple[str, ...]:
+    keys = ["student_tokens", "student_positions", "student_mask", "student_index", "answer_tokens", "answer_mask"]
+    if tc.teacher_mode == "online":
+        keys += ["teacher_tokens", "teacher_positions", "teacher_mask", "teacher_index"]
+    else:
+        keys += list(CACHED_KEYS)
+    return tuple(keys)
+
+
+# ----------------------------------------------------------------------------- shardings
+
+_LORA_LEAF = re.compile(r"layers/(\w+)/(a|b)$")
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def opt_state_shardings(opt_state_shapes: Any, mesh: Mesh) -> Any:
+    """Leaves that mirror a LoRA factor (Adam's mu/nu) share its sharding; the rest is replicated."""
+    def one(path, leaf):
+        m = _LORA_LEAF.search(_path_str(path))
+        if m and leaf.ndim == 3:
+            return NamedSharding(mesh, spec_for(f"lora/layers/{m.group(1)}/{m.group(2)}", leaf.shape, mesh))
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
+
+
+def batch_shardings(keys, batch_size: int, mesh: Mesh) -> dict:
+    """Every batch array splits its leading (batch) axis over the data-parallel axes."""
+    return {k: NamedSharding(mesh, spec_for(f"batch/{k}", (batch_size,), mesh)) for k in keys}
+
+
+def state_shardings(state_shapes: Any, mesh: Mesh) -> dict:
+    return {"lora": tree_shardings(state_shapes["lora"], mesh, "lora/"),
+            "opt_state": opt_state_shardings(state_shapes["opt_state"], mesh),
+            "step": NamedSharding(mesh, P())}
+
+
+# ----------------------------------------------------------------------------- state and step
+
+def init_state(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
+               key: jax.Array, mesh: Mesh | None = None) -> dict:
+    def make(key):
+        lora = init_lora(model_config, lora_config, key)
+        return {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.zeros((), jnp.int32)}
+    if mesh is None:
+        return jax.jit(make)(key)
+    shardings = state_shardings(jax.eval_shape(make, key), mesh)
+    return jax.jit(make, out_shardings=shardings)(key)
+
+
+class TrainStep:
+    """`step(state, params, batch) -> (new_state, metrics)`; jitted, the state donated.
+
+    With a mesh: in/out shardings from the partition rules (base by `param_shardings`, LoRA and
+    optimizer state by the "lora/" rules, batch over (data, fsdp)); metrics come back replicated.
+    The jitted function is shared by every TrainStep with the same configuration (so a resumed
+    run in the same process does not recompile).
+    """
+
+    def __init__(self, model_config: ModelConfig, tc: TrainConfig, total_steps: int, mesh: Mesh | None = None,
+                 lora_config: LoraConfig | None = None):
+        self.model_config, self.tc, self.mesh = model_config, tc, mesh
+        self.total_steps = int(total_steps)
+        self.lora_config = lora_config or tc.lora_config()
+        self.optimizer, self.schedule = make_optimizer(tc, self.total_steps)
+
+    def place_batch(self, batch: Mapping) -> dict:
+        """Host batch (numpy) -> device arrays, sharded over the mesh when there is one."""
+        batch = {k: batch[k] for k in batch_keys(self.tc)}
+        if self.mesh is None:
+            return jax.device_put(batch)
+        B = next(iter(batch.values())).shape[0] * jax.process_count()  # global batch
+        shardings = batch_shardings(tuple(batch), B, self.mesh)
+        if jax.process_count() > 1:
+            return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+        return jax.device_put(batch, shardings)
+
+    def __call__(self, state, params, batch):
+        batch = self.place_batch(batch)
+        B = next(iter(batch.values())).shape[0]
+        fn = _jitted_step(self.model_config, self.tc, self.lora_config, self.total_steps, self.mesh, tuple(batch), B)
+        return fn(state, params, batch)
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraConfig, total_steps: int,
+                 mesh: Mesh | None, keys: tuple[str, ...], batch_size: int):
+    optimizer, schedule = make_optimizer(tc, total_steps)
+
+    def step(state, params, batch):
+        grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state["lora"], params, batch, model_config=model_config,
+                                      lora_config=lora_config, tc=tc)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
+        lora = optax.apply_updates(state["lora"], updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        return {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_shapes = jax.eval_shape(
+        lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
+    state_sh = state_shardings(state_shapes, mesh)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(state_sh, param_shardings(model_config, mesh),
+                                       batch_shardings(keys, batch_size, mesh)),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)

@@ -1,0 +1,176 @@
+"""Cached teacher mode: one pass of the base model over the teacher sequences that keeps, per
+answer token, the top-k log-probs of softmax(t / T) and their ids, the log of the remaining
+tail mass, and the teacher's log-prob (at T = 1) of the actual solution token (for the
+teacher-CE metric), in sharded safetensors files (never pickle).
+
+Temperature: the log-probs are stored at the distillation temperature T (recorded in the
+metadata and checked at training time). Storing at T = 1 would not let the tail bucket be
+re-tempered exactly (the tail's mass at T depends on the individual tail logits), so a cache
+serves one temperature; the top-k ids are the same at every T.
+
+Layout of <dir>: shard_00000.safetensors, ... each with
+    logprobs [N, k] float32, ids [N, k] int32, tail_logprob [N] float32, target_logprob [N] float32,
+    offsets [E + 1] int64 (example e owns rows offsets[e]:offsets[e+1])
+and metadata {"example_ids": JSON list of str(id), "temperature", "k"}; plus index.json.
+Bytes per answer token: 8k + 8 (520 for k = 64), versus 4V (607,744 for Qwen2.5's vocabulary) for
+full float32 logits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ssb_jax.distill.batch import build_batch
+from ssb_jax.distill.loss import gather_positions
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.qwen2 import forward, lm_head_matrix
+
+log = logging.getLogger(__name__)
+INDEX = "index.json"
+FORMAT = "ssb_jax.teacher_topk.v1"
+
+
+def topk_from_logits(logits, k: int, temperature: float, targets):
+    """Per token: top-k log-probs of softmax(logits/T) and ids, log tail mass, log-prob (T=1) of targets."""
+    logits = logits.astype(jnp.float32)
+    logp_T = jax.nn.log_softmax(logits / temperature, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp_T, k)
+    V = logits.shape[-1]
+    if k < V:
+        in_topk = jnp.put_along_axis(jnp.zeros(logp_T.shape, bool), top_ids, True, axis=-1, inplace=False)
+        tail = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, logp_T), axis=-1)
+    else:
+        tail = jnp.full(logits.shape[:-1], -jnp.inf, jnp.float32)
+    tail = jnp.maximum(tail, -1e30)
+    target = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], axis=-1)[..., 0]
+    return top_lp, top_ids.astype(jnp.int32), tail, target
+
+
+def _teacher_topk(params, batch, *, config: ModelConfig, k: int, temperature: float, chunk: int):
+    hidden, _ = forward(params, batch["teacher_tokens"], batch["teacher_positions"], batch["teacher_mask"],
+                        config=config, return_hidden=True)
+    hidden = gather_positions(hidden, batch["teacher_index"])          # [B, A, D]
+    head = lm_head_matrix(params, config)
+    targets = batch["answer_tokens"]
+    B, A = targets.shape
+
+    def one(h, y):
+        logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
+        return topk_from_logits(logits, k, temperature, y)
+
+    if not chunk or chunk >= A:
+        return one(hidden, targets)
+    n = -(-A // chunk)
+    pad = n * chunk - A
+    hs = jnp.moveaxis(jnp.pad(hidden, [(0, 0), (0, pad), (0, 0)]).reshape(B, n, chunk, -1), 1, 0)
+    ys = jnp.moveaxis(jnp.pad(targets, [(0, 0), (0, pad)]).reshape(B, n, chunk), 1, 0)
+    out = jax.lax.map(lambda a: one(*a), (hs, ys))
+    return tuple(jnp.moveaxis(o, 0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :A] for o in out)
+
+
+_teacher_topk_jit = jax.jit(_teacher_topk, static_argnames=("config", "k", "temperature", "chunk"))
+
+
+def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
+                        temperature: float = 2.0, batch_size: int = 4, chunk: int = 128, buckets: Sequence[int] = (),
+                        min_bucket: int = 16, max_seq_len: int = 0, tokens_per_shard: int = 1 << 20) -> dict:
+    """Run the base model (no LoRA) over every example's teacher sequence and write the cache.
+    Returns the index (with n_tokens, bytes_per_token, files)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    k = min(int(k), model_config.vocab_size)
+    shard_rows: dict[str, list] = {"logprobs": [], "ids": [], "tail_logprob": [], "target_logprob": []}
+    shard_ids: list[str] = []
+    shard_lengths: list[int] = []
+    files, index_ids, n_tokens, total_bytes = [], {}, 0, 0
+
+    def flush():
+        nonlocal total_bytes
+        if not shard_ids:
+            return
+        name = f"shard_{len(files):05d}.safetensors"
+        tensors = {key: np.ascontiguousarray(np.concatenate(v)) for key, v in shard_rows.items()}
+        tensors["offsets"] = np.concatenate([[0], np.cumsum(shard_lengths)]).astype(np.int64)
+        save_file(tensors, str(directory / name), metadata={
+            "format": FORMAT, "example_ids": json.dumps(shard_ids), "temperature": repr(float(temperature)), "k": str(k)})
+        total_bytes += sum(t.nbytes for key, t in tensors.items() if key != "offsets")
+        files.append(name)
+        index_ids[name] = list(shard_ids)
+        for v in shard_rows.values():
+            v.clear()
+        shard_ids.clear()
+        shard_lengths.clear()
+
+    examples = list(examples)
+    for start in range(0, len(examples), batch_size):
+        records = examples[start:start + batch_size]
+        batch = build_batch(records, batch_size=batch_size, buckets=buckets, min_bucket=min_bucket,
+                            max_seq_len=max_seq_len)
+        inputs = {key: batch[key] for key in ("teacher_tokens", "teacher_positions", "teacher_mask",
+                                              "teacher_index", "answer_tokens")}
+        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(params, inputs, config=model_config, k=k,
+                                                                 temperature=float(temperature), chunk=chunk))
+        for i, rec in enumerate(records):
+            n = int(batch["answer_mask"][i].sum())
+            shard_rows["logprobs"].append(np.asarray(lp[i, :n], np.float32))
+            shard_rows["ids"].append(np.asarray(ids[i, :n], np.int32))
+            shard_rows["tail_logprob"].append(np.asarray(tail[i, :n], np.float32))
+            shard_rows["target_logprob"].append(np.asarray(target[i, :n], np.float32))
+            shard_ids.append(str(rec["id"]))
+            shard_lengths.append(n)
+            n_tokens += n
+        if sum(shard_lengths) >= tokens_per_shard:
+            flush()
+    flush()
+    index = {"format": FORMAT, "temperature": float(temperature), "k": k, "n_examples": len(examples),
+             "n_tokens": n_tokens, "bytes": total_bytes, "bytes_per_token": total_bytes / max(n_tokens, 1),
+             "full_f32_bytes_per_token": 4 * model_config.vocab_size, "files": index_ids}
+    (directory / INDEX).write_text(json.dumps(index, indent=1))
+    log.info("teacher cache: %d tokens, %.1f bytes/token (full f32 logits: %d)", n_tokens,
+             index["bytes_per_token"], 4 * model_config.vocab_size)
+    return index
+
+
+class TeacherCache:
+    """Read side: `cache(example_id)` -> {"logprobs", "ids", "tail_logprob", "target_logprob"}.
+    Every shard is read into host memory when opened (8k + 8 bytes per answer token)."""
+
+    def __init__(self, directory, temperature: float | None = None):
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX
+        if not index_path.exists():
+            raise FileNotFoundError(f"{index_path} not found; build the cache with build_teacher_cache")
+        self.index = json.loads(index_path.read_text())
+        if temperature is not None and abs(self.index["temperature"] - temperature) > 1e-9:
+            raise ValueError(f"teacher cache {self.directory} holds log-probs at T={self.index['temperature']}, "
+                             f"but training uses T={temperature}; rebuild the cache")
+        self.k = int(self.index["k"])
+        self._rows: dict[str, dict] = {}
+        for name in self.index["files"]:
+            with safe_open(str(self.directory / name), framework="np") as f:
+                meta = f.metadata()
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            ids = json.loads(meta["example_ids"])
+            off = tensors.pop("offsets")
+            for e, example_id in enumerate(ids):
+                self._rows[example_id] = {key: t[off[e]:off[e + 1]] for key, t in tensors.items()}
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __contains__(self, example_id):
+        return str(example_id) in self._rows
+
+    def __call__(self, example_id) -> dict:
+        try:
+            return self._rows[str(example_id)]
+        except KeyError:
+            raise KeyError(f"example {example_id!r} is not in the teacher cache {self.directory}") from None

@@ -1,0 +1,122 @@
+"""Aligned batches, the online teacher at aligned positions, the cached teacher files."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from ssb_jax.distill.batch import bucket_length, build_batch
+from ssb_jax.distill.config import TrainConfig
+from ssb_jax.distill.step import distill_loss, student_answer_hidden, teacher_answer_hidden
+from ssb_jax.distill.synthetic import random_records, tiny_model_config
+from ssb_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
+from ssb_jax.model.lora import init_lora
+from ssb_jax.model.qwen2 import forward, init_params, logits_from_hidden
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = tiny_model_config()
+    return config, init_params(config, jax.random.key(np.random.randint(1 << 30)), std=0.15)
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
+    assert bucket_length(5, min_bucket=4) == 8
+    assert bucket_length(40, buckets=(32, 48, 96)) == 48
+    with pytest.raises(ValueError):
+        bucket_length(100, buckets=(32, 48, 96))
+
+
+def test_batch_alignment_and_padding():
+    rng = np.random.default_rng()
+    records = random_records(rng, 3, 50)
+    b = build_batch(records, batch_size=5, min_bucket=4)
+    assert b["teacher_tokens"].shape[0] == b["student_tokens"].shape[0] == 5
+    assert b["row_valid"].tolist() == [True] * 3 + [False] * 2
+    for side in ("teacher", "student"):
+        L = b[f"{side}_tokens"].shape[1]
+        assert L & (L - 1) == 0 and L >= max(len(r[f"{side}_prompt_ids"]) + len(r["solution_ids"]) for r in records)
+    for i, r in enumerate(records):
+        n = len(r["solution_ids"])
+        assert b["answer_mask"][i].sum() == n and b["answer_tokens"][i, :n].tolist() == r["solution_ids"]
+        for side in ("teacher", "student"):
+            seq = r[f"{side}_prompt_ids"] + r["solution_ids"]
+            assert b[f"{side}_tokens"][i, :len(seq)].tolist() == seq and b[f"{side}_mask"][i].sum() == len(seq)
+            idx = b[f"{side}_index"][i, :n]
+            # the logit at position p predicts token p + 1: these positions predict the solution tokens
+            assert b[f"{side}_tokens"][i, idx + 1].tolist() == r["solution_ids"]
+            assert idx[0] == len(r[f"{side}_prompt_ids"]) - 1
+    assert not b["answer_mask"][3:].any() and not b["student_mask"][3:].any()
+    # truncation keeps both sequences within max_seq_len
+    t = build_batch(records, max_seq_len=16, buckets=(16,))
+    assert t["teacher_tokens"].shape[1] == 16 and t["student_tokens"].shape[1] == 16
+
+
+def test_online_teacher_and_student_at_aligned_positions(model):
+    config, params = model
+    rng = np.random.default_rng()
+    records = random_records(rng, 3, config.vocab_size)
+    batch = build_batch(records, min_bucket=4)
+    lc = TrainConfig(lora_rank=4).lora_config()
+    lora = init_lora(config, lc, jax.random.key(np.random.randint(1 << 30)))
+    head_logits = lambda h: np.asarray(logits_from_hidden(params, h, config))  # noqa: E731
+    teacher = head_logits(teacher_answer_hidden(params, batch, model_config=config))
+    student = head_logits(student_answer_hidden(lora, params, batch, model_config=config, lora_config=lc))
+    for i, r in enumerate(records):
+        n = len(r["solution_ids"])
+        for side, got in (("teacher", teacher), ("student", student)):
+            seq = np.asarray(r[f"{side}_prompt_ids"] + r["solution_ids"])[None]
+            full, _ = forward(params, seq, np.arange(seq.shape[1])[None], np.ones_like(seq, bool), config=config)
+            p = len(r[f"{side}_prompt_ids"])
+            want = np.asarray(full)[0, p - 1:p - 1 + n]
+            # teacher: base (no LoRA); student with B = 0: also exactly the base
+            np.testing.assert_allclose(got[i, :n], want, atol=2e-5, rtol=1e-5)
+    # the loss on this batch: T^2 KL of the per-token distributions, by hand
+    tc = TrainConfig(lora_rank=4, temperature=2.0, logits_chunk=4)
+    loss, metrics = distill_loss(lora, params, batch, model_config=config, lora_config=lc, tc=tc)
+    m = batch["answer_mask"]
+    ls = jax.nn.log_softmax(student[m] / 2.0)
+    lt = jax.nn.log_softmax(teacher[m] / 2.0)
+    ref = 4.0 * float(jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), -1)))
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
+    assert float(loss) > 1e-3  # hinted and plain prompts give different distributions
+
+
+def test_teacher_cache_files_and_lookup(model, tmp_path):
+    config, params = model
+    rng = np.random.default_rng()
+    records = random_records(rng, 5, config.vocab_size)
+    k = 6
+    index = build_teacher_cache(params, config, records, tmp_path, k=k, temperature=2.0, batch_size=2, chunk=3,
+                                min_bucket=4, tokens_per_shard=20)
+    n_tokens = sum(len(r["solution_ids"]) for r in records)
+    assert index["n_tokens"] == n_tokens
+    assert index["bytes_per_token"] == 8 * k + 8
+    assert len(index["files"]) >= 2 and not list(tmp_path.glob("*.pkl"))
+    assert json.loads((tmp_path / "index.json").read_text())["k"] == k
+    with safe_open(str(tmp_path / "shard_00000.safetensors"), framework="np") as f:
+        assert set(f.keys()) == {"logprobs", "ids", "tail_logprob", "target_logprob", "offsets"}
+        assert float(f.metadata()["temperature"]) == 2.0
+    cache = TeacherCache(tmp_path, temperature=2.0)
+    with pytest.raises(ValueError):
+        TeacherCache(tmp_path, temperature=1.0)
+    assert len(cache) == 5
+    batch = build_batch(records, min_bucket=4)
+    t_logits = np.asarray(logits_from_hidden(params, teacher_answer_hidden(params, batch, model_config=config), config))
+    for i, r in enumerate(records):
+        got = cache(r["id"])
+        n = len(r["solution_ids"])
+        assert got["logprobs"].shape == (n, k) and got["ids"].shape == (n, k)
+        lp = np.asarray(jax.nn.log_softmax(t_logits[i, :n] / 2.0))
+        np.testing.assert_allclose(got["logprobs"], np.take_along_axis(lp, got["ids"], -1), atol=1e-5)
+        np.testing.assert_array_equal(np.sort(got["ids"], -1), np.sort(np.argsort(-lp, -1)[:, :k], -1))
+        np.testing.assert_allclose(np.exp(got["tail_logprob"]), 1 - np.exp(got["logprobs"]).sum(-1), atol=1e-5)
+        lp1 = np.asarray(jax.nn.log_softmax(t_logits[i, :n]))
+        np.testing.assert_allclose(got["target_logprob"], lp1[np.arange(n), r["solution_ids"]], atol=1e-5)
+    cb = build_batch(records[:2], batch_size=3, teacher_cache=cache, include_teacher=False, min_bucket=4)
+    assert "teacher_tokens" not in cb and cb["teacher_topk_ids"].shape[-1] == k
+    n0 = len(records[0]["solution_ids"])
+    np.testing.assert_array_equal(cb["teacher_topk_ids"][0, :n0], cache(records[0]["id"])["ids"])
