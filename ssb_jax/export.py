@@ -1,0 +1,41 @@
+"""Exports of a trained student: a PEFT LoRA adapter, and the merged model as HF safetensors.
+
+The adapter loads with `peft.PeftModel.from_pretrained(base, dir)`; the merged directory loads with
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` (and so vLLM can serve it).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.numpy import save_file
+
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.lora import LoraConfig, lora_to_peft, merge_lora, peft_adapter_config
+from ssb_jax.model.weights import save_params
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_peft_adapter(lora, lora_config: LoraConfig, out_dir: str | Path, base_model_name_or_path: str = "") -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(lora_to_peft(lora), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(lora_config, base_model_name_or_path),
+                                                     indent=2))
+    return out_dir
+
+
+def export_merged_model(params, lora, lora_config: LoraConfig, model_config: ModelConfig, out_dir: str | Path, *,
+                        tokenizer=None, dtype: str | None = None) -> Path:
+    """Fold the LoRA into the base and save config.json + safetensors (+ the tokenizer files)."""
+    merged = merge_lora(params, lora, lora_config) if lora is not None else params
+    config = model_config if dtype is None else model_config.replace(dtype=dtype)
+    if dtype is not None:
+        import jax
+        merged = jax.tree_util.tree_map(lambda x: x.astype(config.jnp_dtype), merged)
+    out_dir = save_params(merged, config, out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return Path(out_dir)
