@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "curation_summary.json"
-VERDICTS = ("all_correct", "all_wrong", "teacher_failed", "kept")
+VERDICTS = ("all_correct", "all_wrong", "teacher_failed", "kept", "prompt_too_long")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +115,16 @@ def _grade(completion, gold: str, config: CurationConfig) -> dict:
 def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
                    prompts: PromptSet) -> list[dict]:
     stops = tuple(stop_token_ids(tokenizer))
-    ids = [p.id for p in problems]
+    limit = getattr(sampler, "max_prompt_tokens", None) or float("inf")
+    original_order = {p.id: i for i, p in enumerate(problems)}
     student_ids = [encode_chat(tokenizer, prompts.student_messages(p.question)) for p in problems]
+    # a prompt longer than the sampler takes is recorded (and counted), not fatal to the run
+    too_long = [{"id": p.id, "question": p.question, "gold": p.answer, "source": p.source, "rollouts": [],
+                 "prompt_tokens": len(ids), "verdict": "prompt_too_long"}
+                for p, ids in zip(problems, student_ids) if len(ids) > limit]
+    problems = [p for p, ids in zip(problems, student_ids) if len(ids) <= limit]
+    student_ids = [ids for ids in student_ids if len(ids) <= limit]
+    ids = [p.id for p in problems]
     rollout_params = SamplingParams(
         max_new_tokens=config.rollout_max_new_tokens, temperature=config.rollout_temperature,
         top_k=config.rollout_top_k, top_p=config.rollout_top_p, stop_ids=stops)
@@ -137,7 +145,10 @@ def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: Cura
             messages = prompts.hinted_messages(problem.question, correct["text"], wrong["text"])
             record.update(correct_trace=correct["text"], wrong_trace=wrong["text"], wrong_answer=wrong["answer"],
                           hinted_messages=messages, teacher_prompt_ids=encode_chat(tokenizer, messages))
-            hinted.append(record)
+            if len(record["teacher_prompt_ids"]) > limit:
+                record["verdict"] = "prompt_too_long"
+            else:
+                hinted.append(record)
         records.append(record)
 
     if hinted:
@@ -153,7 +164,7 @@ def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: Cura
                           solution_answer=graded["answer"], solution_finish_reason=completion.finish_reason)
             ok = graded["label"] == LABEL_CORRECT and completion.finish_reason == "stop"
             record["verdict"] = "kept" if ok else "teacher_failed"
-    return records
+    return sorted(records + too_long, key=lambda r: original_order[r["id"]])
 
 
 def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig, out_dir: str | Path, *,

@@ -78,7 +78,8 @@ def test_verdicts_with_scripted_sampler(tokenizer, tmp_path):
     records = {r["id"]: r for r in RecordStore(tmp_path / "records.jsonl").read_all()}
     assert [records[f"q{i}"]["verdict"] for i in range(5)] == [
         "all_correct", "all_wrong", "kept", "teacher_failed", "teacher_failed"]
-    assert summary["verdicts"] == {"all_correct": 1, "all_wrong": 1, "teacher_failed": 2, "kept": 1}
+    assert summary["verdicts"] == {"all_correct": 1, "all_wrong": 1, "teacher_failed": 2, "kept": 1,
+                                   "prompt_too_long": 0}
     kept = records["q2"]
     assert kept["wrong_answer"] == "5" and kept["correct_trace"] == box(4)
     # the hinted prompt holds the question and both traces; its ids are the chat template's
@@ -200,3 +201,18 @@ def test_reference_format_round_trip(tokenizer, tmp_path):
     (tmp_path / "broken.jsonl").write_text(teacher.read_text() + "{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:4"):
         import_reference_format(tmp_path / "broken.jsonl", student, tokenizer)
+
+
+def test_over_long_prompts_are_recorded_not_fatal(tokenizer, tmp_path):
+    problems = [Problem(id="short", question="1+1?", answer="2", source="t"),
+                Problem(id="long", question="word " * 400, answer="2", source="t")]
+    box = lambda x: f"\\boxed{{{x}}}"  # noqa: E731
+    sampler = ScriptedSampler(tokenizer, rollouts={"short": [box(2), box(3), box(3), box(2)]},
+                              solutions={"short": "x " * 150 + box(2)})
+    sampler.max_prompt_tokens = 300  # the hinted prompt of "short" (two traces) still fits; "long" does not
+    summary = run(problems, sampler, tokenizer, CurationConfig(shuffle=False, target_pairs=0), tmp_path)
+    records = RecordStore(tmp_path / "records.jsonl").read_all()
+    assert [r["id"] for r in records] == ["short", "long"]
+    assert [r["verdict"] for r in records] == ["kept", "prompt_too_long"]
+    assert summary["verdicts"]["prompt_too_long"] == 1
+    assert sampler.calls[0] == ("rollout", ["short"], 4)

@@ -18,6 +18,7 @@ from ssb_jax.model.qwen2 import forward, init_cache, logits_from_hidden, positio
 from ssb_jax.sharding import tree_shardings
 
 FINISH_LENGTH, FINISH_STOP = 0, 1
+TOP_K_TIE_SLACK = 8  # extra candidates kept so logits tied with the k-th one stay in play
 _NEG_INF = -jnp.inf
 
 
@@ -100,7 +101,15 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: Sampli
         tokens = jnp.argmax(logits, axis=-1)
     else:
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-        tokens = jax.vmap(jax.random.categorical)(step_keys, filter_logits(logits, sampling))
+        width = sampling.top_k + TOP_K_TIE_SLACK
+        if 0 < sampling.top_k and width < logits.shape[-1]:
+            # Draw among the top-k candidates only: the same distribution (unless more than
+            # TOP_K_TIE_SLACK tokens tie at the k-th logit), without full-vocabulary noise per step.
+            values, ids = jax.lax.top_k(logits, width)
+            choice = jax.vmap(jax.random.categorical)(step_keys, filter_logits(values, sampling))
+            tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+        else:
+            tokens = jax.vmap(jax.random.categorical)(step_keys, filter_logits(logits, sampling))
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 
