@@ -1,0 +1,258 @@
+"""`python -m ssb_jax.main --config configs/qwen3b.py [--config.key=value ...]`
+
+Runs the stages in order: (world, for the offline tiny config) curate -> teacher_cache -> train per
+round, then eval, export, report. Each stage is skipped when its outputs are complete, so rerunning
+the same command after a crash continues where it stopped; `--config.stages=eval` runs a subset.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+
+from ssb_jax import config as config_lib
+from ssb_jax.data.records import RecordStore, write_json_atomic
+
+log = logging.getLogger("ssb_jax")
+
+DONE_FILE = "DONE.json"
+
+
+def _done(directory: Path) -> bool:
+    return (directory / DONE_FILE).exists()
+
+
+def _mark_done(directory: Path, **info) -> None:
+    if jax.process_index() == 0:
+        write_json_atomic(directory / DONE_FILE, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
+
+
+def _prompts(config):
+    from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
+    overrides = {k: v for k, v in config.prompts.items() if v}
+    return PromptSet(**overrides) if overrides else DEFAULT_PROMPTS
+
+
+class Pipeline:
+    """Holds what the stages share (config, mesh, model, tokenizer); each stage is one method."""
+
+    def __init__(self, config):
+        from ssb_jax.distributed import maybe_initialize
+        self.config = config
+        self.stages = config_lib.stage_list(config)
+        maybe_initialize(config.distributed)
+        self.workdir = Path(config.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        self.curation = config_lib.section_to(_curation_cls(), config.curate, "config.curate")
+        self.train_config = config_lib.section_to(_train_cls(), config.train, "config.train")
+        self.eval_config = config_lib.section_to(_eval_cls(), config.eval, "config.eval")
+        self.prompts = _prompts(config)
+        from ssb_jax.sharding import make_mesh
+        self.mesh = make_mesh(dict(config.mesh))
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def world(self):
+        """The offline toy world (configs/tiny.py): data, tokenizer and a pre-trained small model."""
+        if not self.config.world.enabled:
+            return
+        from ssb_jax import toyworld
+        world_config = config_lib.section_to(toyworld.ToyWorldConfig,
+                                             {k: v for k, v in self.config.world.items() if k != "enabled"},
+                                             "config.world")
+        paths = toyworld.build(world_config, self.workdir / "world")
+        with self.config.unlocked():
+            self.config.model.path = str(paths["checkpoint"])
+            self.config.data.train = str(paths["train"])
+            if not self.config.eval.datasets or self.config.eval.datasets == "world_test":
+                self.config.eval.datasets = str(paths["test"])
+        self.eval_config = config_lib.section_to(_eval_cls(), self.config.eval, "config.eval")
+
+    def load_base(self):
+        import ssb_jax
+        from ssb_jax.model.tokenizer import load_tokenizer
+        m = self.config.model
+        self.model_config, self.base_params = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.mesh)
+        self.model_config = self.model_config.replace(attention_impl=m.attention_impl, remat=m.remat)
+        self.tokenizer = load_tokenizer(m.tokenizer or m.path)
+        log.info("model %s: %.1fM parameters, %s, mesh %s", m.path, self.model_config.param_count() / 1e6,
+                 self.model_config.dtype, dict(self.mesh.shape))
+
+    def sampler(self, params, lora=None, lora_scales=None):
+        from ssb_jax.sampling.driver import Sampler
+        s = self.config.sampler
+        return Sampler(params, self.model_config, self.tokenizer, batch_size=s.batch_size,
+                       max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
+                       mesh=self.mesh if self.mesh.size > 1 else None, lora=lora, lora_scales=lora_scales)
+
+    def round_dir(self, r: int) -> Path:
+        return self.workdir / f"round_{r}"
+
+    # ------------------------------------------------------------------ stages
+
+    def curate(self, r: int, params):
+        from ssb_jax import curate
+        from ssb_jax.data.datasets import load_problems
+        out = self.round_dir(r) / "curate"
+        summary_path = out / curate.SUMMARY_FILE
+        if summary_path.exists() and json.loads(summary_path.read_text()).get("complete"):
+            log.info("round %d curate: complete, skipped", r)
+            return
+        d = self.config.data
+        problems = load_problems(d.train, question_field=d.question_field or None,
+                                 answer_field=d.answer_field or None, on_bad_line=d.on_bad_line)
+        log.info("round %d curate: %d questions from %s", r, len(problems), d.train)
+        # each round draws fresh rollouts
+        config = dataclasses.replace(self.curation, seed=self.curation.seed + 1000 * (r - 1))
+        curate.run(problems, self.sampler(params), self.tokenizer, config, out, prompts=self.prompts)
+
+    def examples(self, r: int) -> list[dict]:
+        from ssb_jax import curate
+        records = RecordStore(self.round_dir(r) / "curate" / curate.RECORDS_FILE).read_all()
+        pairs = curate.kept_pairs(records, self.curation.target_pairs)
+        if not pairs:
+            raise RuntimeError(f"round {r}: curation kept no pairs (see {self.round_dir(r) / 'curate'}); "
+                               "nothing to train on")
+        return pairs
+
+    def teacher_cache(self, r: int, params):
+        if self.train_config.teacher_mode != "cached":
+            return
+        from ssb_jax.distill.teacher_cache import build_teacher_cache
+        out = self.round_dir(r) / "teacher_cache"
+        if (out / "index.json").exists():
+            log.info("round %d teacher_cache: complete, skipped", r)
+            return
+        tc = self.train_config
+        build_teacher_cache(params, self.model_config, self.examples(r), out, k=tc.topk, temperature=tc.temperature,
+                            batch_size=tc.batch_size, chunk=tc.logits_chunk, buckets=tc.length_buckets,
+                            min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
+
+    def train(self, r: int, params):
+        from ssb_jax import train
+        out = self.round_dir(r) / "train"
+        if _done(out):
+            log.info("round %d train: complete, skipped", r)
+            return
+        result = train.run(self.train_config, self.model_config, params, self.examples(r), out, mesh=self.mesh,
+                           resume=True, teacher_cache_dir=self.round_dir(r) / "teacher_cache")
+        if not result.get("interrupted"):
+            last = result["history"][-1] if result["history"] else {}
+            _mark_done(out, steps=result["total_steps"], final_metrics=last)
+
+    def student(self, r: int, params):
+        """(lora, lora_config) of round r's trained student."""
+        from ssb_jax import train
+        return train.load_lora(self.round_dir(r) / "train", self.model_config, self.train_config,
+                               mesh=self.mesh if self.mesh.size > 1 else None)
+
+    def evaluate(self, models: dict):
+        from ssb_jax import evaluate
+        samplers = {name: self.sampler(*m) for name, m in models.items()}
+        return evaluate.run(samplers, self.tokenizer, self.eval_config, self.workdir / "eval", prompts=self.prompts)
+
+    def export(self, params, lora, lora_config):
+        from ssb_jax.export import export_merged_model, export_peft_adapter
+        out = self.workdir / "export"
+        if _done(out):
+            log.info("export: complete, skipped")
+            return
+        if jax.process_index() == 0:
+            if self.config.export.peft_adapter:
+                export_peft_adapter(lora, lora_config, out / "peft_adapter", self.config.model.path)
+            if self.config.export.merged_model:
+                export_merged_model(params, lora, lora_config, self.model_config, out / "merged",
+                                    tokenizer=self.tokenizer, dtype=self.config.export.merged_dtype or None)
+        _mark_done(out)
+        log.info("export: PEFT adapter and merged model in %s", out)
+
+    def report(self):
+        from ssb_jax.report import write_report
+        if jax.process_index() == 0:
+            path = write_report(self.workdir, self.config.num_rounds)
+            log.info("report: %s", path)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self):
+        from ssb_jax.model.lora import merge_lora
+        started = time.perf_counter()
+        self.world()
+        self.load_base()
+        params, lora, lora_config = self.base_params, None, None
+        for r in range(1, self.config.num_rounds + 1):
+            if r > 1:  # the previous round's student is this round's teacher and base
+                params = merge_lora(params, lora, lora_config)
+            if "curate" in self.stages:
+                self.curate(r, params)
+            if "teacher_cache" in self.stages:
+                self.teacher_cache(r, params)
+            if "train" in self.stages:
+                self.train(r, params)
+            if {"train", "eval", "export"} & set(self.stages) and _done(self.round_dir(r) / "train"):
+                lora, lora_config = self.student(r, params)
+        if "eval" in self.stages:
+            models = {"base": (self.base_params,)}
+            if lora is not None:
+                models["student"] = (params, lora, lora_config.scales())
+            self.evaluate(models)
+        if "export" in self.stages and lora is not None:
+            self.export(params, lora, lora_config)
+        if "report" in self.stages:
+            self.report()
+        log.info("all stages done in %.0f s; outputs in %s", time.perf_counter() - started, self.workdir)
+
+
+def _curation_cls():
+    from ssb_jax.curate import CurationConfig
+    return CurationConfig
+
+
+def _train_cls():
+    from ssb_jax.distill.config import TrainConfig
+    return TrainConfig
+
+
+def _eval_cls():
+    from ssb_jax.evaluate import EvalConfig
+    return EvalConfig
+
+
+def run(config) -> Path:
+    logging.basicConfig(level=getattr(logging, str(config.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    Pipeline(config).run()
+    return Path(config.workdir)
+
+
+def main(argv=None):
+    import sys
+    from absl import app, flags
+    from ml_collections import config_flags
+    argv = list(sys.argv if argv is None else argv)
+    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_path is None and "--config" in argv[:-1]:
+        config_path = argv[argv.index("--config") + 1]
+    try:  # name a misspelt override before absl's terse AttributeError
+        config_lib.check_overrides(config_lib.load_config_file(config_path or "configs/tiny.py"), argv)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "a configs/*.py file; override keys with "
+                                    "--config.section.key=value", lock_config=True)
+
+    def _main(args):
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments {args[1:]}; settings go in --config.key=value")
+        run(flags.FLAGS.config)
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

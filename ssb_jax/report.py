@@ -1,0 +1,58 @@
+"""The run report: curation counts, training dynamics and the evaluation table, in one Markdown file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(workdir: str | Path, num_rounds: int = 1) -> Path:
+    workdir = Path(workdir)
+    lines = ["# SSB run report", "", f"Run directory: `{workdir}`", ""]
+    for r in range(1, num_rounds + 1):
+        rdir = workdir / f"round_{r}"
+        lines += [f"## Round {r}", ""]
+        summary = _json(rdir / "curate" / "curation_summary.json")
+        if summary:
+            v = summary["verdicts"]
+            lines += ["### Curation", "",
+                      "| questions | all correct | all wrong | mixed | teacher failed | kept | rollout accuracy |",
+                      "|---|---|---|---|---|---|---|",
+                      f"| {summary['questions']} | {v['all_correct']} | {v['all_wrong']} | {summary['mixed']} | "
+                      f"{v['teacher_failed']} | {v['kept']} | {summary['rollout_accuracy']:.3f} |", ""]
+            rt, st = summary["rollout_tokens"], summary["solution_tokens"]
+            if rt.get("count"):
+                lines.append(f"Rollout length: mean {rt['mean']:.1f}, median {rt['median']}, max {rt['max']} tokens.")
+            if st.get("count"):
+                lines.append(f"Teacher solution length: mean {st['mean']:.1f}, median {st['median']}, "
+                             f"max {st['max']} tokens.")
+            lines.append("")
+        done = _json(rdir / "train" / "DONE.json")
+        if done:
+            m = done.get("final_metrics", {})
+            lines += ["### Training", "", f"{done.get('steps')} steps; final loss {m.get('loss', float('nan')):.4g}, "
+                      f"KL {m.get('kl', float('nan')):.4g}, student/teacher argmax agreement "
+                      f"{m.get('agreement', float('nan')):.3f}.", ""]
+            first = _first_metrics(rdir / "train" / "metrics.jsonl")
+            if first:
+                lines += [f"First step: loss {first.get('loss', float('nan')):.4g}, KL {first.get('kl', float('nan')):.4g}.", ""]
+            plot = rdir / "train" / "training.png"
+            if plot.exists():
+                lines += [f"![training dynamics]({plot.relative_to(workdir)})", ""]
+    table = workdir / "eval" / "results.md"
+    if table.exists():
+        lines += ["## Evaluation", "", table.read_text().strip(), ""]
+    out = workdir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _first_metrics(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    with path.open() as f:
+        line = f.readline()
+    return json.loads(line) if line.strip() else None
