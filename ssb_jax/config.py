@@ -115,5 +115,17 @@ def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
             node, walked = node[part], f"{walked}.{part}"
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Set dotted keys ("train.learning_rate": 1e-4) as --config.train.learning_rate=1e-4 would."""
+    check_overrides(config, [f"--config.{key}=" for key in overrides])
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 def to_plain(config: Any) -> Any:
     return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config

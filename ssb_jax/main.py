@@ -227,6 +227,7 @@ def _eval_cls():
 def run(config) -> Path:
     logging.basicConfig(level=getattr(logging, str(config.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     Pipeline(config).run()
     return Path(config.workdir)
 

@@ -8,12 +8,29 @@ Message = dict  # {"role": ..., "content": ...}
 Chat = Union[str, Sequence[Message]]
 
 
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path_or_id: str | Path):
-    """AutoTokenizer from a local directory or a hub id (the hub only when the path does not exist)."""
-    from transformers import AutoTokenizer
+    """AutoTokenizer from a local directory or a hub id (the hub only when the path does not exist).
+
+    transformers 5 picks the tokenizer class from config.json's model_type when the directory holds a
+    model too, even when tokenizer_config.json declares a generic tokenizer.json-backed class (as a
+    self-trained tokenizer does); the Qwen2 class then swaps in its own pre-tokenizer and the ids
+    change. A directory that declares a generic class therefore loads that class.
+    """
+    import json
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     path = Path(path_or_id).expanduser()
+    source = str(path) if path.exists() else str(path_or_id)
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else str(path_or_id))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        config_file = path / "tokenizer_config.json"
+        if config_file.exists() and (path / "tokenizer.json").exists():
+            declared = json.loads(config_file.read_text()).get("tokenizer_class")
+            if declared in _GENERIC_CLASSES and type(tokenizer).__name__ not in _GENERIC_CLASSES:
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+        return tokenizer
     except Exception as e:
         raise ValueError(f"could not load a tokenizer from {path_or_id!r}: {e}") from e
 
