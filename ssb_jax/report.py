@@ -19,10 +19,11 @@ def write_report(workdir: str | Path, num_rounds: int = 1) -> Path:
         if summary:
             v = summary["verdicts"]
             lines += ["### Curation", "",
-                      "| questions | all correct | all wrong | mixed | teacher failed | kept | rollout accuracy |",
-                      "|---|---|---|---|---|---|---|",
+                      "| questions | all correct | all wrong | mixed | teacher failed | kept | prompt too long | rollout accuracy |",
+                      "|---|---|---|---|---|---|---|---|",
                       f"| {summary['questions']} | {v['all_correct']} | {v['all_wrong']} | {summary['mixed']} | "
-                      f"{v['teacher_failed']} | {v['kept']} | {summary['rollout_accuracy']:.3f} |", ""]
+                      f"{v['teacher_failed']} | {v['kept']} | {v.get('prompt_too_long', 0)} | "
+                      f"{summary['rollout_accuracy']:.3f} |", ""]
             rt, st = summary["rollout_tokens"], summary["solution_tokens"]
             if rt.get("count"):
                 lines.append(f"Rollout length: mean {rt['mean']:.1f}, median {rt['median']}, max {rt['max']} tokens.")
@@ -35,7 +36,7 @@ def write_report(workdir: str | Path, num_rounds: int = 1) -> Path:
             m = done.get("final_metrics", {})
             lines += ["### Training", "", f"{done.get('steps')} steps; final loss {m.get('loss', float('nan')):.4g}, "
                       f"KL {m.get('kl', float('nan')):.4g}, student/teacher argmax agreement "
-                      f"{m.get('agreement', float('nan')):.3f}.", ""]
+                      f"{m.get('agree', float('nan')):.3f}.", ""]
             first = _first_metrics(rdir / "train" / "metrics.jsonl")
             if first:
                 lines += [f"First step: loss {first.get('loss', float('nan')):.4g}, KL {first.get('kl', float('nan')):.4g}.", ""]
