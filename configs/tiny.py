@@ -1,0 +1,49 @@
+"""The offline default: a toy world the project builds itself, so every stage runs on a laptop CPU in
+minutes with no network.
+
+    python -m ssb_jax.main --config configs/tiny.py
+
+The world (ssb_jax/toyworld.py): synthetic multi-step arithmetic word problems, a tokenizer trained on
+them, and a small Qwen2 pre-trained so that its plain answers are often wrong (a systematic slip) while
+its hinted answers are right. SSB then distils the hinted teacher into the plain student.
+"""
+from ssb_jax.config import base_config, dataclass_section
+from ssb_jax.toyworld import ToyWorldConfig
+
+
+def get_config():
+    c = base_config()
+    c.workdir = "runs/tiny"
+    c.world = dataclass_section(ToyWorldConfig)
+    c.world.enabled = True
+    c.model.path = ""           # filled by the world stage
+    c.model.dtype = "float32"
+    c.data.train = ""           # filled by the world stage
+    c.mesh.fsdp = 1             # one CPU device is fastest for a model this small
+
+    c.sampler.batch_size = 64
+    c.sampler.max_prompt_tokens = 1024  # hinted prompts hold two traces
+    c.sampler.min_prompt_bucket = 64
+
+    c.curate.num_rollouts = 4
+    c.curate.rollout_max_new_tokens = 96
+    c.curate.solution_max_new_tokens = 96
+    c.curate.target_pairs = 128
+    c.curate.questions_per_batch = 64
+    c.curate.grader = "math_verify"
+
+    c.train.batch_size = 8
+    c.train.epochs = 3
+    c.train.learning_rate = 1e-3
+    c.train.lora_rank = 8
+    c.train.lora_alpha = 16.0
+    c.train.checkpoint_every = 20
+    c.train.logits_chunk = 0
+
+    c.eval.datasets = "world_test"   # the world's held-out split
+    c.eval.protocols = "math_verify"
+    c.eval.n_samples = 4
+    c.eval.temperature = 0.8
+    c.eval.top_p = 1.0
+    c.eval.max_new_tokens = 96
+    return c

@@ -1,0 +1,147 @@
+"""The whole pipeline on a reduced tiny config: every artifact, skip on rerun, resume after a kill."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A smaller world and run than configs/tiny.py, so the suite stays fast; same code path.
+REDUCED = [
+    "--config.world.num_train=200", "--config.world.num_test=24", "--config.world.pretrain_steps=1000",
+    "--config.world.pretrain_pool=4000", "--config.world.max_value=40", "--config.world.plain_batch=8",
+    "--config.world.hinted_batch=8", "--config.world.seed=1", "--config.world.hidden_size=64",
+    "--config.world.intermediate_size=192", "--config.world.head_dim=16", "--config.world.learning_rate=3e-3",
+    "--config.curate.target_pairs=16", "--config.curate.questions_per_batch=32",
+    "--config.curate.rollout_max_new_tokens=80", "--config.curate.solution_max_new_tokens=80",
+    "--config.curate.max_questions=96",
+    "--config.train.epochs=2", "--config.train.batch_size=4", "--config.train.checkpoint_every=2",
+    "--config.eval.n_samples=2", "--config.eval.max_new_tokens=80", "--config.eval.max_problems=8",
+    "--config.sampler.batch_size=32",
+]
+
+
+def pipeline(workdir, *extra, **popen):
+    cmd = [sys.executable, "-m", "ssb_jax.main", "--config", "configs/tiny.py", f"--config.workdir={workdir}",
+           *REDUCED, *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    log = _check(pipeline(workdir))
+    return workdir, log
+
+
+def test_every_artifact_is_produced(finished_run):
+    workdir, _ = finished_run
+    for relative in ["config.json", "world/train.jsonl", "world/model/config.json", "round_1/curate/records.jsonl",
+                     "round_1/curate/curation_summary.json", "round_1/train/DONE.json", "round_1/train/metrics.jsonl",
+                     "round_1/train/training.png", "eval/results.json", "eval/results.md",
+                     "export/peft_adapter/adapter_config.json", "export/peft_adapter/adapter_model.safetensors",
+                     "export/merged/config.json", "export/merged/model.safetensors", "report.md"]:
+        assert (workdir / relative).exists(), relative
+    summary = json.loads((workdir / "round_1/curate/curation_summary.json").read_text())
+    assert summary["verdicts"]["kept"] >= 1
+    results = json.loads((workdir / "eval/results.json").read_text())
+    models = {row["model"] for row in results["rows"]}
+    assert models == {"base", "student"}
+    report = (workdir / "report.md").read_text()
+    assert "Curation" in report and "Training" in report and "Evaluation" in report
+
+
+def test_second_run_skips_finished_stages(finished_run):
+    workdir, _ = finished_run
+    before = (workdir / "round_1/curate/records.jsonl").read_bytes()
+    log = _check(pipeline(workdir))
+    for stage in ("toy world", "curate: complete, skipped", "train: complete, skipped", "export: complete, skipped"):
+        assert stage in log, stage
+    assert "distill" not in log.split("train: complete")[1][:200]
+    assert (workdir / "round_1/curate/records.jsonl").read_bytes() == before
+
+
+def test_typo_in_override_is_named(tmp_path):
+    result = pipeline(tmp_path, "--config.train.learnig_rate=1e-3")
+    assert result.returncode != 0
+    assert "config.train has no key 'learnig_rate'; did you mean config.train.learning_rate?" in result.stderr
+
+
+def test_killed_during_training_resumes(finished_run, tmp_path):
+    import shutil
+    workdir = tmp_path / "run"
+    # reuse the finished world and curation, redo training from scratch
+    shutil.copytree(finished_run[0] / "world", workdir / "world")
+    shutil.copytree(finished_run[0] / "round_1" / "curate", workdir / "round_1" / "curate")
+    metrics = workdir / "round_1" / "train" / "metrics.jsonl"
+    proc = pipeline(workdir, "--config.stages=train", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log = _check(pipeline(workdir, "--config.stages=train"))
+    assert "resumed from step" in log
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # no step twice, none missing
+    done = json.loads((workdir / "round_1/train/DONE.json").read_text())
+    assert done["steps"] == len(steps)
+    reference = [json.loads(line)["loss"] for line in
+                 (finished_run[0] / "round_1/train/metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert resumed == pytest.approx(reference, rel=1e-5)
+
+
+def _as_overrides(flags):
+    """--config.a.b=v flags -> {"a.b": typed value} for the notebook's OVERRIDES."""
+    import ast
+    out = {}
+    for flag in flags:
+        key, value = flag[len("--config."):].split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def test_notebook_runs_top_to_bottom(finished_run, tmp_path):
+    """CI executes notebooks/ssb_colab.ipynb on the (reduced) tiny config, so it cannot rot."""
+    import shutil
+
+    import nbformat
+    from nbclient import NotebookClient
+    workdir = tmp_path / "nb_run"
+    shutil.copytree(finished_run[0] / "world", workdir / "world")  # same world config: its build is skipped
+    nb = nbformat.read(REPO / "notebooks" / "ssb_colab.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params.source = (f"CONFIG = 'configs/tiny.py'\nWORKDIR = {str(workdir)!r}\n"
+                     f"OVERRIDES = {_as_overrides(REDUCED)!r}")
+    env_backup = dict(os.environ)
+    os.environ.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
+                      for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "kept" in outputs and "peft_adapter" in outputs
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert (workdir / "report.md").exists()
