@@ -45,6 +45,12 @@ class Pipeline:
         self.config = config
         self.stages = config_lib.stage_list(config)
         maybe_initialize(config.distributed)
+        if jax.process_count() > 1:
+            # Sampling places batches from host numpy and every process would write the same records;
+            # per-process sharding of curation/eval is not built yet, so refuse rather than corrupt a run.
+            raise NotImplementedError(
+                f"{jax.process_count()} JAX processes: multi-host runs are not supported yet; run one process "
+                "per machine with all its local devices (a single-host GPU node or a v4-8/v5e-8 TPU VM)")
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
