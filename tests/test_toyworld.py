@@ -11,10 +11,13 @@ from ssb_jax import toyworld
 from ssb_jax.grading import extract_boxed
 from ssb_jax.sampling.driver import Completion
 
+# A pool of 24 problems the model can memorise quickly; one length bucket and no drill, so a single
+# program compiles (compiling dominates here).
 TINY = toyworld.ToyWorldConfig(
-    seed=3, num_train=40, num_test=16, pretrain_pool=300, vocab_size=400, hidden_size=32, intermediate_size=64,
-    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, pretrain_steps=60, plain_batch=8, hinted_batch=4,
-    drill_batch=4, length_buckets=1, learning_rate=1e-2, warmup_steps=5, log_every=1000)
+    seed=3, num_train=40, num_test=16, max_steps=2, pretrain_pool=24, vocab_size=400, hidden_size=48,
+    intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, pretrain_steps=100, plain_batch=8,
+    hinted_batch=4, drill_batch=0, length_buckets=1, learning_rate=1e-2, warmup_steps=5, prompt_loss_weight=0.0,
+    log_every=1000)
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +88,11 @@ def test_splits_are_disjoint_and_load(built):
         assert toyworld.evaluate_solution(p.extra["solution"]) == int(p.answer)
 
 
-def test_problems_are_deterministic():
+def test_problems_and_tokenizer_are_deterministic():
     a = toyworld.make_problems(TINY, 20, random.Random(5))
-    b = toyworld.make_problems(TINY, 20, random.Random(5))
-    assert a == b
+    assert a == toyworld.make_problems(TINY, 20, random.Random(5))
+    corpus = toyworld.tokenizer_corpus(a, random.Random(0), toyworld.DEFAULT_PROMPTS)
+    assert toyworld.train_tokenizer(corpus, 300).get_vocab() == toyworld.train_tokenizer(corpus, 300).get_vocab()
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -156,7 +160,7 @@ def test_pretraining_reduces_loss(built):
     losses = world.losses
     assert len(losses) == TINY.pretrain_steps
     assert np.mean(losses[:3]) > 4.0  # about log(vocab) at the start
-    assert np.mean(losses[:3]) / np.mean(losses[-5:]) > 2.5
+    assert np.mean(losses[:3]) / np.mean(losses[-5:]) > 4.0, (losses[:3], losses[-5:])
 
 
 def test_build_is_idempotent(built, monkeypatch):
@@ -205,10 +209,19 @@ def test_measurement_counts(built):
     assert toyworld.mixed_fraction(sampler, problems, k=4) == 0.5
 
 
-def test_measure_with_real_sampler(built):
+def test_measure_keys(built):
+    _, _, world = built
+    problems = world.test[:2]
+    tok = world.tokenizer
+    answers = {tuple(ids): [p["solution"]] * 4 for p, ids in zip(problems, toyworld.plain_prompt_ids(tok, problems))}
+    answers.update({tuple(ids): [p["wrong_solution"]] for p, ids in
+                    zip(problems, toyworld.hinted_prompt_ids(tok, problems))})
+    assert toyworld.measure(_ScriptedSampler(tok, answers), problems) == {
+        "plain_greedy": 1.0, "plain_sampled": 1.0, "hinted_greedy": 0.0, "mixed_fraction": 0.0, "num_problems": 2}
+
+
+def test_accuracy_with_real_sampler(built):
     _, _, world = built
     sampler = toyworld.make_sampler(world.params, world.model_config, world.tokenizer, batch_size=8)
-    metrics = toyworld.measure(sampler, world.test[:4], max_new_tokens=8)
-    assert metrics["num_problems"] == 4
-    for key in ("plain_greedy", "plain_sampled", "hinted_greedy", "mixed_fraction"):
-        assert 0.0 <= metrics[key] <= 1.0
+    accuracy = toyworld.plain_accuracy(sampler, world.test[:4], temperature=0.8, n=2, max_new_tokens=8)
+    assert 0.0 <= accuracy <= 1.0
