@@ -34,9 +34,9 @@ def get_config():
 
     c.train.batch_size = 8
     c.train.epochs = 3
-    c.train.learning_rate = 1e-3
-    c.train.lora_rank = 8
-    c.train.lora_alpha = 16.0
+    c.train.learning_rate = 2e-4   # the paper's lr; a sweep on this world gave the largest held-out gain here
+    c.train.lora_rank = 16
+    c.train.lora_alpha = 32.0
     c.train.checkpoint_every = 20
     c.train.logits_chunk = 0
 
