@@ -125,7 +125,3 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
             node = node[part]
         node[leaf] = value
     return config
-
-
-def to_plain(config: Any) -> Any:
-    return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.lora import lora_shapes
 from ssb_jax.model.qwen2 import param_shapes
 from ssb_jax.sharding import MESH_AXES, spec_for
 
@@ -78,16 +79,6 @@ def per_device_bytes(shapes, prefix: str, axes: dict[str, int], itemsize: int) -
     return total
 
 
-def lora_shape_tree(config: ModelConfig, rank: int, targets) -> dict:
-    dims = {"q_proj": (config.hidden_size, config.q_size), "k_proj": (config.hidden_size, config.kv_size),
-            "v_proj": (config.hidden_size, config.kv_size), "o_proj": (config.q_size, config.hidden_size),
-            "gate_proj": (config.hidden_size, config.intermediate_size),
-            "up_proj": (config.hidden_size, config.intermediate_size),
-            "down_proj": (config.intermediate_size, config.hidden_size)}
-    L = config.num_layers
-    return {"layers": {t: {"a": (L, dims[t][0], rank), "b": (L, rank, dims[t][1])} for t in targets}}
-
-
 def cache_shape_tree(config: ModelConfig, batch: int, length: int) -> dict:
     return {"k": (config.num_layers, batch, length, config.num_kv_heads, config.head_dim),
             "v": (config.num_layers, batch, length, config.num_kv_heads, config.head_dim),
@@ -125,8 +116,7 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     data_parallel = axes["data"] * axes["fsdp"]
 
     weights = per_device_bytes(param_shapes(model_config), "", axes, pbytes)
-    lora_rank = lora_config.rank_of(lora_config.targets[0])
-    lora_tree = lora_shape_tree(model_config, lora_rank, lora_config.targets)
+    lora_tree = lora_shapes(model_config, lora_config)
     lora = per_device_bytes(lora_tree, "lora/", axes, np.dtype(lora_config.jnp_dtype).itemsize)
     optimizer = 2 * per_device_bytes(lora_tree, "lora/", axes, 4)  # Adam's two moments, f32
     sample_batch = max(config.sampler.batch_size, data_parallel)

@@ -6,7 +6,7 @@ import numpy as np
 from ssb_jax.config import base_config
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.qwen2 import init_cache, init_params, param_shapes
-from ssb_jax.plan import ACCELERATORS, Accelerator, cache_shape_tree, format_plan, lora_shape_tree, per_device_bytes, plan
+from ssb_jax.plan import ACCELERATORS, Accelerator, cache_shape_tree, format_plan, per_device_bytes, plan
 from ssb_jax.sharding import make_mesh, shard, tree_shardings
 
 TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -25,10 +25,10 @@ def test_memory_figures_match_sharded_arrays():
     params = jax.device_put(init_params(TINY, jax.random.key(0)), tree_shardings(param_shapes(TINY), mesh))
     assert per_device_bytes(param_shapes(TINY), "", axes, 4) == device0_bytes(params)
 
-    from ssb_jax.model.lora import LoraConfig, init_lora
+    from ssb_jax.model.lora import LoraConfig, init_lora, lora_shapes
     lora_config = LoraConfig(rank=4)
     lora = shard(init_lora(TINY, lora_config, jax.random.key(1)), mesh, "lora/")
-    assert per_device_bytes(lora_shape_tree(TINY, 4, lora_config.targets), "lora/", axes, 4) == device0_bytes(lora)
+    assert per_device_bytes(lora_shapes(TINY, lora_config), "lora/", axes, 4) == device0_bytes(lora)
 
     cache = init_cache(TINY, batch=8, length=24)
     cache = shard({k: v for k, v in cache.items() if k != "index"}, mesh, "cache/")
