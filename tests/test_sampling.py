@@ -232,17 +232,19 @@ def test_chat_driver_with_real_tokenizer(tiny):
 def test_top_k_candidate_sampling_matches_reference_distribution(top_k, top_p):
     """The fast path (draw among the top-k candidates) samples the filtered softmax exactly."""
     rng = np.random.default_rng()
-    vocab = 40
-    logits = rng.normal(size=(1, vocab)).astype(np.float32) * 2
-    logits[0, 7] = logits[0, 9]  # a tie somewhere in the vocabulary
-    temperature, draws = 0.9, 20000
+    vocab, temperature, draws = 40, 0.9, 20000
+    while True:  # fresh logits, redrawn until the filter keeps at least two tokens (a real chi-square)
+        logits = rng.normal(size=(1, vocab)).astype(np.float32) * 2
+        logits[0, 7] = logits[0, 9]  # a tie somewhere in the vocabulary
+        scaled = logits.astype(np.float64) / temperature
+        keep = numpy_top_k(scaled, top_k)
+        keep &= numpy_top_p(np.where(keep, scaled, -np.inf), top_p)
+        if keep.sum() >= 2:
+            break
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), draws)
     pick = jax.jit(jax.vmap(lambda k: choose_tokens(jnp.asarray(logits), k[None], 3, sampling)[0][0]))
     counts = np.bincount(np.asarray(pick(keys)), minlength=vocab)
-    scaled = logits.astype(np.float64) / temperature
-    keep = numpy_top_k(scaled, top_k)
-    keep &= numpy_top_p(np.where(keep, scaled, -np.inf), top_p)
     probs = np.where(keep[0], np.exp(scaled[0] - scaled[0].max()), 0.0)
     probs /= probs.sum()
     assert counts[~keep[0]].sum() == 0
