@@ -34,6 +34,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"^lora/layers/(o_proj|down_proj)/b$", P(None, None, "fsdp")),
     # KV cache [L, B, S, G, H] and its [B, S] validity
     (r"^cache/(k|v)$", P(None, BATCH_AXES, None, "tensor", None)),
+    (r"^cache/(k|v)/\d+$", P(BATCH_AXES, None, "tensor", None)),     # per-layer caches (unstacked params)
     (r"^cache/valid$", P(BATCH_AXES, None)),
     (r"^cache/index$", P()),
     # batches: leading batch axis over the data-parallel axes
@@ -64,6 +65,20 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
+    """A mesh of this process's own devices with the axes of `shape` (a global mesh shape): an axis
+    of -1 takes the local devices left over; without one, "data" does. Sampling stages use it under
+    several processes, each on its own share of the prompts."""
+    devices = jax.local_devices()
+    shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
+    flexible = next((axis for axis, size in shape.items() if int(size) == -1), "data")
+    fixed = math.prod(int(size) for axis, size in shape.items() if axis != flexible)
+    if len(devices) % fixed:
+        raise ValueError(f"mesh {shape}: the {'x'.join(str(s) for a, s in shape.items() if a != flexible)} "
+                         f"non-{flexible} axes do not divide this process's {len(devices)} devices")
+    return make_mesh({**shape, flexible: -1}, devices)
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh) -> P:

@@ -78,15 +78,36 @@ def init_params(config: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict:
+    """k/v stacked [L, B, S, G, H], or (per_layer, for unstacked params) lists of L [B, S, G, H]."""
     dtype = dtype or config.jnp_dtype
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "valid": jnp.zeros((batch, length), bool),
-        "index": jnp.zeros((), jnp.int32),
-    }
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    if per_layer:
+        k = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
+        v = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
+    else:
+        k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
+    return {"k": k, "v": v, "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same weights with `layers` as a list of per-layer trees instead of stacked [L, ...] arrays.
+
+    `forward` then runs the layers as an unrolled loop. For decoding on XLA:CPU this nearly doubles
+    throughput: inside `scan` every step copies each layer's weights out of the stacked arrays
+    (measured at batch 8 on the 0.5B shape: MLP + q/o projections of 24 layers 198 ms in scan, 103 ms
+    unrolled). Costs one more copy of the layer weights while the stacked tree is also alive, and a
+    longer compile.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(num_layers)]}
+
+
+def has_unstacked_layers(params: Params) -> bool:
+    return isinstance(params["layers"], (list, tuple))
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -213,7 +234,16 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.A
         return h, new_cache
 
     layer_lora = None if lora is None else lora["layers"]
-    hidden, new_layer_caches = jax.lax.scan(body, hidden, (params["layers"], layer_lora, layer_caches))
+    if has_unstacked_layers(params):  # an unrolled loop (see unstack_layers); caches are per-layer lists
+        outputs = []
+        for i, layer_params in enumerate(params["layers"]):
+            lora_i = None if layer_lora is None else jax.tree_util.tree_map(lambda a, i=i: a[i], layer_lora)
+            cache_i = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
+            hidden, new_cache_i = body(hidden, (layer_params, lora_i, cache_i))
+            outputs.append(new_cache_i)
+        new_layer_caches = None if layer_caches is None else ([c[0] for c in outputs], [c[1] for c in outputs])
+    else:
+        hidden, new_layer_caches = jax.lax.scan(body, hidden, (params["layers"], layer_lora, layer_caches))
     hidden = rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
 
     new_cache = None

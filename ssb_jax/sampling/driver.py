@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.qwen2 import unstack_layers
 from ssb_jax.model.tokenizer import Chat, encode_chat
 from ssb_jax.sampling.sampler import FINISH_STOP, SamplingParams, generate, row_keys_for
 from ssb_jax.sharding import BATCH_AXES
@@ -63,8 +64,14 @@ class Sampler:
     def __init__(self, params, config: ModelConfig, tokenizer=None, *, batch_size: int = 8,
                  max_prompt_tokens: int = 2048, prompt_buckets: Sequence[int] | None = None,
                  min_prompt_bucket: int = 16, mesh=None, lora=None, lora_scales=None,
-                 show_progress: bool = True):
-        self.params, self.config, self.tokenizer = params, config, tokenizer
+                 show_progress: bool = True, unstack: bool | None = None):
+        """unstack: run the layers as an unrolled loop over per-layer weights (a copy of the stacked
+        ones; see ssb_jax.model.qwen2.unstack_layers). Default: on the CPU backend, where it nearly
+        doubles decode speed."""
+        if unstack is None:
+            unstack = jax.default_backend() == "cpu"
+        self.params = unstack_layers(params) if unstack else params
+        self.config, self.tokenizer = config, tokenizer
         self.lora, self.lora_scales = lora, dict(lora_scales or {})
         self.mesh = mesh
         data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)

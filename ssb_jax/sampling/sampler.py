@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import forward, init_cache, logits_from_hidden, positions_from_mask
+from ssb_jax.model.qwen2 import forward, has_unstacked_layers, init_cache, logits_from_hidden, positions_from_mask
 from ssb_jax.sharding import tree_shardings
 
 FINISH_LENGTH, FINISH_STOP = 0, 1
@@ -130,14 +130,18 @@ def generate(params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_keys:
     R = B * n
     prompt_mask = prompt_mask.astype(bool)
     positions = positions_from_mask(prompt_mask)
-    cache = init_cache(config, B, P + M)
+    cache = init_cache(config, B, P + M, per_layer=has_unstacked_layers(params))
     hidden, cache = forward(params, prompt_tokens, positions, prompt_mask, cache, lora,
                             config=config, lora_scales=lora_scales, return_hidden=True)
     last_logits = logits_from_hidden(params, hidden[:, -1], config)
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     if n > 1:  # one prefill, replicated: k/v are [L, B, ...], everything else is batch-first
-        cache = {"k": jnp.repeat(cache["k"], n, axis=1), "v": jnp.repeat(cache["v"], n, axis=1),
-                 "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
+        if has_unstacked_layers(params):
+            k = [jnp.repeat(x, n, axis=0) for x in cache["k"]]
+            v = [jnp.repeat(x, n, axis=0) for x in cache["v"]]
+        else:
+            k, v = jnp.repeat(cache["k"], n, axis=1), jnp.repeat(cache["v"], n, axis=1)
+        cache = {"k": k, "v": v, "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
         last_logits = jnp.repeat(last_logits, n, axis=0)
         next_position = jnp.repeat(next_position, n, axis=0)
     if mesh is not None:
