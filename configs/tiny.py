@@ -19,7 +19,8 @@ def get_config():
     c.model.path = ""           # filled by the world stage
     c.model.dtype = "float32"
     c.data.train = ""           # filled by the world stage
-    c.mesh.fsdp = 1             # one CPU device is fastest for a model this small
+    c.mesh.data = -1            # pure data parallel: a model this small is fastest unsharded
+    c.mesh.fsdp = 1
 
     c.sampler.batch_size = 64
     c.sampler.max_prompt_tokens = 1024  # hinted prompts hold two traces

@@ -7,6 +7,11 @@
 # Creates the slice if it does not exist (set TPU_VERSION to choose the runtime), copies this
 # checkout to all workers, installs it with the TPU extra, runs the pipeline on all of them
 # (jax.distributed initializes itself on TPU VMs), then copies the run directory back from worker 0.
+#
+# A slice with more than one worker (v4-16 and up) needs a run directory that every worker sees:
+# set BUCKET=gs://your-bucket to mount it with gcsfuse at /mnt/ssb on all workers (the run goes to
+# /mnt/ssb/runs/<config>), or set WORKDIR to an NFS/Filestore path mounted everywhere. The pipeline
+# checks this at start and stops with a clear error otherwise.
 set -euo pipefail
 NAME=${1:?slice name}; ZONE=${2:?zone}; TYPE=${3:?accelerator type, e.g. v4-32}
 CONFIG=${4:-configs/qwen3b.py}; shift $(( $# < 4 ? $# : 4 ))
@@ -25,6 +30,13 @@ tar czf /tmp/ssb_jax_src.tgz --exclude .git --exclude runs --exclude '*.egg-info
 tpu scp /tmp/ssb_jax_src.tgz "$NAME:/tmp/ssb_jax_src.tgz" --worker=all
 tpu ssh "$NAME" --worker=all --command \
   "mkdir -p $REMOTE_DIR && tar xzf /tmp/ssb_jax_src.tgz -C $REMOTE_DIR && cd $REMOTE_DIR && python3 -m pip install -q -e '.[tpu]'"
+
+if [[ -n "${BUCKET:-}" ]]; then
+  echo "mounting $BUCKET at /mnt/ssb on every worker"
+  tpu ssh "$NAME" --worker=all --command \
+    "sudo mkdir -p /mnt/ssb && sudo chown \$USER /mnt/ssb && (mountpoint -q /mnt/ssb || gcsfuse --implicit-dirs ${BUCKET#gs://} /mnt/ssb)"
+  WORKDIR=/mnt/ssb/runs/$(basename "$CONFIG" .py)
+fi
 
 echo "running $CONFIG on all workers"
 tpu ssh "$NAME" --worker=all --command \

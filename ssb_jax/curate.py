@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ssb_jax.data.datasets import Problem
-from ssb_jax.data.records import RecordStore, write_json_atomic
+from ssb_jax.data.records import RecordStore, ShardedRecordStore, write_json_atomic
 from ssb_jax.grading import LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response, normalize_answer
 from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
@@ -169,27 +169,49 @@ def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: Cura
 
 def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig, out_dir: str | Path, *,
         prompts: PromptSet = DEFAULT_PROMPTS) -> dict:
-    """Curate until `target_pairs` are kept or the questions run out; resumable. Returns the summary."""
+    """Curate until `target_pairs` are kept or the questions run out; resumable. Returns the summary.
+
+    Under several JAX processes each one takes every process_count-th question of each wave of
+    `questions_per_batch * process_count` questions, samples with its own (process-local) sampler
+    and appends to its own shard; after each wave the processes add up their kept pairs, so all
+    stop together. The shards are folded into records.jsonl in question order, so the records (and
+    the first `target_pairs` kept pairs) do not depend on the number of processes.
+    """
+    import jax
+    from ssb_jax import distributed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    store = RecordStore(out_dir / RECORDS_FILE)
+    index, count = jax.process_index(), jax.process_count()
+    order = question_order(problems, config)
+    position = {p.id: i for i, p in enumerate(order)}
+    records_path = out_dir / RECORDS_FILE
+    distributed.fold_process_shards([records_path], "curate:start", {records_path: position})
+    store = ShardedRecordStore(records_path, index, count)
     done = store.done_ids()
-    kept = sum(1 for r in store.read_all() if r.get("verdict") == "kept")
-    todo = [p for p in question_order(problems, config) if p.id not in done]
+    merged_kept = sum(r.get("verdict") == "kept" for r in store.merged.read_all())
+    own_kept = 0 if store.own is store.merged else sum(r.get("verdict") == "kept" for r in store.own.read_all())
+    kept = merged_kept + distributed.sum_over_processes(own_kept)
     if done:
-        log.info("curation: resuming with %d questions done (%d pairs kept), %d to go", len(done), kept, len(todo))
-    for begin in range(0, len(todo), config.questions_per_batch):
+        log.info("curation: resuming with %d questions done (%d pairs kept)", len(store.merged.done_ids()), kept)
+    wave = config.questions_per_batch * count
+    for begin in range(0, len(order), wave):
         if config.target_pairs and kept >= config.target_pairs:
             break
-        batch = todo[begin:begin + config.questions_per_batch]
-        records = _process_batch(batch, sampler, tokenizer, config, prompts)
-        store.append(records)
-        kept += sum(r["verdict"] == "kept" for r in records)
-        log.info("curation: %d questions done, %d pairs kept", len(done) + begin + len(batch), kept)
-    summary = summarize(store.read_all())
-    summary["complete"] = ((config.target_pairs > 0 and kept >= config.target_pairs)
-                           or len(store.done_ids()) >= len(question_order(problems, config)))
-    write_json_atomic(out_dir / SUMMARY_FILE, summary)
+        batch = [p for p in order[begin:begin + wave][index::count] if p.id not in done]
+        new_kept = 0
+        if batch:
+            records = _process_batch(batch, sampler, tokenizer, config, prompts)
+            store.append(records)
+            new_kept = sum(r["verdict"] == "kept" for r in records)
+        kept += distributed.sum_over_processes(new_kept)
+        log.info("curation: %d of %d questions looked at, %d pairs kept", min(begin + wave, len(order)), len(order),
+                 kept)
+    distributed.fold_process_shards([records_path], "curate:end", {records_path: position})
+    records = RecordStore(records_path).read_all()
+    summary = summarize(records)
+    summary["complete"] = ((config.target_pairs > 0 and kept >= config.target_pairs) or len(records) >= len(order))
+    if distributed.is_main_process():
+        write_json_atomic(out_dir / SUMMARY_FILE, summary)
     log.info("curation summary: %s", json.dumps({k: summary[k] for k in ("questions", "verdicts")}))
     return summary
 

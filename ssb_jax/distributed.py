@@ -49,3 +49,75 @@ def maybe_initialize(settings) -> bool:
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+# ----------------------------------------------------------------------------- helpers for the stages
+#
+# Sampling stages (curation, teacher cache, evaluation) are embarrassingly parallel: each process
+# takes every process_count-th item, samples on a mesh of its own local devices and writes its own
+# shard file; process 0 merges the shards after a barrier. Training is one SPMD program over the
+# global mesh. The run directory must be shared by all processes (NFS, Filestore, gcsfuse).
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def sum_over_processes(value: int) -> int:
+    """The sum of an integer over all processes (the value itself with one process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def process_shard(items, index: int | None = None, count: int | None = None) -> list:
+    """This process's items: every count-th, starting at its index (stable, order preserving)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    return list(items)[index::count]
+
+
+def to_host(tree):
+    """A pytree of (possibly multi-process) arrays as numpy arrays holding the global values."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def fold_process_shards(paths, name: str, orders=None) -> None:
+    """All processes meet; the main process folds each store's shard files into the store (see
+    ssb_jax.data.records.fold_shards); all meet again, so every reader then sees the merged file.
+    orders: {path: {id: position}} for stores kept in a particular order (default: by id)."""
+    from ssb_jax.data.records import fold_shards
+    barrier(f"{name}:before-fold")
+    if is_main_process():
+        for path in paths:
+            fold_shards(path, (orders or {}).get(path))
+    barrier(f"{name}:after-fold")
+
+
+def check_shared_directory(directory) -> None:
+    """Under several processes, fail early (on every process) unless all of them see the same
+    `directory`: the stages exchange shard files and checkpoints through it."""
+    if jax.process_count() == 1:
+        return
+    from pathlib import Path
+    marks = Path(directory) / ".processes"
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / f"{jax.process_index()}").write_text(os.uname().nodename)
+    barrier("shared-directory")
+    missing = [i for i in range(jax.process_count()) if not (marks / str(i)).exists()]
+    if missing:
+        raise RuntimeError(f"{directory} is not shared by all processes: process {jax.process_index()} does not see "
+                           f"the marks of processes {missing}; put the run directory on a file system every host "
+                           "mounts (NFS, Filestore, gcsfuse)")

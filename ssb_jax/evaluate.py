@@ -12,8 +12,9 @@ Each protocol is a named preset (`PROTOCOLS`) that fixes the grader and the deco
 Every number in the results names the protocol (and grader) it was computed under.
 
 Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore), appended batch
-by batch, so a killed run resumes without redoing finished problems. The results table
-(results.json, results.md) is always recomputed from those files.
+by batch, so a killed run resumes without redoing finished problems. Under several JAX processes
+each takes every process_count-th problem and appends to its own shard file, folded in at the end.
+The results table (results.json, results.md) is always recomputed from those files.
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ import statistics
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import jax
+
+from ssb_jax import distributed
 from ssb_jax.data.datasets import KNOWN_DATASETS, Problem, load_problems
-from ssb_jax.data.records import RecordStore, write_json_atomic
+from ssb_jax.data.records import ShardedRecordStore, write_json_atomic
 from ssb_jax.grading import (LABEL_CORRECT, LABEL_NO_ANSWER, RELATIVE_TOLERANCE, grade_response,
                              normalize_answer, parse_number)
 from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
@@ -170,7 +174,7 @@ def _plans(config: EvalConfig, stops: tuple[int, ...]) -> list[_Plan]:
     return plans
 
 
-def _open_store(path: Path, settings: dict) -> RecordStore:
+def _open_store(path: Path, settings: dict) -> ShardedRecordStore:
     settings_path = path.with_name(path.stem + ".settings.json")
     if settings_path.exists():
         stored = json.loads(settings_path.read_text())
@@ -179,7 +183,7 @@ def _open_store(path: Path, settings: dict) -> RecordStore:
                              "evaluate into a new directory or delete those files")
     else:
         write_json_atomic(settings_path, settings)
-    return RecordStore(path)
+    return ShardedRecordStore(path, jax.process_index(), jax.process_count())
 
 
 def _response(completion, gold: str, grader: str) -> dict:
@@ -219,7 +223,7 @@ class _Generations:
         return [done[i] for i in ids]
 
 
-def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mapping[str, RecordStore],
+def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mapping[str, ShardedRecordStore],
                   plans: Sequence[_Plan], config: EvalConfig, prompts: PromptSet, label: str) -> None:
     todo = [p for p in problems if any(p.id not in stores[plan.protocol.name] for plan in plans)]
     if len(todo) < len(problems):
@@ -294,6 +298,10 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
     out_dir = Path(out_dir)
     datasets = load_datasets(config)
     plans = _plans(config, tuple(stop_token_ids(tokenizer)))
+    # several processes: each takes every process_count-th problem into its own shard (folded below)
+    orders = {outputs_path(out_dir, model, dataset, plan.protocol.name): {p.id: i for i, p in enumerate(problems)}
+              for model in samplers for dataset, problems in datasets.items() for plan in plans}
+    distributed.fold_process_shards(list(orders), "eval:start", orders)
     stores = {}
     for model, sampler in samplers.items():
         for dataset, problems in datasets.items():
@@ -301,8 +309,9 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
                 plan.protocol.name: _open_store(outputs_path(out_dir, model, dataset, plan.protocol.name),
                                                 plan.settings(config.seed, prompts))
                 for plan in plans}
-            _evaluate_one(sampler, tokenizer, problems, stores[model, dataset], plans, config, prompts,
-                          f"{model}/{dataset}")
+            _evaluate_one(sampler, tokenizer, distributed.process_shard(problems), stores[model, dataset], plans,
+                          config, prompts, f"{model}/{dataset}")
+    distributed.fold_process_shards(list(orders), "eval:end", orders)
 
     rows, complete = [], True
     for dataset, problems in datasets.items():  # ordered so each model's number sits beside the others'
@@ -331,8 +340,9 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
         "complete": complete,
         "config": dataclasses.asdict(config),
     }
-    write_json_atomic(out_dir / RESULTS_JSON, results)
-    (out_dir / RESULTS_MD).write_text(format_markdown(results))
+    if distributed.is_main_process():
+        write_json_atomic(out_dir / RESULTS_JSON, results)
+        (out_dir / RESULTS_MD).write_text(format_markdown(results))
     log.info("eval results in %s\n%s", out_dir / RESULTS_MD, format_markdown(results))
     return results
 

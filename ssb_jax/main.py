@@ -27,8 +27,10 @@ def _done(directory: Path) -> bool:
 
 
 def _mark_done(directory: Path, **info) -> None:
-    if jax.process_index() == 0:
+    from ssb_jax.distributed import barrier, is_main_process
+    if is_main_process():
         write_json_atomic(directory / DONE_FILE, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
+    barrier(f"done:{directory}")  # no process reads the marker before it exists
 
 
 def _prompts(config):
@@ -38,29 +40,31 @@ def _prompts(config):
 
 
 class Pipeline:
-    """Holds what the stages share (config, mesh, model, tokenizer); each stage is one method."""
+    """Holds what the stages share (config, meshes, model, tokenizer); each stage is one method.
+
+    Under several JAX processes (one per host) the sampling stages (curate, teacher_cache, eval)
+    run on each process's local devices over its share of the questions, with the base weights
+    placed on a process-local mesh; training is one program over the global mesh, with a second
+    copy of the base placed there. With one process both meshes are the same and so are the weights.
+    """
 
     def __init__(self, config):
-        from ssb_jax.distributed import maybe_initialize
+        from ssb_jax.distributed import check_shared_directory, maybe_initialize
         self.config = config
         self.stages = config_lib.stage_list(config)
         maybe_initialize(config.distributed)
-        if jax.process_count() > 1:
-            # Sampling places batches from host numpy and every process would write the same records;
-            # per-process sharding of curation/eval is not built yet, so refuse rather than corrupt a run.
-            raise NotImplementedError(
-                f"{jax.process_count()} JAX processes: multi-host runs are not supported yet; run one process "
-                "per machine with all its local devices (a single-host GPU node or a v4-8/v5e-8 TPU VM)")
         self.workdir = Path(config.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        check_shared_directory(self.workdir)
         if jax.process_index() == 0:
             (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
         self.curation = config_lib.section_to(_curation_cls(), config.curate, "config.curate")
         self.train_config = config_lib.section_to(_train_cls(), config.train, "config.train")
         self.eval_config = config_lib.section_to(_eval_cls(), config.eval, "config.eval")
         self.prompts = _prompts(config)
-        from ssb_jax.sharding import make_mesh
+        from ssb_jax.sharding import local_mesh, make_mesh
         self.mesh = make_mesh(dict(config.mesh))
+        self.sample_mesh = self.mesh if jax.process_count() == 1 else local_mesh(dict(config.mesh))
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -69,10 +73,14 @@ class Pipeline:
         if not self.config.world.enabled:
             return
         from ssb_jax import toyworld
+        from ssb_jax.distributed import barrier, is_main_process
         world_config = config_lib.section_to(toyworld.ToyWorldConfig,
                                              {k: v for k, v in self.config.world.items() if k != "enabled"},
                                              "config.world")
-        paths = toyworld.build(world_config, self.workdir / "world")
+        if is_main_process():
+            toyworld.build(world_config, self.workdir / "world")
+        barrier("world")
+        paths = toyworld.build(world_config, self.workdir / "world")  # finished: returns its paths
         with self.config.unlocked():
             self.config.model.path = str(paths["checkpoint"])
             self.config.data.train = str(paths["train"])
@@ -84,7 +92,7 @@ class Pipeline:
         import ssb_jax
         from ssb_jax.model.tokenizer import load_tokenizer
         m = self.config.model
-        self.model_config, self.base_params = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.mesh)
+        self.model_config, self.base_params = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh)
         self.model_config = self.model_config.replace(attention_impl=m.attention_impl, remat=m.remat)
         self.tokenizer = load_tokenizer(m.tokenizer or m.path)
         log.info("model %s: %.1fM parameters, %s, mesh %s", m.path, self.model_config.param_count() / 1e6,
@@ -95,7 +103,17 @@ class Pipeline:
         s = self.config.sampler
         return Sampler(params, self.model_config, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
-                       mesh=self.mesh if self.mesh.size > 1 else None, lora=lora, lora_scales=lora_scales)
+                       mesh=self.sample_mesh if self.sample_mesh.size > 1 else None, lora=lora,
+                       lora_scales=lora_scales)
+
+    def global_base(self):
+        """The base weights on the global (training) mesh: the sampling copy itself with one process,
+        loaded a second time onto the global mesh under several."""
+        if jax.process_count() == 1:
+            return self.base_params
+        import ssb_jax
+        _, params = ssb_jax.load_model(self.config.model.path, dtype=self.config.model.dtype, mesh=self.mesh)
+        return params
 
     def round_dir(self, r: int) -> Path:
         return self.workdir / f"round_{r}"
@@ -130,33 +148,40 @@ class Pipeline:
     def teacher_cache(self, r: int, params):
         if self.train_config.teacher_mode != "cached":
             return
-        from ssb_jax.distill.teacher_cache import build_teacher_cache
+        from ssb_jax.distill.teacher_cache import build_teacher_cache_sharded
         out = self.round_dir(r) / "teacher_cache"
         if (out / "index.json").exists():
             log.info("round %d teacher_cache: complete, skipped", r)
             return
         tc = self.train_config
-        build_teacher_cache(params, self.model_config, self.examples(r), out, k=tc.topk, temperature=tc.temperature,
-                            batch_size=tc.batch_size, chunk=tc.logits_chunk, buckets=tc.length_buckets,
-                            min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
+        build_teacher_cache_sharded(params, self.model_config, self.examples(r), out, k=tc.topk,
+                                    temperature=tc.temperature, batch_size=tc.batch_size, chunk=tc.logits_chunk,
+                                    buckets=tc.length_buckets, min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
 
-    def train(self, r: int, params):
+    def train(self, r: int, base):
+        """base: a function giving the round's base on the global mesh (loaded only when training runs)."""
         from ssb_jax import train
         out = self.round_dir(r) / "train"
         if _done(out):
             log.info("round %d train: complete, skipped", r)
             return
-        result = train.run(self.train_config, self.model_config, params, self.examples(r), out, mesh=self.mesh,
+        result = train.run(self.train_config, self.model_config, base(), self.examples(r), out, mesh=self.mesh,
                            resume=True, teacher_cache_dir=self.round_dir(r) / "teacher_cache")
         if not result.get("interrupted"):
             last = result["history"][-1] if result["history"] else {}
             _mark_done(out, steps=result["total_steps"], final_metrics=last)
 
-    def student(self, r: int, params):
-        """(lora, lora_config) of round r's trained student."""
+    def student(self, r: int):
+        """Round r's trained student: (LoRA on the global mesh, the same LoRA on the sampling mesh,
+        its LoraConfig)."""
         from ssb_jax import train
-        return train.load_lora(self.round_dir(r) / "train", self.model_config, self.train_config,
-                               mesh=self.mesh if self.mesh.size > 1 else None)
+        lora, lora_config = train.load_lora(self.round_dir(r) / "train", self.model_config, self.train_config,
+                                            mesh=self.mesh if self.mesh.size > 1 else None)
+        if jax.process_count() == 1:
+            return lora, lora, lora_config
+        from ssb_jax.distributed import to_host
+        from ssb_jax.sharding import shard
+        return lora, shard(to_host(lora), self.sample_mesh, "lora/"), lora_config
 
     def evaluate(self, models: dict):
         from ssb_jax import evaluate
@@ -191,28 +216,43 @@ class Pipeline:
         started = time.perf_counter()
         self.world()
         self.load_base()
-        params, lora, lora_config = self.base_params, None, None
-        for r in range(1, self.config.num_rounds + 1):
+        # params: the round's base and sample_lora its student's LoRA, both on the sampling mesh
+        params, sample_lora, lora_config = self.base_params, None, None
+        last = self.config.num_rounds
+        for r in range(1, last + 1):
             if r > 1:  # the previous round's student is this round's teacher and base
-                params = merge_lora(params, lora, lora_config)
+                params = merge_lora(params, sample_lora, lora_config)
             if "curate" in self.stages:
                 self.curate(r, params)
             if "teacher_cache" in self.stages:
                 self.teacher_cache(r, params)
             if "train" in self.stages:
-                self.train(r, params)
-            if {"train", "eval", "export"} & set(self.stages) and _done(self.round_dir(r) / "train"):
-                lora, lora_config = self.student(r, params)
+                self.train(r, lambda: params if jax.process_count() == 1 else self._global_params_for_round(r))
+            trained = _done(self.round_dir(r) / "train")
+            if r < last and not trained:
+                raise RuntimeError(f"round {r} has no trained student, so round {r + 1} has no base; "
+                                   "include the train stage")
+            if trained and (r < last or {"eval", "export"} & set(self.stages)):
+                _, sample_lora, lora_config = self.student(r)
         if "eval" in self.stages:
             models = {"base": (self.base_params,)}
-            if lora is not None:
-                models["student"] = (params, lora, lora_config.scales())
+            if sample_lora is not None:
+                models["student"] = (params, sample_lora, lora_config.scales())
             self.evaluate(models)
-        if "export" in self.stages and lora is not None:
-            self.export(params, lora, lora_config)
+        if "export" in self.stages and sample_lora is not None:
+            self.export(params, sample_lora, lora_config)
         if "report" in self.stages:
             self.report()
         log.info("all stages done in %.0f s; outputs in %s", time.perf_counter() - started, self.workdir)
+
+    def _global_params_for_round(self, r: int):
+        """Round r's base on the global mesh: the base model merged with the students of rounds < r."""
+        from ssb_jax.model.lora import merge_lora
+        params = self.global_base()
+        for previous in range(1, r):
+            lora, _, lora_config = self.student(previous)
+            params = merge_lora(params, lora, lora_config)
+        return params
 
 
 def _curation_cls():

@@ -104,8 +104,7 @@ def run(tc: TrainConfig, model_config: ModelConfig, params, examples: Sequence[M
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lora_config = tc.lora_config()
-    process_count = jax.process_count()
-    total = total_steps_for(len(examples), tc, process_count)
+    total = total_steps_for(len(examples), tc)
     optimizer, schedule = make_optimizer(tc, total)
 
     teacher_cache = None
@@ -113,6 +112,9 @@ def run(tc: TrainConfig, model_config: ModelConfig, params, examples: Sequence[M
         if teacher_cache_dir is None:
             teacher_cache_dir = workdir / "teacher_cache"
         if not (Path(teacher_cache_dir) / "index.json").exists():
+            if jax.process_count() > 1:
+                raise FileNotFoundError(f"{teacher_cache_dir}: no teacher cache; under several processes build it "
+                                        "first (the pipeline's teacher_cache stage, build_teacher_cache_sharded)")
             build_teacher_cache(params, model_config, examples, teacher_cache_dir, k=tc.topk, temperature=tc.temperature,
                                 batch_size=tc.batch_size, chunk=tc.logits_chunk, buckets=tc.length_buckets,
                                 min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)

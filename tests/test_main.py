@@ -145,3 +145,137 @@ def test_notebook_runs_top_to_bottom(finished_run, tmp_path):
     assert "kept" in outputs and "peft_adapter" in outputs
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert (workdir / "report.md").exists()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(finished_run, tmp_path):
+    """Two JAX processes on localhost (gloo collectives, one CPU device each) run curation, training
+    and evaluation; the merged records, the trained LoRA and the base model's evaluation outputs
+    equal the single-process run's."""
+    import shutil
+
+    import numpy as np
+
+    from ssb_jax.curate import kept_pairs
+    from ssb_jax.data.records import RecordStore
+    reference = finished_run[0]
+    workdir = tmp_path / "two"
+    shutil.copytree(reference / "world", workdir / "world")  # same world config: its build is skipped
+    logs = _two_processes(workdir)
+    assert "process 1 of 2" in logs[1]
+
+    curated = {r["id"]: r for r in RecordStore(workdir / "round_1/curate/records.jsonl").read_all()}
+    single = RecordStore(reference / "round_1/curate/records.jsonl").read_all()
+    assert not list((workdir / "round_1/curate").glob("*.process-*"))  # shards folded in
+    assert len(set(curated)) == len(curated)
+    for record in single:  # every question both runs looked at came out the same
+        if record["id"] in curated:
+            assert curated[record["id"]] == record, record["id"]
+    merged = list(curated.values())
+    assert kept_pairs(merged, 16) == kept_pairs(single, 16)
+
+    from ssb_jax import train
+    from ssb_jax.model.config import ModelConfig
+    model_config = ModelConfig.from_hf_dict(json.loads((reference / "world/model/config.json").read_text()))
+    ours, _ = train.load_lora(workdir / "round_1/train", model_config)
+    theirs, _ = train.load_lora(reference / "round_1/train", model_config)
+    for a, b in zip(jax_leaves(ours), jax_leaves(theirs)):
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-7  # measured: ~1e-6 (gloo sums)
+    assert (workdir / "round_1/train/metrics.jsonl").read_text().count("\n") == \
+        (reference / "round_1/train/metrics.jsonl").read_text().count("\n")
+
+    for protocol_file in (reference / "eval/outputs/base").rglob("*.jsonl"):
+        relative = protocol_file.relative_to(reference)
+        assert RecordStore(workdir / relative).read_all() == RecordStore(protocol_file).read_all(), relative
+    assert not list((workdir / "eval/outputs").rglob("*.process-*"))
+    for relative in ("eval/results.json", "export/peft_adapter/adapter_model.safetensors", "report.md"):
+        assert (workdir / relative).exists(), relative
+
+    # the cached-teacher stage: each process writes its part, the index joins them
+    _two_processes(workdir, "--config.stages=teacher_cache", "--config.train.teacher_mode=cached")
+    import ssb_jax
+    from ssb_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
+    tc = json.loads((workdir / "config.json").read_text())["train"]
+    _, params = ssb_jax.load_model(str(workdir / "world/model"))
+    pairs = kept_pairs(merged, 16)
+    build_teacher_cache(params, model_config, pairs, tmp_path / "single_cache", k=tc["topk"],
+                        temperature=tc["temperature"], batch_size=tc["batch_size"], chunk=tc["logits_chunk"])
+    two, one = TeacherCache(workdir / "round_1/teacher_cache"), TeacherCache(tmp_path / "single_cache")
+    assert len(two) == len(one) == len(pairs)
+    assert len(list((workdir / "round_1/teacher_cache").glob("shard_p1of2_*"))) >= 1
+    for record in pairs:
+        for key, value in one(record["id"]).items():
+            np.testing.assert_allclose(two(record["id"])[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def _two_processes(workdir, *extra, expect_success=True):
+    """Run the pipeline as two JAX processes on localhost; returns their logs. workdir may be a
+    pair (one directory per process)."""
+    port = _free_port()
+    workdirs = workdir if isinstance(workdir, tuple) else (workdir, workdir)
+    procs = [pipeline(workdirs[i], f"--config.distributed.coordinator_address=localhost:{port}",
+                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}", *extra,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    if expect_success:
+        for p, log in zip(procs, logs):
+            assert p.returncode == 0, log[-6000:]
+    return logs
+
+
+def test_two_processes_refuse_a_run_directory_they_do_not_share(tmp_path):
+    logs = _two_processes((tmp_path / "host0", tmp_path / "host1"), expect_success=False)
+    for i, log in enumerate(logs):
+        assert "is not shared by all processes" in log, log[-3000:]
+        assert f"does not see the marks of processes [{1 - i}]" in log
+
+
+def jax_leaves(tree):
+    import jax
+    import numpy as np
+    return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_path):
+    """num_rounds=2: round 2 curates and trains on top of round 1's merged student, with fresh
+    rollouts; the exported model is base + round 1's LoRA + round 2's LoRA."""
+    import shutil
+
+    import numpy as np
+
+    import ssb_jax
+    from ssb_jax import train
+    from ssb_jax.data.records import RecordStore
+    reference = finished_run[0]
+    workdir = tmp_path / "rounds"
+    shutil.copytree(reference / "world", workdir / "world")
+    shutil.copytree(reference / "round_1", workdir / "round_1")  # round 1 is complete: only round 2 runs
+    log = _check(pipeline(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export"))
+    assert "round 1 curate: complete, skipped" in log and "round 1 train: complete, skipped" in log
+    for relative in ("round_2/curate/records.jsonl", "round_2/train/DONE.json", "export/merged/model.safetensors"):
+        assert (workdir / relative).exists(), relative
+    first = {r["id"]: r for r in RecordStore(workdir / "round_1/curate/records.jsonl").read_all()}
+    second = RecordStore(workdir / "round_2/curate/records.jsonl").read_all()
+    shared = [r for r in second if r["id"] in first]
+    assert shared and any(r["rollouts"] != first[r["id"]]["rollouts"] for r in shared)  # fresh rollouts
+
+    config, base = ssb_jax.load_model(str(workdir / "world/model"))
+    _, merged = ssb_jax.load_model(str(workdir / "export/merged"))
+    expected = {t: np.asarray(base["layers"][t]["kernel"], np.float64) for t in base["layers"] if "proj" in t}
+    for r in (1, 2):
+        lora, lora_config = train.load_lora(workdir / f"round_{r}/train", config)
+        for t, factors in lora["layers"].items():
+            a, b = (np.asarray(factors[x], np.float64) for x in ("a", "b"))
+            expected[t] = expected[t] + lora_config.scale_of(t) * np.einsum("lir,lro->lio", a, b)
+    for t, kernel in expected.items():
+        np.testing.assert_allclose(np.asarray(merged["layers"][t]["kernel"]), kernel, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from ssb_jax.data.records import (
-    DuplicateRecordError, RecordStore, RecordStoreError, write_json_atomic)
+    DuplicateRecordError, RecordStore, RecordStoreError, ShardedRecordStore, fold_shards, merge_record_files,
+    shard_path, shard_paths, write_json_atomic)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,3 +148,38 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted_run(tmp_path):
     assert _run_writer(path, total, batch_size).wait(timeout=120) == 0
     assert path.read_bytes() == reference.read_bytes()
     assert len(RecordStore(path).done_ids()) == total
+
+
+def test_process_shards_fold_into_one_ordered_store(tmp_path):
+    """Three 'processes' each append their share to their own shard; folding gives one store in the
+    given order, deletes the shards, and keeps what the store already held."""
+    import random
+    path = tmp_path / "records.jsonl"
+    RecordStore(path).append([{"id": "q7", "v": 7}])  # from an earlier (folded) run
+    order = {f"q{i}": i for i in range(12)}
+    ids = [f"q{i}" for i in range(12) if i != 7]
+    random.Random(0).shuffle(ids)
+    for index in range(3):
+        store = ShardedRecordStore(path, index, 3)
+        mine = ids[index::3]
+        store.append([{"id": i, "v": int(i[1:])} for i in mine])
+        assert all(i in store for i in mine) and "q7" in store and store.done_ids() >= set(mine) | {"q7"}
+        assert shard_path(path, index, 3).exists()
+    assert len(shard_paths(path)) == 3
+    merged = fold_shards(path, order)
+    assert [r["id"] for r in merged] == [f"q{i}" for i in range(12)]
+    assert [r["v"] for r in RecordStore(path).read_all()] == list(range(12))
+    assert shard_paths(path) == [] and fold_shards(path, order) is None
+    single = ShardedRecordStore(path)  # one process: the plain store
+    assert single.own is single.merged and len(single.read_all()) == 12
+
+
+def test_fold_refuses_conflicting_records(tmp_path):
+    path = tmp_path / "records.jsonl"
+    ShardedRecordStore(path, 0, 2).append([{"id": "a", "v": 1}])
+    ShardedRecordStore(path, 1, 2).append([{"id": "a", "v": 2}])
+    with pytest.raises(RecordStoreError, match="'a' has different records"):
+        merge_record_files(shard_paths(path), path, {"a": 0})
+    ShardedRecordStore(path, 1, 2).own.path.write_text(json.dumps({"id": "a", "v": 1}) + "\n")
+    assert [r["v"] for r in fold_shards(path)] == [1]  # the same record twice is one record
+

@@ -83,7 +83,7 @@ def test_schedules():
     assert total_steps_for(10, TrainConfig(batch_size=4, epochs=3, max_steps=5)) == 5
 
 
-def test_grain_pipeline_epochs_shuffle_and_process_shards():
+def test_grain_pipeline_epochs_and_shuffle():
     records = random_records(np.random.default_rng(), 10, 50)
     tc = TrainConfig(batch_size=4, epochs=3, seed=5)
     ds = make_dataset(records, tc)
@@ -97,13 +97,6 @@ def test_grain_pipeline_epochs_shuffle_and_process_shards():
              if b["row_valid"][i]]
     assert again == seen  # seeded
     assert batches[-1]["row_valid"].tolist() == [True, True, False, False]  # padded to the batch size
-    tcm = tc.replace(max_seq_len=64)
-    shards = [list(make_dataset(records, tcm, process_index=i, process_count=2)) for i in range(2)]
-    assert len(shards[0]) == len(shards[1])
-    assert all(b["student_tokens"].shape == (2, 64) for s in shards for b in s)
-    firsts = [{tuple(b["answer_tokens"][i]) for b in s for i in range(2) if b["row_valid"][i]} for s in shards]
-    assert all(len(f) == 5 for f in firsts)
-    assert not firsts[0] & firsts[1]
 
 
 def _tiny_run_config(**kw):

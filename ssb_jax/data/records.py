@@ -148,6 +148,11 @@ class RecordStore:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """Write JSON so readers see the old file or the new one, never a partial one."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` by a durable temp-file rename (readers never see a partial file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
@@ -156,8 +161,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
         # mkstemp makes the file 0600; keep the old file's mode, else a usual 0644.
         os.chmod(temp_name, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=indent, ensure_ascii=False)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)
@@ -175,3 +179,86 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
             os.close(directory)
     except OSError:
         pass
+
+
+def merge_record_files(sources: Iterable[str | os.PathLike], destination: str | os.PathLike,
+                       order: Mapping[Any, int], id_key: str = "id") -> list[dict]:
+    """Merge per-process stores (and `destination` itself, when it exists) into `destination`,
+    atomically: one record per id, sorted by `order[id]` (ids not in `order` go last, in the
+    order read). Two different records with the same id are an error (the shards overlapped).
+    Returns the merged records."""
+    destination = Path(destination)
+    merged: dict[Any, dict] = {}
+    where: dict[Any, Path] = {}
+    paths = [destination] + [Path(p) for p in sources if Path(p) != destination]
+    for path in paths:
+        if not path.exists():
+            continue
+        for record in RecordStore(path, id_key).read_all():
+            key = record[id_key]
+            if key in merged and merged[key] != record:
+                raise RecordStoreError(f"id {key!r} has different records in {where[key]} and {path}")
+            merged.setdefault(key, record)
+            where.setdefault(key, path)
+    last = len(order)
+    records = sorted(merged.values(), key=lambda r: order.get(r[id_key], last))
+    write_text_atomic(destination, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return records
+
+
+# ----------------------------------------------------------------------------- one store, several writers
+#
+# In a multi-process stage each process appends to its own shard file beside the store; the main
+# process folds the shards into the store at barriers (ssb_jax.distributed), so one file never has
+# two writers.
+
+def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
+    """records.jsonl -> records.process-1-of-4.jsonl: the file process 1 of 4 appends to."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.process-{index}-of-{count}{path.suffix}")
+
+
+def shard_paths(path: str | os.PathLike) -> list[Path]:
+    """Every shard file of `path` on disk (from any process count)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{path.stem}.process-*-of-*{path.suffix}"))
+
+
+def fold_shards(path: str | os.PathLike, order: Mapping[Any, int] | None = None) -> list[dict] | None:
+    """Merge every shard file of `path` into it (ordered by `order`, else by id) and delete the
+    shards. Call from one process while no other writes. Returns the merged records, or None
+    when there were no shards."""
+    shards = shard_paths(path)
+    if not shards:
+        return None
+    if order is None:
+        ids = {r["id"] for s in [path, *shards] if Path(s).exists() for r in RecordStore(s).read_all()}
+        order = {i: n for n, i in enumerate(sorted(ids, key=str))}
+    records = merge_record_files(shards, path, order)
+    for shard in shards:
+        shard.unlink()
+    return records
+
+
+class ShardedRecordStore:
+    """One process's view of a store that several processes fill: ids count as done when they are in
+    the merged file or in this process's shard; appends go to the shard. With one process it is the
+    plain store."""
+
+    def __init__(self, path: str | os.PathLike, index: int = 0, count: int = 1):
+        self.merged = RecordStore(path)
+        self.own = RecordStore(shard_path(path, index, count)) if count > 1 else self.merged
+
+    def __contains__(self, record_id: object) -> bool:
+        return record_id in self.own or record_id in self.merged
+
+    def done_ids(self) -> frozenset:
+        return self.merged.done_ids() | self.own.done_ids()
+
+    def append(self, records: Iterable[Mapping[str, Any]]) -> int:
+        return self.own.append(records)
+
+    def read_all(self) -> list[dict]:
+        """The merged records, then this process's shard."""
+        merged = self.merged.read_all()
+        return merged if self.own is self.merged else merged + self.own.read_all()

@@ -1,7 +1,6 @@
-"""grain pipeline over curation records: seeded shuffle, epochs, batching, sharded by process.
+"""grain pipeline over curation records: seeded shuffle, epochs, batching.
 
-The dataset is random access (grain.MapDataset): source -> this process's shard -> shuffle(seed)
--> repeat(epochs) (each epoch is a fresh permutation) -> batch (the last batch of the run may be
+The dataset is random access (grain.MapDataset): source -> shuffle(seed) -> repeat(epochs) (each epoch is a fresh permutation) -> batch (the last batch of the run may be
 short; build_batch pads it with empty rows so every step has the same shape). Its iterator's
 state ({"next_index": ...}) is a small JSON dict that the trainer checkpoints.
 """
@@ -11,40 +10,30 @@ import functools
 from typing import Callable, Mapping, Sequence
 
 import grain
-import jax
 
 from ssb_jax.distill.batch import build_batch, check_record
 from ssb_jax.distill.config import TrainConfig
 
 
-def make_dataset(examples: Sequence[Mapping], tc: TrainConfig, *, teacher_cache: Callable | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.MapDataset:
-    """A MapDataset of numpy batches (see ssb_jax.distill.batch) for this process."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-    if tc.batch_size % process_count:
-        raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {process_count} processes")
-    local_batch = tc.batch_size // process_count
+def make_dataset(examples: Sequence[Mapping], tc: TrainConfig, *,
+                 teacher_cache: Callable | None = None) -> grain.MapDataset:
+    """A MapDataset of numpy batches (see ssb_jax.distill.batch) of the global batch size.
+
+    Every process iterates the same global batches (same seed, same order, same shapes); the train
+    step hands each device only its rows (ssb_jax.distill.step.TrainStep.place_batch), so a run
+    on N processes sees exactly the batches of a run on one.
+    """
     examples = list(examples)
     if not examples:
         raise ValueError("no training examples")
     for r in examples:
         check_record(r)
-    buckets, min_bucket = tc.length_buckets, tc.min_bucket
-    if process_count > 1:
-        # every process must build arrays of the same shape: pad everything to max_seq_len
-        if tc.max_seq_len <= 0:
-            raise ValueError("multi-process training needs TrainConfig.max_seq_len > 0 (fixed batch shapes)")
-        buckets = (tc.max_seq_len,)
-    ds = grain.MapDataset.source(examples)
-    if process_count > 1:
-        per_process = len(examples) // process_count
-        ds = ds[process_index::process_count][:per_process]
-    ds = ds.shuffle(seed=tc.seed).repeat(tc.epochs)
-    batch_fn = functools.partial(build_batch, batch_size=local_batch, buckets=buckets, min_bucket=min_bucket,
-                                 max_seq_len=tc.max_seq_len, include_teacher=tc.teacher_mode == "online",
+    ds = grain.MapDataset.source(examples).shuffle(seed=tc.seed).repeat(tc.epochs)
+    batch_fn = functools.partial(build_batch, batch_size=tc.batch_size, buckets=tc.length_buckets,
+                                 min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len,
+                                 include_teacher=tc.teacher_mode == "online",
                                  teacher_cache=teacher_cache if tc.teacher_mode == "cached" else None)
-    ds = ds.batch(local_batch, drop_remainder=False, batch_fn=batch_fn)
+    ds = ds.batch(tc.batch_size, drop_remainder=False, batch_fn=batch_fn)
     if tc.max_steps > 0:
         ds = ds[:tc.max_steps]
     return ds

@@ -52,10 +52,8 @@ def make_optimizer(tc: TrainConfig, total_steps: int) -> tuple[optax.GradientTra
     return optax.chain(*parts), schedule
 
 
-def total_steps_for(num_examples: int, tc: TrainConfig, process_count: int = 1) -> int:
-    per_process = -(-num_examples // process_count) if process_count > 1 else num_examples
-    local_batch = tc.batch_size // process_count
-    steps = -(-(per_process * tc.epochs) // local_batch)
+def total_steps_for(num_examples: int, tc: TrainConfig) -> int:
+    steps = -(-(num_examples * tc.epochs) // tc.batch_size)
     return min(steps, tc.max_steps) if tc.max_steps > 0 else steps
 
 
@@ -159,14 +157,16 @@ class TrainStep:
         self.optimizer, self.schedule = make_optimizer(tc, self.total_steps)
 
     def place_batch(self, batch: Mapping) -> dict:
-        """Host batch (numpy) -> device arrays, sharded over the mesh when there is one."""
+        """Global host batch (numpy) -> device arrays, sharded over the mesh when there is one.
+        Under several processes each copies only the rows of its own devices."""
         batch = {k: batch[k] for k in batch_keys(self.tc)}
         if self.mesh is None:
             return jax.device_put(batch)
-        B = next(iter(batch.values())).shape[0] * jax.process_count()  # global batch
+        B = next(iter(batch.values())).shape[0]
         shardings = batch_shardings(tuple(batch), B, self.mesh)
         if jax.process_count() > 1:
-            return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+            return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
+                    for k, v in batch.items()}
         return jax.device_put(batch, shardings)
 
     def __call__(self, state, params, batch):

@@ -81,9 +81,13 @@ _teacher_topk_jit = jax.jit(_teacher_topk, static_argnames=("config", "k", "temp
 
 def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
                         temperature: float = 2.0, batch_size: int = 4, chunk: int = 128, buckets: Sequence[int] = (),
-                        min_bucket: int = 16, max_seq_len: int = 0, tokens_per_shard: int = 1 << 20) -> dict:
+                        min_bucket: int = 16, max_seq_len: int = 0, tokens_per_shard: int = 1 << 20,
+                        file_prefix: str = "shard", index_name: str = INDEX) -> dict:
     """Run the base model (no LoRA) over every example's teacher sequence and write the cache.
-    Returns the index (with n_tokens, bytes_per_token, files)."""
+    Returns the index (with n_tokens, bytes_per_token, files).
+
+    file_prefix / index_name let several processes each write a part of one cache into the same
+    directory (see `build_teacher_cache_sharded`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     k = min(int(k), model_config.vocab_size)
@@ -96,7 +100,7 @@ def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Ma
         nonlocal total_bytes
         if not shard_ids:
             return
-        name = f"shard_{len(files):05d}.safetensors"
+        name = f"{file_prefix}_{len(files):05d}.safetensors"
         tensors = {key: np.ascontiguousarray(np.concatenate(v)) for key, v in shard_rows.items()}
         tensors["offsets"] = np.concatenate([[0], np.cumsum(shard_lengths)]).astype(np.int64)
         save_file(tensors, str(directory / name), metadata={
@@ -133,10 +137,35 @@ def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Ma
     index = {"format": FORMAT, "temperature": float(temperature), "k": k, "n_examples": len(examples),
              "n_tokens": n_tokens, "bytes": total_bytes, "bytes_per_token": total_bytes / max(n_tokens, 1),
              "full_f32_bytes_per_token": 4 * model_config.vocab_size, "files": index_ids}
-    (directory / INDEX).write_text(json.dumps(index, indent=1))
+    (directory / index_name).write_text(json.dumps(index, indent=1))
     log.info("teacher cache: %d tokens, %.1f bytes/token (full f32 logits: %d)", n_tokens,
              index["bytes_per_token"], 4 * model_config.vocab_size)
     return index
+
+
+def build_teacher_cache_sharded(params, model_config: ModelConfig, examples: Sequence[Mapping], directory,
+                                **kwargs) -> dict:
+    """build_teacher_cache under several JAX processes: each process runs every process_count-th
+    example on its own devices (`params` placed on a process-local mesh) and writes its part; the
+    main process then joins the parts into index.json. With one process it is build_teacher_cache."""
+    from ssb_jax import distributed
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return build_teacher_cache(params, model_config, examples, directory, **kwargs)
+    directory = Path(directory)
+    part_name = f"index.process-{index}-of-{count}.json"
+    build_teacher_cache(params, model_config, distributed.process_shard(examples, index, count), directory,
+                        file_prefix=f"shard_p{index}of{count}", index_name=part_name, **kwargs)
+    distributed.barrier("teacher_cache:parts")
+    if distributed.is_main_process():
+        parts = [json.loads((directory / f"index.process-{i}-of-{count}.json").read_text()) for i in range(count)]
+        joined = dict(parts[0], files={name: ids for part in parts for name, ids in part["files"].items()})
+        for key in ("n_examples", "n_tokens", "bytes"):
+            joined[key] = sum(part[key] for part in parts)
+        joined["bytes_per_token"] = joined["bytes"] / max(joined["n_tokens"], 1)
+        (directory / INDEX).write_text(json.dumps(joined, indent=1))
+    distributed.barrier("teacher_cache:index")
+    return json.loads((directory / INDEX).read_text())
 
 
 class TeacherCache:
