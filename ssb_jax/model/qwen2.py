@@ -96,8 +96,8 @@ def unstack_layers(params: Params) -> Params:
     `forward` then runs the layers as an unrolled loop. For decoding on XLA:CPU this nearly doubles
     throughput: inside `scan` every step copies each layer's weights out of the stacked arrays
     (measured at batch 8 on the 0.5B shape: MLP + q/o projections of 24 layers 198 ms in scan, 103 ms
-    unrolled). Costs one more copy of the layer weights while the stacked tree is also alive, and a
-    longer compile.
+    unrolled; whole greedy sampling runs 5.4 -> 11.6 tok/s at batch 1, 29.1 -> 37.9 at batch 8). Costs one
+    more copy of the layer weights while the stacked tree is also alive.
     """
     layers = params["layers"]
     if isinstance(layers, (list, tuple)):
