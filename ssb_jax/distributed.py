@@ -63,20 +63,42 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+# Processes can reach a meeting point minutes apart (process 0 builds the toy world; curation waves
+# take as long as their slowest rollout), longer than device collectives tolerate (gloo gives up
+# after 30 s). So the stages meet through the coordination service's barrier and key-value store,
+# which wait as long as this says and fail at once if a peer dies.
+BARRIER_TIMEOUT_S = float(os.environ.get("SSB_BARRIER_TIMEOUT_S", 6 * 3600))
+_meetings = 0  # every process meets in the same order, so a counter makes the ids unique and equal
+
+
+def _coordination(name: str):
+    """(client, unique id) for the next meeting; the client is None with one process."""
+    global _meetings
+    if jax.process_count() == 1:
+        return None, name
+    from jax._src import distributed as jax_distributed
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("several JAX processes but no jax.distributed client; call maybe_initialize first")
+    _meetings += 1
+    return client, f"ssb_jax/{_meetings}/{name}"
+
+
 def barrier(name: str) -> None:
     """Every process waits here until all have arrived (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+    client, key = _coordination(name)
+    if client is not None:
+        client.wait_at_barrier(key, int(BARRIER_TIMEOUT_S * 1000))
 
 
 def sum_over_processes(value: int) -> int:
     """The sum of an integer over all processes (the value itself with one process)."""
-    if jax.process_count() == 1:
+    client, key = _coordination("sum")
+    if client is None:
         return int(value)
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+    client.key_value_set(f"{key}/{jax.process_index()}", str(int(value)))
+    timeout = int(BARRIER_TIMEOUT_S * 1000)
+    return sum(int(client.blocking_key_value_get(f"{key}/{i}", timeout)) for i in range(jax.process_count()))
 
 
 def process_shard(items, index: int | None = None, count: int | None = None) -> list:

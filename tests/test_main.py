@@ -279,3 +279,22 @@ def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_pat
             expected[t] = expected[t] + lora_config.scale_of(t) * np.einsum("lir,lro->lio", a, b)
     for t, kernel in expected.items():
         np.testing.assert_allclose(np.asarray(merged["layers"][t]["kernel"]), kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_processes_meet_after_uneven_work():
+    """Barriers and sums go through the coordination service, so one process may arrive long after
+    the other (gloo collectives give up after 30 s)."""
+    port, late = _free_port(), 40
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests/distributed_worker.py"), str(port), str(i), str(late)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, log[-3000:]
+        assert f"process {i}: waited" in log and "sums 30 1" in log, log[-3000:]
+    waited = float(logs[0].split("waited ")[1].split("s,")[0])
+    assert waited >= late - 5  # process 0 really waited at the barrier
