@@ -133,12 +133,18 @@ def check_shared_directory(directory) -> None:
     `directory`: the stages exchange shard files and checkpoints through it."""
     if jax.process_count() == 1:
         return
+    import uuid
     from pathlib import Path
+    client, key = _coordination("run-token")  # marks left by an earlier run must not count
+    if is_main_process():
+        client.key_value_set(key, uuid.uuid4().hex)
+    token = client.blocking_key_value_get(key, int(BARRIER_TIMEOUT_S * 1000))
     marks = Path(directory) / ".processes"
     marks.mkdir(parents=True, exist_ok=True)
-    (marks / f"{jax.process_index()}").write_text(os.uname().nodename)
+    (marks / f"{jax.process_index()}").write_text(token)
     barrier("shared-directory")
-    missing = [i for i in range(jax.process_count()) if not (marks / str(i)).exists()]
+    missing = [i for i in range(jax.process_count())
+               if not (marks / str(i)).exists() or (marks / str(i)).read_text() != token]
     if missing:
         raise RuntimeError(f"{directory} is not shared by all processes: process {jax.process_index()} does not see "
                            f"the marks of processes {missing}; put the run directory on a file system every host "

@@ -234,6 +234,9 @@ def _two_processes(workdir, *extra, expect_success=True):
 
 
 def test_two_processes_refuse_a_run_directory_they_do_not_share(tmp_path):
+    for mine, other in ((0, 1), (1, 0)):  # marks an earlier run left behind must not count
+        (tmp_path / f"host{mine}" / ".processes").mkdir(parents=True)
+        (tmp_path / f"host{mine}" / ".processes" / str(other)).write_text("an old run's token")
     logs = _two_processes((tmp_path / "host0", tmp_path / "host1"), expect_success=False)
     for i, log in enumerate(logs):
         assert "is not shared by all processes" in log, log[-3000:]
