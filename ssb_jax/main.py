@@ -65,6 +65,7 @@ class Pipeline:
         from ssb_jax.sharding import local_mesh, make_mesh
         self.mesh = make_mesh(dict(config.mesh))
         self.sample_mesh = self.mesh if jax.process_count() == 1 else local_mesh(dict(config.mesh))
+        self._unstacked = None  # (params, the same with unstacked layers) for CPU sampling
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -99,8 +100,13 @@ class Pipeline:
                  self.model_config.dtype, dict(self.mesh.shape))
 
     def sampler(self, params, lora=None, lora_scales=None):
+        from ssb_jax.model.qwen2 import unstack_layers
         from ssb_jax.sampling.driver import Sampler
         s = self.config.sampler
+        if jax.default_backend() == "cpu":  # samplers of the same weights share one unstacked copy
+            if self._unstacked is None or self._unstacked[0] is not params:
+                self._unstacked = (params, unstack_layers(params))
+            params = self._unstacked[1]
         return Sampler(params, self.model_config, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
                        mesh=self.sample_mesh if self.sample_mesh.size > 1 else None, lora=lora,
