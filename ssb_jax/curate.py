@@ -187,12 +187,10 @@ def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
     records_path = out_dir / RECORDS_FILE
     distributed.fold_process_shards([records_path], "curate:start", {records_path: position})
     store = ShardedRecordStore(records_path, index, count)
-    done = store.done_ids()
-    merged_kept = sum(r.get("verdict") == "kept" for r in store.merged.read_all())
-    own_kept = 0 if store.own is store.merged else sum(r.get("verdict") == "kept" for r in store.own.read_all())
-    kept = merged_kept + distributed.sum_over_processes(own_kept)
+    done = store.done_ids()  # the fold above left every earlier record in the merged file
+    kept = sum(r.get("verdict") == "kept" for r in store.merged.read_all())
     if done:
-        log.info("curation: resuming with %d questions done (%d pairs kept)", len(store.merged.done_ids()), kept)
+        log.info("curation: resuming with %d questions done (%d pairs kept)", len(done), kept)
     wave = config.questions_per_batch * count
     for begin in range(0, len(order), wave):
         if config.target_pairs and kept >= config.target_pairs:
