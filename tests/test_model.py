@@ -8,7 +8,7 @@ import pytest
 
 import ssb_jax
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import forward, init_cache, positions_from_mask
+from ssb_jax.model.qwen2 import forward, init_cache, positions_from_mask, unstack_layers
 from ssb_jax.model.weights import CheckpointError, load_params, save_params
 from tests.hf_models import hf_logits, make_hf_checkpoint, make_hf_model
 
@@ -25,6 +25,17 @@ def padded_batch(rng, vocab, lengths, total, left):
             mask[i, :n] = True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return tokens, mask, positions
+
+
+def prefill_then_decode(params, config, tokens, mask, positions, prompt, cache):
+    """Logits [B, T, V] from a prefill of the first `prompt` tokens, then one decode step per token."""
+    step = jax.jit(lambda p, t, pos, m, c: forward(p, t, pos, m, c, config=config))
+    logits, cache = step(params, tokens[:, :prompt], positions[:, :prompt], mask[:, :prompt], cache)
+    pieces = [logits]
+    for t in range(prompt, tokens.shape[1]):
+        logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        pieces.append(logits)
+    return np.concatenate([np.asarray(p) for p in pieces], axis=1), cache
 
 
 def assert_parity(directory, rng, left, lengths=(9, 5, 1), total=9):
@@ -72,17 +83,34 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoint):
     total, prompt = 14, 6
     tokens, mask, positions = padded_batch(rng, config.vocab_size, (14, 10, 8), total, left=True)
     full, _ = forward(params, tokens, positions, mask, config=config)
-    cache = init_cache(config, tokens.shape[0], total + 2)
-    step = jax.jit(lambda p, t, pos, m, c: forward(p, t, pos, m, c, config=config))
-    logits, cache = step(params, tokens[:, :prompt], positions[:, :prompt], mask[:, :prompt], cache)
-    pieces = [logits]
-    for t in range(prompt, total):
-        logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
-        pieces.append(logits)
-    incremental = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+    incremental, cache = prefill_then_decode(params, config, tokens, mask, positions, prompt,
+                                             init_cache(config, tokens.shape[0], total + 2))
     err = np.abs(incremental - np.asarray(full))[mask].max()
     assert err < 1e-5, err
     assert int(cache["index"]) == total
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_decode_layout_matches_transformers(request, tied):
+    """The CPU decode layout (unstacked layers, [out, in] kernels, [V, D] head) gives HF's logits, both
+    in one pass and prefill + one-token decode steps over per-layer caches."""
+    directory = request.getfixturevalue("tiny_checkpoint" if tied else "tiny_untied_checkpoint")
+    config, params = load_params(directory)
+    decode_params = unstack_layers(params)
+    assert len(decode_params["layers"]) == config.num_layers
+    first = decode_params["layers"][0]
+    np.testing.assert_array_equal(np.asarray(first["gate_proj"]["kernel_t"]),
+                                  np.asarray(params["layers"]["gate_proj"]["kernel"][0]).T)
+    assert ("lm_head_t" in decode_params) == (not tied) and "lm_head" not in decode_params
+    rng = np.random.default_rng()
+    total, prompt = 11, 5
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, (11, 7, 3), total, left=True)
+    reference = hf_logits(directory, tokens, mask, positions)
+    full, _ = forward(decode_params, tokens, positions, mask, config=config)
+    assert np.abs(np.asarray(full) - reference)[mask].max() < TOL
+    incremental, _ = prefill_then_decode(decode_params, config, tokens, mask, positions, prompt,
+                                         init_cache(config, tokens.shape[0], total, per_layer=True))
+    assert np.abs(incremental - reference)[mask].max() < TOL
 
 
 def test_bf16_params_close_to_f32(tiny_checkpoint):
