@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.common import best_of, copy_bandwidth_gbs, hf_config, machine_info, model_config, write_results
 from ssb_jax.model.qwen2 import init_params, unstack_layers
+from ssb_jax.sampling.driver import decode_layout_by_default
 from ssb_jax.sampling.sampler import SamplingParams, generate, row_keys_for
 
 MODES = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.8, top_k=50)}
@@ -105,7 +106,7 @@ def main():
     params = init_params(config, jax.random.key(0))
     layout = args.layers_layout
     if layout == "auto":
-        layout = "unrolled" if jax.default_backend() == "cpu" else "scan"
+        layout = "unrolled" if decode_layout_by_default() else "scan"
     if layout == "unrolled":
         params = unstack_layers(params)
     bandwidth = copy_bandwidth_gbs() if jax.default_backend() == "cpu" else None

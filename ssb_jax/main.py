@@ -65,7 +65,7 @@ class Pipeline:
         from ssb_jax.sharding import local_mesh, make_mesh
         self.mesh = make_mesh(dict(config.mesh))
         self.sample_mesh = self.mesh if jax.process_count() == 1 else local_mesh(dict(config.mesh))
-        self._unstacked = None  # (params, the same with unstacked layers) for CPU sampling
+        self._unstacked = None  # (params, the same in the decode layout) for CPU sampling
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -101,9 +101,9 @@ class Pipeline:
 
     def sampler(self, params, lora=None, lora_scales=None):
         from ssb_jax.model.qwen2 import unstack_layers
-        from ssb_jax.sampling.driver import Sampler
+        from ssb_jax.sampling.driver import Sampler, decode_layout_by_default
         s = self.config.sampler
-        if jax.default_backend() == "cpu":  # samplers of the same weights share one unstacked copy
+        if decode_layout_by_default():  # samplers of the same weights share one decode-layout copy
             if self._unstacked is None or self._unstacked[0] is not params:
                 self._unstacked = (params, unstack_layers(params))
             params = self._unstacked[1]

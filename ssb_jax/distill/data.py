@@ -1,7 +1,8 @@
 """grain pipeline over curation records: seeded shuffle, epochs, batching.
 
-The dataset is random access (grain.MapDataset): source -> shuffle(seed) -> repeat(epochs) (each epoch is a fresh permutation) -> batch (the last batch of the run may be
-short; build_batch pads it with empty rows so every step has the same shape). Its iterator's
+The dataset is random access (grain.MapDataset): source -> shuffle(seed) -> repeat(epochs) (each
+epoch is a fresh permutation) -> batch (the last batch of the run may be short; build_batch pads it
+with empty rows so every step has the same shape). Its iterator's
 state ({"next_index": ...}) is a small JSON dict that the trainer checkpoints.
 """
 from __future__ import annotations

@@ -278,8 +278,6 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.A
 
 def lm_head_matrix(params: Params, config: ModelConfig) -> jax.Array:
     """[D, V] output projection (the transposed embedding when tied)."""
-    if "lm_head_t" in params:
-        return params["lm_head_t"].T
     return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
 
 
