@@ -90,12 +90,15 @@ def test_teacher_cache_files_and_lookup(model, tmp_path):
     rng = np.random.default_rng()
     records = random_records(rng, 5, config.vocab_size)
     k = 6
+    # a shard closes after the first batch of two, so the five records always span at least two files
+    first_batch_tokens = len(records[0]["solution_ids"]) + len(records[1]["solution_ids"])
     index = build_teacher_cache(params, config, records, tmp_path, k=k, temperature=2.0, batch_size=2, chunk=3,
-                                min_bucket=4, tokens_per_shard=20)
+                                min_bucket=4, tokens_per_shard=first_batch_tokens)
     n_tokens = sum(len(r["solution_ids"]) for r in records)
     assert index["n_tokens"] == n_tokens
     assert index["bytes_per_token"] == 8 * k + 8
     assert len(index["files"]) >= 2 and not list(tmp_path.glob("*.pkl"))
+    assert index["files"]["shard_00000.safetensors"] == ["ex0", "ex1"]
     assert json.loads((tmp_path / "index.json").read_text())["k"] == k
     with safe_open(str(tmp_path / "shard_00000.safetensors"), framework="np") as f:
         assert set(f.keys()) == {"logprobs", "ids", "tail_logprob", "target_logprob", "offsets"}
