@@ -276,4 +276,5 @@ def test_top_k_candidate_sampling_matches_reference_distribution(top_k, top_p):
     probs = np.where(keep[0], np.exp(scaled[0] - scaled[0].max()), 0.0)
     probs /= probs.sum()
     assert counts[~keep[0]].sum() == 0
-    assert stats.chisquare(counts[keep[0]], probs[keep[0]] * draws).pvalue > 1e-3
+    # fresh logits and seed each run, so a looser threshold than the fixed-seed test: false alarms at 1e-5
+    assert stats.chisquare(counts[keep[0]], probs[keep[0]] * draws).pvalue > 1e-5
