@@ -144,3 +144,48 @@ def test_cached_topk_with_tail_bucket():
         kl += (pk * np.log(pk / qk)).sum() + pt * np.log(pt / qt)
     np.testing.assert_allclose(float(loss), T ** 2 * kl / A, rtol=1e-5)
     np.testing.assert_allclose(np.exp(np.asarray(tail)), 1 - np.exp(np.asarray(lp)).sum(-1), rtol=1e-4, atol=1e-7)
+
+
+def _ynn_fused_bodies(hlo_text: str) -> list[str]:
+    """The bodies of the computations that compiled HLO hands to YNNPACK."""
+    bodies, current, name = {}, [], None
+    for line in hlo_text.splitlines():
+        if line.startswith("%") and line.rstrip().endswith("{"):
+            name, current = line.split()[0], []
+        elif line.startswith("}") and name:
+            bodies[name], name = "\n".join(current), None
+        elif name:
+            current.append(line)
+    called = [line.split("calls=")[1].split(",")[0] for line in hlo_text.splitlines()
+              if "__ynn_fusion" in line and "calls=" in line]
+    return [bodies[c] for c in called if c in bodies]
+
+
+def test_vocab_programs_leave_reductions_to_xla():
+    """On CPU the distillation step compiles with YNNPACK for matrix products only (its fused
+    vocabulary-wide reductions ran 10-15x slower); the loss and its gradient stay exact."""
+    from ssb_jax.compile_options import YNN_DOTS_ONLY, YNN_FUSION_FLAG, vocab_program_options
+    options = vocab_program_options()
+    if not options:
+        pytest.skip("this backend or jaxlib does not take the YNNPACK fusion option")
+    assert options == {YNN_FUSION_FLAG: YNN_DOTS_ONLY}
+    rng = np.random.default_rng()
+    B, A, D, V, T = 2, 6, 16, 512, 2.0
+    s_h, t_h = rng.standard_normal((2, B, A, D)).astype(np.float32)
+    head = rng.standard_normal((D, V)).astype(np.float32) / 4
+    targets, mask = rng.integers(0, V, (B, A)), random_mask(rng, B, A)
+
+    def loss(s):
+        return distill_objective(s, t_h, targets, mask, head, temperature=T)[0]
+
+    default = jax.jit(jax.value_and_grad(loss))
+    tuned = jax.jit(jax.value_and_grad(loss), compiler_options=options)
+    if not [b for b in _ynn_fused_bodies(default.lower(s_h).compile().as_text()) if " reduce(" in b]:
+        pytest.skip("this jaxlib hands no reduction to YNNPACK: nothing to keep from it")
+    assert not [b for b in _ynn_fused_bodies(tuned.lower(s_h).compile().as_text()) if " reduce(" in b]
+    value, grad = tuned(s_h)
+    s64, t64, h64 = (np.asarray(x, np.float64) for x in (s_h, t_h, head))
+    reference = torch_reference((s64 @ h64)[mask], (t64 @ h64)[mask], T)
+    np.testing.assert_allclose(float(value), reference, rtol=1e-5)
+    _, default_grad = default(s_h)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(default_grad), rtol=1e-4, atol=1e-6)

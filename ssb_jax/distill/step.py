@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.loss import distill_objective, gather_positions
 from ssb_jax.model.config import ModelConfig
@@ -191,11 +192,12 @@ def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraCo
         return {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(step, donate_argnums=0, compiler_options=vocab_program_options())
     state_shapes = jax.eval_shape(
         lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
     state_sh = state_shardings(state_shapes, mesh)
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_sh, param_shardings(model_config, mesh),
                                        batch_shardings(keys, batch_size, mesh)),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)
+                   out_shardings=(state_sh, replicated), donate_argnums=0,
+                   compiler_options=vocab_program_options())
