@@ -67,8 +67,9 @@ def test_per_sequence_mean():
     assert abs(float(masked_mean(jnp.asarray(x), jnp.asarray(mask))) - x[mask].mean()) < 1e-6
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.1])
 @pytest.mark.parametrize("cached", [False, True])
-def test_chunked_equals_unchunked(cached):
+def test_chunked_equals_unchunked(cached, ce_weight):
     rng = np.random.default_rng()
     B, A, D, V = 2, 13, 16, 41
     head = jnp.asarray(rng.standard_normal((D, V)).astype(np.float32))
@@ -82,8 +83,9 @@ def test_chunked_equals_unchunked(cached):
         lp, ids, tail, tgt = topk_from_logits(t_h @ head, 7, T, targets)
         teacher = {"logprobs": lp, "ids": ids, "tail_logprob": tail, "target_logprob": tgt}
 
-    def f(s_h, chunk):
-        return distill_objective(s_h, teacher, targets, mask, head, temperature=T, ce_weight=0.1, chunk=chunk)
+    def f(s_h, chunk, per_sequence_mean=False):
+        return distill_objective(s_h, teacher, targets, mask, head, temperature=T, ce_weight=ce_weight, chunk=chunk,
+                                 per_sequence_mean=per_sequence_mean)
 
     (l0, m0), g0 = jax.value_and_grad(f, has_aux=True)(s_h, 0)
     for chunk in (1, 4, 5, 13):
@@ -92,6 +94,10 @@ def test_chunked_equals_unchunked(cached):
         for k in m0:
             np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-8)
+    # the per-sequence mean weighs tokens differently: the chunked gradient follows
+    (_, _), g0 = jax.value_and_grad(f, has_aux=True)(s_h, 0, True)
+    (_, _), g1 = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=(1, 2))(s_h, 4, True)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-8)
     # per-token terms too
     for a, b in zip(token_terms(s_h, teacher, targets, head, T, 0), token_terms(s_h, teacher, targets, head, T, 4)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -189,3 +195,34 @@ def test_vocab_programs_leave_reductions_to_xla():
     np.testing.assert_allclose(float(value), reference, rtol=1e-5)
     _, default_grad = default(s_h)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(default_grad), rtol=1e-4, atol=1e-6)
+
+
+def _vocab_products(jaxpr, V: int) -> int:
+    """dot_generals anywhere in a (closed) jaxpr whose operands or result have a vocabulary axis."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            shapes = [v.aval.shape for v in list(eqn.invars) + list(eqn.outvars)]
+            count += any(V in shape for shape in shapes)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)  # open or closed jaxpr
+                if hasattr(inner, "eqns"):
+                    count += _vocab_products(inner, V)
+    return count
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_chunked_gradient_projects_each_chunk_once(ce_weight):
+    """Teacher and student logits, then one product per gradient term: the backward adds none."""
+    rng = np.random.default_rng()
+    B, A, D, V = 2, 12, 8, 97
+    head = rng.standard_normal((D, V)).astype(np.float32)
+    s_h, t_h = rng.standard_normal((2, B, A, D)).astype(np.float32)
+    targets, mask = rng.integers(0, V, (B, A)), random_mask(rng, B, A)
+
+    def loss(s):
+        return distill_objective(s, t_h, targets, mask, head, temperature=2.0, ce_weight=ce_weight, chunk=4)[0]
+
+    assert _vocab_products(jax.make_jaxpr(loss)(s_h).jaxpr, V) == 2  # without a gradient: logits only
+    assert _vocab_products(jax.make_jaxpr(jax.grad(loss))(s_h).jaxpr, V) == 2 + (2 if ce_weight else 1)

@@ -4,8 +4,9 @@
 
 averaged over answer tokens (or per sequence, then over sequences). Only the hidden states at
 answer positions are gathered ([B, A, D]); the vocabulary projection then runs over chunks of
-`chunk` answer positions per sequence under `lax.map` with `jax.checkpoint`, so at most one
-chunk of [B, chunk, V] logits (teacher and student) is alive, in the forward and the backward.
+`chunk` answer positions per sequence under `lax.map`, so at most one chunk of [B, chunk, V] logits
+(teacher and student) is alive. Each chunk's gradient with respect to the student's hidden states is
+formed in the same pass, so the backward never projects to the vocabulary again.
 
 Teacher modes:
 - online: teacher hidden states [B, A, D] (base model, LoRA off, on the teacher sequence), full vocabulary.
@@ -16,6 +17,7 @@ Teacher modes:
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -62,35 +64,88 @@ def _token_terms_cached(s_logits, cached, targets, temperature):
     return kl, ce, teacher_ce, agree
 
 
-def token_terms(student_hidden, teacher, targets, head, temperature: float, chunk: int = 0):
+def token_terms(student_hidden, teacher, targets, head, temperature: float, chunk: int = 0, ce_grad: bool = True):
     """Per-answer-token (kl at T without T², ce, teacher_ce, agree), each [B, A].
 
     student_hidden [B, A, D]; teacher: hidden [B, A, D] (online) or a dict of cached arrays
     ("logprobs", "ids" [B, A, k], "tail_logprob", "target_logprob" [B, A]); targets [B, A]; head [D, V].
+
+    With 0 < chunk < A the terms are computed chunk by chunk (see `_chunked_terms`): only kl and, when
+    ce_grad, ce carry a gradient, and only to student_hidden (the teacher and the head are frozen).
     """
-    cached = isinstance(teacher, Mapping)
-
-    def terms(s_h, t, y):
-        s_logits = _project(s_h, head)
-        if cached:
-            return _token_terms_cached(s_logits, t, y, temperature)
-        return _token_terms_online(s_logits, _project(jax.lax.stop_gradient(t), head), y, temperature)
-
     B, A = targets.shape
-    if not chunk or chunk >= A:
-        return terms(student_hidden, teacher, targets)
+    if chunk and chunk < A:
+        return _chunked_terms(student_hidden, teacher, targets, head, float(temperature), int(chunk), bool(ce_grad))
+    return _terms(student_hidden, teacher, targets, head, temperature)
+
+
+def _terms(student_hidden, teacher, targets, head, temperature):
+    s_logits = _project(student_hidden, head)
+    if isinstance(teacher, Mapping):
+        return _token_terms_cached(s_logits, teacher, targets, temperature)
+    return _token_terms_online(s_logits, _project(jax.lax.stop_gradient(teacher), head), targets, temperature)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_terms(student_hidden, teacher, targets, head, temperature, chunk, ce_grad):
+    """token_terms over chunks of `chunk` answer positions under `lax.map`, one chunk of logits alive.
+
+    Its gradient is formed in the forward pass: per chunk, d kl / d student_hidden (and d ce when
+    ce_grad) = (d term / d logits) @ headᵀ, kept as [B, A, D]. The backward only scales these by the
+    incoming per-token cotangents, so no chunk is projected to the vocabulary twice: three [rows, V]
+    products per chunk (teacher, student, kl gradient; four with the ce gradient), against five when
+    the backward recomputes the chunk under jax.checkpoint."""
+    return _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, ())[0]
+
+
+def _chunked_terms_fwd(student_hidden, teacher, targets, head, temperature, chunk, ce_grad):
+    return _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, (0, 1) if ce_grad else (0,))
+
+
+def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad_terms):
+    """(terms, grads): the per-token terms and, for each index in grad_terms, d term / d student_hidden."""
+    B, A = targets.shape
     n = -(-A // chunk)
     pad = n * chunk - A
 
     def split(x):  # [B, A, ...] -> [n, B, chunk, ...]
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape((B, n, chunk) + x.shape[2:])
-        return jnp.moveaxis(x, 1, 0)
+        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
 
-    xs = (split(student_hidden), jax.tree_util.tree_map(split, teacher), split(targets))
-    out = jax.lax.map(jax.checkpoint(lambda args: terms(*args)), xs)
-    # [n, B, chunk] -> [B, A]
-    return tuple(jnp.moveaxis(o, 0, 1).reshape(B, n * chunk)[:, :A] for o in out)
+    def merge(x):  # [n, B, chunk, ...] -> [B, A, ...]
+        return jnp.moveaxis(x, 0, 1).reshape((B, n * chunk) + x.shape[3:])[:, :A]
+
+    def one_chunk(args):
+        s_h, t, y = args
+        if isinstance(t, Mapping):
+            from_logits = functools.partial(_token_terms_cached, cached=t, targets=y, temperature=temperature)
+        else:
+            t_logits = _project(jax.lax.stop_gradient(t), head)
+            from_logits = functools.partial(_token_terms_online, t_logits=t_logits, targets=y, temperature=temperature)
+        if not grad_terms:
+            return from_logits(_project(s_h, head)), ()
+        terms, pullback = jax.vjp(from_logits, _project(s_h, head))
+        zeros, ones = jnp.zeros_like(terms[0]), jnp.ones_like(terms[0])
+
+        def hidden_grad(which):  # rows are independent, so a cotangent of ones gives every row's gradient
+            d_logits = pullback(tuple(ones if i == which else zeros for i in range(len(terms))))[0]
+            return jnp.einsum("...v,dv->...d", d_logits, head, preferred_element_type=jnp.float32).astype(s_h.dtype)
+
+        return terms, tuple(hidden_grad(i) for i in grad_terms)
+
+    terms, grads = jax.lax.map(one_chunk, (split(student_hidden), jax.tree_util.tree_map(split, teacher),
+                                           split(targets)))
+    return tuple(merge(t) for t in terms), tuple(merge(g) for g in grads)
+
+
+def _chunked_terms_bwd(temperature, chunk, ce_grad, grads, cotangents):
+    d_hidden = cotangents[0][..., None] * grads[0]
+    if ce_grad:
+        d_hidden = d_hidden + cotangents[1][..., None] * grads[1]
+    return d_hidden.astype(grads[0].dtype), None, None, None
+
+
+_chunked_terms.defvjp(_chunked_terms_fwd, _chunked_terms_bwd)
 
 
 def masked_mean(x, mask, per_sequence: bool = False):
@@ -107,7 +162,8 @@ def masked_mean(x, mask, per_sequence: bool = False):
 def distill_objective(student_hidden, teacher, targets, mask, head, *, temperature: float, ce_weight: float = 0.0,
                       per_sequence_mean: bool = False, chunk: int = 0):
     """(loss, metrics) from answer-position hidden states; see the module docstring."""
-    kl, ce, teacher_ce, agree = token_terms(student_hidden, teacher, targets, head, temperature, chunk)
+    kl, ce, teacher_ce, agree = token_terms(student_hidden, teacher, targets, head, temperature, chunk,
+                                            ce_grad=bool(ce_weight))
     kl_mean = masked_mean(kl, mask, per_sequence_mean)
     ce_mean = masked_mean(ce, mask, per_sequence_mean)
     loss = temperature ** 2 * kl_mean
