@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ssb_jax.distill.loss import distill_objective, masked_mean, token_terms
 from ssb_jax.distill.teacher_cache import topk_from_logits
+from tests.xla_text import ynn_fused_bodies
 
 
 def torch_reference(s, t, T):
@@ -88,16 +89,19 @@ def test_chunked_equals_unchunked(cached, ce_weight):
                                  per_sequence_mean=per_sequence_mean)
 
     (l0, m0), g0 = jax.value_and_grad(f, has_aux=True)(s_h, 0)
+    # the chunked gradient sums in another order: float32 rounding relative to the largest entry
+    grad_atol = 1e-6 * float(np.abs(np.asarray(g0)).max())
     for chunk in (1, 4, 5, 13):
         (l1, m1), g1 = jax.value_and_grad(f, has_aux=True)(s_h, chunk)
         np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
         for k in m0:
             np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=grad_atol)
     # the per-sequence mean weighs tokens differently: the chunked gradient follows
     (_, _), g0 = jax.value_and_grad(f, has_aux=True)(s_h, 0, True)
     (_, _), g1 = jax.jit(jax.value_and_grad(f, has_aux=True), static_argnums=(1, 2))(s_h, 4, True)
-    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-8)
+    grad_atol = 1e-6 * float(np.abs(np.asarray(g0)).max())
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=grad_atol)
     # per-token terms too
     for a, b in zip(token_terms(s_h, teacher, targets, head, T, 0), token_terms(s_h, teacher, targets, head, T, 4)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -152,21 +156,6 @@ def test_cached_topk_with_tail_bucket():
     np.testing.assert_allclose(np.exp(np.asarray(tail)), 1 - np.exp(np.asarray(lp)).sum(-1), rtol=1e-4, atol=1e-7)
 
 
-def _ynn_fused_bodies(hlo_text: str) -> list[str]:
-    """The bodies of the computations that compiled HLO hands to YNNPACK."""
-    bodies, current, name = {}, [], None
-    for line in hlo_text.splitlines():
-        if line.startswith("%") and line.rstrip().endswith("{"):
-            name, current = line.split()[0], []
-        elif line.startswith("}") and name:
-            bodies[name], name = "\n".join(current), None
-        elif name:
-            current.append(line)
-    called = [line.split("calls=")[1].split(",")[0] for line in hlo_text.splitlines()
-              if "__ynn_fusion" in line and "calls=" in line]
-    return [bodies[c] for c in called if c in bodies]
-
-
 def test_vocab_programs_leave_reductions_to_xla():
     """On CPU the distillation step compiles with YNNPACK for matrix products only (its fused
     vocabulary-wide reductions ran 10-15x slower); the loss and its gradient stay exact."""
@@ -186,9 +175,9 @@ def test_vocab_programs_leave_reductions_to_xla():
 
     default = jax.jit(jax.value_and_grad(loss))
     tuned = jax.jit(jax.value_and_grad(loss), compiler_options=options)
-    if not [b for b in _ynn_fused_bodies(default.lower(s_h).compile().as_text()) if " reduce(" in b]:
+    if not [b for b in ynn_fused_bodies(default.lower(s_h).compile().as_text()) if " reduce(" in b]:
         pytest.skip("this jaxlib hands no reduction to YNNPACK: nothing to keep from it")
-    assert not [b for b in _ynn_fused_bodies(tuned.lower(s_h).compile().as_text()) if " reduce(" in b]
+    assert not [b for b in ynn_fused_bodies(tuned.lower(s_h).compile().as_text()) if " reduce(" in b]
     value, grad = tuned(s_h)
     s64, t64, h64 = (np.asarray(x, np.float64) for x in (s_h, t_h, head))
     reference = torch_reference((s64 @ h64)[mask], (t64 @ h64)[mask], T)

@@ -185,3 +185,27 @@ def test_bf16_base_with_f32_lora_step(model):
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new["lora"]))
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree_util.tree_leaves(new["opt_state"]))
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh"])
+def test_step_leaves_vocabulary_reductions_to_xla(sharded):
+    """The compiled train step hands YNNPACK no reduction (on CPU, where its fused vocabulary-wide
+    reductions ran 10-15x slower); see ssb_jax.compile_options."""
+    from ssb_jax.compile_options import vocab_program_options
+    from ssb_jax.distill.step import _jitted_step
+    from tests.xla_text import ynn_fused_bodies
+    if not vocab_program_options():
+        pytest.skip("this backend or jaxlib does not take the YNNPACK fusion option")
+    config = tiny_model_config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+    params = init_params(config, jax.random.key(0), std=0.2)
+    tc = TrainConfig(lora_rank=4, logits_chunk=8)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}) if sharded else None
+    step = TrainStep(config, tc, 10, mesh)
+    batch = step.place_batch(build_batch(random_records(np.random.default_rng(), 4, 4096), batch_size=4,
+                                         buckets=(32,), max_seq_len=32))
+    state = init_state(config, step.lora_config, step.optimizer, jax.random.key(1), mesh)
+    params = jax.device_put(params, param_shardings(config, mesh)) if sharded else params
+    fn = _jitted_step(config, tc, step.lora_config, 10, mesh, tuple(batch), 4)
+    bodies = ynn_fused_bodies(fn.lower(state, params, batch).compile().as_text())
+    assert bodies, "no YNNPACK fusion at all: the matrix products should still use it"
+    assert not [b for b in bodies if " reduce(" in b]

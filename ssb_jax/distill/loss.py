@@ -129,7 +129,8 @@ def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad
 
         def hidden_grad(which):  # rows are independent, so a cotangent of ones gives every row's gradient
             d_logits = pullback(tuple(ones if i == which else zeros for i in range(len(terms))))[0]
-            return jnp.einsum("...v,dv->...d", d_logits, head, preferred_element_type=jnp.float32).astype(s_h.dtype)
+            return jnp.einsum("...v,dv->...d", d_logits, head,
+                              preferred_element_type=d_logits.dtype).astype(s_h.dtype)
 
         return terms, tuple(hidden_grad(i) for i in grad_terms)
 

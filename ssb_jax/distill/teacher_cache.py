@@ -17,7 +17,6 @@ full float32 logits.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -29,7 +28,6 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.batch import build_batch
 from ssb_jax.distill.loss import gather_positions
 from ssb_jax.model.config import ModelConfig
@@ -78,10 +76,7 @@ def _teacher_topk(params, batch, *, config: ModelConfig, k: int, temperature: fl
     return tuple(jnp.moveaxis(o, 0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :A] for o in out)
 
 
-@functools.cache
-def _teacher_topk_jit():
-    return jax.jit(_teacher_topk, static_argnames=("config", "k", "temperature", "chunk"),
-                   compiler_options=vocab_program_options())
+_teacher_topk_jit = jax.jit(_teacher_topk, static_argnames=("config", "k", "temperature", "chunk"))
 
 
 def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
@@ -125,7 +120,7 @@ def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Ma
                             max_seq_len=max_seq_len)
         inputs = {key: batch[key] for key in ("teacher_tokens", "teacher_positions", "teacher_mask",
                                               "teacher_index", "answer_tokens")}
-        lp, ids, tail, target = jax.device_get(_teacher_topk_jit()(params, inputs, config=model_config, k=k,
+        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(params, inputs, config=model_config, k=k,
                                                                  temperature=float(temperature), chunk=chunk))
         for i, rec in enumerate(records):
             n = int(batch["answer_mask"][i].sum())
