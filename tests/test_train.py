@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.batch import build_batch
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.data import make_dataset
-from ssb_jax.distill.step import TrainStep, init_state, make_optimizer, make_schedule, total_steps_for
+from ssb_jax.distill.step import TrainStep, _jitted_step, init_state, make_optimizer, make_schedule, total_steps_for
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
 from ssb_jax.model.qwen2 import init_params
 from ssb_jax.sharding import make_mesh, param_shardings
 from ssb_jax.train import load_lora, read_metrics, run
+from tests.xla_text import ynn_fused_bodies
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +193,6 @@ def test_bf16_base_with_f32_lora_step(model):
 def test_step_leaves_vocabulary_reductions_to_xla(sharded):
     """The compiled train step hands YNNPACK no reduction (on CPU, where its fused vocabulary-wide
     reductions ran 10-15x slower); see ssb_jax.compile_options."""
-    from ssb_jax.compile_options import vocab_program_options
-    from ssb_jax.distill.step import _jitted_step
-    from tests.xla_text import ynn_fused_bodies
     if not vocab_program_options():
         pytest.skip("this backend or jaxlib does not take the YNNPACK fusion option")
     config = tiny_model_config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)

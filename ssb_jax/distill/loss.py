@@ -73,17 +73,17 @@ def token_terms(student_hidden, teacher, targets, head, temperature: float, chun
     With 0 < chunk < A the terms are computed chunk by chunk (see `_chunked_terms`): only kl and, when
     ce_grad, ce carry a gradient, and only to student_hidden (the teacher and the head are frozen).
     """
-    B, A = targets.shape
-    if chunk and chunk < A:
+    if chunk and chunk < targets.shape[1]:
         return _chunked_terms(student_hidden, teacher, targets, head, float(temperature), int(chunk), bool(ce_grad))
-    return _terms(student_hidden, teacher, targets, head, temperature)
+    return _terms_of_student_logits(teacher, targets, head, temperature)(_project(student_hidden, head))
 
 
-def _terms(student_hidden, teacher, targets, head, temperature):
-    s_logits = _project(student_hidden, head)
+def _terms_of_student_logits(teacher, targets, head, temperature):
+    """student logits -> per-token terms against this teacher (online teacher logits projected here, once)."""
     if isinstance(teacher, Mapping):
-        return _token_terms_cached(s_logits, teacher, targets, temperature)
-    return _token_terms_online(s_logits, _project(jax.lax.stop_gradient(teacher), head), targets, temperature)
+        return functools.partial(_token_terms_cached, cached=teacher, targets=targets, temperature=temperature)
+    t_logits = _project(jax.lax.stop_gradient(teacher), head)
+    return functools.partial(_token_terms_online, t_logits=t_logits, targets=targets, temperature=temperature)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -117,11 +117,7 @@ def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad
 
     def one_chunk(args):
         s_h, t, y = args
-        if isinstance(t, Mapping):
-            from_logits = functools.partial(_token_terms_cached, cached=t, targets=y, temperature=temperature)
-        else:
-            t_logits = _project(jax.lax.stop_gradient(t), head)
-            from_logits = functools.partial(_token_terms_online, t_logits=t_logits, targets=y, temperature=temperature)
+        from_logits = _terms_of_student_logits(t, y, head, temperature)
         if not grad_terms:
             return from_logits(_project(s_h, head)), ()
         terms, pullback = jax.vjp(from_logits, _project(s_h, head))
