@@ -10,7 +10,7 @@ def get_config():
     c.workdir = "runs/qwen05b"
     c.model.path = "Qwen/Qwen2.5-0.5B-Instruct"
     c.model.dtype = "bfloat16"
-    c.model.remat = True  # a 16 GB accelerator: recompute activations in the backward pass
+    c.model.remat = "full"  # a 16 GB accelerator: recompute activations in the backward pass
     c.sampler.batch_size = 32
     c.sampler.max_prompt_tokens = 2048
 

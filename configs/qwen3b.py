@@ -13,7 +13,7 @@ def get_config():
     c.model.path = "Qwen/Qwen2.5-3B-Instruct"
     c.model.dtype = "bfloat16"
     # Without remat, batch 4 x ~2.5K tokens keeps ~96 GiB of activations (python -m ssb_jax.plan says so).
-    c.model.remat = True
+    c.model.remat = "full"
     c.sampler.batch_size = 64
     c.sampler.max_prompt_tokens = 2048
 

@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
         tokenizer="",                     # empty: the model's own
         dtype="bfloat16",
         attention_impl="xla",
-        remat=False,
+        remat="none",  # per-layer rematerialisation: none, full, dots, dots_no_batch
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = ml_collections.ConfigDict(dict(

@@ -65,7 +65,7 @@ class Pipeline:
         from ssb_jax.sharding import local_mesh, make_mesh
         self.mesh = make_mesh(dict(config.mesh))
         self.sample_mesh = self.mesh if jax.process_count() == 1 else local_mesh(dict(config.mesh))
-        self._unstacked = None  # (params, the same in the decode layout) for CPU sampling
+        self._decode_copies = (None, {})  # (base model, its decode-layout arrays) shared by CPU samplers
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -93,40 +93,42 @@ class Pipeline:
         import ssb_jax
         from ssb_jax.model.tokenizer import load_tokenizer
         m = self.config.model
-        self.model_config, self.base_params = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh)
-        self.model_config = self.model_config.replace(attention_impl=m.attention_impl, remat=m.remat)
+        self.model_config, self.base_model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh,
+                                                                attention_impl=m.attention_impl, remat=m.remat)
         self.tokenizer = load_tokenizer(m.tokenizer or m.path)
         log.info("model %s: %.1fM parameters, %s, mesh %s", m.path, self.model_config.param_count() / 1e6,
                  self.model_config.dtype, dict(self.mesh.shape))
 
-    def sampler(self, params, lora=None, lora_scales=None):
-        from ssb_jax.model.qwen2 import unstack_layers
-        from ssb_jax.sampling.driver import Sampler, decode_layout_by_default
+    def sampler(self, model, lora_state=None, lora_config=None):
+        """A Sampler of `model`, or of its student with these adapters."""
+        from ssb_jax.model.lora import with_adapters
+        from ssb_jax.sampling.driver import Sampler
         s = self.config.sampler
-        if decode_layout_by_default():  # samplers of the same weights share one decode-layout copy
-            if self._unstacked is None or self._unstacked[0] is not params:
-                self._unstacked = (params, unstack_layers(params))
-            params = self._unstacked[1]
-        return Sampler(params, self.model_config, self.tokenizer, batch_size=s.batch_size,
+        if self._decode_copies[0] is not model:  # samplers of the same base share one decode-layout copy
+            self._decode_copies = (model, {})
+        student = model if lora_state is None else with_adapters(model, lora_state, lora_config)
+        return Sampler(student, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
-                       mesh=self.sample_mesh if self.sample_mesh.size > 1 else None, lora=lora,
-                       lora_scales=lora_scales)
+                       mesh=self.sample_mesh if self.sample_mesh.size > 1 else None,
+                       decode_copies=self._decode_copies[1])
 
     def global_base(self):
         """The base weights on the global (training) mesh: the sampling copy itself with one process,
         loaded a second time onto the global mesh under several."""
         if jax.process_count() == 1:
-            return self.base_params
+            return self.base_model
         import ssb_jax
-        _, params = ssb_jax.load_model(self.config.model.path, dtype=self.config.model.dtype, mesh=self.mesh)
-        return params
+        m = self.config.model
+        _, model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.mesh, attention_impl=m.attention_impl,
+                                      remat=m.remat)
+        return model
 
     def round_dir(self, r: int) -> Path:
         return self.workdir / f"round_{r}"
 
     # ------------------------------------------------------------------ stages
 
-    def curate(self, r: int, params):
+    def curate(self, r: int, model):
         from ssb_jax import curate
         from ssb_jax.data.datasets import load_problems
         out = self.round_dir(r) / "curate"
@@ -140,7 +142,7 @@ class Pipeline:
         log.info("round %d curate: %d questions from %s", r, len(problems), d.train)
         # each round draws fresh rollouts
         config = dataclasses.replace(self.curation, seed=self.curation.seed + 1000 * (r - 1))
-        curate.run(problems, self.sampler(params), self.tokenizer, config, out, prompts=self.prompts)
+        curate.run(problems, self.sampler(model), self.tokenizer, config, out, prompts=self.prompts)
 
     def examples(self, r: int) -> list[dict]:
         from ssb_jax import curate
@@ -151,7 +153,7 @@ class Pipeline:
                                "nothing to train on")
         return pairs
 
-    def teacher_cache(self, r: int, params):
+    def teacher_cache(self, r: int, model):
         if self.train_config.teacher_mode != "cached":
             return
         from ssb_jax.distill.teacher_cache import build_teacher_cache_sharded
@@ -160,7 +162,7 @@ class Pipeline:
             log.info("round %d teacher_cache: complete, skipped", r)
             return
         tc = self.train_config
-        build_teacher_cache_sharded(params, self.model_config, self.examples(r), out, k=tc.topk,
+        build_teacher_cache_sharded(model, self.model_config, self.examples(r), out, k=tc.topk,
                                     temperature=tc.temperature, batch_size=tc.batch_size, chunk=tc.logits_chunk,
                                     buckets=tc.length_buckets, min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
 
@@ -178,23 +180,23 @@ class Pipeline:
             _mark_done(out, steps=result["total_steps"], final_metrics=last)
 
     def student(self, r: int):
-        """Round r's trained student: (LoRA on the global mesh, the same LoRA on the sampling mesh,
-        its LoraConfig)."""
+        """Round r's trained student: (adapters on the global mesh, the same adapters on the sampling
+        mesh, its LoraConfig)."""
         from ssb_jax import train
         lora, lora_config = train.load_lora(self.round_dir(r) / "train", self.model_config, self.train_config,
                                             mesh=self.mesh if self.mesh.size > 1 else None)
         if jax.process_count() == 1:
             return lora, lora, lora_config
         from ssb_jax.distributed import to_host
-        from ssb_jax.sharding import shard
-        return lora, shard(to_host(lora), self.sample_mesh, "lora/"), lora_config
+        from ssb_jax.sharding import shard_state
+        return lora, shard_state(to_host(lora), self.sample_mesh), lora_config
 
     def evaluate(self, models: dict):
         from ssb_jax import evaluate
         samplers = {name: self.sampler(*m) for name, m in models.items()}
         return evaluate.run(samplers, self.tokenizer, self.eval_config, self.workdir / "eval", prompts=self.prompts)
 
-    def export(self, params, lora, lora_config):
+    def export(self, model, lora, lora_config):
         from ssb_jax.export import export_merged_model, export_peft_adapter
         out = self.workdir / "export"
         if _done(out):
@@ -204,7 +206,7 @@ class Pipeline:
             if self.config.export.peft_adapter:
                 export_peft_adapter(lora, lora_config, out / "peft_adapter", self.config.model.path)
             if self.config.export.merged_model:
-                export_merged_model(params, lora, lora_config, self.model_config, out / "merged",
+                export_merged_model(model, lora, lora_config, self.model_config, out / "merged",
                                     tokenizer=self.tokenizer, dtype=self.config.export.merged_dtype or None)
         _mark_done(out)
         log.info("export: PEFT adapter and merged model in %s", out)
@@ -222,18 +224,18 @@ class Pipeline:
         started = time.perf_counter()
         self.world()
         self.load_base()
-        # params: the round's base and sample_lora its student's LoRA, both on the sampling mesh
-        params, sample_lora, lora_config = self.base_params, None, None
+        # model: the round's base and sample_lora its student's adapters, both on the sampling mesh
+        model, sample_lora, lora_config = self.base_model, None, None
         last = self.config.num_rounds
         for r in range(1, last + 1):
             if r > 1:  # the previous round's student is this round's teacher and base
-                params = merge_lora(params, sample_lora, lora_config)
+                model = merge_lora(model, sample_lora, lora_config)
             if "curate" in self.stages:
-                self.curate(r, params)
+                self.curate(r, model)
             if "teacher_cache" in self.stages:
-                self.teacher_cache(r, params)
+                self.teacher_cache(r, model)
             if "train" in self.stages:
-                self.train(r, lambda: params if jax.process_count() == 1 else self._global_params_for_round(r))
+                self.train(r, lambda: model if jax.process_count() == 1 else self._global_model_for_round(r))
             trained = _done(self.round_dir(r) / "train")
             if r < last and not trained:
                 raise RuntimeError(f"round {r} has no trained student, so round {r + 1} has no base; "
@@ -241,24 +243,24 @@ class Pipeline:
             if trained and (r < last or {"eval", "export"} & set(self.stages)):
                 _, sample_lora, lora_config = self.student(r)
         if "eval" in self.stages:
-            models = {"base": (self.base_params,)}
+            models = {"base": (self.base_model,)}
             if sample_lora is not None:
-                models["student"] = (params, sample_lora, lora_config.scales())
+                models["student"] = (model, sample_lora, lora_config)
             self.evaluate(models)
         if "export" in self.stages and sample_lora is not None:
-            self.export(params, sample_lora, lora_config)
+            self.export(model, sample_lora, lora_config)
         if "report" in self.stages:
             self.report()
         log.info("all stages done in %.0f s; outputs in %s", time.perf_counter() - started, self.workdir)
 
-    def _global_params_for_round(self, r: int):
+    def _global_model_for_round(self, r: int):
         """Round r's base on the global mesh: the base model merged with the students of rounds < r."""
         from ssb_jax.model.lora import merge_lora
-        params = self.global_base()
+        model = self.global_base()
         for previous in range(1, r):
             lora, _, lora_config = self.student(previous)
-            params = merge_lora(params, lora, lora_config)
-        return params
+            model = merge_lora(model, lora, lora_config)
+        return model
 
 
 def _curation_cls():

@@ -2,8 +2,8 @@
 
     python -m ssb_jax.plan --config configs/qwen3b.py --accelerator H100-80G [--devices 8]
 
-Memory of parameters, LoRA, optimizer state and KV cache is exact: the same partition rules that
-place the arrays decide how they split (tests compare with real sharded arrays). Activations and
+Memory of parameters, LoRA, optimizer state and KV cache is exact: the same logical-axis table that
+places the arrays decides how they split (tests compare with real sharded arrays). Activations and
 times are estimates from FLOPs and bandwidth (stated as such in the output).
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.lora import lora_shapes
-from ssb_jax.model.qwen2 import param_shapes
-from ssb_jax.sharding import MESH_AXES, spec_for
+from ssb_jax.model.lora import student_split
+from ssb_jax.model.qwen2 import CACHE_AXES
+from ssb_jax.sharding import MESH_AXES, logical_to_spec, variable_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,45 +58,45 @@ def mesh_shape(mesh: dict, devices: int) -> dict[str, int]:
     return sizes
 
 
-def per_device_bytes(shapes, prefix: str, axes: dict[str, int], itemsize: int) -> int:
-    """Bytes on one device for a tree of shapes placed by the partition rules."""
-    mesh = SimpleNamespace(shape=axes)
-    total = 0
-
-    def visit(tree, path):
-        nonlocal total
-        if isinstance(tree, dict):
-            for k, v in tree.items():
-                visit(v, f"{path}/{k}" if path else k)
-            return
-        spec = spec_for(prefix + path, tree, mesh)
-        split = 1
-        for entry in spec:
-            for a in ((entry,) if isinstance(entry, str) else (entry or ())):
-                split *= axes[a]
-        total += int(np.prod(tree)) * itemsize // split
-    visit(shapes, "")
-    return total
+def array_bytes_per_device(logical_axes, shape, axes: dict[str, int], itemsize: int) -> int:
+    """Bytes on one device of an array with these logical axes, placed by the logical-axis table."""
+    split = 1
+    for entry in logical_to_spec(logical_axes, shape, SimpleNamespace(shape=axes)):
+        for a in ((entry,) if isinstance(entry, str) else (entry or ())):
+            split *= axes[a]
+    return int(np.prod(shape)) * itemsize // split
 
 
-def cache_shape_tree(config: ModelConfig, batch: int, length: int) -> dict:
-    return {"k": (config.num_layers, batch, length, config.num_kv_heads, config.head_dim),
-            "v": (config.num_layers, batch, length, config.num_kv_heads, config.head_dim),
-            "valid": (batch, length)}
+def state_bytes_per_device(state, axes: dict[str, int], itemsize: int | None = None) -> int:
+    """Bytes on one device of an (abstract) model state; itemsize None: each variable's own dtype."""
+    import jax
+    from flax import nnx
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return sum(array_bytes_per_device(variable_axes(v), v.shape, axes, itemsize or np.dtype(v.dtype).itemsize)
+               for v in variables)
 
 
-def training_activation_bytes(config: ModelConfig, batch_per_device: int, seq: int, remat: bool,
+def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
+    """The shape of the K (or V) cache; its logical axes are qwen2.CACHE_AXES["k"]."""
+    return (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+
+
+def training_activation_bytes(config: ModelConfig, batch_per_device: int, seq: int, remat: str,
                               tensor: int, chunk: int) -> int:
     """Estimate: what the backward pass keeps per layer, plus the transient working set of one layer.
 
     Per token and layer without remat: about 10 hidden-sized and 3 MLP-sized tensors, plus the f32
-    attention probabilities (heads x seq); with remat only the layer input is kept.
+    attention probabilities (heads x seq); remat "full" keeps only the layer input; "dots" and
+    "dots_no_batch" keep the projections' outputs (about 4 hidden-sized and 3 MLP-sized tensors;
+    "dots" also attention's two batched products).
     """
     b = 2 if config.dtype == "bfloat16" else 4
     tokens = batch_per_device * seq
-    one_layer = tokens * (10 * config.hidden_size + 3 * config.intermediate_size // tensor) * b \
-        + batch_per_device * (config.num_heads // tensor) * seq * seq * 4
-    kept = tokens * config.hidden_size * b if remat else one_layer
+    attention_probs = batch_per_device * (config.num_heads // tensor) * seq * seq * 4
+    one_layer = tokens * (10 * config.hidden_size + 3 * config.intermediate_size // tensor) * b + attention_probs
+    projections = tokens * (4 * config.hidden_size + 3 * config.intermediate_size // tensor) * b
+    kept = {"none": one_layer, "full": tokens * config.hidden_size * b, "dots_no_batch": projections,
+            "dots": projections + attention_probs}[remat]
     logits = 3 * batch_per_device * chunk * config.vocab_size * 4  # teacher, student and its gradient
     return config.num_layers * kept + one_layer + logits
 
@@ -115,14 +115,14 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     pbytes = np.dtype(model_config.jnp_dtype).itemsize
     data_parallel = axes["data"] * axes["fsdp"]
 
-    weights = per_device_bytes(param_shapes(model_config), "", axes, pbytes)
-    lora_tree = lora_shapes(model_config, lora_config)
-    lora = per_device_bytes(lora_tree, "lora/", axes, np.dtype(lora_config.jnp_dtype).itemsize)
-    optimizer = 2 * per_device_bytes(lora_tree, "lora/", axes, 4)  # Adam's two moments, f32
+    _, lora_state, base_state = student_split(model_config, lora_config)  # abstract: nothing allocated
+    weights = state_bytes_per_device(base_state, axes)
+    lora = state_bytes_per_device(lora_state, axes)
+    optimizer = 2 * state_bytes_per_device(lora_state, axes, 4)  # Adam's two moments, f32
     sample_batch = max(config.sampler.batch_size, data_parallel)
     sample_len = config.sampler.max_prompt_tokens + max(cur.rollout_max_new_tokens, cur.solution_max_new_tokens)
     rows = sample_batch * cur.num_rollouts
-    kv = per_device_bytes({"k": cache_shape_tree(model_config, rows, sample_len)["k"]}, "cache/", axes, pbytes) * 2
+    kv = 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(model_config, rows, sample_len), axes, pbytes)
     train_seq = tc.max_seq_len or 2 * max(cur.solution_max_new_tokens, 512) + 512
     batch_per_device = max(1, tc.batch_size // data_parallel)
     activations = training_activation_bytes(model_config, batch_per_device, train_seq, model_config.remat,
@@ -169,7 +169,7 @@ def _model_config(config) -> ModelConfig:
         else:
             from huggingface_hub import hf_hub_download
             mc = ModelConfig.from_json(hf_hub_download(str(config.model.path), "config.json"))
-    return mc.replace(dtype=config.model.dtype, remat=bool(config.model.remat))
+    return mc.replace(dtype=config.model.dtype, remat=config.model.remat)
 
 
 def format_plan(p: dict) -> str:

@@ -1,45 +1,45 @@
-"""One device mesh with named axes, and one table of partition rules for everything we place.
+"""One device mesh with named axes, and one table from logical axis names to mesh axes.
 
-Axes: "data" (pure data parallel), "fsdp" (data parallel that also shards parameters),
-"tensor" (splits heads / MLP width / vocab). The same rules serve 1 CPU, 8 fake CPU
-devices, a GPU and a TPU slice; a dimension that an axis does not divide stays replicated.
+Mesh axes: "data" (pure data parallel), "fsdp" (data parallel that also shards parameters),
+"tensor" (splits heads / MLP width / vocabulary). Every parameter of the Flax model carries the
+logical names of its dimensions in its `out_sharding` metadata (("layers", "embed", "mlp") for a
+stacked gate projection); LoRA factors, optimizer moments, the KV cache and batches are named the
+same way, and `LOGICAL_AXIS_RULES` alone turns names into placements. The same table serves 1 CPU,
+8 fake CPU devices, a GPU and a TPU slice. A dimension that its mesh axes do not divide is
+replicated, and that is logged once per (name, size, mesh).
 """
 from __future__ import annotations
 
+import logging
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# (regex on the "/"-joined leaf path, spec). First match wins. Leading L axis of stacked layers is None.
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
-    # base model
-    (r"^embed$", P("tensor", "fsdp")),
-    (r"^lm_head$", P("fsdp", "tensor")),
-    (r"^final_norm$", P()),
-    (r"^layers/(attn_norm|mlp_norm)$", P(None, None)),
-    (r"^layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", P(None, "fsdp", "tensor")),
-    (r"^layers/(q_proj|k_proj|v_proj)/bias$", P(None, "tensor")),
-    (r"^layers/(o_proj|down_proj)/kernel$", P(None, "tensor", "fsdp")),
-    # LoRA factors follow the matrix they adapt: A splits its input dim, B its output dim.
-    (r"^lora/layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/a$", P(None, "fsdp", None)),
-    (r"^lora/layers/(q_proj|k_proj|v_proj|gate_proj|up_proj)/b$", P(None, None, "tensor")),
-    (r"^lora/layers/(o_proj|down_proj)/a$", P(None, "tensor", None)),
-    (r"^lora/layers/(o_proj|down_proj)/b$", P(None, None, "fsdp")),
-    # KV cache [L, B, S, G, H] and its [B, S] validity
-    (r"^cache/(k|v)$", P(None, BATCH_AXES, None, "tensor", None)),
-    (r"^cache/(k|v)/\d+$", P(BATCH_AXES, None, "tensor", None)),     # per-layer caches (unstacked params)
-    (r"^cache/valid$", P(BATCH_AXES, None)),
-    (r"^cache/index$", P()),
-    # batches: leading batch axis over the data-parallel axes
-    (r"^batch/.*", P(BATCH_AXES)),
-)
+# logical axis -> mesh axes (None: replicated). The whole placement policy lives here.
+LOGICAL_AXIS_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,      # rows of a batch, and of the KV cache
+    "vocab": "tensor",
+    "embed": "fsdp",          # the hidden width of every weight matrix
+    "heads": "tensor",        # query heads x head_dim (q/o projections)
+    "kv_heads": "tensor",     # key/value heads (x head_dim in the k/v projections)
+    "mlp": "tensor",
+    "layers": None,           # the stacked-layer axis
+    "norm": None,             # RMSNorm scales
+    "lora_rank": None,
+    "cache_slots": None,
+    "head_dim": None,
+}
+
+_reported_fallbacks: set = set()
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
@@ -81,43 +81,61 @@ def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
     return make_mesh({**shape, flexible: -1}, devices)
 
 
-def spec_for(path: str, shape: Sequence[int], mesh: Mesh) -> P:
-    """The rule's spec for this leaf, with axes that do not divide their dimension dropped."""
-    for pattern, spec in PARTITION_RULES:
-        if re.match(pattern, path):
-            break
-    else:
-        raise KeyError(f"no partition rule matches {path!r}; add one to PARTITION_RULES")
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    fitted = []
-    for dim, entry in zip(shape, entries):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
-        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
-            fitted.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            fitted.append(None)
-    return P(*fitted)
+def _mesh_axes_for(name: str | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    if name not in LOGICAL_AXIS_RULES:
+        raise KeyError(f"logical axis {name!r} has no entry in LOGICAL_AXIS_RULES ({sorted(LOGICAL_AXIS_RULES)})")
+    axes = LOGICAL_AXIS_RULES[name]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
+    """The mesh PartitionSpec for an array whose dimensions have these logical names. A dimension
+    its mesh axes do not divide is replicated (logged once); a mesh axis is used at most once."""
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
+    used: set[str] = set()
+    entries = []
+    for name, dim in zip(names, shape):
+        axes = tuple(a for a in _mesh_axes_for(name) if mesh.shape[a] > 1 and a not in used)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if axes and dim % size:
+            key = (name, dim, tuple(sorted(mesh.shape.items())))
+            if key not in _reported_fallbacks:
+                _reported_fallbacks.add(key)
+                log.warning("logical axis %r (size %d) is not divisible by mesh axes %s (size %d): replicated",
+                            name, dim, axes, size)
+            axes = ()
+        used.update(axes)
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*entries)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, prefix: str = "") -> Any:
-    """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs or shape tuples)."""
-    def one(path, leaf):
-        shape = leaf if isinstance(leaf, tuple) else leaf.shape
-        return NamedSharding(mesh, spec_for(prefix + _path_str(path), shape, mesh))
-    return jax.tree_util.tree_map_with_path(
-        one, tree, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x))
+def named_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
 
-def param_shardings(config, mesh: Mesh) -> dict:
-    from ssb_jax.model.qwen2 import param_shapes
-    return tree_shardings(param_shapes(config), mesh)
+def variable_axes(variable: nnx.Variable) -> tuple:
+    """The logical axis names a model variable carries (every parameter of ssb_jax's model has them)."""
+    names = variable.get_metadata().get("out_sharding")
+    if names is None:
+        raise ValueError(f"{type(variable).__name__} of shape {variable.shape} has no logical axis names")
+    return tuple(names)
 
 
-def shard(tree: Any, mesh: Mesh, prefix: str = "") -> Any:
-    """Place a pytree on the mesh by the rules (prefix: "lora/", "cache/", "batch/")."""
-    return jax.device_put(tree, tree_shardings(tree, mesh, prefix))
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings for an nnx.State (of arrays or ShapeDtypeStructs), from each variable's logical axes."""
+    def one(variable):
+        return variable.replace(named_sharding(variable_axes(variable), variable.shape, mesh))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Place a model state (base or LoRA) on the mesh by its logical axes."""
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """A batch array: its leading axis over the data-parallel axes, the rest replicated."""
+    return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)

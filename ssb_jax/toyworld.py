@@ -385,14 +385,14 @@ def model_config(config: ToyWorldConfig, tokenizer) -> "ModelConfig":
         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
 
 
-def sequence_loss(params, tokens, weights, model_config):
+def sequence_loss(graphdef, state, tokens, weights):
     """(weighted sum of next-token NLL, sum of weights); weights [B, T] weigh predicting token t."""
     import jax
     import jax.numpy as jnp
-    from ssb_jax.model.qwen2 import forward
+    from ssb_jax.model.qwen2 import apply
     inputs = tokens[:, :-1]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    logits, _ = forward(params, inputs, positions, jnp.ones(inputs.shape, bool), config=model_config)
+    logits, _ = apply(graphdef, state, inputs, positions, jnp.ones(inputs.shape, bool))
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
     weights = weights[:, 1:].astype(jnp.float32)
@@ -410,15 +410,17 @@ def length_buckets(batches: Batches, num_buckets: int, multiple: int = 16) -> li
     return buckets
 
 
-def pretrain(params, model_cfg, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
+def pretrain(model, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
              drill: Batches | None = None, steps: int | None = None, seed: int | None = None, log_fn=None):
     """Next-token CE, on the solution (and, weighted, the prompt) tokens of a plain and a hinted batch
     per step, plus a batch of drill texts when given; AdamW with warmup and cosine decay. Both kinds
     are cut into `length_buckets` buckets by length; a step draws both batches from the same bucket
-    rank, so padding stays small and the step compiles once per bucket. Returns (params, losses)."""
+    rank, so padding stays small and the step compiles once per bucket. Returns (model, losses)."""
     import jax
     import jax.numpy as jnp
     import optax
+    from flax import nnx
+    graphdef, params = nnx.split(model)
     steps = config.pretrain_steps if steps is None else steps
     rng = np.random.default_rng(config.seed if seed is None else seed)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, steps // 2),
@@ -438,10 +440,10 @@ def pretrain(params, model_cfg, plain: Batches, hinted: Batches, config: ToyWorl
     def step(params, opt_state, plain_tokens, plain_weights, hinted_tokens, hinted_weights, drill_tokens,
              drill_weights):
         def loss_fn(p):
-            s1, n1 = sequence_loss(p, plain_tokens, plain_weights, model_cfg)
-            s2, n2 = sequence_loss(p, hinted_tokens, hinted_weights, model_cfg)
+            s1, n1 = sequence_loss(graphdef, p, plain_tokens, plain_weights)
+            s2, n2 = sequence_loss(graphdef, p, hinted_tokens, hinted_weights)
             if use_drill:
-                s3, n3 = sequence_loss(p, drill_tokens, drill_weights, model_cfg)
+                s3, n3 = sequence_loss(graphdef, p, drill_tokens, drill_weights)
                 s1, n1 = s1 + s3, n1 + n3
             return (s1 + s2) / jnp.maximum(n1 + n2, 1.0)
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -463,7 +465,7 @@ def pretrain(params, model_cfg, plain: Batches, hinted: Batches, config: ToyWorl
         losses.append(float(loss))
         if log_fn is not None and (i % config.log_every == 0 or i == steps - 1):
             log_fn(i, losses[-1])
-    return params, losses
+    return nnx.merge(graphdef, params), losses
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -475,11 +477,10 @@ def _problem_fields(problem) -> dict:
     return {"question": problem.question, "answer": problem.answer, **dict(problem.extra)}
 
 
-def make_sampler(params, model_cfg, tokenizer, *, batch_size: int = 64, max_prompt_tokens: int = 512, lora=None,
-                 lora_scales=None):
+def make_sampler(model, tokenizer, *, batch_size: int = 64, max_prompt_tokens: int = 512):
     from ssb_jax.sampling.driver import Sampler
-    return Sampler(params, model_cfg, tokenizer, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-                   lora=lora, lora_scales=lora_scales, show_progress=False)
+    return Sampler(model, tokenizer, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                   show_progress=False)
 
 
 def _graded(sampler, prompt_ids, golds, *, temperature: float, n: int, max_new_tokens: int, seed: int,
@@ -560,7 +561,7 @@ class World:
     test: list[dict]
     tokenizer: Any
     model_config: Any
-    params: Any
+    model: Any                    # the pre-trained Qwen2ForCausalLM
     losses: list[float]
     seconds: dict
 
@@ -572,8 +573,7 @@ def _rng(config: ToyWorldConfig, purpose: str) -> random.Random:
 
 def make_world(config: ToyWorldConfig, *, log_fn=None) -> World:
     """Problems, tokenizer and pre-trained model, in memory."""
-    import jax
-    from ssb_jax.model.qwen2 import init_params
+    from ssb_jax.model.qwen2 import init_model
     timer = time.perf_counter()
     seconds = {}
     rng = _rng(config, "problems")
@@ -596,11 +596,11 @@ def make_world(config: ToyWorldConfig, *, log_fn=None) -> World:
     seconds["data"] = time.perf_counter() - timer
 
     model_cfg = model_config(config, tokenizer)
-    params = init_params(model_cfg, jax.random.PRNGKey(config.seed))
+    model = init_model(model_cfg, config.seed)
     timer = time.perf_counter()
-    params, losses = pretrain(params, model_cfg, plain, hinted, config, drill=drill, log_fn=log_fn)
+    model, losses = pretrain(model, plain, hinted, config, drill=drill, log_fn=log_fn)
     seconds["pretrain"] = time.perf_counter() - timer
-    return World(config, train_records, test_records, tokenizer, model_cfg, params, losses, seconds)
+    return World(config, train_records, test_records, tokenizer, model_cfg, model, losses, seconds)
 
 
 def world_paths(out_dir: str | Path) -> dict[str, Path]:
@@ -616,7 +616,7 @@ def save_world(world: World, out_dir: str | Path, extra: dict | None = None) -> 
     paths["checkpoint"].mkdir(parents=True, exist_ok=True)
     write_jsonl(world.train, paths["train"])
     write_jsonl(world.test, paths["test"])
-    save_params(world.params, world.model_config, paths["checkpoint"])
+    save_params(world.model, world.model_config, paths["checkpoint"])
     save_tokenizer(world.tokenizer, paths["checkpoint"])
     losses = world.losses
     head = losses[:min(10, len(losses))]
@@ -654,7 +654,7 @@ def build(config: ToyWorldConfig, out_dir: str | Path, *, measure_problems: int 
     extra = {}
     if measure_problems:
         timer = time.perf_counter()
-        sampler = make_sampler(world.params, world.model_config, world.tokenizer)
+        sampler = make_sampler(world.model, world.tokenizer)
         extra["test_metrics"] = measure(sampler, world.test[:measure_problems])
         world.seconds["measure"] = time.perf_counter() - timer
         log.info("toy world test metrics: %s", extra["test_metrics"])

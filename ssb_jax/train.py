@@ -20,14 +20,16 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.sharding import Mesh
 
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.data import make_dataset
-from ssb_jax.distill.step import TrainStep, init_state, make_optimizer, state_shardings, total_steps_for
+from ssb_jax.distill.step import TrainStep, init_state, make_optimizer, total_steps_for, train_state_shardings
 from ssb_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig
+from ssb_jax.sharding import shard_state
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,13 @@ def plot_metrics(workdir, out: str | Path | None = None) -> Path | None:
     return out
 
 
-def run(tc: TrainConfig, model_config: ModelConfig, params, examples: Sequence[Mapping], workdir, *,
+def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Mapping], workdir, *,
         mesh: Mesh | None = None, resume: bool = True, teacher_cache_dir=None, progress: bool = True,
         stop_after: int | None = None, tensorboard: bool = True, plot: bool = True) -> dict:
     """Train LoRA by distillation; returns {"state", "lora", "history", "total_steps", "workdir"}.
 
-    params: the frozen base (placed on `mesh` by the partition rules here if a mesh is given).
+    model: the frozen base, a Qwen2ForCausalLM (its parameters placed on `mesh` by their logical axes
+    here if a mesh is given).
     resume: continue from the latest checkpoint in workdir (LoRA, optimizer, step, data position).
     teacher_cache_dir: cached teacher mode (tc.teacher_mode == "cached"); built first if it has no index.
     stop_after: stop after this many steps of this call without a final checkpoint (simulates a kill).
@@ -115,14 +118,14 @@ def run(tc: TrainConfig, model_config: ModelConfig, params, examples: Sequence[M
             if jax.process_count() > 1:
                 raise FileNotFoundError(f"{teacher_cache_dir}: no teacher cache; under several processes build it "
                                         "first (the pipeline's teacher_cache stage, build_teacher_cache_sharded)")
-            build_teacher_cache(params, model_config, examples, teacher_cache_dir, k=tc.topk, temperature=tc.temperature,
+            build_teacher_cache(model, model_config, examples, teacher_cache_dir, k=tc.topk, temperature=tc.temperature,
                                 batch_size=tc.batch_size, chunk=tc.logits_chunk, buckets=tc.length_buckets,
                                 min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
         teacher_cache = TeacherCache(teacher_cache_dir, temperature=tc.temperature)
 
+    base_state = nnx.state(model, nnx.Param)  # split once; the step merges it with the adapters in its trace
     if mesh is not None:
-        from ssb_jax.sharding import param_shardings
-        params = jax.device_put(params, param_shardings(model_config, mesh))
+        base_state = shard_state(base_state, mesh)
 
     dataset = make_dataset(examples, tc, teacher_cache=teacher_cache)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
@@ -164,7 +167,7 @@ def run(tc: TrainConfig, model_config: ModelConfig, params, examples: Sequence[M
         for step in range(start, total):
             batch = next(iterator)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, params, batch)
+            state, metrics = step_fn(state, base_state, batch)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             elapsed = time.perf_counter() - t0
             rows = max(int(np.sum(batch["row_valid"])), 1)
@@ -199,8 +202,8 @@ def run(tc: TrainConfig, model_config: ModelConfig, params, examples: Sequence[M
 
 
 def load_lora(workdir, model_config: ModelConfig, tc: TrainConfig | None = None, step: int | None = None,
-              mesh: Mesh | None = None) -> tuple[dict, LoraConfig]:
-    """(LoRA tree, LoraConfig) from a run's checkpoint (the latest unless `step`)."""
+              mesh: Mesh | None = None) -> tuple[nnx.State, LoraConfig]:
+    """(LoRA state, LoraConfig) from a run's checkpoint (the latest unless `step`)."""
     workdir = Path(workdir)
     if tc is None:
         tc = TrainConfig.from_dict(json.loads((workdir / "train_config.json").read_text()))
@@ -214,7 +217,7 @@ def load_lora(workdir, model_config: ModelConfig, tc: TrainConfig | None = None,
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes)
     else:
-        shardings = state_shardings(shapes, mesh)
+        shardings = train_state_shardings(shapes, optimizer, mesh)
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     manager.close()

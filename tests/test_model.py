@@ -1,14 +1,18 @@
-"""Parity of the Flax Qwen2 with Hugging Face transformers, cache consistency, dtypes, checkpoints."""
+"""Parity of the Flax NNX Qwen2 with Hugging Face transformers, cache consistency, dtypes, checkpoints,
+eager vs. jitted use, logical axes and sharding."""
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import ssb_jax
-from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import forward, init_cache, positions_from_mask, unstack_layers
+from ssb_jax.model.config import REMAT_POLICIES, ModelConfig
+from ssb_jax.model.qwen2 import Qwen2ForCausalLM, apply, positions_from_mask
+from ssb_jax.sampling.decode_layout import DecodeLayoutModel, RowsFirstLinear, to_decode_layout
 from ssb_jax.model.weights import CheckpointError, load_params, save_params
 from tests.hf_models import hf_logits, make_hf_checkpoint, make_hf_model
 
@@ -27,13 +31,15 @@ def padded_batch(rng, vocab, lengths, total, left):
     return tokens, mask, positions
 
 
-def prefill_then_decode(params, config, tokens, mask, positions, prompt, cache):
-    """Logits [B, T, V] from a prefill of the first `prompt` tokens, then one decode step per token."""
-    step = jax.jit(lambda p, t, pos, m, c: forward(p, t, pos, m, c, config=config))
-    logits, cache = step(params, tokens[:, :prompt], positions[:, :prompt], mask[:, :prompt], cache)
+def prefill_then_decode(model, tokens, mask, positions, prompt, cache):
+    """Logits [B, T, V] from a prefill of the first `prompt` tokens, then one decode step per token,
+    through the jitted functional form (split once)."""
+    graphdef, state = nnx.split(model)
+    step = jax.jit(apply, static_argnums=0)
+    logits, cache = step(graphdef, state, tokens[:, :prompt], positions[:, :prompt], mask[:, :prompt], cache)
     pieces = [logits]
     for t in range(prompt, tokens.shape[1]):
-        logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
+        logits, cache = step(graphdef, state, tokens[:, t:t + 1], positions[:, t:t + 1], mask[:, t:t + 1], cache)
         pieces.append(logits)
     return np.concatenate([np.asarray(p) for p in pieces], axis=1), cache
 
@@ -78,13 +84,13 @@ def test_real_qwen05b_widths_and_vocab(tmp_path):
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_checkpoint):
-    config, params = load_params(tiny_checkpoint)
+    config, model = load_params(tiny_checkpoint)
     rng = np.random.default_rng()
     total, prompt = 14, 6
     tokens, mask, positions = padded_batch(rng, config.vocab_size, (14, 10, 8), total, left=True)
-    full, _ = forward(params, tokens, positions, mask, config=config)
-    incremental, cache = prefill_then_decode(params, config, tokens, mask, positions, prompt,
-                                             init_cache(config, tokens.shape[0], total + 2))
+    full, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))  # eager
+    incremental, cache = prefill_then_decode(model, tokens, mask, positions, prompt,
+                                             model.init_cache(tokens.shape[0], total + 2))
     err = np.abs(incremental - np.asarray(full))[mask].max()
     assert err < 1e-5, err
     assert int(cache["index"]) == total
@@ -95,28 +101,31 @@ def test_decode_layout_matches_transformers(request, tied):
     """The CPU decode layout (unstacked layers, [out, in] kernels, [V, D] head) gives HF's logits, both
     in one pass and prefill + one-token decode steps over per-layer caches."""
     directory = request.getfixturevalue("tiny_checkpoint" if tied else "tiny_untied_checkpoint")
-    config, params = load_params(directory)
-    decode_params = unstack_layers(params)
-    assert len(decode_params["layers"]) == config.num_layers
-    first = decode_params["layers"][0]
-    np.testing.assert_array_equal(np.asarray(first["gate_proj"]["kernel_t"]),
-                                  np.asarray(params["layers"]["gate_proj"]["kernel"][0]).T)
-    assert ("lm_head_t" in decode_params) == (not tied) and "lm_head" not in decode_params
+    config, model = load_params(directory)
+    decode = to_decode_layout(model)
+    assert isinstance(decode, DecodeLayoutModel) and len(decode.layers) == config.num_layers
+    first = decode.layers[1].mlp.gate_proj
+    assert isinstance(first, RowsFirstLinear)
+    np.testing.assert_array_equal(np.asarray(first.kernel_t[...]), np.asarray(model.layers.mlp.gate_proj.kernel[1]).T)
+    np.testing.assert_array_equal(np.asarray(decode.layers[1].attn.q_proj.bias[...]),
+                                  np.asarray(model.layers.attn.q_proj.bias[1]))
+    assert (decode.head_t is not None) == (not tied)
+    assert model.layers.mlp.gate_proj.kernel.shape[0] == config.num_layers  # the training model is untouched
     rng = np.random.default_rng()
     total, prompt = 11, 5
     tokens, mask, positions = padded_batch(rng, config.vocab_size, (11, 7, 3), total, left=True)
     reference = hf_logits(directory, tokens, mask, positions)
-    full, _ = forward(decode_params, tokens, positions, mask, config=config)
+    full, _ = decode(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
     assert np.abs(np.asarray(full) - reference)[mask].max() < TOL
-    incremental, _ = prefill_then_decode(decode_params, config, tokens, mask, positions, prompt,
-                                         init_cache(config, tokens.shape[0], total, per_layer=True))
+    incremental, _ = prefill_then_decode(decode, tokens, mask, positions, prompt,
+                                         decode.init_cache(tokens.shape[0], total))
     assert np.abs(incremental - reference)[mask].max() < TOL
 
 
 def test_bf16_params_close_to_f32(tiny_checkpoint):
     config32, params32 = load_params(tiny_checkpoint)
     config16, params16 = load_params(tiny_checkpoint, dtype="bfloat16")
-    assert params16["layers"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert params16.layers.attn.q_proj.kernel.dtype == jnp.bfloat16
     tokens, mask, positions = padded_batch(np.random.default_rng(), config32.vocab_size, (10, 6), 10, left=True)
     l32 = np.asarray(ssb_jax.compute_logits(params32, config32, tokens, mask, positions))
     l16 = np.asarray(ssb_jax.compute_logits(params16, config16, tokens, mask, positions))
@@ -133,7 +142,7 @@ def test_save_load_bit_exact(tiny_untied_checkpoint, tmp_path):
     for sub in ("one", "many"):
         config2, params2 = load_params(tmp_path / sub)
         assert config2 == config
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        for a, b in zip(jax.tree.leaves(nnx.state(params)), jax.tree.leaves(nnx.state(params2)), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # and transformers reads what we wrote
     tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (7, 4), 7, left=False)
@@ -231,11 +240,14 @@ def test_sharded_forward_equals_single_device(tiny_untied_checkpoint):
     config, params = load_params(tiny_untied_checkpoint)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     config_s, params_s = ssb_jax.load_model(tiny_untied_checkpoint, mesh=mesh)
-    assert len(params_s["layers"]["q_proj"]["kernel"].sharding.device_set) == 8
+    kernel = params_s.layers.attn.q_proj.kernel[...]
+    assert len(kernel.sharding.device_set) == 8
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # (layers, embed, heads)
     tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (8, 3, 8, 5), 8, left=True)
     single = np.asarray(ssb_jax.compute_logits(params, config, tokens, mask, positions))
-    from ssb_jax.sharding import shard
-    batch = shard({"tokens": tokens, "mask": mask, "positions": positions}, mesh, "batch/")
+    from ssb_jax.sharding import batch_sharding
+    batch = {k: jax.device_put(v, batch_sharding(mesh, v.shape))
+             for k, v in {"tokens": tokens, "mask": mask, "positions": positions}.items()}
     sharded = ssb_jax.compute_logits(params_s, config_s, batch["tokens"], batch["mask"], batch["positions"])
     assert len(sharded.sharding.device_set) > 1
     np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
@@ -246,10 +258,104 @@ def test_positions_from_mask():
     np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]])
 
 
-def test_remat_and_dpa_paths_agree(tiny_checkpoint):
-    config, params = load_params(tiny_checkpoint)
-    tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (6, 4), 6, left=True)
-    base = np.asarray(forward(params, tokens, positions, mask, config=config)[0])
-    for variant in (config.replace(remat=True), config.replace(attention_impl="dot_product_attention")):
-        out = np.asarray(forward(params, tokens, positions, mask, config=variant)[0])
-        np.testing.assert_allclose(out[mask], base[mask], atol=1e-5)
+def test_remat_policies_and_dpa_agree(tiny_checkpoint):
+    """Every remat policy and the dot_product_attention path give the same logits and the same gradients."""
+    tokens, mask, positions = padded_batch(np.random.default_rng(), 97, (6, 4), 6, left=True)
+
+    def loss(state, graphdef):
+        logits, _ = apply(graphdef, state, tokens, positions, mask)
+        return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0) ** 2)
+
+    results = {}
+    for variant in [{"remat": r} for r in REMAT_POLICIES] + [{"attention_impl": "dot_product_attention"}]:
+        config, model = ssb_jax.load_model(tiny_checkpoint, **variant)
+        assert model.config == config and all(getattr(config, k) == v for k, v in variant.items())
+        graphdef, state = nnx.split(model)
+        value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, graphdef)
+        results[str(variant)] = (float(value), jax.tree.leaves(grads))
+    reference_value, reference_grads = results["{'remat': 'none'}"]
+    for name, (value, grads) in results.items():
+        np.testing.assert_allclose(value, reference_value, rtol=1e-5, err_msg=name)
+        for g, ref in zip(grads, reference_grads, strict=True):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(ref), atol=1e-5 * float(np.abs(ref).max()) + 1e-7,
+                                       err_msg=name)
+
+
+def test_remat_policy_changes_the_compiled_backward():
+    """"full" recomputes the layer in the backward (more forward matmuls than "none"); the setting is real."""
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+
+    def dot_count(remat):
+        model = ssb_jax.init_model(config.replace(remat=remat), 0)
+        graphdef, state = nnx.split(model)
+        grad = jax.jit(jax.grad(lambda s: jnp.sum(apply(graphdef, s, tokens)[0])))
+        return grad.lower(state).as_text().count("dot_general")
+
+    assert dot_count("full") > dot_count("none")
+    with pytest.raises(ValueError, match="remat must be one of"):
+        config.replace(remat="sometimes")
+
+
+def test_eager_call_equals_jitted_functional_call():
+    """model(tokens, positions, mask) eagerly == jit(apply)(graphdef, state, ...) after one nnx.split,
+    with and without a cache, and hidden states on request."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, (7, 4), 7, left=True)
+    tokens, mask, positions = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions)
+    graphdef, state = nnx.split(model)
+    jitted = jax.jit(apply, static_argnums=0, static_argnames="return_hidden")
+    eager_logits, _ = model(tokens, positions, mask)
+    np.testing.assert_allclose(np.asarray(jitted(graphdef, state, tokens, positions, mask)[0]),
+                               np.asarray(eager_logits), atol=1e-5)
+    hidden, _ = model(tokens, positions, mask, return_hidden=True)
+    assert hidden.shape == (2, 7, config.hidden_size)
+    np.testing.assert_allclose(np.asarray(model.logits(hidden)), np.asarray(eager_logits), atol=1e-5)
+    eager_cached, eager_cache = model(tokens, positions, mask, model.init_cache(2, 9))
+    jit_cached, jit_cache = jitted(graphdef, state, tokens, positions, mask, model.init_cache(2, 9))
+    np.testing.assert_allclose(np.asarray(jit_cached), np.asarray(eager_cached), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jit_cache["k"]), np.asarray(eager_cache["k"]), atol=1e-5)
+    assert int(jit_cache["index"]) == 7 and eager_cache["k"].shape == (3, 2, 9, 2, 8)
+
+
+def test_every_parameter_carries_logical_axes():
+    """Each parameter names one logical axis per dimension; stacked layers lead with "layers"."""
+    from ssb_jax.sharding import LOGICAL_AXIS_RULES, variable_axes
+    config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
+    state = nnx.state(ssb_jax.abstract_model(config))
+    variables = dict(nnx.to_flat_state(state))
+    assert len(variables) == 15  # embedding, 2 norms x (layer) + final norm, q/k/v kernel+bias, o, 3 mlp, head
+    for path, variable in variables.items():
+        axes = variable_axes(variable)
+        assert len(axes) == len(variable.shape), path
+        assert all(a in LOGICAL_AXIS_RULES for a in axes), (path, axes)
+        assert (axes[0] == "layers") == (path[0] == "layers"), path
+    assert variable_axes(variables[("layers", "mlp", "down_proj", "kernel")]) == ("layers", "mlp", "embed")
+    assert variable_axes(variables[("embed", "embedding")]) == ("vocab", "embed")
+
+
+def test_indivisible_axis_is_replicated_and_logged(caplog):
+    """On a tensor axis of 4, 6 query heads x 2 (12) divide, 3 kv heads x 2 (6) do not: the k/v
+    projections' output dimension is replicated, with one log line naming the logical axis."""
+    from ssb_jax import sharding
+    from ssb_jax.sharding import make_mesh, state_shardings
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=6,
+                         num_kv_heads=3, head_dim=2)
+    mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    sharding._reported_fallbacks.clear()
+    with caplog.at_level(logging.WARNING, logger="ssb_jax.sharding"):
+        shardings = state_shardings(nnx.state(ssb_jax.abstract_model(config)), mesh)
+        state_shardings(nnx.state(ssb_jax.abstract_model(config)), mesh)  # a second time: no new line
+    P = jax.sharding.PartitionSpec
+    assert shardings["layers"]["attn"]["q_proj"]["kernel"].value.spec == P(None, "fsdp", "tensor")
+    assert shardings["layers"]["attn"]["k_proj"]["kernel"].value.spec == P(None, "fsdp", None)
+    assert shardings["layers"]["attn"]["v_proj"]["bias"].value.spec == P(None, None)
+    lines = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
+    assert len(lines) == 1 and "'kv_heads' (size 6)" in lines[0], lines

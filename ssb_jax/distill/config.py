@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ssb_jax.model.lora import LoraConfig
-from ssb_jax.model.qwen2 import PROJECTIONS
+from ssb_jax.model.config import PROJECTIONS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,26 +1,28 @@
-"""The jitted distillation train step: LoRA-only AdamW, sharded by the rules of ssb_jax.sharding.
+"""The jitted distillation train step: LoRA-only AdamW, sharded by the logical axes of ssb_jax.sharding.
 
-State: {"lora": LoRA tree, "opt_state": optax state over the LoRA tree only, "step": int32}.
-The base parameters are a separate, never-differentiated argument (frozen; may be bf16).
+State: {"lora": nnx.State of the LoRAParam adapters, "opt_state": optax state over the adapters only,
+"step": int32}. The base parameters (an nnx.State of nnx.Param) are a separate, never-differentiated
+argument (frozen; may be bf16) and never get optimizer state. The step is a pure function of the
+(student, base) graph definitions, the states and the batch: the student is merged inside the trace.
 """
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.loss import distill_objective, gather_positions
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.lora import LoraConfig, init_lora
-from ssb_jax.model.qwen2 import forward, lm_head_matrix
-from ssb_jax.sharding import param_shardings, spec_for, tree_shardings
+from ssb_jax.model.lora import LoraConfig, init_lora, student_split
+from ssb_jax.model.qwen2 import abstract_model, apply
+from ssb_jax.sharding import batch_sharding, state_shardings
 
 CACHED_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob", "teacher_target_logprob")
 
@@ -60,33 +62,46 @@ def total_steps_for(num_examples: int, tc: TrainConfig) -> int:
 
 # ----------------------------------------------------------------------------- loss
 
-def student_answer_hidden(lora, params, batch, *, model_config: ModelConfig, lora_config: LoraConfig):
+@functools.lru_cache(maxsize=16)
+def abstract_base_state(model_config: ModelConfig) -> nnx.State:
+    """The base state's shapes and logical axes."""
+    return nnx.state(abstract_model(model_config), nnx.Param)
+
+
+@functools.lru_cache(maxsize=16)
+def graph_definitions(model_config: ModelConfig, lora_config: LoraConfig) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """(student: base + adapters, base alone), from abstract models (nothing allocated)."""
+    return student_split(model_config, lora_config)[0], nnx.split(abstract_model(model_config))[0]
+
+
+def student_answer_hidden(student_graphdef, lora_state, base_state, batch):
     """Final-normed hidden states of base + LoRA on the student sequence at the answer positions [B, A, D]."""
-    hidden, _ = forward(params, batch["student_tokens"], batch["student_positions"], batch["student_mask"],
-                        lora=lora, config=model_config, lora_scales=lora_config.scales(), return_hidden=True)
+    hidden, _ = apply(student_graphdef, (lora_state, base_state), batch["student_tokens"],
+                      batch["student_positions"], batch["student_mask"], return_hidden=True)
     return gather_positions(hidden, batch["student_index"])
 
 
-def teacher_answer_hidden(params, batch, *, model_config: ModelConfig):
+def teacher_answer_hidden(base_graphdef, base_state, batch):
     """Hidden states of the base (LoRA off) on the teacher sequence at the answer positions, no gradient."""
-    hidden, _ = forward(params, batch["teacher_tokens"], batch["teacher_positions"], batch["teacher_mask"],
-                        config=model_config, return_hidden=True)
+    hidden, _ = apply(base_graphdef, base_state, batch["teacher_tokens"], batch["teacher_positions"],
+                      batch["teacher_mask"], return_hidden=True)
     return jax.lax.stop_gradient(gather_positions(hidden, batch["teacher_index"]))
 
 
-def distill_loss(lora, params, batch: Mapping[str, jax.Array], *, model_config: ModelConfig,
-                 lora_config: LoraConfig, tc: TrainConfig):
-    """(loss, metrics) for one batch (see ssb_jax.distill.batch for the keys)."""
-    params = jax.lax.stop_gradient(params)
-    student = student_answer_hidden(lora, params, batch, model_config=model_config, lora_config=lora_config)
+def distill_loss(lora_state, base_state, batch: Mapping[str, jax.Array], *, graphdefs, tc: TrainConfig):
+    """(loss, metrics) for one batch (see ssb_jax.distill.batch for the keys); graphdefs as graph_definitions."""
+    student_graphdef, base_graphdef = graphdefs
+    base_state = jax.lax.stop_gradient(base_state)
+    student = student_answer_hidden(student_graphdef, lora_state, base_state, batch)
     if tc.teacher_mode == "online":
-        teacher = teacher_answer_hidden(params, batch, model_config=model_config)
+        teacher = teacher_answer_hidden(base_graphdef, base_state, batch)
     else:
         teacher = {"logprobs": batch["teacher_topk_logprobs"], "ids": batch["teacher_topk_ids"],
                    "tail_logprob": batch["teacher_tail_logprob"], "target_logprob": batch["teacher_target_logprob"]}
-    return distill_objective(student, teacher, batch["answer_tokens"], batch["answer_mask"],
-                             lm_head_matrix(params, model_config), temperature=tc.temperature,
-                             ce_weight=tc.ce_weight, per_sequence_mean=tc.per_sequence_mean, chunk=tc.logits_chunk)
+    head = nnx.merge(base_graphdef, base_state).head_matrix()
+    return distill_objective(student, teacher, batch["answer_tokens"], batch["answer_mask"], head,
+                             temperature=tc.temperature, ce_weight=tc.ce_weight,
+                             per_sequence_mean=tc.per_sequence_mean, chunk=tc.logits_chunk)
 
 
 def batch_keys(tc: TrainConfig) -> tuple[str, ...]:
@@ -100,31 +115,22 @@ def batch_keys(tc: TrainConfig) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- shardings
 
-_LORA_LEAF = re.compile(r"layers/(\w+)/(a|b)$")
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def opt_state_shardings(opt_state_shapes: Any, mesh: Mesh) -> Any:
-    """Leaves that mirror a LoRA factor (Adam's mu/nu) share its sharding; the rest is replicated."""
-    def one(path, leaf):
-        m = _LORA_LEAF.search(_path_str(path))
-        if m and leaf.ndim == 3:
-            return NamedSharding(mesh, spec_for(f"lora/layers/{m.group(1)}/{m.group(2)}", leaf.shape, mesh))
-        return NamedSharding(mesh, P())
-    return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
+def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state_shapes: Any, lora_shardings: Any,
+                        mesh: Mesh) -> Any:
+    """Leaves that mirror an adapter (Adam's mu/nu) take its sharding; the rest (counts) is replicated."""
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_state_shapes, lora_shardings,
+                                 transform_non_params=lambda _: replicated)
 
 
 def batch_shardings(keys, batch_size: int, mesh: Mesh) -> dict:
     """Every batch array splits its leading (batch) axis over the data-parallel axes."""
-    return {k: NamedSharding(mesh, spec_for(f"batch/{k}", (batch_size,), mesh)) for k in keys}
+    return {k: batch_sharding(mesh, (batch_size,)) for k in keys}
 
 
-def state_shardings(state_shapes: Any, mesh: Mesh) -> dict:
-    return {"lora": tree_shardings(state_shapes["lora"], mesh, "lora/"),
-            "opt_state": opt_state_shardings(state_shapes["opt_state"], mesh),
+def train_state_shardings(state_shapes: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> dict:
+    lora = state_shardings(state_shapes["lora"], mesh)
+    return {"lora": lora, "opt_state": opt_state_shardings(optimizer, state_shapes["opt_state"], lora, mesh),
             "step": NamedSharding(mesh, P())}
 
 
@@ -137,15 +143,15 @@ def init_state(model_config: ModelConfig, lora_config: LoraConfig, optimizer: op
         return {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.zeros((), jnp.int32)}
     if mesh is None:
         return jax.jit(make)(key)
-    shardings = state_shardings(jax.eval_shape(make, key), mesh)
+    shardings = train_state_shardings(jax.eval_shape(make, key), optimizer, mesh)
     return jax.jit(make, out_shardings=shardings)(key)
 
 
 class TrainStep:
-    """`step(state, params, batch) -> (new_state, metrics)`; jitted, the state donated.
+    """`step(state, base_state, batch) -> (new_state, metrics)`; jitted, the state donated.
 
-    With a mesh: in/out shardings from the partition rules (base by `param_shardings`, LoRA and
-    optimizer state by the "lora/" rules, batch over (data, fsdp)); metrics come back replicated.
+    With a mesh: in/out shardings from the logical axes (base and adapters by their variables' axes,
+    optimizer moments as their adapters, batch over (data, fsdp)); metrics come back replicated.
     The jitted function is shared by every TrainStep with the same configuration (so a resumed
     run in the same process does not recompile).
     """
@@ -170,34 +176,38 @@ class TrainStep:
                     for k, v in batch.items()}
         return jax.device_put(batch, shardings)
 
-    def __call__(self, state, params, batch):
+    def __call__(self, state, base_state, batch):
         batch = self.place_batch(batch)
         B = next(iter(batch.values())).shape[0]
         fn = _jitted_step(self.model_config, self.tc, self.lora_config, self.total_steps, self.mesh, tuple(batch), B)
-        return fn(state, params, batch)
+        return fn(state, base_state, batch)
+
+
+def train_step(graphdefs, optimizer, schedule, tc: TrainConfig, state, base_state, batch):
+    """One AdamW step on the adapters; a pure function of graph definitions, states and batch."""
+    grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
+    (_, metrics), grads = grad_fn(state["lora"], base_state, batch, graphdefs=graphdefs, tc=tc)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
+    lora = optax.apply_updates(state["lora"], updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+    return {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraConfig, total_steps: int,
                  mesh: Mesh | None, keys: tuple[str, ...], batch_size: int):
     optimizer, schedule = make_optimizer(tc, total_steps)
-
-    def step(state, params, batch):
-        grad_fn = jax.value_and_grad(distill_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state["lora"], params, batch, model_config=model_config,
-                                      lora_config=lora_config, tc=tc)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
-        lora = optax.apply_updates(state["lora"], updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
-        return {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    graphdefs = graph_definitions(model_config, lora_config)
+    step = functools.partial(train_step, graphdefs, optimizer, schedule, tc)
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0, compiler_options=vocab_program_options())
     state_shapes = jax.eval_shape(
         lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
-    state_sh = state_shardings(state_shapes, mesh)
+    state_sh = train_state_shardings(state_shapes, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(state_sh, param_shardings(model_config, mesh),
+    base_sh = state_shardings(abstract_base_state(model_config), mesh)
+    return jax.jit(step, in_shardings=(state_sh, base_sh,
                                        batch_shardings(keys, batch_size, mesh)),
                    out_shardings=(state_sh, replicated), donate_argnums=0,
                    compiler_options=vocab_program_options())

@@ -31,7 +31,9 @@ from safetensors.numpy import save_file
 from ssb_jax.distill.batch import build_batch
 from ssb_jax.distill.loss import gather_positions
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import forward, lm_head_matrix
+from flax import nnx
+
+from ssb_jax.model.qwen2 import apply
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -54,11 +56,11 @@ def topk_from_logits(logits, k: int, temperature: float, targets):
     return top_lp, top_ids.astype(jnp.int32), tail, target
 
 
-def _teacher_topk(params, batch, *, config: ModelConfig, k: int, temperature: float, chunk: int):
-    hidden, _ = forward(params, batch["teacher_tokens"], batch["teacher_positions"], batch["teacher_mask"],
-                        config=config, return_hidden=True)
+def _teacher_topk(graphdef, state, batch, *, k: int, temperature: float, chunk: int):
+    hidden, _ = apply(graphdef, state, batch["teacher_tokens"], batch["teacher_positions"], batch["teacher_mask"],
+                      return_hidden=True)
     hidden = gather_positions(hidden, batch["teacher_index"])          # [B, A, D]
-    head = lm_head_matrix(params, config)
+    head = nnx.merge(graphdef, state).head_matrix()
     targets = batch["answer_tokens"]
     B, A = targets.shape
 
@@ -76,14 +78,14 @@ def _teacher_topk(params, batch, *, config: ModelConfig, k: int, temperature: fl
     return tuple(jnp.moveaxis(o, 0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :A] for o in out)
 
 
-_teacher_topk_jit = jax.jit(_teacher_topk, static_argnames=("config", "k", "temperature", "chunk"))
+_teacher_topk_jit = jax.jit(_teacher_topk, static_argnums=0, static_argnames=("k", "temperature", "chunk"))
 
 
-def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
+def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
                         temperature: float = 2.0, batch_size: int = 4, chunk: int = 128, buckets: Sequence[int] = (),
                         min_bucket: int = 16, max_seq_len: int = 0, tokens_per_shard: int = 1 << 20,
                         file_prefix: str = "shard", index_name: str = INDEX) -> dict:
-    """Run the base model (no LoRA) over every example's teacher sequence and write the cache.
+    """Run the base model (a Qwen2ForCausalLM without adapters) over every example's teacher sequence and write the cache.
     Returns the index (with n_tokens, bytes_per_token, files).
 
     file_prefix / index_name let several processes each write a part of one cache into the same
@@ -91,6 +93,7 @@ def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Ma
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     k = min(int(k), model_config.vocab_size)
+    graphdef, state = nnx.split(model)
     shard_rows: dict[str, list] = {"logprobs": [], "ids": [], "tail_logprob": [], "target_logprob": []}
     shard_ids: list[str] = []
     shard_lengths: list[int] = []
@@ -120,7 +123,7 @@ def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Ma
                             max_seq_len=max_seq_len)
         inputs = {key: batch[key] for key in ("teacher_tokens", "teacher_positions", "teacher_mask",
                                               "teacher_index", "answer_tokens")}
-        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(params, inputs, config=model_config, k=k,
+        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(graphdef, state, inputs, k=k,
                                                                  temperature=float(temperature), chunk=chunk))
         for i, rec in enumerate(records):
             n = int(batch["answer_mask"][i].sum())
@@ -143,18 +146,18 @@ def build_teacher_cache(params, model_config: ModelConfig, examples: Sequence[Ma
     return index
 
 
-def build_teacher_cache_sharded(params, model_config: ModelConfig, examples: Sequence[Mapping], directory,
+def build_teacher_cache_sharded(model, model_config: ModelConfig, examples: Sequence[Mapping], directory,
                                 **kwargs) -> dict:
     """build_teacher_cache under several JAX processes: each process runs every process_count-th
-    example on its own devices (`params` placed on a process-local mesh) and writes its part; the
+    example on its own devices (`model` placed on a process-local mesh) and writes its part; the
     main process then joins the parts into index.json. With one process it is build_teacher_cache."""
     from ssb_jax import distributed
     index, count = jax.process_index(), jax.process_count()
     if count == 1:
-        return build_teacher_cache(params, model_config, examples, directory, **kwargs)
+        return build_teacher_cache(model, model_config, examples, directory, **kwargs)
     directory = Path(directory)
     part_name = f"index.process-{index}-of-{count}.json"
-    build_teacher_cache(params, model_config, distributed.process_shard(examples, index, count), directory,
+    build_teacher_cache(model, model_config, distributed.process_shard(examples, index, count), directory,
                         file_prefix=f"shard_p{index}of{count}", index_name=part_name, **kwargs)
     distributed.barrier("teacher_cache:parts")
     if distributed.is_main_process():

@@ -9,6 +9,13 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The seven linear maps of a decoder layer, in HF order (LoRA targets name these).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What each decoder layer keeps for the backward pass (see qwen2.remat_policy):
+#   none: everything (no recomputation); full: only the layer input (recompute the whole layer);
+#   dots: the outputs of every matrix product; dots_no_batch: those without a batch dimension
+#   (the projections, not attention's score and value products).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +32,8 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     # Storage and matmul dtype of the parameters; norms, softmax and logits run in f32.
     dtype: str = "float32"
-    # Rematerialise each layer in the backward pass (trades FLOPs for activation memory).
-    remat: bool = False
+    # Rematerialisation policy per decoder layer, one of REMAT_POLICIES (True/False mean "full"/"none").
+    remat: str = "none"
     # "xla": plain einsum softmax attention, exact on every backend.
     # "dot_product_attention": jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU.
     attention_impl: str = "xla"
@@ -34,6 +41,10 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.num_heads % self.num_kv_heads:

@@ -1,12 +1,14 @@
-"""LoRA adapters as their own pytree, next to a frozen base.
+"""LoRA adapters: their own Flax variable type, their config, merging, and PEFT import/export.
 
-Tree layout (what `ssb_jax.model.qwen2.forward(..., lora=...)` consumes):
+An adapted projection (ssb_jax.model.qwen2.Linear) holds `lora_a` [d_in, r] and `lora_b` [r, d_out]
+as `LoRAParam` variables, stacked over layers like every layer weight, and its scale (alpha / r, or
+alpha / sqrt(r) with rsLoRA) as a static attribute; it adds `scale * (x @ a) @ b`. `LoRAParam` is not
+an `nnx.Param`, so `nnx.state(model, nnx.Param)` is exactly the frozen base and
+`nnx.state(model, LoRAParam)` exactly the trainable adapters. A is random at init and B is zero, so a
+fresh adapter leaves the base model unchanged.
 
-    {"layers": {proj_name: {"a": [L, d_in, r], "b": [L, r, d_out]}}}
-
-and the forward adds `scale * (x @ a) @ b` to each adapted projection, with the static
-per-projection scales of `LoraConfig.scales()` (alpha / r, or alpha / sqrt(r) with rsLoRA).
-A is random at init and B is zero, so a fresh adapter leaves the base model unchanged.
+The adapter state (an nnx.State of LoRAParams) travels apart from the base: `with_adapters` joins
+them into a student model without copying the base.
 
 PEFT naming (for export/import): base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
 holds a[i].T ([r, d_in]) and ...lora_B.weight holds b[i].T ([d_out, r]).
@@ -14,20 +16,26 @@ holds a[i].T ([r, d_in]) and ...lora_B.weight holds b[i].T ([d_out, r]).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import PROJECTIONS
+from ssb_jax.model.config import PROJECTIONS, ModelConfig
+
+
+class LoRAParam(nnx.Variable):
+    """A trainable low-rank adapter factor (the base model's weights are nnx.Param)."""
+
 
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_HF_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 
 
@@ -81,9 +89,6 @@ class LoraConfig:
         r = self.rank_of(target)
         return float(self.alpha) / (math.sqrt(r) if self.use_rslora else r)
 
-    def scales(self) -> dict[str, float]:
-        return {t: self.scale_of(t) for t in self.targets}
-
     @property
     def jnp_dtype(self):
         return _DTYPES[self.dtype]
@@ -94,6 +99,10 @@ class LoraConfig:
                 "dtype": self.dtype, "init": self.init, "default_rank": self.default_rank}
 
 
+_MODULE_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
 def projection_dims(config: ModelConfig, target: str) -> tuple[int, int]:
     """(d_in, d_out) of a projection."""
     D, F, Q, K = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
@@ -101,46 +110,67 @@ def projection_dims(config: ModelConfig, target: str) -> tuple[int, int]:
             "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}[canonical_target(target)]
 
 
-def lora_shapes(config: ModelConfig, lora_config: LoraConfig) -> dict:
-    L = config.num_layers
+# ----------------------------------------------------------------------------- states
+
+@functools.lru_cache(maxsize=16)
+def student_split(model_config: ModelConfig, lora_config: LoraConfig):
+    """(graph definition of base + adapters, abstract LoRA state, abstract base state); nothing allocated."""
+    from ssb_jax.model.qwen2 import abstract_model
+    return nnx.split(abstract_model(model_config, lora_config), LoRAParam, nnx.Param)
+
+
+def student_graphdef(model_config: ModelConfig, lora_config: LoraConfig) -> nnx.GraphDef:
+    """Merge it with a base state and a LoRA state: `nnx.merge(graphdef, lora_state, base_state)`."""
+    return student_split(model_config, lora_config)[0]
+
+
+def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array, mesh=None) -> nnx.State:
+    """Fresh adapters (the init of qwen2.Linear), placed on `mesh` by their logical axes if given.
+    Built in one jit that constructs the whole student and keeps only the adapters (XLA drops the rest)."""
+    from ssb_jax.model.qwen2 import Qwen2ForCausalLM
+
+    def make(key):
+        model = Qwen2ForCausalLM(model_config, rngs=nnx.Rngs(key), lora_config=lora_config)
+        return nnx.state(model, LoRAParam)
+    if mesh is None:
+        return jax.jit(make)(key)
+    from ssb_jax.sharding import state_shardings
+    return jax.jit(make, out_shardings=state_shardings(student_split(model_config, lora_config)[1], mesh))(key)
+
+
+def with_adapters(model, lora_state: nnx.State, lora_config: LoraConfig):
+    """The student: `model`'s base parameters (shared, not copied) with these adapters."""
+    from ssb_jax.model.qwen2 import base_state
+    return nnx.merge(student_graphdef(model.config, lora_config), lora_state, base_state(model))
+
+
+def lora_param_count(lora_state) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(lora_state)))
+
+
+def adapter_factors(lora_state) -> dict[str, tuple[Any, Any]]:
+    """{target: (a [L, d_in, r], b [L, r, d_out])} from a LoRA state."""
+    pure = lora_state.to_pure_dict() if isinstance(lora_state, nnx.State) else lora_state
     out = {}
-    for t in lora_config.targets:
-        d_in, d_out = projection_dims(config, t)
-        r = lora_config.rank_of(t)
-        out[t] = {"a": (L, d_in, r), "b": (L, r, d_out)}
-    return {"layers": out}
+    for target, module in _MODULE_OF.items():
+        factors = pure.get("layers", {}).get(module, {}).get(target)
+        if factors:
+            out[target] = (factors["lora_a"], factors["lora_b"])
+    return out
 
 
-def init_lora(config: ModelConfig, lora_config: LoraConfig, key: jax.Array) -> dict:
-    """A random (PEFT's default kaiming-uniform: U(-1/sqrt(d_in), 1/sqrt(d_in)); or N(0, 1/r)), B zero."""
-    dtype = lora_config.jnp_dtype
-    layers = {}
-    keys = jax.random.split(key, len(lora_config.targets))
-    for k, (t, shapes) in zip(keys, lora_shapes(config, lora_config)["layers"].items()):
-        L, d_in, r = shapes["a"]
-        if lora_config.init == "gaussian":
-            a = jax.random.normal(k, shapes["a"], jnp.float32) / r
-        else:
-            bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, shapes["a"], jnp.float32, -bound, bound)
-        layers[t] = {"a": a.astype(dtype), "b": jnp.zeros(shapes["b"], dtype)}
-    return {"layers": layers}
-
-
-def lora_param_count(lora: Mapping) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(lora)))
-
-
-def merge_lora(params: Mapping, lora: Mapping, lora_config: LoraConfig) -> dict:
-    """A new base tree with W + scale * A @ B folded into each adapted kernel (in the kernel's dtype)."""
-    layers = dict(params["layers"])
-    for t, factors in lora["layers"].items():
-        kernel = layers[t]["kernel"]
-        delta = jnp.einsum("lir,lro->lio", factors["a"].astype(jnp.float32), factors["b"].astype(jnp.float32),
+def merge_lora(model, lora_state: nnx.State, lora_config: LoraConfig):
+    """A new base model with W + scale * A @ B folded into each adapted kernel (in the kernel's dtype)."""
+    graphdef, state = nnx.split(model)
+    pure = state.to_pure_dict()
+    for target, (a, b) in adapter_factors(lora_state).items():
+        linear = pure["layers"][_MODULE_OF[target]][target]
+        kernel = linear["kernel"]
+        delta = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
-        merged = (kernel.astype(jnp.float32) + lora_config.scale_of(t) * delta).astype(kernel.dtype)
-        layers[t] = {**layers[t], "kernel": merged}
-    return {**params, "layers": layers}
+        linear["kernel"] = (kernel.astype(jnp.float32) + lora_config.scale_of(target) * delta).astype(kernel.dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
 
 
 # ----------------------------------------------------------------------------- PEFT naming
@@ -149,22 +179,22 @@ def peft_tensor_name(layer: int, target: str, factor: str) -> str:
     """PEFT state-dict name, factor "a" or "b"."""
     target = canonical_target(target)
     letter = {"a": "A", "b": "B"}[factor]
-    return f"base_model.model.model.layers.{layer}.{_MODULE[target]}.{target}.lora_{letter}.weight"
+    return f"base_model.model.model.layers.{layer}.{_HF_MODULE[target]}.{target}.lora_{letter}.weight"
 
 
-def lora_to_peft(lora: Mapping) -> dict[str, np.ndarray]:
+def lora_to_peft(lora_state) -> dict[str, np.ndarray]:
     """PEFT-layout tensors (lora_A [r, d_in], lora_B [d_out, r]) as float32 numpy arrays."""
     out = {}
-    for t, factors in lora["layers"].items():
-        a = np.asarray(jax.device_get(factors["a"]), np.float32)
-        b = np.asarray(jax.device_get(factors["b"]), np.float32)
+    for t, (a, b) in adapter_factors(lora_state).items():
+        a = np.asarray(jax.device_get(a), np.float32)
+        b = np.asarray(jax.device_get(b), np.float32)
         for i in range(a.shape[0]):
             out[peft_tensor_name(i, t, "a")] = np.ascontiguousarray(a[i].T)
             out[peft_tensor_name(i, t, "b")] = np.ascontiguousarray(b[i].T)
     return out
 
 
-def lora_from_peft(tensors: Mapping[str, Any], config: ModelConfig, lora_config: LoraConfig) -> dict:
+def lora_from_peft(tensors: Mapping[str, Any], config: ModelConfig, lora_config: LoraConfig) -> nnx.State:
     """Inverse of lora_to_peft; also accepts names without the "base_model.model." prefix or with
     PEFT's ".default" adapter infix. Raises on a missing or misshaped tensor."""
     normalised = {}
@@ -173,11 +203,12 @@ def lora_from_peft(tensors: Mapping[str, Any], config: ModelConfig, lora_config:
         if not name.startswith("base_model.model."):
             name = "base_model.model." + name
         normalised[name] = value
-    shapes = lora_shapes(config, lora_config)["layers"]
+    abstract = student_split(config, lora_config)[1]
+    pure = jax.tree.map(lambda x: None, abstract.to_pure_dict())
     dtype = lora_config.jnp_dtype
-    layers = {}
-    for t, s in shapes.items():
-        stacked = {}
+    for t in lora_config.targets:
+        d_in, d_out = projection_dims(config, t)
+        want = {"a": (d_in, lora_config.rank_of(t)), "b": (lora_config.rank_of(t), d_out)}
         for factor in ("a", "b"):
             rows = []
             for i in range(config.num_layers):
@@ -185,12 +216,13 @@ def lora_from_peft(tensors: Mapping[str, Any], config: ModelConfig, lora_config:
                 if name not in normalised:
                     raise KeyError(f"PEFT adapter lacks tensor {name!r}")
                 x = np.asarray(normalised[name], np.float32).T
-                if x.shape != s[factor][1:]:
-                    raise ValueError(f"{name}: shape {x.T.shape}, expected {tuple(reversed(s[factor][1:]))}")
+                if x.shape != want[factor]:
+                    raise ValueError(f"{name}: shape {x.T.shape}, expected {tuple(reversed(want[factor]))}")
                 rows.append(x)
-            stacked[factor] = jnp.asarray(np.stack(rows), dtype)
-        layers[t] = stacked
-    return {"layers": layers}
+            pure["layers"][_MODULE_OF[t]][t][f"lora_{factor}"] = jnp.asarray(np.stack(rows), dtype)
+    state = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
 
 
 def peft_adapter_config(lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:

@@ -1,16 +1,24 @@
-"""Qwen2 / Qwen2.5 decoder as pure functions over a parameter pytree.
+"""Qwen2 / Qwen2.5 as Flax NNX modules.
 
-One forward serves every use: full sequences (training, teacher scoring), prefill into a
-preallocated KV cache, and single-token decode. Layers are stacked on a leading axis and
-run under `lax.scan`.
+`Qwen2ForCausalLM(config, rngs=...)` is an ordinary `flax.nnx` model: call it eagerly in a notebook,
+or split it once (`nnx.split`) and run the pure function `apply(graphdef, state, ...)` under `jit`.
+One forward serves every use: full sequences (training, teacher scoring), prefill into a preallocated
+KV cache, and single-token decode.
 
-Parameter tree (L = layers, D = hidden, Q = heads*head_dim, K = kv_heads*head_dim, F = mlp):
-    embed [V, D], final_norm [D], lm_head [D, V] (untied only)
-    layers: attn_norm [L, D], mlp_norm [L, D],
-            q_proj {kernel [L, D, Q], bias [L, Q]}, k_proj/v_proj {kernel [L, D, K], bias [L, K]},
-            o_proj {kernel [L, Q, D]}, gate_proj/up_proj {kernel [L, D, F]}, down_proj {kernel [L, F, D]}
+    model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(0))
+    logits, _ = model(tokens, positions, mask)                      # [B, T, V] float32
+    cache = model.init_cache(batch, length)
+    logits, cache = model(prompt, positions, mask, cache)           # prefill, then decode the same way
+    graphdef, state = nnx.split(model)                              # once; then jit(apply)(graphdef, state, ...)
 
-LoRA tree (optional, see ssb_jax.model.lora): {"layers": {proj_name: {"a": [L, d_in, r], "b": [L, r, d_out]}}}.
+Parameters (every one names its dimensions' logical axes in `out_sharding`, see ssb_jax.sharding):
+    embed.embedding [V, D], final_norm.scale [D], lm_head.kernel [D, V] (untied only)
+    layers (stacked on a leading L axis by nnx.vmap, run under lax.scan):
+        attn_norm.scale, mlp_norm.scale [L, D]
+        attn.{q,k,v}_proj.kernel [L, D, Q|K], .bias [L, Q|K]; attn.o_proj.kernel [L, Q, D]
+        mlp.{gate,up}_proj.kernel [L, D, F]; mlp.down_proj.kernel [L, F, D]
+    With a LoraConfig, each adapted projection also holds lora_a [L, d_in, r] and lora_b [L, r, d_out],
+    `LoRAParam` variables (not `nnx.Param`), and its scale as a static attribute.
 
 KV cache: {"k", "v": [L, B, S, kv_heads, head_dim], "valid": [B, S] bool, "index": int32 scalar}.
 All rows share the write slot `index` (prompts are left-padded to a common length), while each
@@ -18,122 +26,93 @@ row carries its own positions, so left padding changes nothing in the math.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.lora import LoRAParam, LoraConfig
 
-Params = Mapping[str, Any]
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MASKED = -1e30  # finite, so a query with no visible key (a pad) softmaxes to uniform, not NaN
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+CACHE_AXES = {"k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
+              "v": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
+              "valid": ("batch", "cache_slots"), "index": ()}
 
 
-# ----------------------------------------------------------------------------- init
-
-def param_shapes(config: ModelConfig) -> dict:
-    """Shapes of the parameter tree, as nested dicts of tuples."""
-    L, D, F = config.num_layers, config.hidden_size, config.intermediate_size
-    Q, K = config.q_size, config.kv_size
-    shapes = {
-        "embed": (config.vocab_size, D),
-        "final_norm": (D,),
-        "layers": {
-            "attn_norm": (L, D),
-            "mlp_norm": (L, D),
-            "q_proj": {"kernel": (L, D, Q), "bias": (L, Q)},
-            "k_proj": {"kernel": (L, D, K), "bias": (L, K)},
-            "v_proj": {"kernel": (L, D, K), "bias": (L, K)},
-            "o_proj": {"kernel": (L, Q, D)},
-            "gate_proj": {"kernel": (L, D, F)},
-            "up_proj": {"kernel": (L, D, F)},
-            "down_proj": {"kernel": (L, F, D)},
-        },
-    }
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (D, config.vocab_size)
-    return shapes
+def param(value, axes) -> nnx.Param:
+    """A base parameter with its logical axis names (placed later, by ssb_jax.sharding)."""
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def _is_shape(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+def _normal(rngs: nnx.Rngs, shape, dtype, std: float):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-def init_params(config: ModelConfig, key: jax.Array, std: float = 0.02) -> dict:
-    """Random parameters (normal(0, std) matrices and biases, unit norms), for tests and benchmarks."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=_is_shape)
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for path, shape, k in zip(paths, leaves, keys):
-        if "norm" in path:
-            out.append(jnp.ones(shape, config.jnp_dtype))
+# ----------------------------------------------------------------------------- modules
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias) (+ lora_scale * (x @ lora_a) @ lora_b). kernel [in, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
+                 dtype, rngs: nnx.Rngs, lora: tuple[int, float, Any, str] | None = None, std: float = 0.02):
+        self.kernel = param(_normal(rngs, (in_features, out_features), dtype, std), axes)
+        self.bias = param(_normal(rngs, (out_features,), dtype, std), axes[1:]) if use_bias else None
+        if lora is None:
+            self.lora_a = self.lora_b = None
+            self.lora_scale = 0.0
         else:
-            out.append((std * jax.random.normal(k, shape, jnp.float32)).astype(config.jnp_dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+            rank, scale, lora_dtype, init = lora
+            if init == "gaussian":
+                a = jax.random.normal(rngs.params(), (in_features, rank), jnp.float32) / rank
+            else:  # PEFT's default: kaiming-uniform, U(-1/sqrt(d_in), 1/sqrt(d_in))
+                bound = 1.0 / math.sqrt(in_features)
+                a = jax.random.uniform(rngs.params(), (in_features, rank), jnp.float32, -bound, bound)
+            self.lora_a = LoRAParam(a.astype(lora_dtype), out_sharding=(axes[0], "lora_rank"), eager_sharding=False)
+            self.lora_b = LoRAParam(jnp.zeros((rank, out_features), lora_dtype), out_sharding=("lora_rank", axes[1]),
+                                    eager_sharding=False)
+            self.lora_scale = float(scale)
+
+    def project(self, x: jax.Array) -> jax.Array:
+        """x @ kernel alone (the decode layout overrides this)."""
+        return jnp.einsum("...i,io->...o", x, self.kernel[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.project(x)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.lora_a is not None:
+            a, b = self.lora_a[...], self.lora_b[...]
+            low_rank = jnp.einsum("...i,ir->...r", x.astype(a.dtype), a)
+            y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low_rank, b)).astype(y.dtype)
+        return y
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict:
-    """k/v stacked [L, B, S, G, H], or (per_layer, for unstacked params) lists of L [B, S, G, H]."""
-    dtype = dtype or config.jnp_dtype
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    if per_layer:
-        k = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
-        v = [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]
-    else:
-        k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
-    return {"k": k, "v": v, "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, dtype):
+        self.scale = param(jnp.ones((size,), dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
 
 
-def unstack_layers(params: Params) -> Params:
-    """The same weights in the CPU decode layout: `layers` is a list of per-layer trees, each projection
-    holds its kernel transposed as `kernel_t` [out, in], and an untied LM head is stored as `lm_head_t`
-    [V, D] (a tied one is the embedding, already [V, D]).
+class Embed(nnx.Module):
+    def __init__(self, vocab_size: int, size: int, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.embedding = param(_normal(rngs, (vocab_size, size), dtype, std), ("vocab", "embed"))
 
-    `forward` then runs the layers as an unrolled loop. Both choices are for decoding a few rows on
-    XLA:CPU. Inside `scan`, every step copies each layer's weights out of the stacked arrays (measured
-    at batch 8 on the 0.5B shape: MLP + q/o projections of 24 layers 198 ms in scan, 103 ms unrolled).
-    And XLA:CPU multiplies a few rows by a [out, in] matrix into an [out, rows] result faster than
-    rows @ [in, out] (8 rows, 896 x 4864: 0.77 vs 1.00 ms; the vocabulary projection 25 vs 47 ms).
-    Together: a batch-8 greedy decode step 236 ms with scan, 110 ms in this layout (batch 1: 179, 76).
-    Costs one more copy of the weights while the stacked tree is also alive.
-    """
-    layers = params["layers"]
-    if isinstance(layers, (list, tuple)):
-        return params
-    num_layers = jax.tree_util.tree_leaves(layers)[0].shape[0]
-
-    def layer(i):
-        out = {}
-        for name, leaf in layers.items():
-            if isinstance(leaf, Mapping) and "kernel" in leaf:
-                out[name] = {k: (v[i].T if k == "kernel" else v[i]) for k, v in leaf.items()}
-                out[name]["kernel_t"] = out[name].pop("kernel")
-            else:
-                out[name] = jax.tree_util.tree_map(lambda a: a[i], leaf)
-        return out
-
-    unstacked = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
-    if "lm_head" in params:
-        unstacked["lm_head_t"] = params["lm_head"].T
-    return {**unstacked, "layers": [layer(i) for i in range(num_layers)]}
-
-
-def has_unstacked_layers(params: Params) -> bool:
-    return isinstance(params["layers"], (list, tuple))
-
-
-# ----------------------------------------------------------------------------- pieces
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * normed.astype(x.dtype)
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
@@ -152,20 +131,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def linear(x: jax.Array, weights: Mapping, lora: Mapping | None, lora_scale: float) -> jax.Array:
-    if "kernel_t" in weights:  # the decode layout (see unstack_layers): [out, in] times rows
-        y = jnp.moveaxis(jnp.einsum("oi,...i->o...", weights["kernel_t"], x), 0, -1)
-    else:
-        y = jnp.einsum("...i,io->...o", x, weights["kernel"])
-    if "bias" in weights:
-        y = y + weights["bias"]
-    if lora is not None:
-        a, b = lora["a"], lora["b"]
-        low_rank = jnp.einsum("...i,ir->...r", x.astype(a.dtype), a)
-        y = y + (lora_scale * jnp.einsum("...r,ro->...o", low_rank, b)).astype(y.dtype)
-    return y
-
-
 def attention(q, k, v, visible, impl: str = "xla"):
     """Grouped-query attention. q [B,T,N,H]; k, v [B,S,G,H]; visible [B,T,S] bool -> [B,T,N,H]."""
     B, T, N, H = q.shape
@@ -181,121 +146,206 @@ def attention(q, k, v, visible, impl: str = "xla"):
     return out.reshape(B, T, N, H)
 
 
-# ----------------------------------------------------------------------------- forward
+def _lora_for(lora_config: LoraConfig | None, target: str):
+    if lora_config is None or target not in lora_config.targets:
+        return None
+    return (lora_config.rank_of(target), lora_config.scale_of(target), lora_config.jnp_dtype, lora_config.init)
 
-def _layer(config: ModelConfig, lora_scales: Mapping[str, float], hidden, positions, visible,
-           cache_index, layer_params, layer_lora, layer_cache):
-    """One decoder block. Returns the new hidden state and this layer's updated cache (or None)."""
-    p = layer_params
-    lora_of = (lambda name: None) if layer_lora is None else (lambda name: layer_lora.get(name))
-    B, T, _ = hidden.shape
-    N, G, H = config.num_heads, config.num_kv_heads, config.head_dim
 
-    def proj(name, x):
-        return linear(x, p[name], lora_of(name), lora_scales.get(name, 0.0))
+class Attention(nnx.Module):
+    """Grouped-query self-attention with q/k/v biases and RoPE."""
 
-    x = rms_norm(hidden, p["attn_norm"], config.rms_norm_eps)
-    q = apply_rope(proj("q_proj", x).reshape(B, T, N, H), positions, config.rope_theta)
-    k = apply_rope(proj("k_proj", x).reshape(B, T, G, H), positions, config.rope_theta)
-    v = proj("v_proj", x).reshape(B, T, G, H)
-    if layer_cache is not None:
-        k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, axis=1)
-        new_cache = (k_all, v_all)
-        k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    else:
+    def __init__(self, config: ModelConfig, lora_config: LoraConfig | None, rngs: nnx.Rngs, init_std: float = 0.02):
+        D, Q, K, dt = config.hidden_size, config.q_size, config.kv_size, config.jnp_dtype
+        lin = lambda d_in, d_out, axes, bias, name: Linear(d_in, d_out, axes=axes, use_bias=bias, dtype=dt,  # noqa: E731
+                                                          rngs=rngs, lora=_lora_for(lora_config, name), std=init_std)
+        self.q_proj = lin(D, Q, ("embed", "heads"), True, "q_proj")
+        self.k_proj = lin(D, K, ("embed", "kv_heads"), True, "k_proj")
+        self.v_proj = lin(D, K, ("embed", "kv_heads"), True, "v_proj")
+        self.o_proj = lin(Q, D, ("heads", "embed"), False, "o_proj")
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.rope_theta, self.impl = config.rope_theta, config.attention_impl
+
+    def __call__(self, x, positions, visible, cache_index, layer_cache):
+        """x [B, T, D]. With a layer cache (k, v [B, S, G, H]) the new keys and values are written at
+        slot `cache_index`; returns (output [B, T, D], updated layer cache or None)."""
+        B, T, _ = x.shape
+        N, G, H = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, self.rope_theta)
+        k = apply_rope(self.k_proj(x).reshape(B, T, G, H), positions, self.rope_theta)
+        v = self.v_proj(x).reshape(B, T, G, H)
         new_cache = None
-    attn = attention(q, k, v, visible, config.attention_impl)
-    hidden = hidden + proj("o_proj", attn.reshape(B, T, N * H))
-
-    x = rms_norm(hidden, p["mlp_norm"], config.rms_norm_eps)
-    mlp = jax.nn.silu(proj("gate_proj", x)) * proj("up_proj", x)
-    hidden = hidden + proj("down_proj", mlp)
-    return hidden, new_cache
-
-
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-            cache: dict | None = None, lora: Params | None = None, *, config: ModelConfig,
-            lora_scales: Mapping[str, float] | None = None, return_hidden: bool = False):
-    """Run the decoder.
-
-    tokens, positions [B, T] int; mask [B, T] bool (False marks padding).
-    Without a cache, token t attends to tokens s <= t that are not padding.
-    With a cache, the T tokens are written at slots [index, index+T) and attend to every valid
-    earlier slot; this is prefill (T = prompt length) and decode (T = 1) alike.
-
-    Returns (logits [B, T, V] float32, or the final-normed hidden [B, T, D] if return_hidden; new cache or None).
-    """
-    lora_scales = dict(lora_scales or {})
-    T = tokens.shape[1]
-    hidden = jnp.take(params["embed"], tokens, axis=0)
-    mask = mask.astype(bool)
-    query_slots = jnp.arange(T)
-    if cache is None:
-        key_valid = mask
-        key_slots = query_slots
-        cache_index = 0
-        layer_caches = None
-    else:
-        cache_index = cache["index"]
-        key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, cache_index, axis=1)
-        key_slots = jnp.arange(key_valid.shape[1])
-        query_slots = query_slots + cache_index
-        layer_caches = (cache["k"], cache["v"])
-    # visible[b, t, s]: key slot s is real and not in the future of query slot t.
-    visible = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
-
-    layer_fn = functools.partial(_layer, config, lora_scales)
-    if config.remat:
-        layer_fn = jax.checkpoint(layer_fn, policy=jax.checkpoint_policies.nothing_saveable)
-
-    def body(h, xs):
-        layer_params, layer_lora, layer_cache = xs
-        h, new_cache = layer_fn(h, positions, visible, cache_index, layer_params, layer_lora, layer_cache)
-        return h, new_cache
-
-    layer_lora = None if lora is None else lora["layers"]
-    if has_unstacked_layers(params):  # an unrolled loop (see unstack_layers); caches are per-layer lists
-        outputs = []
-        for i, layer_params in enumerate(params["layers"]):
-            lora_i = None if layer_lora is None else jax.tree_util.tree_map(lambda a, i=i: a[i], layer_lora)
-            cache_i = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-            hidden, new_cache_i = body(hidden, (layer_params, lora_i, cache_i))
-            outputs.append(new_cache_i)
-        new_layer_caches = None if layer_caches is None else ([c[0] for c in outputs], [c[1] for c in outputs])
-    else:
-        hidden, new_layer_caches = jax.lax.scan(body, hidden, (params["layers"], layer_lora, layer_caches))
-    hidden = rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
-
-    new_cache = None
-    if cache is not None:
-        new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1], "valid": key_valid,
-                     "index": cache["index"] + T}
-    if return_hidden:
-        return hidden, new_cache
-    return logits_from_hidden(params, hidden, config), new_cache
+        if layer_cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
+            new_cache = (k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = attention(q, k, v, visible, self.impl)
+        return self.o_proj(out.reshape(B, T, N * H)), new_cache
 
 
-def lm_head_matrix(params: Params, config: ModelConfig) -> jax.Array:
-    """[D, V] output projection (the transposed embedding when tied)."""
-    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, lora_config: LoraConfig | None, rngs: nnx.Rngs, init_std: float = 0.02):
+        D, F, dt = config.hidden_size, config.intermediate_size, config.jnp_dtype
+        self.gate_proj = Linear(D, F, axes=("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs,
+                                lora=_lora_for(lora_config, "gate_proj"), std=init_std)
+        self.up_proj = Linear(D, F, axes=("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs,
+                              lora=_lora_for(lora_config, "up_proj"), std=init_std)
+        self.down_proj = Linear(F, D, axes=("mlp", "embed"), use_bias=False, dtype=dt, rngs=rngs,
+                                lora=_lora_for(lora_config, "down_proj"), std=init_std)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def logits_from_hidden(params: Params, hidden: jax.Array, config: ModelConfig) -> jax.Array:
-    """Project final-normed hidden states [..., D] to float32 logits [..., V]."""
-    if has_unstacked_layers(params):  # the decode layout: [V, D] times rows, then one transpose
-        head = params["lm_head_t"] if "lm_head_t" in params else params["embed"]
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        by_vocab = jnp.einsum("vd,rd->vr", head, rows, preferred_element_type=jnp.float32)
-        # Materialized, then transposed: left to fusion, the transpose ran inside every consumer of the
-        # logits and doubled the time of the whole projection.
-        by_vocab = jax.lax.optimization_barrier(by_vocab)
-        return by_vocab.T.reshape(*hidden.shape[:-1], head.shape[0])
-    return jnp.einsum("...d,dv->...v", hidden, lm_head_matrix(params, config),
-                      preferred_element_type=jnp.float32)
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, lora_config: LoraConfig | None, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.jnp_dtype)
+        self.attn = Attention(config, lora_config, rngs, init_std)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.jnp_dtype)
+        self.mlp = MLP(config, lora_config, rngs, init_std)
+
+    def __call__(self, hidden, positions, visible, cache_index, layer_cache):
+        """One pre-norm block; returns (hidden, this layer's updated cache or None)."""
+        attn, new_cache = self.attn(self.attn_norm(hidden), positions, visible, cache_index, layer_cache)
+        hidden = hidden + attn
+        return hidden + self.mlp(self.mlp_norm(hidden)), new_cache
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """Positions that count only real tokens (left padding gets position 0), as HF generate does."""
     mask = mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """The decoder with its LM head (tied to the embedding or not), optionally with LoRA adapters.
+    Random init: normal(0, init_std) matrices, embeddings and biases, unit norms (a loaded checkpoint
+    replaces all of it)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, lora_config: LoraConfig | None = None,
+                 init_std: float = 0.02):
+        self.config = config
+        self.embed = Embed(config.vocab_size, config.hidden_size, config.jnp_dtype, rngs, init_std)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(rngs):
+            return DecoderLayer(config, lora_config, rngs, init_std)
+
+        self.layers = stacked_layers(rngs)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.jnp_dtype)
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=config.jnp_dtype,
+            rngs=rngs, std=init_std)
+
+    # ------------------------------------------------------------------ forward
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+                 cache: dict | None = None, *, return_hidden: bool = False):
+        """tokens, positions [B, T] int; mask [B, T] bool (False marks padding; default all True;
+        positions default to counting the unmasked tokens).
+
+        Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T
+        tokens are written at slots [index, index+T) and attend to every valid earlier slot: prefill
+        (T = prompt length) and decode (T = 1) alike.
+
+        Returns (float32 logits [B, T, V], or with return_hidden the final-normed hidden states
+        [B, T, D]; the updated cache or None).
+        """
+        mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
+        positions = positions_from_mask(mask) if positions is None else positions
+        T = tokens.shape[1]
+        hidden = self.embed(tokens)
+        query_slots = jnp.arange(T)
+        if cache is None:
+            key_valid, key_slots, cache_index, layer_caches = mask, query_slots, 0, None
+        else:
+            cache_index = cache["index"]
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, cache_index, axis=1)
+            key_slots = jnp.arange(key_valid.shape[1])
+            query_slots = query_slots + cache_index
+            layer_caches = (cache["k"], cache["v"])
+        # visible[b, t, s]: key slot s is real and not in the future of query slot t.
+        visible = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+        hidden, new_layer_caches = self.run_layers(hidden, positions, visible, cache_index, layer_caches)
+        hidden = self.final_norm(hidden)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1], "valid": key_valid,
+                         "index": cache["index"] + T}
+        return (hidden if return_hidden else self.logits(hidden)), new_cache
+
+    def run_layers(self, hidden, positions, visible, cache_index, layer_caches):
+        """The stacked layers under lax.scan (each step merges one layer's slice of the state), with the
+        configured remat policy. Returns (hidden, (k, v) stacked caches or None)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, layer_cache = xs
+            return nnx.merge(graphdef, layer_state)(h, positions, visible, cache_index, layer_cache)
+
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT[self.config.remat])
+        return jax.lax.scan(body, hidden, (state, layer_caches))
+
+    def head_matrix(self) -> jax.Array:
+        """[D, V] output projection (the transposed embedding when tied)."""
+        return self.embed.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+        return jnp.einsum("...d,dv->...v", hidden, self.head_matrix(), preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------ KV cache
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        c = self.config
+        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
+        dtype = dtype or c.jnp_dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, length), bool),
+                "index": jnp.zeros((), jnp.int32)}
+
+    def repeat_cache(self, cache: dict, n: int) -> dict:
+        """Each row's cache n times in a row (prompt-major), for n samples of one prefill."""
+        return {"k": jnp.repeat(cache["k"], n, axis=1), "v": jnp.repeat(cache["v"], n, axis=1),
+                "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
+
+    def cache_shardings(self, cache: dict, mesh) -> dict:
+        from ssb_jax.sharding import named_sharding
+        return {name: named_sharding(CACHE_AXES[name], cache[name].shape, mesh) for name in cache}
+
+
+# ----------------------------------------------------------------------------- functional use
+
+def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cache=None, *, return_hidden=False):
+    """The model as a pure function of (graph definition, state(s), inputs), for use under jit.
+    `state` is one nnx.State or a tuple of them (base and LoRA, split apart)."""
+    states = state if isinstance(state, tuple) else (state,)
+    return nnx.merge(graphdef, *states)(tokens, positions, mask, cache, return_hidden=return_hidden)
+
+
+def init_model(config: ModelConfig, key: jax.Array | int = 0, *, lora_config: LoraConfig | None = None,
+               std: float = 0.02) -> Qwen2ForCausalLM:
+    """A randomly initialised model (normal(0, std) matrices and biases, unit norms), for tests and
+    benchmarks, built inside one jit (one compiled program instead of an eager op per parameter)."""
+    key = jax.random.key(key) if isinstance(key, int) else key
+    graphdef, _ = nnx.split(abstract_model(config, lora_config))
+
+    @jax.jit
+    def make(key):
+        return nnx.state(Qwen2ForCausalLM(config, rngs=nnx.Rngs(key), lora_config=lora_config, init_std=std))
+
+    return nnx.merge(graphdef, make(key))
+
+
+def abstract_model(config: ModelConfig, lora_config: LoraConfig | None = None) -> Qwen2ForCausalLM:
+    """The model with ShapeDtypeStructs for arrays: shapes, dtypes and logical axes, nothing allocated."""
+    return nnx.eval_shape(lambda: Qwen2ForCausalLM(config, rngs=nnx.Rngs(0), lora_config=lora_config))
+
+
+def base_state(model: Qwen2ForCausalLM) -> nnx.State:
+    """The frozen base parameters (every nnx.Param; LoRA adapters are not Params)."""
+    return nnx.state(model, nnx.Param)

@@ -1,8 +1,10 @@
-"""Hugging Face safetensors checkpoints <-> the stacked parameter tree.
+"""Hugging Face safetensors checkpoints <-> the Flax model.
 
-Loading streams tensor by tensor into one preallocated host buffer per parameter (layers
-stacked), casting on the way, then places each parameter on device (with its sharding when a
-mesh is given) and frees the host copy, so peak host memory stays near one copy of the weights.
+Loading builds the model abstractly (`nnx.eval_shape`: shapes and logical axes, nothing allocated),
+then streams tensor by tensor into one preallocated host buffer per parameter (layers stacked),
+casting on the way, places each parameter on device (with the sharding its logical axes give on
+`mesh`) and frees the host copy, so peak host memory stays near one copy of the weights. The filled
+state is merged into the model's graph definition at the end.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -18,32 +20,34 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import param_shapes
+from flax import nnx
+
+from ssb_jax.model.qwen2 import abstract_model
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
-# HF tensor name (inside a layer) -> (our leaf path inside "layers", transpose?)
+# HF tensor name (inside a layer) -> (the model state's path inside "layers", transpose?)
 _LAYER_TENSORS = {
-    "input_layernorm.weight": (("attn_norm",), False),
-    "post_attention_layernorm.weight": (("mlp_norm",), False),
-    "self_attn.q_proj.weight": (("q_proj", "kernel"), True),
-    "self_attn.q_proj.bias": (("q_proj", "bias"), False),
-    "self_attn.k_proj.weight": (("k_proj", "kernel"), True),
-    "self_attn.k_proj.bias": (("k_proj", "bias"), False),
-    "self_attn.v_proj.weight": (("v_proj", "kernel"), True),
-    "self_attn.v_proj.bias": (("v_proj", "bias"), False),
-    "self_attn.o_proj.weight": (("o_proj", "kernel"), True),
-    "mlp.gate_proj.weight": (("gate_proj", "kernel"), True),
-    "mlp.up_proj.weight": (("up_proj", "kernel"), True),
-    "mlp.down_proj.weight": (("down_proj", "kernel"), True),
+    "input_layernorm.weight": (("attn_norm", "scale"), False),
+    "post_attention_layernorm.weight": (("mlp_norm", "scale"), False),
+    "self_attn.q_proj.weight": (("attn", "q_proj", "kernel"), True),
+    "self_attn.q_proj.bias": (("attn", "q_proj", "bias"), False),
+    "self_attn.k_proj.weight": (("attn", "k_proj", "kernel"), True),
+    "self_attn.k_proj.bias": (("attn", "k_proj", "bias"), False),
+    "self_attn.v_proj.weight": (("attn", "v_proj", "kernel"), True),
+    "self_attn.v_proj.bias": (("attn", "v_proj", "bias"), False),
+    "self_attn.o_proj.weight": (("attn", "o_proj", "kernel"), True),
+    "mlp.gate_proj.weight": (("mlp", "gate_proj", "kernel"), True),
+    "mlp.up_proj.weight": (("mlp", "up_proj", "kernel"), True),
+    "mlp.down_proj.weight": (("mlp", "down_proj", "kernel"), True),
 }
 _GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": (("embed",), False),
-    "model.norm.weight": (("final_norm",), False),
-    "lm_head.weight": (("lm_head",), True),
+    "model.embed_tokens.weight": (("embed", "embedding"), False),
+    "model.norm.weight": (("final_norm", "scale"), False),
+    "lm_head.weight": (("lm_head", "kernel"), True),
 }
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -124,16 +128,24 @@ def _set(tree, path, value):
 
 
 def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dtype: str | None = None,
-                shardings: Any = None) -> tuple[ModelConfig, dict]:
-    """Load a Qwen2 HF checkpoint. `shardings` is a pytree of jax.sharding.Sharding matching the
-    parameter tree (see ssb_jax.sharding.param_shardings), or None for the default device."""
+                mesh=None, overrides: dict | None = None):
+    """Load a Qwen2 HF checkpoint into (ModelConfig, Qwen2ForCausalLM), each weight placed on `mesh`
+    by its logical axes (ssb_jax.sharding), or on the default device without a mesh. overrides:
+    ModelConfig fields to change (dtype among them)."""
     directory = resolve_checkpoint(path_or_id)
     if config is None:
         config = ModelConfig.from_json(directory / "config.json")
     if dtype is not None:
         config = config.replace(dtype=dtype)
+    if overrides:
+        config = config.replace(**overrides)
     np_dtype = np.dtype(config.jnp_dtype)
-    shapes = param_shapes(config)
+    graphdef, abstract = nnx.split(abstract_model(config))
+    shapes = jax.tree.map(lambda x: tuple(x.shape), abstract.to_pure_dict())
+    shardings = None
+    if mesh is not None:
+        from ssb_jax.sharding import state_shardings
+        shardings = state_shardings(abstract, mesh).to_pure_dict()
     buffers: dict = {}
     filled: dict[tuple, set] = {}
 
@@ -144,7 +156,7 @@ def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dt
                 if target is None:
                     raise CheckpointError(f"{file}: unexpected tensor {name!r} for a {config.num_layers}-layer Qwen2 model")
                 leaf, layer, transpose = target
-                if leaf == ("lm_head",) and config.tie_word_embeddings:
+                if leaf[0] == "lm_head" and config.tie_word_embeddings:
                     continue  # some tied checkpoints store the shared matrix twice
                 full_shape = _get(shapes, leaf)
                 want = full_shape[1:] if layer is not None else full_shape
@@ -183,12 +195,13 @@ def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dt
         _set(buffers, leaf, None)  # free the host copy before placing the next parameter
         del host
     log.info("loaded %s (%d parameters, %s)", directory, config.param_count(), config.dtype)
-    return config, params
+    nnx.replace_by_pure_dict(abstract, params)
+    return config, nnx.merge(graphdef, abstract)
 
 
 def _leaf_paths(shapes, prefix=()) -> Iterable[tuple[tuple, tuple]]:
     for key, value in shapes.items():
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             yield from _leaf_paths(value, prefix + (key,))
         else:
             yield prefix + (key,), value
@@ -206,10 +219,11 @@ def _hf_name(leaf: tuple, layer: int | None) -> str:
 
 # ----------------------------------------------------------------------------- saving
 
-def hf_tensors(params: dict, config: ModelConfig) -> Iterable[tuple[str, Callable[[], np.ndarray]]]:
+def hf_tensors(model, config: ModelConfig) -> Iterable[tuple[str, Callable[[], np.ndarray]]]:
     """(HF name, thunk giving the numpy tensor in HF layout), one per checkpoint tensor."""
+    params = nnx.state(model, nnx.Param).to_pure_dict()
     for name, (leaf, transpose) in _GLOBAL_TENSORS.items():
-        if leaf == ("lm_head",) and config.tie_word_embeddings:
+        if leaf[0] == "lm_head" and config.tie_word_embeddings:
             continue
         yield name, (lambda leaf=leaf, t=transpose: _to_hf(_get(params, leaf), t))
     for layer in range(config.num_layers):
@@ -223,9 +237,9 @@ def _to_hf(array, transpose: bool) -> np.ndarray:
     return np.ascontiguousarray(host.T if transpose else host)
 
 
-def save_params(params: dict, config: ModelConfig, directory: str | Path, *,
+def save_params(model, config: ModelConfig, directory: str | Path, *,
                 max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write config.json and HF safetensors (sharded with an index above max_shard_bytes)."""
+    """Write a model's config.json and HF safetensors (sharded with an index above max_shard_bytes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
@@ -240,7 +254,7 @@ def save_params(params: dict, config: ModelConfig, directory: str | Path, *,
         save_file(shard, str(part), metadata=metadata)
         written.append((part, list(shard)))
 
-    for name, thunk in hf_tensors(params, config):
+    for name, thunk in hf_tensors(model, config):
         tensor = thunk()
         if shard and size + tensor.nbytes > max_shard_bytes:
             flush()

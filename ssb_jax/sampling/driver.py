@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import unstack_layers
+from flax import nnx
+
 from ssb_jax.model.tokenizer import Chat, encode_chat
+from ssb_jax.sampling.decode_layout import to_decode_layout
 from ssb_jax.sampling.sampler import FINISH_STOP, SamplingParams, generate, row_keys_for
 from ssb_jax.sharding import BATCH_AXES
 
@@ -59,27 +60,29 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int | None:
 
 
 def decode_layout_by_default() -> bool:
-    """Whether samplers use the decode layout of the weights (qwen2.unstack_layers) unless told:
+    """Whether samplers use the decode layout of the weights (sampling.decode_layout) unless told:
     on the CPU backend, the only one it was measured faster on."""
     return jax.default_backend() == "cpu"
 
 
 class Sampler:
-    """Holds the model and the compiled programs; generate() is the entry point."""
+    """Holds the model, split once, and the compiled programs; generate() is the entry point."""
 
-    def __init__(self, params, config: ModelConfig, tokenizer=None, *, batch_size: int = 8,
+    def __init__(self, model, tokenizer=None, *, batch_size: int = 8,
                  max_prompt_tokens: int = 2048, prompt_buckets: Sequence[int] | None = None,
-                 min_prompt_bucket: int = 16, mesh=None, lora=None, lora_scales=None,
-                 show_progress: bool = True, unstack: bool | None = None):
-        """unstack: sample with the decode layout of the weights (a copy of the stacked ones: an
-        unrolled layer loop and transposed matrices; see ssb_jax.model.qwen2.unstack_layers). Default:
-        on the CPU backend, where its decode steps ran 2.3x (batch 1) and 2.1x (batch 8) faster than
-        `scan`'s on the 0.5B shape."""
+                 min_prompt_bucket: int = 16, mesh=None, show_progress: bool = True, unstack: bool | None = None,
+                 decode_copies: dict | None = None):
+        """model: a Qwen2ForCausalLM, with adapters for a student (ssb_jax.model.lora.with_adapters).
+        unstack: sample with the decode layout of the weights (a copy: an unrolled layer loop and
+        transposed matrices; see ssb_jax.sampling.decode_layout). Default: on the CPU backend, where
+        its decode steps ran 2.3x (batch 1) and 2.1x (batch 8) faster than `scan`'s on the 0.5B shape.
+        decode_copies: shared by samplers of the same base, so they hold one decode-layout copy."""
         if unstack is None:
             unstack = decode_layout_by_default()
-        self.params = unstack_layers(params) if unstack else params
-        self.config, self.tokenizer = config, tokenizer
-        self.lora, self.lora_scales = lora, dict(lora_scales or {})
+        if unstack:
+            model = to_decode_layout(model, decode_copies)
+        self.config, self.tokenizer = model.config, tokenizer
+        self.graphdef, self.state = nnx.split(model)
         self.mesh = mesh
         data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
         if batch_size % data_parallel:
@@ -91,12 +94,11 @@ class Sampler:
         self.max_prompt_tokens = self.prompt_buckets[-1]
         self.show_progress = show_progress
         self.num_compilations = 0  # traces of the generate program; one per (batch, prompt) bucket and sampling
-        self._generate = jax.jit(self._traced_generate, static_argnames=("sampling", "n"))
+        self._generate = jax.jit(self._traced_generate, static_argnums=0, static_argnames=("sampling", "n"))
 
-    def _traced_generate(self, params, lora, tokens, mask, keys, *, sampling, n):
+    def _traced_generate(self, graphdef, state, tokens, mask, keys, *, sampling, n):
         self.num_compilations += 1
-        return generate(params, tokens, mask, keys, config=self.config, sampling=sampling, n=n, lora=lora,
-                        lora_scales=self.lora_scales, mesh=self.mesh)
+        return generate(graphdef, state, tokens, mask, keys, sampling=sampling, n=n, mesh=self.mesh)
 
     # ------------------------------------------------------------------ public
 
@@ -150,7 +152,7 @@ class Sampler:
         # filler rows reuse row id 0; their outputs are dropped
         keys = row_keys_for(seed, list(row_ids) + [0] * (rows - len(prompts)), n)
         tokens, mask, keys = self._place(tokens), self._place(mask), self._place(keys)
-        out = jax.device_get(self._generate(self.params, self.lora, tokens, mask, keys, sampling=sampling, n=n))
+        out = jax.device_get(self._generate(self.graphdef, self.state, tokens, mask, keys, sampling=sampling, n=n))
         completions = []
         for r in range(len(prompts) * n):
             length = int(out["lengths"][r])

@@ -13,9 +13,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import forward, has_unstacked_layers, init_cache, logits_from_hidden, positions_from_mask
-from ssb_jax.sharding import tree_shardings
+from flax import nnx
+
+from ssb_jax.model.qwen2 import positions_from_mask
 
 FINISH_LENGTH, FINISH_STOP = 0, 1
 TOP_K_TIE_SLACK = 8  # extra candidates kept so logits tied with the k-th one stay in play
@@ -116,10 +116,10 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: Sampli
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_keys: jax.Array, *,
-             config: ModelConfig, sampling: SamplingParams, n: int = 1, lora=None, lora_scales=None,
-             mesh=None):
-    """Sample completions for left-padded prompts.
+def generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+             row_keys: jax.Array, *, sampling: SamplingParams, n: int = 1, mesh=None):
+    """Sample completions for left-padded prompts from the model `nnx.merge(graphdef, state)` (any
+    Qwen2ForCausalLM: with or without adapters, in the training or the decode layout).
 
     prompt_tokens, prompt_mask [B, P]; row_keys [B * n] PRNG keys (one per output row).
     Returns a dict: tokens [B*n, M] int32 (pad after the end), lengths [B*n] (the stop token counts),
@@ -130,22 +130,17 @@ def generate(params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_keys:
     R = B * n
     prompt_mask = prompt_mask.astype(bool)
     positions = positions_from_mask(prompt_mask)
-    cache = init_cache(config, B, P + M, per_layer=has_unstacked_layers(params))
-    hidden, cache = forward(params, prompt_tokens, positions, prompt_mask, cache, lora,
-                            config=config, lora_scales=lora_scales, return_hidden=True)
-    last_logits = logits_from_hidden(params, hidden[:, -1], config)
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(B, P + M)
+    hidden, cache = model(prompt_tokens, positions, prompt_mask, cache, return_hidden=True)
+    last_logits = model.logits(hidden[:, -1])
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-    if n > 1:  # one prefill, replicated: k/v are [L, B, ...], everything else is batch-first
-        if has_unstacked_layers(params):
-            k = [jnp.repeat(x, n, axis=0) for x in cache["k"]]
-            v = [jnp.repeat(x, n, axis=0) for x in cache["v"]]
-        else:
-            k, v = jnp.repeat(cache["k"], n, axis=1), jnp.repeat(cache["v"], n, axis=1)
-        cache = {"k": k, "v": v, "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
+    if n > 1:  # one prefill, replicated
+        cache = model.repeat_cache(cache, n)
         last_logits = jnp.repeat(last_logits, n, axis=0)
         next_position = jnp.repeat(next_position, n, axis=0)
     if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, tree_shardings(cache, mesh, "cache/"))
+        cache = jax.lax.with_sharding_constraint(cache, model.cache_shardings(cache, mesh))
     stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
 
     first, first_lp = choose_tokens(last_logits, row_keys, 0, sampling)
@@ -165,8 +160,7 @@ def generate(params, prompt_tokens: jax.Array, prompt_mask: jax.Array, row_keys:
     def decode_step(s):
         step = s["step"]
         pos = (next_position + step - 1)[:, None]  # the fed token is the (step-1)-th new one
-        logits, cache = forward(params, s["last"][:, None], pos, jnp.ones((R, 1), bool), s["cache"], lora,
-                                config=config, lora_scales=lora_scales)
+        logits, cache = model(s["last"][:, None], pos, jnp.ones((R, 1), bool), s["cache"])
         token, lp = choose_tokens(logits[:, 0], row_keys, step, sampling)
         token = jnp.where(s["done"], sampling.pad_id, token)
         lp = jnp.where(s["done"], 0.0, lp)
