@@ -5,21 +5,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors import safe_open
 
 from ssb_jax.distill.batch import bucket_length, build_batch
 from ssb_jax.distill.config import TrainConfig
-from ssb_jax.distill.step import distill_loss, student_answer_hidden, teacher_answer_hidden
+from ssb_jax.distill.step import distill_loss, graph_definitions, student_answer_hidden, teacher_answer_hidden
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
 from ssb_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from ssb_jax.model.lora import init_lora
-from ssb_jax.model.qwen2 import forward, init_params, logits_from_hidden
+from ssb_jax.model.qwen2 import init_model
 
 
 @pytest.fixture(scope="module")
 def model():
     config = tiny_model_config()
-    return config, init_params(config, jax.random.key(np.random.randint(1 << 30)), std=0.15)
+    return config, init_model(config, np.random.randint(1 << 30), std=0.15)
 
 
 def test_bucket_length():
@@ -62,21 +63,23 @@ def test_online_teacher_and_student_at_aligned_positions(model):
     batch = build_batch(records, min_bucket=4)
     lc = TrainConfig(lora_rank=4).lora_config()
     lora = init_lora(config, lc, jax.random.key(np.random.randint(1 << 30)))
-    head_logits = lambda h: np.asarray(logits_from_hidden(params, h, config))  # noqa: E731
-    teacher = head_logits(teacher_answer_hidden(params, batch, model_config=config))
-    student = head_logits(student_answer_hidden(lora, params, batch, model_config=config, lora_config=lc))
+    graphdefs = graph_definitions(config, lc)
+    base = nnx.state(params)
+    head_logits = lambda h: np.asarray(params.logits(h))  # noqa: E731
+    teacher = head_logits(teacher_answer_hidden(graphdefs[1], base, batch))
+    student = head_logits(student_answer_hidden(graphdefs[0], lora, base, batch))
     for i, r in enumerate(records):
         n = len(r["solution_ids"])
         for side, got in (("teacher", teacher), ("student", student)):
             seq = np.asarray(r[f"{side}_prompt_ids"] + r["solution_ids"])[None]
-            full, _ = forward(params, seq, np.arange(seq.shape[1])[None], np.ones_like(seq, bool), config=config)
+            full, _ = params(seq, np.arange(seq.shape[1])[None], np.ones_like(seq, bool))
             p = len(r[f"{side}_prompt_ids"])
             want = np.asarray(full)[0, p - 1:p - 1 + n]
             # teacher: base (no LoRA); student with B = 0: also exactly the base
             np.testing.assert_allclose(got[i, :n], want, atol=2e-5, rtol=1e-5)
     # the loss on this batch: T^2 KL of the per-token distributions, by hand
     tc = TrainConfig(lora_rank=4, temperature=2.0, logits_chunk=4)
-    loss, metrics = distill_loss(lora, params, batch, model_config=config, lora_config=lc, tc=tc)
+    loss, metrics = distill_loss(lora, base, batch, graphdefs=graphdefs, tc=tc)
     m = batch["answer_mask"]
     ls = jax.nn.log_softmax(student[m] / 2.0)
     lt = jax.nn.log_softmax(teacher[m] / 2.0)
@@ -108,7 +111,8 @@ def test_teacher_cache_files_and_lookup(model, tmp_path):
         TeacherCache(tmp_path, temperature=1.0)
     assert len(cache) == 5
     batch = build_batch(records, min_bucket=4)
-    t_logits = np.asarray(logits_from_hidden(params, teacher_answer_hidden(params, batch, model_config=config), config))
+    base_graphdef, base = nnx.split(params)
+    t_logits = np.asarray(params.logits(teacher_answer_hidden(base_graphdef, base, batch)))
     for i, r in enumerate(records):
         got = cache(r["id"])
         n = len(r["solution_ids"])

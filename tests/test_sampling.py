@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import stats
 
 from ssb_jax.model.weights import load_params
@@ -43,7 +44,7 @@ def test_greedy_matches_transformers_generate(tiny, tiny_checkpoint, unstack):
     rng = np.random.default_rng()
     prompts = random_prompts(rng, config.vocab_size, [11, 3, 7, 16, 1])
     max_new = 12
-    sampler = Sampler(params, config, batch_size=8, show_progress=False, unstack=unstack)
+    sampler = Sampler(params, batch_size=8, show_progress=False, unstack=unstack)
     free = sampler.generate_ids(prompts, SamplingParams(max_new_tokens=max_new, temperature=0.0))
     # a stop id that prompt 0 emits first at some step, absent from prompt 1's free run (so that one
     # runs to the limit); the other prompts may or may not stop, which HF must then agree with
@@ -69,7 +70,7 @@ def test_greedy_matches_transformers_generate(tiny, tiny_checkpoint, unstack):
 def test_top_k_one_is_greedy(tiny):
     config, params = tiny
     prompts = random_prompts(np.random.default_rng(), config.vocab_size, [5, 9])
-    sampler = Sampler(params, config, batch_size=2, show_progress=False)
+    sampler = Sampler(params, batch_size=2, show_progress=False)
     greedy = sampler.generate_ids(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
     topk1 = sampler.generate_ids(prompts, SamplingParams(max_new_tokens=8, temperature=0.7, top_k=1), seed=5)
     assert [c[0].token_ids for c in greedy] == [c[0].token_ids for c in topk1]
@@ -142,9 +143,9 @@ def test_shared_prefill_equals_repeated_prompt(tiny):
     mask = np.ones_like(prompt, bool)
     keys = row_keys_for(11, [42], 3)
     sampling = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=20)
-    shared = generate(params, prompt, mask, keys, config=config, sampling=sampling, n=3)
-    repeated = generate(params, np.repeat(prompt, 3, 0), np.repeat(mask, 3, 0), keys, config=config,
-                        sampling=sampling, n=1)
+    graphdef, state = nnx.split(params)
+    shared = generate(graphdef, state, prompt, mask, keys, sampling=sampling, n=3)
+    repeated = generate(graphdef, state, np.repeat(prompt, 3, 0), np.repeat(mask, 3, 0), keys, sampling=sampling, n=1)
     np.testing.assert_array_equal(np.asarray(shared["tokens"]), np.asarray(repeated["tokens"]))
     np.testing.assert_allclose(np.asarray(shared["logprobs"]), np.asarray(repeated["logprobs"]), atol=1e-5)
     assert len({tuple(r) for r in np.asarray(shared["tokens"]).tolist()}) > 1  # the 3 samples differ
@@ -154,7 +155,7 @@ def test_samples_independent_of_batch_and_seeded(tiny):
     config, params = tiny
     rng = np.random.default_rng()
     prompts = random_prompts(rng, config.vocab_size, [4, 8, 6])
-    sampler = Sampler(params, config, batch_size=4, show_progress=False)
+    sampler = Sampler(params, batch_size=4, show_progress=False)
     sampling = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9)
     together = sampler.generate_ids(prompts, sampling, seed=3, ids=["a", "b", "c"])
     alone = sampler.generate_ids(prompts[1:2], sampling, seed=3, ids=["b"])
@@ -170,7 +171,7 @@ def test_bucketing_limits_compilations(tiny):
     rng = np.random.default_rng()
     lengths = list(range(3, 63, 3))  # 20 different prompt lengths
     prompts = random_prompts(rng, config.vocab_size, lengths)
-    sampler = Sampler(params, config, batch_size=4, prompt_buckets=[16, 32, 64], show_progress=False)
+    sampler = Sampler(params, batch_size=4, prompt_buckets=[16, 32, 64], show_progress=False)
     out = sampler.generate_ids(prompts, SamplingParams(max_new_tokens=3, temperature=0.0))
     assert len(out) == 20 and all(len(c[0].token_ids) == 3 for c in out)
     # sorted longest first in batches of 4: (60..51) (48..39) (36..27) -> bucket 64, (24..15) -> 32,
@@ -186,7 +187,7 @@ def test_bucketing_limits_compilations(tiny):
 
 def test_too_long_prompt_is_named(tiny):
     config, params = tiny
-    sampler = Sampler(params, config, batch_size=2, max_prompt_tokens=16, show_progress=False)
+    sampler = Sampler(params, batch_size=2, max_prompt_tokens=16, show_progress=False)
     with pytest.raises(ValueError, match="prompt 'q-7' has 20 tokens"):
         sampler.generate_ids([[1] * 20], SamplingParams(max_new_tokens=2), ids=["q-7"])
 
@@ -194,22 +195,23 @@ def test_too_long_prompt_is_named(tiny):
 def test_unrolled_layers_sample_like_scanned_ones(tiny):
     """The unstacked-weights loop (CPU default) and the scan over stacked weights draw the same
     tokens, with a LoRA, n samples per prompt and the top-k fast path, on a sharded mesh too."""
-    from ssb_jax.model.lora import LoraConfig, init_lora
-    from ssb_jax.sharding import make_mesh, shard
+    from ssb_jax.model.lora import LoraConfig, init_lora, with_adapters
+    from ssb_jax.sharding import make_mesh, shard_state
     config, params = tiny
     lora_config = LoraConfig(rank=4, alpha=8.0)
     lora = init_lora(config, lora_config, jax.random.key(int(np.random.default_rng().integers(1 << 30))))
     lora = jax.tree_util.tree_map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), lora)
+    student = with_adapters(params, lora, lora_config)
     prompts = random_prompts(np.random.default_rng(), config.vocab_size, [6, 2, 9])
     sampling = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=5)
     runs = {}
     for unstack in (False, True):
-        sampler = Sampler(params, config, batch_size=4, lora=lora, lora_scales=lora_config.scales(),
-                          show_progress=False, unstack=unstack)
+        sampler = Sampler(student, batch_size=4, show_progress=False, unstack=unstack)
         runs[unstack] = sampler.generate_ids(prompts, sampling, n=3, seed=7)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    sharded = Sampler(shard(params, mesh), config, batch_size=4, mesh=mesh, lora=shard(lora, mesh, "lora/"),
-                      lora_scales=lora_config.scales(), show_progress=False, unstack=True)
+    graphdef, state = nnx.split(student)
+    sharded = Sampler(nnx.merge(graphdef, shard_state(state, mesh)), batch_size=4, mesh=mesh, show_progress=False,
+                      unstack=True)
     runs["sharded"] = sharded.generate_ids(prompts, sampling, n=3, seed=7)
     for name in (True, "sharded"):
         for mine, theirs in zip(runs[name], runs[False]):
@@ -226,8 +228,8 @@ def test_sharded_sampling_equals_single_device(tiny, tiny_checkpoint):
     _, sharded_params = ssb_jax.load_model(tiny_checkpoint, mesh=mesh)
     prompts = random_prompts(np.random.default_rng(), config.vocab_size, [5, 9, 2, 7, 4])
     sampling = SamplingParams(max_new_tokens=6, temperature=0.0)
-    single = Sampler(params, config, batch_size=8, show_progress=False).generate_ids(prompts, sampling)
-    sharded = Sampler(sharded_params, config, batch_size=8, mesh=mesh, show_progress=False).generate_ids(prompts, sampling)
+    single = Sampler(params, batch_size=8, show_progress=False).generate_ids(prompts, sampling)
+    sharded = Sampler(sharded_params, batch_size=8, mesh=mesh, show_progress=False).generate_ids(prompts, sampling)
     assert [c[0].token_ids for c in single] == [c[0].token_ids for c in sharded]
 
 
@@ -248,7 +250,7 @@ def test_chat_driver_with_real_tokenizer(tiny):
         def decode(self, ids, skip_special_tokens=True):
             return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    sampler = Sampler(params, config, SmallVocab(), batch_size=2, show_progress=False)
+    sampler = Sampler(params, SmallVocab(), batch_size=2, show_progress=False)
     chats = ["What is 1+1?", [{"role": "system", "content": "Tutor."}, {"role": "user", "content": "2+2?"}]]
     out = sampler.generate(chats, SamplingParams(max_new_tokens=4, temperature=0.0), n=2)
     assert len(out) == 2 and all(len(c) == 2 for c in out)

@@ -5,7 +5,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.batch import build_batch
@@ -13,8 +15,8 @@ from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.data import make_dataset
 from ssb_jax.distill.step import TrainStep, _jitted_step, init_state, make_optimizer, make_schedule, total_steps_for
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
-from ssb_jax.model.qwen2 import init_params
-from ssb_jax.sharding import make_mesh, param_shardings
+from ssb_jax.model.qwen2 import init_model
+from ssb_jax.sharding import make_mesh, shard_state
 from ssb_jax.train import load_lora, read_metrics, run
 from tests.xla_text import ynn_fused_bodies
 
@@ -22,19 +24,20 @@ from tests.xla_text import ynn_fused_bodies
 @pytest.fixture(scope="module")
 def model():
     config = tiny_model_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
-    return config, init_params(config, jax.random.key(np.random.randint(1 << 30)), std=0.2)
+    return config, init_model(config, np.random.randint(1 << 30), std=0.2)
 
 
 def _randomize_b(state, key):
     lora = jax.tree_util.tree_map_with_path(
         lambda p, x: 0.05 * jax.random.normal(jax.random.fold_in(key, x.size + len(str(p))), x.shape, x.dtype)
-        if str(p[-1]) == "['b']" else x, state["lora"])
+        if "lora_b" in str(p) else x, state["lora"])
     return {**state, "lora": lora}
 
 
 def test_sharded_step_equals_single_device(model):
     assert jax.device_count() == 8
     config, params = model
+    base = nnx.state(params)
     rng = np.random.default_rng()
     tc = TrainConfig(lora_rank=4, lora_alpha=8.0, learning_rate=1e-3, adam_eps=1e-4, logits_chunk=8, ce_weight=0.2)
     optimizer, _ = make_optimizer(tc, 10)
@@ -47,21 +50,23 @@ def test_sharded_step_equals_single_device(model):
     s1 = jax.tree_util.tree_map(jnp.copy, state0)
     m1 = []
     for b in batches:
-        s1, m = single(s1, params, b)
+        s1, m = single(s1, base, b)
         m1.append(jax.device_get(m))
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = TrainStep(config, tc, 10, mesh)
     s8 = init_state(config, tc.lora_config(), optimizer, key, mesh)
     s8 = jax.tree_util.tree_map(lambda x, ref: jax.device_put(ref, x.sharding), s8, state0)
-    p8 = jax.device_put(params, param_shardings(config, mesh))
+    p8 = shard_state(base, mesh)
     m8 = []
     for b in batches:
         s8, m = sharded(s8, p8, b)
         m8.append(jax.device_get(m))
-    spec = s8["lora"]["layers"]["gate_proj"]["a"].sharding.spec
-    assert "fsdp" in str(spec), spec
-    assert len(s8["lora"]["layers"]["gate_proj"]["b"].sharding.device_set) == 8
+    gate = s8["lora"]["layers"]["mlp"]["gate_proj"]
+    assert gate["lora_a"].value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert gate["lora_b"].value.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    mu = optax.tree_utils.tree_get(s8["opt_state"], "mu")["layers"]["mlp"]["gate_proj"]["lora_a"].value  # follows its adapter
+    assert mu.sharding.spec == gate["lora_a"].value.sharding.spec
     for a, b in zip(m1, m8):
         assert a["loss"] > 1e-4
         for k in a:
@@ -130,7 +135,7 @@ def test_training_drives_kl_down(model, tmp_path):
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0 and lc.rank_of("q") == 8
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, _ = load_lora(tmp_path, config, mesh=mesh)
-    assert len(sharded["layers"]["up_proj"]["a"].sharding.device_set) == 8
+    assert len(sharded["layers"]["mlp"]["up_proj"]["lora_a"].value.sharding.device_set) == 8
     diffs = jax.tree_util.tree_map(lambda x, y: float(jnp.abs(x - y).max()), sharded, result["lora"])
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0
 
@@ -178,7 +183,7 @@ def test_bf16_base_with_f32_lora_step(model):
     """The frozen base may be bf16 while LoRA and its optimizer state stay f32."""
     config, params = model
     config16 = config.replace(dtype="bfloat16")
-    params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), nnx.state(params))
     tc = TrainConfig(lora_rank=4, learning_rate=1e-2, logits_chunk=8)
     step = TrainStep(config16, tc, 5)
     state = _randomize_b(init_state(config16, tc.lora_config(), step.optimizer, jax.random.key(0)), jax.random.key(1))
@@ -196,14 +201,14 @@ def test_step_leaves_vocabulary_reductions_to_xla(sharded):
     if not vocab_program_options():
         pytest.skip("this backend or jaxlib does not take the YNNPACK fusion option")
     config = tiny_model_config(vocab_size=4096, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
-    params = init_params(config, jax.random.key(0), std=0.2)
+    params = nnx.state(init_model(config, 0, std=0.2))
     tc = TrainConfig(lora_rank=4, logits_chunk=8)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}) if sharded else None
     step = TrainStep(config, tc, 10, mesh)
     batch = step.place_batch(build_batch(random_records(np.random.default_rng(), 4, 4096), batch_size=4,
                                          buckets=(32,), max_seq_len=32))
     state = init_state(config, step.lora_config, step.optimizer, jax.random.key(1), mesh)
-    params = jax.device_put(params, param_shardings(config, mesh)) if sharded else params
+    params = shard_state(params, mesh) if sharded else params
     fn = _jitted_step(config, tc, step.lora_config, 10, mesh, tuple(batch), 4)
     bodies = ynn_fused_bodies(fn.lower(state, params, batch).compile().as_text())
     assert bodies, "no YNNPACK fusion at all: the matrix products should still use it"

@@ -48,6 +48,11 @@ CACHE_AXES = {"k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
               "valid": ("batch", "cache_slots"), "index": ()}
 
 
+def _at_least_f32(dtype):
+    """Norms, softmax and logits run in float32, or float64 under x64 with float64 weights (the gradient tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def param(value, axes) -> nnx.Param:
     """A base parameter with its logical axis names (placed later, by ssb_jax.sharding)."""
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
@@ -102,8 +107,8 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        wide = x.astype(_at_least_f32(x.dtype))
+        normed = wide * jax.lax.rsqrt(jnp.mean(wide * wide, axis=-1, keepdims=True) + self.eps)
         return self.scale[...] * normed.astype(x.dtype)
 
 
@@ -138,7 +143,7 @@ def attention(q, k, v, visible, impl: str = "xla"):
     if impl == "dot_product_attention":
         return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None, :, :])
     q = q.reshape(B, T, G, N // G, H)
-    scores = jnp.einsum("btgnh,bsgh->bgnts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btgnh,bsgh->bgnts", q, k, preferred_element_type=_at_least_f32(q.dtype))
     scores = scores * (1.0 / np.sqrt(H))
     scores = jnp.where(visible[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -297,7 +302,7 @@ class Qwen2ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
-        return jnp.einsum("...d,dv->...v", hidden, self.head_matrix(), preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.head_matrix(), preferred_element_type=_at_least_f32(hidden.dtype))
 
     # ------------------------------------------------------------------ KV cache
 
