@@ -110,14 +110,13 @@ def test_target_pairs_stops_early_and_resume_skips_done(tokenizer, tmp_path):
 def test_run_with_real_tiny_model_and_gsm8k(tokenizer, tmp_path):
     """A random tiny Qwen2 over the real vocabulary samples the rollouts; grading is forced by
     overriding some rollout texts (a random model cannot do arithmetic)."""
-    import jax
     from ssb_jax.model.config import ModelConfig
-    from ssb_jax.model.qwen2 import init_params
+    from ssb_jax.model.qwen2 import init_model
     from ssb_jax.sampling.driver import Sampler
 
     config = ModelConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)
-    real = Sampler(init_params(config, jax.random.key(0)), config, tokenizer, batch_size=8,
+    real = Sampler(init_model(config, 0), tokenizer, batch_size=8,
                    max_prompt_tokens=1024, show_progress=False)
     problems = load_gsm8k("train")[:20]
 

@@ -211,15 +211,13 @@ def test_killed_run_resumes_without_resampling(tokenizer, tmp_path):
 
 
 def test_run_with_real_tiny_model(tokenizer, tmp_path):
-    import jax
-
     from ssb_jax.model.config import ModelConfig
-    from ssb_jax.model.qwen2 import init_params
+    from ssb_jax.model.qwen2 import init_model
     from ssb_jax.sampling.driver import Sampler
 
     config = ModelConfig(vocab_size=151936, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)
-    sampler = Sampler(init_params(config, jax.random.key(0)), config, tokenizer, batch_size=4,
+    sampler = Sampler(init_model(config, 0), tokenizer, batch_size=4,
                       max_prompt_tokens=256, show_progress=False)
     path = write_jsonl(tmp_path / "tiny.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)}
                                                  for i in range(3)])

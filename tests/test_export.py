@@ -4,7 +4,7 @@ import numpy as np
 
 import ssb_jax
 from ssb_jax.export import export_merged_model, export_peft_adapter
-from ssb_jax.model.lora import LoraConfig, init_lora
+from ssb_jax.model.lora import LoraConfig, init_lora, with_adapters
 from ssb_jax.model.weights import load_params
 from tests.hf_models import hf_logits
 
@@ -24,10 +24,8 @@ def batch(config, rng):
     return tokens, mask, positions
 
 
-def ours_with_lora(params, config, lora, lora_config, tokens, mask, positions):
-    logits, _ = ssb_jax.forward(params, tokens, positions, mask, lora=lora, config=config,
-                                lora_scales=lora_config.scales())
-    return np.asarray(logits)
+def ours_with_lora(model, config, lora, lora_config, tokens, mask, positions):
+    return np.asarray(ssb_jax.compute_logits(with_adapters(model, lora, lora_config), config, tokens, mask, positions))
 
 
 def test_peft_adapter_loads_with_same_logits(tiny_untied_checkpoint, tmp_path):

@@ -2,12 +2,14 @@
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from ssb_jax.config import base_config
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import init_cache, init_params, param_shapes
-from ssb_jax.plan import ACCELERATORS, Accelerator, cache_shape_tree, format_plan, per_device_bytes, plan
-from ssb_jax.sharding import make_mesh, shard, tree_shardings
+from ssb_jax.model.qwen2 import CACHE_AXES, abstract_model, init_model
+from ssb_jax.plan import (ACCELERATORS, Accelerator, array_bytes_per_device, cache_shape, format_plan, plan,
+                          state_bytes_per_device)
+from ssb_jax.sharding import make_mesh, named_sharding, shard_state
 
 TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8)
@@ -22,20 +24,19 @@ def device0_bytes(tree):
 def test_memory_figures_match_sharded_arrays():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     axes = dict(mesh.shape)
-    params = jax.device_put(init_params(TINY, jax.random.key(0)), tree_shardings(param_shapes(TINY), mesh))
-    assert per_device_bytes(param_shapes(TINY), "", axes, 4) == device0_bytes(params)
+    params = shard_state(nnx.state(init_model(TINY, 0)), mesh)
+    assert state_bytes_per_device(nnx.state(abstract_model(TINY)), axes) == device0_bytes(params)
+    assert device0_bytes(params) < TINY.param_count() * 4 / 2  # really split
 
-    from ssb_jax.model.lora import LoraConfig, init_lora, lora_shapes
+    from ssb_jax.model.lora import LoraConfig, init_lora, student_split
     lora_config = LoraConfig(rank=4)
-    lora = shard(init_lora(TINY, lora_config, jax.random.key(1)), mesh, "lora/")
-    assert per_device_bytes(lora_shapes(TINY, lora_config), "lora/", axes, 4) == device0_bytes(lora)
+    lora = init_lora(TINY, lora_config, jax.random.key(1), mesh)
+    assert state_bytes_per_device(student_split(TINY, lora_config)[1], axes) == device0_bytes(lora)
 
-    cache = init_cache(TINY, batch=8, length=24)
-    cache = shard({k: v for k, v in cache.items() if k != "index"}, mesh, "cache/")
-    expected = per_device_bytes(cache_shape_tree(TINY, 8, 24), "cache/", axes, 4)
-    expected -= 8 * 24 * 4 // 4  # cache_shape_tree's "valid" is counted at 4 bytes; the real one is bool
-    expected += 8 * 24 // 4
-    assert expected == device0_bytes(cache)
+    shape = cache_shape(TINY, 8, 24)
+    k = jax.device_put(np.zeros(shape, np.float32), named_sharding(CACHE_AXES["k"], shape, mesh))
+    assert array_bytes_per_device(CACHE_AXES["k"], shape, axes, 4) == device0_bytes(k)
+    assert device0_bytes(k) == k.nbytes // 8  # batch over data x fsdp, kv heads over tensor
 
 
 def test_plan_end_to_end_and_fit_verdicts(tmp_path, monkeypatch):

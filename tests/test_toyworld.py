@@ -150,7 +150,7 @@ def test_checkpoint_logits_match_memory(built):
     for i, p in enumerate(prompts):  # left padded, as the sampler feeds them
         tokens[i, width - len(p):], mask[i, width - len(p):] = p, True
     loaded = ssb_jax.compute_logits(params, config, tokens, mask)
-    memory = ssb_jax.compute_logits(world.params, world.model_config, tokens, mask)
+    memory = ssb_jax.compute_logits(world.model, world.model_config, tokens, mask)
     np.testing.assert_allclose(np.asarray(loaded), np.asarray(memory), rtol=0, atol=1e-6)
     assert jnp.isfinite(loaded).all()
 
@@ -222,6 +222,6 @@ def test_measure_keys(built):
 
 def test_accuracy_with_real_sampler(built):
     _, _, world = built
-    sampler = toyworld.make_sampler(world.params, world.model_config, world.tokenizer, batch_size=8)
+    sampler = toyworld.make_sampler(world.model, world.tokenizer, batch_size=8)
     accuracy = toyworld.plain_accuracy(sampler, world.test[:4], temperature=0.8, n=2, max_new_tokens=8)
     assert 0.0 <= accuracy <= 1.0
