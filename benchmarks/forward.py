@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import best_of, hf_config, machine_info, model_config, write_results
-from ssb_jax.model.qwen2 import forward, init_params
+from flax import nnx
+
+from ssb_jax.model.qwen2 import apply, init_model
 
 
 def main():
@@ -29,11 +31,11 @@ def main():
     args = parser.parse_args()
 
     config = model_config(args.shape, args.dtype, args.layers)
-    params = init_params(config, jax.random.key(0))
+    graphdef, params = nnx.split(init_model(config, 0))
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
     positions = np.broadcast_to(np.arange(args.seq, dtype=np.int32), tokens.shape)
     mask = np.ones(tokens.shape, bool)
-    run = jax.jit(lambda p, t, pos, m: forward(p, t, pos, m, config=config)[0])
+    run = jax.jit(lambda p, t, pos, m: apply(graphdef, p, t, pos, m)[0])
     args_dev = [jnp.asarray(x) for x in (tokens, positions, mask)]
 
     start = time.perf_counter()

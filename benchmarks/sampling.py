@@ -18,9 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from benchmarks.common import best_of, copy_bandwidth_gbs, hf_config, machine_info, model_config, write_results
-from ssb_jax.model.qwen2 import init_params, unstack_layers
+from ssb_jax.model.qwen2 import init_model
+from ssb_jax.sampling.decode_layout import to_decode_layout
 from ssb_jax.sampling.driver import decode_layout_by_default
 from ssb_jax.sampling.sampler import SamplingParams, generate, row_keys_for
 
@@ -41,21 +43,22 @@ def _with_decode_split(total_s, prefill_s, batch, new_tokens):
             "decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": batch / step_s}
 
 
-def ours(config, params, batch, prompt_len, new_tokens, mode, repeats):
+def ours(config, model, batch, prompt_len, new_tokens, mode, repeats):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
     mask = jnp.ones((batch, prompt_len), bool)
     keys = row_keys_for(0, list(range(batch)), 1)
+    graphdef, state = nnx.split(model)
 
     def timed(max_new):
         sampling = SamplingParams(max_new_tokens=max_new, stop_ids=(151643, 151645), min_new_tokens=max_new,
                                   **MODES[mode])
-        run = jax.jit(lambda p, t, m, k: generate(p, t, m, k, config=config, sampling=sampling))
+        run = jax.jit(lambda s, t, m, k: generate(graphdef, s, t, m, k, sampling=sampling))
         start = time.perf_counter()
-        out = jax.block_until_ready(run(params, tokens, mask, keys))
+        out = jax.block_until_ready(run(state, tokens, mask, keys))
         first = time.perf_counter() - start
         assert int(out["lengths"].min()) == max_new
-        return best_of(lambda: jax.block_until_ready(run(params, tokens, mask, keys)), repeats), first
+        return best_of(lambda: jax.block_until_ready(run(state, tokens, mask, keys)), repeats), first
 
     total, first = timed(new_tokens)
     prefill, _ = timed(1)
@@ -103,12 +106,12 @@ def main():
     args = parser.parse_args()
 
     config = model_config(args.shape, args.dtype, args.layers)
-    params = init_params(config, jax.random.key(0))
+    params = init_model(config, 0)
     layout = args.layers_layout
     if layout == "auto":
         layout = "unrolled" if decode_layout_by_default() else "scan"
     if layout == "unrolled":
-        params = unstack_layers(params)
+        params = to_decode_layout(params)
     bandwidth = copy_bandwidth_gbs() if jax.default_backend() == "cpu" else None
     model = None
     if not args.no_peer:

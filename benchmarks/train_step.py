@@ -98,10 +98,12 @@ def worker_jax(args) -> dict:
     from ssb_jax.distill.config import TrainConfig
     from ssb_jax.distill.step import TrainStep, _jitted_step, batch_keys, init_state
     from ssb_jax.model.config import ModelConfig
-    from ssb_jax.model.qwen2 import init_params
+    from flax import nnx
+
+    from ssb_jax.model.qwen2 import init_model
 
     config = ModelConfig(**model_fields(args), remat=args.remat)
-    params = init_params(config, jax.random.key(0))
+    params = nnx.state(init_model(config, 0))
     tc = TrainConfig(lora_rank=args.rank, lora_alpha=float(args.rank), temperature=2.0, logits_chunk=args.chunk,
                      batch_size=args.batch, length_buckets=(args.seq,), max_seq_len=args.seq)
     step = TrainStep(config, tc, total_steps=100)
@@ -207,7 +209,8 @@ def parse(argv=None):
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--chunk", type=int, default=128, help="answer positions per vocabulary chunk (ssb_jax)")
-    p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward (ssb_jax)")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"],
+                   help="per-layer rematerialisation policy (ssb_jax)")
     p.add_argument("--torch-attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--variants", default="jax_chunked,jax_unchunked,torch_peft")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step_cpu.json"))
@@ -225,7 +228,7 @@ def main(argv=None):
                    "--intermediate", args.intermediate, "--vocab", args.vocab, "--seq", args.seq,
                    "--teacher-prompt", args.teacher_prompt, "--student-prompt", args.student_prompt,
                    "--batch", args.batch, "--rank", args.rank, "--steps", args.steps, "--chunk", args.chunk,
-                   "--torch-attn", args.torch_attn] + (["--remat"] if args.remat else [])
+                   "--torch-attn", args.torch_attn, "--remat", args.remat]
     cleaned = [sys.executable, __file__] + [str(x) for x in shape_flags]
     variants = {"jax_chunked": ["--worker", "jax"], "jax_unchunked": ["--worker", "jax", "--chunk", "0"],
                 "torch_peft": ["--worker", "torch"]}
