@@ -9,6 +9,8 @@ Public API in a few lines:
 `model` is a `flax.nnx` module (ssb_jax.model.qwen2.Qwen2ForCausalLM): callable eagerly, or split
 once with `nnx.split(model)` for jitted use through `ssb_jax.apply(graphdef, state, ...)`.
 """
+import functools as _functools
+
 import jax as _jax
 from flax import nnx as _nnx
 
@@ -32,10 +34,12 @@ def compute_logits(model, config, tokens, mask=None, positions=None):
     mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
     positions = positions_from_mask(mask) if positions is None else jnp.asarray(positions)
     graphdef, state = _nnx.split(model)
-    return _jitted_apply(graphdef, state, tokens, positions, mask)[0]
+    return _jitted_apply(graphdef)(state.to_pure_dict(), tokens, positions, mask)[0]
 
 
-_jitted_apply = _jax.jit(apply, static_argnums=0)
+@_functools.lru_cache(maxsize=8)
+def _jitted_apply(graphdef):
+    return _jax.jit(_functools.partial(apply, graphdef))
 
 __all__ = ["ModelConfig", "Qwen2ForCausalLM", "abstract_model", "apply", "init_model", "positions_from_mask",
            "encode_chat", "load_tokenizer", "render_chat", "CheckpointError", "load_params", "save_params",

@@ -25,11 +25,11 @@ from jax.sharding import Mesh
 
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.data import make_dataset
-from ssb_jax.distill.step import TrainStep, init_state, make_optimizer, total_steps_for, train_state_shardings
+from ssb_jax.distill.step import (TrainStep, base_state_for_training, init_state, make_optimizer, total_steps_for,
+                                  train_state_shardings)
 from ssb_jax.distill.teacher_cache import TeacherCache, build_teacher_cache
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.lora import LoraConfig
-from ssb_jax.sharding import shard_state
+from ssb_jax.model.lora import LoraConfig, as_lora_state
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
                                 min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
         teacher_cache = TeacherCache(teacher_cache_dir, temperature=tc.temperature)
 
-    base_state = nnx.state(model, nnx.Param)  # split once; the step merges it with the adapters in its trace
-    if mesh is not None:
-        base_state = shard_state(base_state, mesh)
+    base_state = base_state_for_training(model, mesh)  # split once; the step merges it in its trace
 
     dataset = make_dataset(examples, tc, teacher_cache=teacher_cache)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
@@ -197,7 +195,8 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
         manager.close()
     if plot and jax.process_index() == 0:
         plot_metrics(workdir)
-    return {"state": state, "lora": state["lora"], "history": history, "total_steps": total,
+    return {"state": state, "lora": as_lora_state(state["lora"], model_config, lora_config), "history": history,
+            "total_steps": total,
             "workdir": workdir, "interrupted": interrupted, "start_step": start}
 
 
@@ -212,13 +211,14 @@ def load_lora(workdir, model_config: ModelConfig, tc: TrainConfig | None = None,
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
     optimizer, _ = make_optimizer(tc, 1)
-    shapes = jax.eval_shape(lambda: init_state(model_config, tc.lora_config(), optimizer, jax.random.key(0)))
+    lora_config = tc.lora_config()
+    shapes = jax.eval_shape(lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes)
     else:
-        shardings = train_state_shardings(shapes, optimizer, mesh)
+        shardings = train_state_shardings(model_config, lora_config, optimizer, mesh)
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     manager.close()
-    return restored.state["lora"], tc.lora_config()
+    return as_lora_state(restored.state["lora"], model_config, lora_config), lora_config

@@ -57,16 +57,16 @@ def test_sharded_step_equals_single_device(model):
     sharded = TrainStep(config, tc, 10, mesh)
     s8 = init_state(config, tc.lora_config(), optimizer, key, mesh)
     s8 = jax.tree_util.tree_map(lambda x, ref: jax.device_put(ref, x.sharding), s8, state0)
-    p8 = shard_state(base, mesh)
+    p8 = shard_state(base, mesh).to_pure_dict()  # the step takes states as pure dicts (nnx.State works too)
     m8 = []
     for b in batches:
         s8, m = sharded(s8, p8, b)
         m8.append(jax.device_get(m))
     gate = s8["lora"]["layers"]["mlp"]["gate_proj"]
-    assert gate["lora_a"].value.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
-    assert gate["lora_b"].value.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
-    mu = optax.tree_utils.tree_get(s8["opt_state"], "mu")["layers"]["mlp"]["gate_proj"]["lora_a"].value  # follows its adapter
-    assert mu.sharding.spec == gate["lora_a"].value.sharding.spec
+    assert gate["lora_a"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert gate["lora_b"].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+    mu = optax.tree_utils.tree_get(s8["opt_state"], "mu")["layers"]["mlp"]["gate_proj"]["lora_a"]  # follows its adapter
+    assert mu.sharding.spec == gate["lora_a"].sharding.spec
     for a, b in zip(m1, m8):
         assert a["loss"] > 1e-4
         for k in a:
@@ -208,7 +208,7 @@ def test_step_leaves_vocabulary_reductions_to_xla(sharded):
     batch = step.place_batch(build_batch(random_records(np.random.default_rng(), 4, 4096), batch_size=4,
                                          buckets=(32,), max_seq_len=32))
     state = init_state(config, step.lora_config, step.optimizer, jax.random.key(1), mesh)
-    params = shard_state(params, mesh) if sharded else params
+    params = shard_state(params, mesh).to_pure_dict() if sharded else params.to_pure_dict()
     fn = _jitted_step(config, tc, step.lora_config, 10, mesh, tuple(batch), 4)
     bodies = ynn_fused_bodies(fn.lower(state, params, batch).compile().as_text())
     assert bodies, "no YNNPACK fusion at all: the matrix products should still use it"

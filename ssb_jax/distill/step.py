@@ -1,9 +1,12 @@
 """The jitted distillation train step: LoRA-only AdamW, sharded by the logical axes of ssb_jax.sharding.
 
-State: {"lora": nnx.State of the LoRAParam adapters, "opt_state": optax state over the adapters only,
-"step": int32}. The base parameters (an nnx.State of nnx.Param) are a separate, never-differentiated
-argument (frozen; may be bf16) and never get optimizer state. The step is a pure function of the
-(student, base) graph definitions, the states and the batch: the student is merged inside the trace.
+State: {"lora": the LoRAParam adapters, "opt_state": optax state over the adapters only, "step": int32}.
+The base parameters (nnx.Param) are a separate, never-differentiated argument (frozen; may be bf16)
+and never get optimizer state. The step is a pure function of the (student, base) graph definitions,
+the states and the batch: the student is merged inside the trace. States travel as pure dicts of
+arrays (`nnx.State.to_pure_dict()`; `lora.as_lora_state` turns adapters back into an nnx.State): the
+graph definitions restore variable types at the merge, and a dict flattens for jit in a fraction of
+the time a tree of Variables takes.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from ssb_jax.distill.loss import distill_objective, gather_positions
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, init_lora, student_split
 from ssb_jax.model.qwen2 import abstract_model, apply
-from ssb_jax.sharding import batch_sharding, state_shardings
+from ssb_jax.sharding import batch_sharding, shard_state, state_shardings
 
 CACHED_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob", "teacher_target_logprob")
 
@@ -66,6 +69,12 @@ def total_steps_for(num_examples: int, tc: TrainConfig) -> int:
 def abstract_base_state(model_config: ModelConfig) -> nnx.State:
     """The base state's shapes and logical axes."""
     return nnx.state(abstract_model(model_config), nnx.Param)
+
+
+def base_state_for_training(model, mesh: Mesh | None = None) -> dict:
+    """The frozen base as the train step takes it: a pure dict, placed by its logical axes on `mesh`."""
+    state = nnx.state(model, nnx.Param)
+    return (state if mesh is None else shard_state(state, mesh)).to_pure_dict()
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,9 +137,12 @@ def batch_shardings(keys, batch_size: int, mesh: Mesh) -> dict:
     return {k: batch_sharding(mesh, (batch_size,)) for k in keys}
 
 
-def train_state_shardings(state_shapes: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> dict:
-    lora = state_shardings(state_shapes["lora"], mesh)
-    return {"lora": lora, "opt_state": opt_state_shardings(optimizer, state_shapes["opt_state"], lora, mesh),
+def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
+                          mesh: Mesh) -> dict:
+    """Shardings of the train state (pure dicts): adapters by their logical axes, moments as their adapters."""
+    lora = state_shardings(student_split(model_config, lora_config)[1], mesh).to_pure_dict()
+    opt_shapes = jax.eval_shape(optimizer.init, student_split(model_config, lora_config)[1].to_pure_dict())
+    return {"lora": lora, "opt_state": opt_state_shardings(optimizer, opt_shapes, lora, mesh),
             "step": NamedSharding(mesh, P())}
 
 
@@ -139,12 +151,11 @@ def train_state_shardings(state_shapes: Any, optimizer: optax.GradientTransforma
 def init_state(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
                key: jax.Array, mesh: Mesh | None = None) -> dict:
     def make(key):
-        lora = init_lora(model_config, lora_config, key)
+        lora = init_lora(model_config, lora_config, key).to_pure_dict()
         return {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.zeros((), jnp.int32)}
     if mesh is None:
         return jax.jit(make)(key)
-    shardings = train_state_shardings(jax.eval_shape(make, key), optimizer, mesh)
-    return jax.jit(make, out_shardings=shardings)(key)
+    return jax.jit(make, out_shardings=train_state_shardings(model_config, lora_config, optimizer, mesh))(key)
 
 
 class TrainStep:
@@ -202,11 +213,9 @@ def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraCo
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0, compiler_options=vocab_program_options())
-    state_shapes = jax.eval_shape(
-        lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
-    state_sh = train_state_shardings(state_shapes, optimizer, mesh)
+    state_sh = train_state_shardings(model_config, lora_config, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
-    base_sh = state_shardings(abstract_base_state(model_config), mesh)
+    base_sh = state_shardings(abstract_base_state(model_config), mesh).to_pure_dict()
     return jax.jit(step, in_shardings=(state_sh, base_sh,
                                        batch_shardings(keys, batch_size, mesh)),
                    out_shardings=(state_sh, replicated), donate_argnums=0,

@@ -17,6 +17,7 @@ full float32 logits.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -78,7 +79,9 @@ def _teacher_topk(graphdef, state, batch, *, k: int, temperature: float, chunk: 
     return tuple(jnp.moveaxis(o, 0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :A] for o in out)
 
 
-_teacher_topk_jit = jax.jit(_teacher_topk, static_argnums=0, static_argnames=("k", "temperature", "chunk"))
+@functools.lru_cache(maxsize=8)
+def _teacher_topk_jit(graphdef):
+    return jax.jit(functools.partial(_teacher_topk, graphdef), static_argnames=("k", "temperature", "chunk"))
 
 
 def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
@@ -94,6 +97,7 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
     directory.mkdir(parents=True, exist_ok=True)
     k = min(int(k), model_config.vocab_size)
     graphdef, state = nnx.split(model)
+    state = state.to_pure_dict()
     shard_rows: dict[str, list] = {"logprobs": [], "ids": [], "tail_logprob": [], "target_logprob": []}
     shard_ids: list[str] = []
     shard_lengths: list[int] = []
@@ -123,7 +127,7 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
                             max_seq_len=max_seq_len)
         inputs = {key: batch[key] for key in ("teacher_tokens", "teacher_positions", "teacher_mask",
                                               "teacher_index", "answer_tokens")}
-        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(graphdef, state, inputs, k=k,
+        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(graphdef)(state, inputs, k=k,
                                                                  temperature=float(temperature), chunk=chunk))
         for i, rec in enumerate(records):
             n = int(batch["answer_mask"][i].sum())

@@ -144,6 +144,13 @@ def with_adapters(model, lora_state: nnx.State, lora_config: LoraConfig):
     return nnx.merge(student_graphdef(model.config, lora_config), lora_state, base_state(model))
 
 
+def as_lora_state(pure: Mapping, model_config: ModelConfig, lora_config: LoraConfig) -> nnx.State:
+    """Adapters as an nnx.State of LoRAParams (with their logical axes) from a pure dict of arrays."""
+    state = jax.tree.map(lambda x: x, student_split(model_config, lora_config)[1])
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
 def lora_param_count(lora_state) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(lora_state)))
 
@@ -220,9 +227,7 @@ def lora_from_peft(tensors: Mapping[str, Any], config: ModelConfig, lora_config:
                     raise ValueError(f"{name}: shape {x.T.shape}, expected {tuple(reversed(want[factor]))}")
                 rows.append(x)
             pure["layers"][_MODULE_OF[t]][t][f"lora_{factor}"] = jnp.asarray(np.stack(rows), dtype)
-    state = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(state, pure)
-    return state
+    return as_lora_state(pure, config, lora_config)
 
 
 def peft_adapter_config(lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:

@@ -6,6 +6,7 @@ compiles a handful of programs. A mesh, when given, shards each batch over its d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -15,9 +16,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
-
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ssb_jax.model.tokenizer import Chat, encode_chat
 from ssb_jax.sampling.decode_layout import to_decode_layout
@@ -82,7 +82,10 @@ class Sampler:
         if unstack:
             model = to_decode_layout(model, decode_copies)
         self.config, self.tokenizer = model.config, tokenizer
-        self.graphdef, self.state = nnx.split(model)
+        # Split once; the state travels as a plain dict of arrays and the graph definition is closed
+        # over (as a static argument it was hashed on every call; Variables cost more to flatten).
+        graphdef, state = nnx.split(model)
+        self.state = state.to_pure_dict()
         self.mesh = mesh
         data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
         if batch_size % data_parallel:
@@ -94,7 +97,7 @@ class Sampler:
         self.max_prompt_tokens = self.prompt_buckets[-1]
         self.show_progress = show_progress
         self.num_compilations = 0  # traces of the generate program; one per (batch, prompt) bucket and sampling
-        self._generate = jax.jit(self._traced_generate, static_argnums=0, static_argnames=("sampling", "n"))
+        self._generate = jax.jit(functools.partial(self._traced_generate, graphdef), static_argnames=("sampling", "n"))
 
     def _traced_generate(self, graphdef, state, tokens, mask, keys, *, sampling, n):
         self.num_compilations += 1
@@ -152,7 +155,7 @@ class Sampler:
         # filler rows reuse row id 0; their outputs are dropped
         keys = row_keys_for(seed, list(row_ids) + [0] * (rows - len(prompts)), n)
         tokens, mask, keys = self._place(tokens), self._place(mask), self._place(keys)
-        out = jax.device_get(self._generate(self.graphdef, self.state, tokens, mask, keys, sampling=sampling, n=n))
+        out = jax.device_get(self._generate(self.state, tokens, mask, keys, sampling=sampling, n=n))
         completions = []
         for r in range(len(prompts) * n):
             length = int(out["lengths"][r])

@@ -116,10 +116,11 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: Sampli
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(graphdef: nnx.GraphDef, state: nnx.State, prompt_tokens: jax.Array, prompt_mask: jax.Array,
+def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mask: jax.Array,
              row_keys: jax.Array, *, sampling: SamplingParams, n: int = 1, mesh=None):
     """Sample completions for left-padded prompts from the model `nnx.merge(graphdef, state)` (any
-    Qwen2ForCausalLM: with or without adapters, in the training or the decode layout).
+    Qwen2ForCausalLM: with or without adapters, in the training or the decode layout; `state` an
+    nnx.State or its pure dict).
 
     prompt_tokens, prompt_mask [B, P]; row_keys [B * n] PRNG keys (one per output row).
     Returns a dict: tokens [B*n, M] int32 (pad after the end), lengths [B*n] (the stop token counts),
