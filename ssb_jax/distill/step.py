@@ -24,6 +24,7 @@ from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.loss import distill_objective, gather_positions
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, init_lora, student_split
+from ssb_jax.model import qwen2
 from ssb_jax.model.qwen2 import abstract_model, apply
 from ssb_jax.sharding import batch_sharding, shard_state, state_shardings
 
@@ -68,12 +69,12 @@ def total_steps_for(num_examples: int, tc: TrainConfig) -> int:
 @functools.lru_cache(maxsize=16)
 def abstract_base_state(model_config: ModelConfig) -> nnx.State:
     """The base state's shapes and logical axes."""
-    return nnx.state(abstract_model(model_config), nnx.Param)
+    return qwen2.base_state(abstract_model(model_config))
 
 
 def base_state_for_training(model, mesh: Mesh | None = None) -> dict:
     """The frozen base as the train step takes it: a pure dict, placed by its logical axes on `mesh`."""
-    state = nnx.state(model, nnx.Param)
+    state = qwen2.base_state(model)
     return (state if mesh is None else shard_state(state, mesh)).to_pure_dict()
 
 
@@ -140,8 +141,9 @@ def batch_shardings(keys, batch_size: int, mesh: Mesh) -> dict:
 def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
                           mesh: Mesh) -> dict:
     """Shardings of the train state (pure dicts): adapters by their logical axes, moments as their adapters."""
-    lora = state_shardings(student_split(model_config, lora_config)[1], mesh).to_pure_dict()
-    opt_shapes = jax.eval_shape(optimizer.init, student_split(model_config, lora_config)[1].to_pure_dict())
+    abstract_lora = student_split(model_config, lora_config)[1]
+    lora = state_shardings(abstract_lora, mesh).to_pure_dict()
+    opt_shapes = jax.eval_shape(optimizer.init, abstract_lora.to_pure_dict())
     return {"lora": lora, "opt_state": opt_state_shardings(optimizer, opt_shapes, lora, mesh),
             "step": NamedSharding(mesh, P())}
 

@@ -9,7 +9,8 @@ KV cache, and single-token decode.
     logits, _ = model(tokens, positions, mask)                      # [B, T, V] float32
     cache = model.init_cache(batch, length)
     logits, cache = model(prompt, positions, mask, cache)           # prefill, then decode the same way
-    graphdef, state = nnx.split(model)                              # once; then jit(apply)(graphdef, state, ...)
+    graphdef, state = nnx.split(model)                              # once; then, under jit,
+    jax.jit(functools.partial(apply, graphdef))(state.to_pure_dict(), tokens, positions, mask)
 
 Parameters (every one names its dimensions' logical axes in `out_sharding`, see ssb_jax.sharding):
     embed.embedding [V, D], final_norm.scale [D], lm_head.kernel [D, V] (untied only)
@@ -331,7 +332,7 @@ def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cach
     (`state.to_pure_dict()`: the graph definition restores the variable types and metadata). Jit it
     with the graph definition closed over, `jax.jit(functools.partial(apply, graphdef))`, and pass pure
     dicts: per call that skips hashing the graph definition and flattening Variables (tiny-model
-    decode step 580 -> 220 us of host time)."""
+    decode step 635 -> 247 us of host time, `python -m benchmarks.overhead`)."""
     states = state if isinstance(state, tuple) else (state,)
     return nnx.merge(graphdef, *states)(tokens, positions, mask, cache, return_hidden=return_hidden)
 

@@ -84,13 +84,16 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
                 new_v.append(new_cache[1])
         return hidden, (None if layer_caches is None else (new_k, new_v))
 
+    def _head_rows(self) -> jax.Array:
+        """The LM head as [V, D]: the tied embedding itself, or the untied head stored transposed."""
+        return self.embed.embedding[...] if self.head_t is None else self.head_t[...]
+
     def head_matrix(self) -> jax.Array:
-        head = self.embed.embedding[...] if self.head_t is None else self.head_t[...]
-        return head.T
+        return self._head_rows().T
 
     def logits(self, hidden):
         """[V, D] times rows, then one transpose."""
-        head = self.embed.embedding[...] if self.head_t is None else self.head_t[...]
+        head = self._head_rows()
         rows = hidden.reshape(-1, hidden.shape[-1])
         by_vocab = jnp.einsum("vd,rd->vr", head, rows, preferred_element_type=jnp.float32)
         # Materialized, then transposed: left to fusion, the transpose ran inside every consumer of the
