@@ -1,0 +1,124 @@
+"""What a stage's outputs were made from, so a rerun never reuses (or silently redoes) stale work.
+
+Each stage directory holds FINGERPRINT.json: the settings the stage reads, content hashes of its
+input files, and the fingerprints of the stages it consumes. A stage about to skip or resume
+compares the stored fingerprint with the one it would write now; on any difference it stops with
+`StaleOutputsError`, naming each changed key with its old and new value and the two ways on (a new
+workdir, or `--config.overwrite=<stage>` to delete that stage's outputs and redo it).
+
+A fingerprint is a plain JSON dict; `digest` names it by a short hash so downstream stages can
+depend on it without copying it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "FINGERPRINT.json"
+_CHUNK = 1 << 20
+
+
+class StaleOutputsError(RuntimeError):
+    """A stage's finished or partial outputs were made from other settings or inputs."""
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (a directory: of its files' names and digests, in sorted order)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(child.relative_to(path)).encode() + b"\0" + file_digest(child).encode() + b"\n")
+        return h.hexdigest()[:16]
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def model_identity(path: str) -> str:
+    """A cheap identity of a model: a hub id as given; a local directory by the hash of its config and
+    of each safetensors file's size and header (which holds every tensor's name, shape and offsets),
+    so weights are not read in full."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return path
+    h = hashlib.sha256()
+    for child in sorted(directory.iterdir()):
+        if child.name == "config.json":
+            h.update(b"config\0" + child.read_bytes())
+        elif child.suffix == ".safetensors":
+            with open(child, "rb") as handle:
+                size_bytes = handle.read(8)
+                header = handle.read(min(int.from_bytes(size_bytes, "little"), 1 << 28)) if len(size_bytes) == 8 else b""
+            h.update(child.name.encode() + b"\0" + str(child.stat().st_size).encode() + b"\0" + header)
+    return f"{directory.resolve()}#{h.hexdigest()[:16]}"
+
+
+def digest(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """'key: old -> new' for every leaf that differs (missing leaves shown as <absent>)."""
+    flat_old, flat_new = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(key, "<absent>"), flat_new.get(key, "<absent>")
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def read(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / FINGERPRINT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check(directory: str | os.PathLike, stage: str, fingerprint: Mapping[str, Any], *, overwrite: bool = False,
+          outputs: Iterable[str] | None = None) -> None:
+    """Before a stage runs (or skips) in `directory`: record `fingerprint` if the directory holds no
+    outputs; pass if the stored one matches; otherwise delete the outputs and record anew when
+    `overwrite`, else raise StaleOutputsError naming what changed.
+
+    `outputs`: the file names that count as outputs (default: anything in the directory). Call on the
+    main process only; the others wait at a barrier.
+    """
+    directory = Path(directory)
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # the form it is stored in
+    stored = read(directory)
+    has_outputs = directory.exists() and any(
+        p.name != FINGERPRINT_FILE and (outputs is None or p.name in set(outputs)) for p in directory.iterdir())
+    if stored == fingerprint:
+        return
+    if has_outputs and not overwrite:
+        if stored is None:
+            changed = ["the outputs have no fingerprint (made by an older ssb_jax, or copied in)"]
+        else:
+            changed = differences(stored, fingerprint)
+        raise StaleOutputsError(
+            f"{stage}: the outputs in {directory} were made from other settings or inputs ("
+            + "; ".join(changed) + f"). Use a new --config.workdir, or pass --config.overwrite={stage} "
+            "to delete them and redo the stage")
+    if has_outputs:
+        log.warning("%s: deleting the outputs in %s (--config.overwrite=%s)", stage, directory, stage)
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from ssb_jax.data.records import write_json_atomic
+    write_json_atomic(directory / FINGERPRINT_FILE, fingerprint)
