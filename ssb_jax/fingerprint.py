@@ -62,6 +62,19 @@ def model_identity(path: str) -> str:
     return f"{directory.resolve()}#{h.hexdigest()[:16]}"
 
 
+def dataset_identity(spec: str) -> str:
+    """A data spec by content: a local file's digest; a known name by the digest of the shared-data
+    file it reads (or the hub id it would download, when that file is absent)."""
+    from ssb_jax.data.datasets import KNOWN_DATASETS
+    from ssb_jax.paths import shared_data_dir
+    if spec in KNOWN_DATASETS:
+        known = KNOWN_DATASETS[spec]
+        shared_file = shared_data_dir().joinpath(*known.shared_parts)
+        return f"{spec}#{file_digest(shared_file)}" if shared_file.exists() else f"{spec}#hub:{known.hub_name}"
+    path = Path(spec)
+    return f"{path.resolve()}#{file_digest(path)}" if path.exists() else f"{spec}#missing"
+
+
 def digest(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
