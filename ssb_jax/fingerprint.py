@@ -72,7 +72,8 @@ def dataset_identity(spec: str) -> str:
         shared_file = shared_data_dir().joinpath(*known.shared_parts)
         return f"{spec}#{file_digest(shared_file)}" if shared_file.exists() else f"{spec}#hub:{known.hub_name}"
     path = Path(spec)
-    return f"{path.resolve()}#{file_digest(path)}" if path.exists() else f"{spec}#missing"
+    # content only: the same file moved elsewhere is the same input
+    return f"file#{file_digest(path)}" if path.exists() else f"{spec}#missing"
 
 
 def digest(fingerprint: Mapping[str, Any]) -> str:
