@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import jax
 
-from ssb_jax import distributed
+from ssb_jax import distributed, validate
 from ssb_jax.data.datasets import KNOWN_DATASETS, Problem, load_problems
 from ssb_jax.data.records import ShardedRecordStore, write_json_atomic
 from ssb_jax.grading import (LABEL_CORRECT, LABEL_NO_ANSWER, RELATIVE_TOLERANCE, grade_response,
@@ -78,6 +78,9 @@ class EvalConfig:
     problems_per_batch: int = 64         # outputs are appended (and survive a crash) per batch
 
     def __post_init__(self):
+        validate.non_negative(self, "temperature", "top_k")
+        validate.probability(self, "top_p")
+        validate.positive(self, "max_new_tokens")
         if isinstance(self.protocols, str):
             object.__setattr__(self, "protocols", tuple(p.strip() for p in self.protocols.split(",") if p.strip()))
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
