@@ -177,3 +177,79 @@ def test_missing_shared_file_falls_back_to_hub(tmp_path, monkeypatch):
     assert [(p.id, p.answer) for p in problems] == [("gsm8k_test-0", "2000")]
     load_aime24()
     assert calls[-1] == ("HuggingFaceH4/aime_2024", (), "train")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_non_utf8_byte_named_by_file_line_and_offset(tmp_path, caplog, seed):
+    import random
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    rows = [json.dumps({"question": "".join(rng.choice("abc xyz+=?") for _ in range(rng.randint(1, 30))),
+                        "answer": str(i)}) for i in range(rng.randint(2, 8))]
+    encoded = [r.encode() + b"\n" for r in rows]
+    bad_line = rng.randrange(len(rows))
+    # a byte that can never start a UTF-8 character, inside the question's text (all ASCII, so the
+    # decoder stops exactly there)
+    text_start = encoded[bad_line].index(b'"question": "') + len(b'"question": "')
+    text_end = encoded[bad_line].index(b'", "answer"')
+    at = rng.randint(text_start, text_end)
+    bad_byte = rng.choice([0x80, 0xBF, 0xC0, 0xF8, 0xFF])
+    encoded[bad_line] = encoded[bad_line][:at] + bytes([bad_byte]) + encoded[bad_line][at:]
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"".join(encoded))
+    offset = sum(len(e) for e in encoded[:bad_line]) + at
+    expected = f"{path}:{bad_line + 1}: not UTF-8: byte 0x{bad_byte:02x} at byte offset {offset} of the file"
+
+    with pytest.raises(DataError) as error:
+        load_problems(path)
+    assert str(error.value) == expected
+    with caplog.at_level(logging.WARNING):
+        problems = load_problems(path, on_bad_line="skip")
+    assert [p.answer for p in problems] == [str(i) for i in range(len(rows)) if i != bad_line]
+    assert problems.skipped_lines == [expected]
+    assert expected in caplog.text
+
+
+def test_byte_order_mark_is_not_a_bad_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question": "Q\u00e9", "answer": "1"}).encode() + b"\n")
+    assert [(p.question, p.answer) for p in load_problems(path)] == [("Q\u00e9", "1")]
+
+
+def test_file_without_problems_is_an_error_naming_it(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = _write_jsonl(tmp_path / "blank.jsonl", ["", "   "])
+    for path in (empty, blank):
+        for mode in ("error", "skip"):
+            with pytest.raises(DataError, match=rf"^{path}: no problems \(it holds no records\)$"):
+                load_problems(path, on_bad_line=mode)
+    all_bad = _write_jsonl(tmp_path / "all_bad.jsonl", ["nope", json.dumps({"question": "no answer"})])
+    with pytest.raises(DataError) as error:
+        load_problems(all_bad, on_bad_line="skip")
+    message = str(error.value)
+    assert message.startswith(f"{all_bad}: no problems (all 2 record(s) skipped as bad; first: {all_bad}:1: ")
+    assert "\n" not in message
+
+
+def test_parquet_bad_bytes_corrupt_and_empty_files(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed in this venv")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow.parquet not available")
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"problem": pa.array([b"fine", b"bad \xff here"], pa.binary()),
+                             "answer": ["1", "2"]}), binary)
+    with pytest.raises(DataError, match=r"^.*binary.parquet: row 1: field 'problem' is not UTF-8: byte 0xff at "
+                                        r"byte offset 4 of the value$"):
+        load_problems(binary)
+    assert [p.question for p in load_problems(binary, on_bad_line="skip")] == ["fine"]
+
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(DataError) as error:
+        load_problems(corrupt)
+    assert str(error.value).startswith(f"{corrupt}: cannot be read as Parquet (") and "\n" not in str(error.value)
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"problem": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), empty)
+    with pytest.raises(DataError, match=rf"^{empty}: no problems"):
+        load_problems(empty)

@@ -5,12 +5,15 @@ shared file is missing and no path was given do the loaders fall back to the
 Hugging Face Hub (`datasets` is imported lazily, so offline use never needs it).
 
 Bad input is never dropped silently: with `on_bad_line="error"` (default) a malformed
-JSON line, a missing field or a duplicate id raises `DataError` naming the file, the
-line (or Parquet row) and the field; with `on_bad_line="skip"` such records are skipped,
-counted on the returned `ProblemList` and logged.
+JSON line, a line that is not UTF-8 (named with its byte offset), a missing field or a
+duplicate id raises `DataError` naming the file, the line (or Parquet row) and the field;
+with `on_bad_line="skip"` such records are skipped, counted on the returned `ProblemList`
+and logged. A file that yields no problem at all (empty, or every record skipped) is a
+`DataError` naming the file.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from dataclasses import dataclass, field
@@ -75,11 +78,22 @@ KNOWN_DATASETS: dict[str, _KnownDataset] = {
 # ---------------------------------------------------------------------------
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    # read as bytes so a non-UTF-8 byte is one bad line (named with its offset), not a crash mid-file
+    offset = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line_start, offset = offset, offset + len(raw)
+            location = f"{path}:{line_number}"
+            if line_number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw, line_start = raw[len(codecs.BOM_UTF8):], line_start + len(codecs.BOM_UTF8)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield location, DataError(f"{location}: not UTF-8: byte 0x{raw[error.start]:02x} at byte offset "
+                                          f"{line_start + error.start} of the file")
+                continue
             if not line.strip():
                 continue  # blank lines hold no record
-            location = f"{path}:{line_number}"
             try:
                 yield location, json.loads(line)
             except json.JSONDecodeError as error:
@@ -88,10 +102,16 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError as error:
         raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from error
-    for row_index, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{path}: cannot be read as Parquet ({reason})") from error
+    for row_index, row in enumerate(rows):
         yield f"{path}: row {row_index}", row
 
 
@@ -136,14 +156,25 @@ def _pick_field(record: Mapping[str, Any], location: str, named: str | None,
     raise DataError(f"{location}: missing field {names[0]!r} ({role}; looked for {tried})")
 
 
+def _text_value(value: Any, location: str, name: str) -> Any:
+    """A bytes value (a Parquet binary column) as text; other values unchanged."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{location}: field {name!r} is not UTF-8: byte 0x{value[error.start]:02x} at byte "
+                        f"offset {error.start} of the value") from None
+
+
 def _to_problem(record: Any, location: str, index: int, source: str,
                 question_field: str | None, answer_field: str | None) -> Problem:
     if not isinstance(record, Mapping):
         raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
     question_key = _pick_field(record, location, question_field, QUESTION_FIELDS, "question")
     answer_key = _pick_field(record, location, answer_field, ANSWER_FIELDS, "answer")
-    question = str(record[question_key]).strip()
-    raw_answer = record[answer_key]
+    question = str(_text_value(record[question_key], location, question_key)).strip()
+    raw_answer = _text_value(record[answer_key], location, answer_key)
     id_key = next((key for key in ID_FIELDS if record.get(key) not in (None, "")), None)
     extra = {key: value for key, value in record.items()
              if key not in (question_key, answer_key, id_key)
@@ -157,9 +188,13 @@ def _to_problem(record: Any, location: str, index: int, source: str,
     return Problem(id=problem_id, question=question, answer=answer, source=source, extra=extra)
 
 
-def _build_problems(records: Iterable[tuple[str, Any]], source: str, *,
+_SKIP_WARNINGS = 10  # skipped records logged one by one; beyond that only counted
+
+
+def _build_problems(records: Iterable[tuple[str, Any]], source: str, origin: str, *,
                     question_field: str | None = None, answer_field: str | None = None,
                     on_bad_line: OnBadLine = "error") -> ProblemList:
+    """origin: the file (or hub dataset) the records come from, named when it yields no problem."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
     problems: list[Problem] = []
@@ -177,12 +212,24 @@ def _build_problems(records: Iterable[tuple[str, Any]], source: str, *,
             if on_bad_line == "error":
                 raise
             skipped.append(str(error))
+            if len(skipped) <= _SKIP_WARNINGS:
+                logger.warning("skipped (on_bad_line=skip) %s", error)
             continue
         first_location_of_id[problem.id] = location
         problems.append(problem)
+    if not problems:
+        why = (f"all {len(skipped)} record(s) skipped as bad; first: {skipped[0]}" if skipped
+               else "it holds no records")
+        raise DataError(f"{origin}: no problems ({why})")
     if skipped:
         logger.warning("%s: skipped %d bad record(s); first: %s", source, len(skipped), skipped[0])
     return ProblemList(problems, skipped)
+
+
+def known_dataset_file(name: str) -> Path | None:
+    """The shared data file of a known dataset, or None when it is missing (then it comes from the hub)."""
+    shared_file = shared_data_dir().joinpath(*KNOWN_DATASETS[name].shared_parts)
+    return shared_file if shared_file.exists() else None
 
 
 def _load_known(name: str, path: str | Path | None, on_bad_line: OnBadLine,
@@ -191,13 +238,12 @@ def _load_known(name: str, path: str | Path | None, on_bad_line: OnBadLine,
     known = KNOWN_DATASETS[name]
     options = dict(question_field=question_field, answer_field=answer_field,
                    on_bad_line=on_bad_line)
+    path = path if path is not None else known_dataset_file(name)
     if path is not None:
-        return _build_problems(_records_from_path(Path(path)), name, **options)
-    shared_file = shared_data_dir().joinpath(*known.shared_parts)
-    if shared_file.exists():
-        return _build_problems(_records_from_path(shared_file), name, **options)
-    logger.info("%s not found; loading %s from the Hugging Face Hub", shared_file, known.hub_name)
-    return _build_problems(_hub_records(known), name, **options)
+        return _build_problems(_records_from_path(Path(path)), name, str(path), **options)
+    logger.info("%s not found; loading %s from the Hugging Face Hub",
+                shared_data_dir().joinpath(*known.shared_parts), known.hub_name)
+    return _build_problems(_hub_records(known), name, f"hf:{known.hub_name}[{known.hub_split}]", **options)
 
 
 # ---------------------------------------------------------------------------
@@ -225,12 +271,12 @@ def load_aime24(path: str | Path | None = None, on_bad_line: OnBadLine = "error"
 
 def load_problems(spec: str | Path, question_field: str | None = None,
                   answer_field: str | None = None,
-                  on_bad_line: OnBadLine = "error") -> ProblemList:
+                  on_bad_line: OnBadLine = "error", name: str | None = None) -> ProblemList:
     """Problems from a known name (see `KNOWN_DATASETS`) or a local .jsonl / .parquet path.
 
     Fields default to the first present of `QUESTION_FIELDS` / `ANSWER_FIELDS`. Ids are
     the record's `unique_id` / `id` when present, else `<dataset name>-<record index>`,
-    where the dataset name is the known name or the file's stem.
+    where the dataset name is the known name, else `name`, else the file's stem.
     """
     if isinstance(spec, str) and spec in KNOWN_DATASETS:
         return _load_known(spec, None, on_bad_line, question_field, answer_field)
@@ -238,5 +284,5 @@ def load_problems(spec: str | Path, question_field: str | None = None,
     if not path.exists():
         raise FileNotFoundError(
             f"{spec!r} is neither a known dataset ({', '.join(KNOWN_DATASETS)}) nor an existing file")
-    return _build_problems(_records_from_path(path), path.stem, question_field=question_field,
+    return _build_problems(_records_from_path(path), name or path.stem, str(path), question_field=question_field,
                            answer_field=answer_field, on_bad_line=on_bad_line)
