@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ssb_jax import validate
 from ssb_jax.data.datasets import Problem
 from ssb_jax.data.records import RecordStore, ShardedRecordStore, write_json_atomic
 from ssb_jax.grading import LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response, normalize_answer
@@ -48,6 +49,7 @@ class CurationConfig:
     solution_top_p: float = 1.0
     solution_max_new_tokens: int = 1024
     target_pairs: int = 256          # stop once this many pairs are kept (0: process all questions)
+    min_pairs: int = 0               # fewer kept pairs is a failed curation (warned, reported, exit 3); 0: half the target
     max_questions: int = 0           # look at no more than this many questions (0: all)
     shuffle: bool = True
     seed: int = 0
@@ -57,6 +59,10 @@ class CurationConfig:
     grader: str = "math_verify"
 
     def __post_init__(self):
+        validate.non_negative(self, "rollout_temperature", "solution_temperature", "rollout_top_k", "solution_top_k",
+                              "target_pairs", "min_pairs", "max_questions")
+        validate.positive(self, "rollout_max_new_tokens", "solution_max_new_tokens", "questions_per_batch")
+        validate.probability(self, "rollout_top_p", "solution_top_p")
         if self.correct_choice not in ("first", "shortest", "random"):
             raise ValueError(f"correct_choice must be first, shortest or random, got {self.correct_choice!r}")
         if self.num_rollouts < 2:
@@ -208,10 +214,33 @@ def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
     records = RecordStore(records_path).read_all()
     summary = summarize(records)
     summary["complete"] = ((config.target_pairs > 0 and kept >= config.target_pairs) or len(records) >= len(order))
+    summary.update(target_pairs=config.target_pairs, max_questions=config.max_questions,
+                   min_pairs=required_pairs(config))
     if distributed.is_main_process():
         write_json_atomic(out_dir / SUMMARY_FILE, summary)
     log.info("curation summary: %s", json.dumps({k: summary[k] for k in ("questions", "verdicts")}))
     return summary
+
+
+def required_pairs(config: CurationConfig) -> int:
+    """Kept pairs below which curation counts as failed."""
+    return config.min_pairs or (config.target_pairs + 1) // 2
+
+
+def finished(summary: dict, config: CurationConfig) -> bool:
+    """Whether a stored summary is complete under this config (a larger target or question cap
+    resumes the curation)."""
+    return bool(summary.get("complete")) and all(
+        summary.get(key) == getattr(config, key) for key in ("target_pairs", "max_questions"))
+
+
+def shortfall(summary: dict, config: CurationConfig) -> str:
+    """'kept 4 of 128 target pairs, fewer than min_pairs 64 ...' when curation fell short, else ''."""
+    kept, needed = summary["verdicts"]["kept"], required_pairs(config)
+    if kept >= needed:
+        return ""
+    return (f"kept {kept} pairs of the {config.target_pairs} targeted, fewer than the {needed} that count as "
+            f"success (curate.min_pairs) after {summary['questions']} questions")
 
 
 def _length_stats(lengths: Iterable[int]) -> dict[str, float]:

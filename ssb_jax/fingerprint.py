@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "FINGERPRINT.json"
 _CHUNK = 1 << 20
+_SAMPLES = 16
 
 
 class StaleOutputsError(RuntimeError):
@@ -44,9 +45,10 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def model_identity(path: str) -> str:
-    """A cheap identity of a model: a hub id as given; a local directory by the hash of its config and
-    of each safetensors file's size and header (which holds every tensor's name, shape and offsets),
-    so weights are not read in full."""
+    """A model by content, cheaply: a hub id as given; a local directory by its config.json and, for
+    each safetensors file, its size, its header (every tensor's name, shape and offsets) and sixteen
+    1 MiB samples spread through the data, so a 6 GB model is identified by reading ~16 MiB a file.
+    The directory's location does not count: a copied model is the same model."""
     directory = Path(path)
     if not directory.is_dir():
         return path
@@ -55,11 +57,13 @@ def model_identity(path: str) -> str:
         if child.name == "config.json":
             h.update(b"config\0" + child.read_bytes())
         elif child.suffix == ".safetensors":
+            size = child.stat().st_size
+            h.update(child.name.encode() + b"\0" + str(size).encode() + b"\0")
             with open(child, "rb") as handle:
-                size_bytes = handle.read(8)
-                header = handle.read(min(int.from_bytes(size_bytes, "little"), 1 << 28)) if len(size_bytes) == 8 else b""
-            h.update(child.name.encode() + b"\0" + str(child.stat().st_size).encode() + b"\0" + header)
-    return f"{directory.resolve()}#{h.hexdigest()[:16]}"
+                for offset in sorted({0, *(i * size // _SAMPLES for i in range(1, _SAMPLES)), max(0, size - _CHUNK)}):
+                    handle.seek(offset)
+                    h.update(handle.read(_CHUNK))
+    return f"local#{h.hexdigest()[:16]}"
 
 
 def dataset_identity(spec: str) -> str:
@@ -106,13 +110,14 @@ def read(directory: str | os.PathLike) -> dict | None:
 
 
 def check(directory: str | os.PathLike, stage: str, fingerprint: Mapping[str, Any], *, overwrite: bool = False,
-          outputs: Iterable[str] | None = None) -> None:
+          outputs: Iterable[str] | None = None, write: bool = True) -> None:
     """Before a stage runs (or skips) in `directory`: record `fingerprint` if the directory holds no
     outputs; pass if the stored one matches; otherwise delete the outputs and record anew when
     `overwrite`, else raise StaleOutputsError naming what changed.
 
-    `outputs`: the file names that count as outputs (default: anything in the directory). Call on the
-    main process only; the others wait at a barrier.
+    `outputs`: the file names that count as outputs (default: anything in the directory).
+    `write`: False compares only (every process of a multi-host run compares, so all raise alike;
+    only the main process deletes and records).
     """
     directory = Path(directory)
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # the form it is stored in
@@ -130,6 +135,8 @@ def check(directory: str | os.PathLike, stage: str, fingerprint: Mapping[str, An
             f"{stage}: the outputs in {directory} were made from other settings or inputs ("
             + "; ".join(changed) + f"). Use a new --config.workdir, or pass --config.overwrite={stage} "
             "to delete them and redo the stage")
+    if not write:
+        return
     if has_outputs:
         log.warning("%s: deleting the outputs in %s (--config.overwrite=%s)", stage, directory, stage)
         shutil.rmtree(directory)

@@ -9,9 +9,11 @@ def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_report(workdir: str | Path, num_rounds: int = 1) -> Path:
+def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
+    """report.md from the stages' outputs; `warnings`: lines that say the run is not what was asked."""
     workdir = Path(workdir)
     lines = ["# SSB run report", "", f"Run directory: `{workdir}`", ""]
+    lines += [f"> **Warning:** {warning}" for warning in warnings] + ([""] if warnings else [])
     for r in range(1, num_rounds + 1):
         rdir = workdir / f"round_{r}"
         lines += [f"## Round {r}", ""]

@@ -215,3 +215,17 @@ def test_over_long_prompts_are_recorded_not_fatal(tokenizer, tmp_path):
     assert [r["verdict"] for r in records] == ["kept", "prompt_too_long"]
     assert summary["verdicts"]["prompt_too_long"] == 1
     assert sampler.calls[0] == ("rollout", ["short"], 4)
+
+
+def test_shortfall_names_kept_target_and_minimum():
+    from ssb_jax.curate import CurationConfig, finished, required_pairs, shortfall
+    summary = {"questions": 300, "verdicts": {"kept": 4}, "complete": True, "target_pairs": 128, "max_questions": 0}
+    config = CurationConfig(target_pairs=128)
+    assert required_pairs(config) == 64
+    message = shortfall(summary, config)
+    assert message.startswith("kept 4 pairs of the 128 targeted, fewer than the 64")
+    assert "curate.min_pairs" in message
+    assert shortfall(summary, CurationConfig(target_pairs=128, min_pairs=4)) == ""
+    assert finished(summary, config)
+    assert not finished(summary, CurationConfig(target_pairs=256))  # a larger target resumes
+    assert not finished(summary, CurationConfig(target_pairs=128, max_questions=500))

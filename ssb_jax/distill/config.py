@@ -5,6 +5,7 @@ import dataclasses
 import json
 from typing import Any
 
+from ssb_jax import validate
 from ssb_jax.model.lora import LoraConfig
 from ssb_jax.model.config import PROJECTIONS
 
@@ -55,10 +56,13 @@ class TrainConfig:
             raise ValueError(f"teacher_mode must be 'online' or 'cached', got {self.teacher_mode!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.batch_size <= 0 or self.epochs <= 0:
-            raise ValueError("batch_size and epochs must be positive")
+        validate.positive(self, "learning_rate", "temperature", "batch_size", "epochs", "lora_alpha", "topk",
+                          "min_bucket", "checkpoint_every", "keep_checkpoints", "log_every")
+        validate.non_negative(self, "warmup_steps", "warmup_ratio", "weight_decay", "ce_weight", "max_steps",
+                              "logits_chunk", "max_seq_len", "adam_eps")
+        for rank in (dict(self.lora_rank).values() if isinstance(self.lora_rank, (dict, tuple)) else [self.lora_rank]):
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"lora_rank must be a positive integer (or one per target), got {self.lora_rank!r}")
         if isinstance(self.lora_rank, dict):
             object.__setattr__(self, "lora_rank", tuple(sorted(self.lora_rank.items())))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))

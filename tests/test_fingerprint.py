@@ -1,0 +1,88 @@
+"""Stage fingerprints: outputs made from other settings or inputs are never silently reused or redone."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ssb_jax import fingerprint as fp
+
+
+def test_first_run_records_and_same_settings_pass(tmp_path):
+    stage = tmp_path / "train"
+    fp.check(stage, "train", {"settings": {"learning_rate": 2e-4}})
+    assert fp.read(stage) == {"settings": {"learning_rate": 2e-4}}
+    (stage / "DONE.json").write_text("{}")
+    fp.check(stage, "train", {"settings": {"learning_rate": 2e-4}})  # unchanged: reuse
+    assert (stage / "DONE.json").exists()
+
+
+def test_changed_setting_is_named_with_both_values_and_the_ways_on(tmp_path):
+    stage = tmp_path / "train"
+    fp.check(stage, "train", {"settings": {"learning_rate": 2e-4, "lora_rank": 32}, "base": "a"})
+    (stage / "DONE.json").write_text("{}")
+    with pytest.raises(fp.StaleOutputsError) as error:
+        fp.check(stage, "train", {"settings": {"learning_rate": 1e-3, "lora_rank": 32}, "base": "a"})
+    message = str(error.value)
+    assert "settings.learning_rate: 0.0002 -> 0.001" in message
+    assert "lora_rank" not in message
+    assert "--config.workdir" in message and "--config.overwrite=train" in message
+    assert "\n" not in message
+    assert (stage / "DONE.json").exists()  # nothing deleted without being asked
+
+
+def test_overwrite_deletes_stale_outputs_and_records_the_new_fingerprint(tmp_path):
+    stage = tmp_path / "curate"
+    fp.check(stage, "curate", {"data": "x"})
+    (stage / "records.jsonl").write_text('{"id": 1}\n')
+    fp.check(stage, "curate", {"data": "y"}, overwrite=True)
+    assert not (stage / "records.jsonl").exists()
+    assert fp.read(stage) == {"data": "y"}
+
+
+def test_outputs_without_a_fingerprint_are_not_trusted(tmp_path):
+    stage = tmp_path / "train"
+    stage.mkdir()
+    (stage / "DONE.json").write_text("{}")
+    with pytest.raises(fp.StaleOutputsError, match="no fingerprint"):
+        fp.check(stage, "train", {"a": 1})
+
+
+def test_compare_only_never_writes(tmp_path):
+    stage = tmp_path / "eval"
+    fp.check(stage, "eval", {"a": 1}, write=False)
+    assert not stage.exists()
+
+
+def test_dataset_identity_follows_content_not_name_or_place(tmp_path):
+    first, second = tmp_path / "a" / "test.jsonl", tmp_path / "b" / "test.jsonl"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    first.write_text('{"question": "1+1", "answer": "2"}\n')
+    second.write_text('{"question": "1+2", "answer": "3"}\n')
+    assert fp.dataset_identity(str(first)) != fp.dataset_identity(str(second))  # same stem, other questions
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(first, moved)
+    assert fp.dataset_identity(str(moved)) == fp.dataset_identity(str(first))
+
+
+def _fake_model(directory, values):
+    from safetensors.numpy import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    save_file({"w": values}, str(directory / "model.safetensors"))
+
+
+def test_model_identity_sees_a_weight_change_in_the_middle_but_not_a_copy(tmp_path):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    values = np.random.default_rng(seed).standard_normal(3 * 2**20 // 4).astype(np.float32)  # 3 MiB of data
+    _fake_model(tmp_path / "m", values)
+    identity = fp.model_identity(str(tmp_path / "m"))
+    shutil.copytree(tmp_path / "m", tmp_path / "copy")
+    assert fp.model_identity(str(tmp_path / "copy")) == identity
+    changed = values.copy()
+    changed[len(values) // 2] += 1.0  # inside the sample that starts half way through the file
+    _fake_model(tmp_path / "other", changed)
+    assert fp.model_identity(str(tmp_path / "other")) != identity
+    assert fp.model_identity("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
