@@ -8,6 +8,8 @@ state is merged into the model's graph definition at the end.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import re
@@ -16,7 +18,7 @@ from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from ssb_jax.model.config import ModelConfig
@@ -127,6 +129,19 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+@contextlib.contextmanager
+def _readable(file: Path):
+    """safe_open, with a truncated or corrupt file named in one line (safetensors' own message names
+    neither the file nor the likely cause)."""
+    try:
+        with safe_open(str(file), framework="np") as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        size = file.stat().st_size if file.exists() else 0
+        raise CheckpointError(f"{file}: unreadable safetensors file ({size} bytes; {error}); it is probably "
+                              "truncated or corrupt: download or save it again") from None
+
+
 def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dtype: str | None = None,
                 mesh=None, overrides: dict | None = None):
     """Load a Qwen2 HF checkpoint into (ModelConfig, Qwen2ForCausalLM), each weight placed on `mesh`
@@ -150,7 +165,7 @@ def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dt
     filled: dict[tuple, set] = {}
 
     for file in safetensors_files(directory):
-        with safe_open(str(file), framework="np") as f:
+        with _readable(file) as f:
             for name in f.keys():
                 target = _target_of(name, config)
                 if target is None:
