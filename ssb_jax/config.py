@@ -125,3 +125,190 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
             node = node[part]
         node[leaf] = value
     return config
+
+
+# ----------------------------------------------------------------------------- settings on the command line
+
+# One line per setting: --print_config shows it, and tests/test_cli.py fails on a setting without one.
+SETTING_HELP: dict[str, str] = {
+    "workdir": "run directory: every stage's outputs, checkpoints and the report go here",
+    "stages": "comma-separated stages to run, in pipeline order: curate, teacher_cache, train, eval, export, report",
+    "overwrite": "stages whose outputs from other settings may be deleted and redone (with every stage after them)",
+    "num_rounds": "SSB rounds; each round's student is the next round's teacher and base",
+    "log_level": "Python logging level of the run: DEBUG, INFO, WARNING or ERROR",
+    # model
+    "model.path": "Hugging Face hub id or local HF directory of the base model (tiny config: set by the world)",
+    "model.tokenizer": "tokenizer hub id or directory; empty: the model's own",
+    "model.dtype": "parameter and activation dtype: bfloat16 or float32",
+    "model.attention_impl": "attention kernel: xla or dot_product_attention (jax.nn.dot_product_attention)",
+    "model.remat": "per-layer rematerialisation in training: none, full, dots or dots_no_batch",
+    # mesh
+    "mesh.data": "devices on the data-parallel mesh axis (-1: whatever the other axes leave)",
+    "mesh.fsdp": "devices the weights are sharded over (fully sharded data parallel; -1: the rest)",
+    "mesh.tensor": "devices each layer's heads and MLP are split over (tensor parallel)",
+    # distributed
+    "distributed.initialize": "jax.distributed.initialize: auto (TPU VMs, SLURM, env vars), yes or no",
+    "distributed.coordinator_address": "host:port of process 0 (empty: detected from the environment)",
+    "distributed.num_processes": "number of JAX processes (0: detected from the environment)",
+    "distributed.process_id": "this process's index (-1: detected from the environment)",
+    # sampler
+    "sampler.batch_size": "prompts decoded together per sampling step",
+    "sampler.max_prompt_tokens": "longest prompt accepted; a longer one is an error naming it",
+    "sampler.min_prompt_bucket": "smallest padded prompt length (prompts are padded to power-of-two buckets)",
+    # prompts
+    "prompts.system_prompt": "system message of student and teacher prompts (empty: the built-in tutor prompt)",
+    "prompts.student_template": "student user message with {question} (empty: the built-in template)",
+    "prompts.hinted_template": "teacher user message with {question} and the correct and wrong traces "
+                               "(empty: the built-in template)",
+    # data
+    "data.train": "curation questions: a known name (gsm8k_train, ...) or a local .jsonl/.parquet path "
+                  "(tiny config: set by the world)",
+    "data.question_field": "record field holding the question (empty: detected from common names)",
+    "data.answer_field": "record field holding the reference answer (empty: detected from common names)",
+    "data.on_bad_line": "malformed input record: error (stop, naming it) or skip (count it)",
+    # curate (CurationConfig)
+    "curate.num_rollouts": "plain-prompt rollouts per question (>= 2, to see both a right and a wrong answer)",
+    "curate.rollout_temperature": "sampling temperature of the rollouts",
+    "curate.rollout_top_k": "top-k of the rollouts (0: off)",
+    "curate.rollout_top_p": "top-p of the rollouts (1.0: off)",
+    "curate.rollout_max_new_tokens": "token budget of each rollout",
+    "curate.solution_temperature": "sampling temperature of the hinted teacher's solution",
+    "curate.solution_top_k": "top-k of the teacher's solution (0: off)",
+    "curate.solution_top_p": "top-p of the teacher's solution (1.0: off)",
+    "curate.solution_max_new_tokens": "token budget of the teacher's solution",
+    "curate.target_pairs": "stop once this many pairs are kept (0: process all questions)",
+    "curate.min_pairs": "fewer kept pairs is a failed curation (warned, reported, exit 3); 0: half the target",
+    "curate.max_questions": "look at no more than this many questions (0: all)",
+    "curate.shuffle": "visit the questions in a seeded random order",
+    "curate.seed": "seed of the question order and the rollouts",
+    "curate.correct_choice": "which correct rollout becomes the hint: first, shortest or random",
+    "curate.no_answer_is_wrong": "a rollout without a \\boxed answer counts as wrong for mixing",
+    "curate.questions_per_batch": "records are appended (and survive a crash) per this many questions",
+    "curate.grader": "answer grader: math_verify (lenient) or string_match (strict)",
+    # train (TrainConfig)
+    "train.learning_rate": "peak learning rate of AdamW",
+    "train.schedule": "learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant",
+    "train.warmup_steps": "linear warmup steps",
+    "train.warmup_ratio": "warmup as a fraction of all steps, used when warmup_steps is 0",
+    "train.weight_decay": "AdamW weight decay",
+    "train.adam_b1": "AdamW beta1",
+    "train.adam_b2": "AdamW beta2",
+    "train.adam_eps": "AdamW epsilon",
+    "train.grad_clip": "global-norm gradient clip (<= 0: off)",
+    "train.batch_size": "global batch: sequences per step",
+    "train.epochs": "passes over the curated pairs",
+    "train.max_steps": "> 0: stop after this many steps",
+    "train.seed": "seed of the LoRA initialisation and the data order",
+    "train.temperature": "softmax temperature of teacher and student in the KL term",
+    "train.ce_weight": "weight of the cross-entropy term on the teacher's solution (0: KL only)",
+    "train.per_sequence_mean": "average KL/CE per sequence first, then over sequences",
+    "train.logits_chunk": "answer positions per sequence projected to the vocabulary at once (0: all)",
+    "train.teacher_mode": "teacher logits: online (computed each step) or cached (top-k stored before training)",
+    "train.topk": "cached teacher mode: log-probabilities kept per answer token",
+    "train.lora_rank": "LoRA rank",
+    "train.lora_alpha": "LoRA alpha (the update is scaled by alpha / rank)",
+    "train.lora_targets": "comma-separated projections that get LoRA adapters",
+    "train.use_rslora": "rank-stabilised LoRA: scale by alpha / sqrt(rank)",
+    "train.lora_dtype": "dtype of the LoRA weights and their optimizer state",
+    "train.length_buckets": "comma-separated padded sequence lengths (empty: powers of two >= min_bucket)",
+    "train.min_bucket": "smallest padded sequence length",
+    "train.max_seq_len": "> 0: solutions are truncated so both sequences fit in this many tokens",
+    "train.checkpoint_every": "steps between checkpoints (a killed run resumes from the last)",
+    "train.keep_checkpoints": "checkpoints kept on disk",
+    "train.log_every": "steps between TensorBoard scalar writes",
+    # eval (EvalConfig)
+    "eval.datasets": "comma-separated known names (math500, aime24, gsm8k_test) and/or local .jsonl/.parquet "
+                     "paths; world_test: the toy world's held-out split",
+    "eval.protocols": "comma-separated: math_verify (greedy pass@1 + sampled avg@n/maj@n) and/or string_match "
+                      "(greedy, 1024 tokens, strict)",
+    "eval.n_samples": "n of avg@n / maj@n (0: greedy pass@1 only)",
+    "eval.temperature": "temperature of the sampled responses (pass@1 is always greedy)",
+    "eval.top_k": "top-k of the sampled responses (0: off)",
+    "eval.top_p": "top-p of the sampled responses (1.0: off)",
+    "eval.max_new_tokens": "token budget for protocols without a fixed one",
+    "eval.max_problems": "evaluate the first this many problems of each dataset (0: all)",
+    "eval.seed": "seed of the sampled responses",
+    "eval.problems_per_batch": "outputs are appended (and survive a crash) per this many problems",
+    # export
+    "export.peft_adapter": "write the student's LoRA as a PEFT adapter directory",
+    "export.merged_model": "write a Hugging Face model with the LoRA merged into the weights",
+    "export.merged_dtype": "dtype of the merged model (empty: model.dtype)",
+    # world (ToyWorldConfig; configs/tiny.py)
+    "world.enabled": "build the offline toy world and run on it (configs/tiny.py)",
+    "world.seed": "seed of the whole world: problems, tokenizer, model initialisation and pre-training",
+    "world.num_train": "curation (train split) problems",
+    "world.num_test": "held-out (test split) problems",
+    "world.min_steps": "fewest steps in a problem",
+    "world.max_steps": "most steps in a problem",
+    "world.group_step_prob": "chance that a step is 'b groups of e' (where the slip lives)",
+    "world.slip_prob": "chance that a plain-prompt pre-training solution writes b + e for b * e",
+    "world.max_value": "every running total (right or slipped) stays in [0, max_value]",
+    "world.max_amount": "largest number found or given away in one step",
+    "world.vocab_size": "BPE tokenizer vocabulary size",
+    "world.hidden_size": "model hidden size",
+    "world.intermediate_size": "model MLP size",
+    "world.num_layers": "model layers",
+    "world.num_heads": "attention heads",
+    "world.num_kv_heads": "key/value heads (grouped-query attention)",
+    "world.head_dim": "size of each attention head",
+    "world.pretrain_steps": "pre-training steps",
+    "world.plain_batch": "plain-prompt examples per pre-training step",
+    "world.hinted_batch": "hinted-prompt examples per pre-training step",
+    "world.pretrain_pool": "distinct generated examples of each kind that batches are drawn from",
+    "world.learning_rate": "peak pre-training learning rate (warmup, then cosine decay)",
+    "world.warmup_steps": "pre-training warmup steps",
+    "world.weight_decay": "pre-training AdamW weight decay",
+    "world.prompt_loss_weight": "loss weight of prompt tokens (their repeated numbers teach copying)",
+    "world.drill_batch": "arithmetic drill texts per pre-training step (0: none)",
+    "world.drill_facts": "arithmetic facts per drill text",
+    "world.length_buckets": "length buckets pre-training batches are padded to (one compile each)",
+    "world.log_every": "pre-training steps between loss lines when stderr is not a terminal "
+                       "(a terminal shows a progress bar)",
+}
+
+
+def flat_settings(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted key, value) of every leaf setting, sections in place."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from flat_settings(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def undescribed_settings(config: ml_collections.ConfigDict) -> list[str]:
+    return [key for key, _ in flat_settings(config) if key not in SETTING_HELP]
+
+
+def describe_config(config: ml_collections.ConfigDict) -> str:
+    """Every setting as `key = value  # description`, one a line, values as Python literals."""
+    rows = [(f"{key} = {value!r}", SETTING_HELP.get(key, "(no description)")) for key, value in flat_settings(config)]
+    width = min(max(len(setting) for setting, _ in rows), 56)  # a long prompt value does not push every line
+    return "\n".join(f"{setting:{width}}  # {text}" for setting, text in rows)
+
+
+def parse_config_args(argv: list[str], default_path: str | None = None):
+    """(config, the other arguments) from a command line: --config=FILE (or --config FILE, else
+    default_path) with each --config.key=value applied, parsed to the key's type as ml_collections'
+    config flags do. A key that does not exist is a ValueError naming it and a near miss; a value of
+    the wrong type one naming the setting."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = list(argv)
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    path = path or default_path
+    if path is None:
+        raise ValueError("--config is required: a configs/*.py file")
+    check_overrides(load_config_file(path), argv)
+    # A private flag registry: absl's global one would refuse a second parse in the same process.
+    command_line = ["prog", *argv]
+    registry = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", path, "a configs/*.py file", flag_values=registry,
+                                    lock_config=True, sys_argv=command_line)
+    try:
+        rest = registry(command_line, known_only=True)[1:]
+    except flags.Error as error:
+        raise ValueError(str(error)) from None
+    return registry.config, rest

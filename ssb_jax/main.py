@@ -278,35 +278,72 @@ def _eval_cls():
     return EvalConfig
 
 
-def run(config) -> Path:
-    logging.basicConfig(level=getattr(logging, str(config.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+USAGE = """usage: python -m ssb_jax.main [--config=configs/FILE.py] [--config.section.key=value ...] [--print_config]
+
+  --config        the run's settings (default configs/tiny.py: the offline toy world)
+  --config.a.b=v  override one setting; --print_config lists them all
+  --print_config  print every setting with its value (overrides applied) and what it does, then exit
+"""
+
+
+def _tpu_hardware() -> bool:
+    """TPU chips show up as /dev/accel* (v2-v4) or VFIO groups /dev/vfio/N (v5e and later)."""
+    return any(Path("/dev").glob("accel*")) or any(Path("/dev/vfio").glob("[0-9]*"))
+
+
+class _NoLibtpuNotice(logging.Filter):
+    """Drops jax's notice that libtpu.so is absent, printed by every run on a machine without a TPU;
+    on a machine with TPU hardware, and for any other reason a TPU fails, the notice stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.levelno < logging.WARNING and "Unable to initialize backend 'tpu'" in message
+                    and "libtpu.so" in message and not _tpu_hardware())
+
+
+def configure_logging(level: str) -> None:
+    """One log format for everything (ssb_jax, jax, absl and orbax all log through the root logger):
+    absl's handler, with its own prefix, gives way to LOG_FORMAT unless the caller configured logging."""
+    from absl import logging as absl_logging
+    root = logging.getLogger()
+    root.removeHandler(absl_logging.get_absl_handler())
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    xla_bridge = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _NoLibtpuNotice) for f in xla_bridge.filters):
+        xla_bridge.addFilter(_NoLibtpuNotice())
+
+
+def run(config) -> Path:
+    configure_logging(config.log_level)
     Pipeline(config).run()
     return Path(config.workdir)
 
 
 def main(argv=None):
+    """The command line; argv as sys.argv (the program name first)."""
     import sys
-    from absl import app, flags
-    from ml_collections import config_flags
-    argv = list(sys.argv if argv is None else argv)
-    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if config_path is None and "--config" in argv[:-1]:
-        config_path = argv[argv.index("--config") + 1]
-    try:  # name a misspelt override before absl's terse AttributeError
-        config_lib.check_overrides(config_lib.load_config_file(config_path or "configs/tiny.py"), argv)
+    args = list(sys.argv if argv is None else argv)[1:]
+    if "--help" in args or "-h" in args:
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return
+    try:
+        config, rest = config_lib.parse_config_args(args, default_path="configs/tiny.py")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    config_flags.DEFINE_config_file("config", "configs/tiny.py", "a configs/*.py file; override keys with "
-                                    "--config.section.key=value", lock_config=True)
-
-    def _main(args):
-        if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments {args[1:]}; settings go in --config.key=value")
-        run(flags.FLAGS.config)
-
-    app.run(_main, argv=argv)
+    print_config = "--print_config" in rest
+    rest = [a for a in rest if a != "--print_config"]
+    if rest:
+        sys.exit(f"error: unexpected arguments {rest}; settings go in --config.key=value (see --help)")
+    if print_config:
+        print(config_lib.describe_config(config))
+        return
+    run(config)
 
 
 if __name__ == "__main__":

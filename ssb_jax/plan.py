@@ -1,6 +1,6 @@
 """Resource planner: memory per device and a time estimate per stage, before renting the hardware.
 
-    python -m ssb_jax.plan --config configs/qwen3b.py --accelerator H100-80G [--devices 8]
+    python -m ssb_jax.plan --config configs/qwen3b.py --accelerator H100-80G [--devices 8] [--config.key=value]
 
 Memory of parameters, LoRA, optimizer state and KV cache is exact: the same logical-axis table that
 places the arrays decides how they split (tests compare with real sharded arrays). Activations and
@@ -188,17 +188,24 @@ def format_plan(p: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argv without the program name; --config.section.key=value overrides as in ssb_jax.main."""
+    import sys
+    from ssb_jax.config import parse_config_args
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--config.section.key=value overrides a setting, as for ssb_jax.main")
     parser.add_argument("--config", required=True, help="a configs/*.py file")
     parser.add_argument("--accelerator", default="H100-80G", choices=sorted(ACCELERATORS))
     parser.add_argument("--devices", type=int, default=None, help="override the device count (e.g. a bigger slice)")
     parser.add_argument("--keep-rate", type=float, default=0.2, help="fraction of questions curation keeps")
-    args = parser.parse_args(argv)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ssb_config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    print(format_plan(plan(module.get_config(), args.accelerator, args.devices, args.keep_rate)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(["--help"])
+    try:
+        config, rest = parse_config_args(argv)
+    except ValueError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest + ["--config", "(parsed above)"])
+    print(format_plan(plan(config, args.accelerator, args.devices, args.keep_rate)))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class ToyWorldConfig:
     drill_batch: int = 8            # arithmetic drill texts per step (0: none)
     drill_facts: int = 12
     length_buckets: int = 3         # pretraining batches are padded per length bucket (one compile each)
-    log_every: int = 100
+    log_every: int = 100            # loss lines when stderr is no terminal (a terminal shows a progress bar)
 
 
 # ----------------------------------------------------------------------------- problems
@@ -411,11 +411,13 @@ def length_buckets(batches: Batches, num_buckets: int, multiple: int = 16) -> li
 
 
 def pretrain(model, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
-             drill: Batches | None = None, steps: int | None = None, seed: int | None = None, log_fn=None):
+             drill: Batches | None = None, steps: int | None = None, seed: int | None = None, log_fn=None,
+             on_step=None):
     """Next-token CE, on the solution (and, weighted, the prompt) tokens of a plain and a hinted batch
     per step, plus a batch of drill texts when given; AdamW with warmup and cosine decay. Both kinds
     are cut into `length_buckets` buckets by length; a step draws both batches from the same bucket
-    rank, so padding stays small and the step compiles once per bucket. Returns (model, losses)."""
+    rank, so padding stays small and the step compiles once per bucket. log_fn(step, loss) is called
+    every config.log_every steps, on_step(step, loss) after every step. Returns (model, losses)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -465,6 +467,8 @@ def pretrain(model, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
         losses.append(float(loss))
         if log_fn is not None and (i % config.log_every == 0 or i == steps - 1):
             log_fn(i, losses[-1])
+        if on_step is not None:
+            on_step(i, losses[-1])
     return nnx.merge(graphdef, params), losses
 
 
@@ -554,6 +558,60 @@ def measure(sampler, problems, *, k: int = 4, temperature: float = 0.8, max_new_
 
 # ----------------------------------------------------------------------------- building
 
+def format_duration(seconds: float) -> str:
+    """45 s, 3 min 20 s, 1 h 05 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+
+
+class PretrainProgress:
+    """on_step for `pretrain` that shows how far it is, on the main process only: a tqdm bar (with its
+    ETA) when stderr is a terminal, else, since a bar's redraws would flood a log file, a line every
+    `every` steps (and after the first, which includes compiling) with the elapsed time and an ETA."""
+
+    def __init__(self, total: int, every: int, *, terminal: bool | None = None, main_process: bool | None = None):
+        import sys
+        if main_process is None:
+            import jax
+            main_process = jax.process_index() == 0
+        self.total, self.every, self.enabled = total, max(1, every), main_process
+        self.start = time.perf_counter()
+        self.first_step_done = None  # time after the first step: later steps estimate the ETA (no compile)
+        self.bar = None
+        if self.enabled and (sys.stderr.isatty() if terminal is None else terminal):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc="pre-training the toy model", unit="step")
+
+    def eta_seconds(self, done: int, now: float) -> float:
+        """The remaining steps at the pace of those after the first (which includes compiling)."""
+        return (now - self.first_step_done) / max(done - 1, 1) * (self.total - done)
+
+    def __call__(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        done, now = step + 1, time.perf_counter()
+        if done == 1:
+            self.first_step_done = now
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(1)
+        elif done == 1:
+            log.info("pretrain step 1/%d: loss %.4f (compiling included, it took %s)", self.total, loss,
+                     format_duration(now - self.start))
+        elif done % self.every == 0 or done == self.total:
+            log.info("pretrain step %d/%d (%d%%): loss %.4f, %s elapsed, ETA %s", done, self.total,
+                     100 * done // self.total, loss, format_duration(now - self.start),
+                     format_duration(self.eta_seconds(done, now)))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @dataclasses.dataclass
 class World:
     config: ToyWorldConfig
@@ -571,8 +629,9 @@ def _rng(config: ToyWorldConfig, purpose: str) -> random.Random:
     return random.Random(f"toyworld:{config.seed}:{purpose}")
 
 
-def make_world(config: ToyWorldConfig, *, log_fn=None) -> World:
-    """Problems, tokenizer and pre-trained model, in memory."""
+def make_world(config: ToyWorldConfig, *, log_fn=None, progress: bool = False) -> World:
+    """Problems, tokenizer and pre-trained model, in memory. log_fn: see `pretrain`; progress: show
+    pre-training's progress (PretrainProgress)."""
     from ssb_jax.model.qwen2 import init_model
     timer = time.perf_counter()
     seconds = {}
@@ -596,9 +655,18 @@ def make_world(config: ToyWorldConfig, *, log_fn=None) -> World:
     seconds["data"] = time.perf_counter() - timer
 
     model_cfg = model_config(config, tokenizer)
+    log.info("toy world data in %.0f s: %d train / %d test problems, a %d-token tokenizer, %d plain + %d hinted "
+             "pre-training examples; pre-training a %.2fM-parameter model for %d steps", seconds["data"],
+             len(train_records), len(test_records), len(tokenizer), len(plain), len(hinted),
+             model_cfg.param_count() / 1e6, config.pretrain_steps)
     model = init_model(model_cfg, config.seed)
     timer = time.perf_counter()
-    model, losses = pretrain(model, plain, hinted, config, drill=drill, log_fn=log_fn)
+    on_step = PretrainProgress(config.pretrain_steps, config.log_every) if progress else None
+    try:
+        model, losses = pretrain(model, plain, hinted, config, drill=drill, log_fn=log_fn, on_step=on_step)
+    finally:
+        if on_step is not None:
+            on_step.close()
     seconds["pretrain"] = time.perf_counter() - timer
     return World(config, train_records, test_records, tokenizer, model_cfg, model, losses, seconds)
 
@@ -650,7 +718,10 @@ def build(config: ToyWorldConfig, out_dir: str | Path, *, measure_problems: int 
         return paths
     log.info("building the toy world in %s", out_dir)
     start = time.perf_counter()
-    world = make_world(config, log_fn=lambda i, loss: log.info("pretrain step %d: loss %.4f", i, loss))
+    world = make_world(config, progress=True)
+    log.info("toy model pre-trained in %s: loss %.4f at the first step, %.4f at the last",
+             format_duration(world.seconds["pretrain"]), world.losses[0] if world.losses else float("nan"),
+             world.losses[-1] if world.losses else float("nan"))
     extra = {}
     if measure_problems:
         timer = time.perf_counter()

@@ -1,10 +1,16 @@
 """The planner's memory figures equal the real per-device sizes of sharded arrays on a tiny model."""
+import json
+import random
+from pathlib import Path
+
 import jax
 import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
-from ssb_jax.config import base_config
+from ssb_jax import plan as plan_module
+from ssb_jax.config import base_config, load_config_file
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.qwen2 import CACHE_AXES, abstract_model, init_model
 from ssb_jax.plan import (ACCELERATORS, Accelerator, array_bytes_per_device, cache_shape, format_plan, plan,
@@ -45,7 +51,6 @@ def test_plan_end_to_end_and_fit_verdicts(tmp_path, monkeypatch):
     c = base_config()
     directory = tmp_path / "model"
     directory.mkdir()
-    import json
     (directory / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
     c.model.path = str(directory)
     c.model.dtype = "float32"
@@ -74,3 +79,26 @@ def test_real_3b_config_on_h100():
     assert abs(result["memory_gib_per_device"]["base_weights"] * 2**30 - 2 * result["model_parameters"]) < 1e6
     assert result["model_parameters"] == 3085938688
     assert "H100-80G" in ACCELERATORS and np.isfinite(result["time_estimate_s"]["train"])
+
+
+def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys):
+    """python -m ssb_jax.plan takes the same --config.key=value overrides as ssb_jax.main."""
+    seed = random.randrange(2**31)
+    batch = random.Random(seed).randint(5, 64)  # qwen3b's own is 4
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    common = ["--config", config_file, f"--config.model.path={model_dir}", "--accelerator", "H200"]
+    plan_module.main(common)
+    default_out = capsys.readouterr().out
+    plan_module.main(common + [f"--config.train.batch_size={batch}", "--devices=1"])
+    overridden_out = capsys.readouterr().out
+    reference = load_config_file(config_file)  # the override applied by hand, planned directly
+    reference.model.path = str(model_dir)
+    reference.train.batch_size = batch
+    assert overridden_out.strip() == format_plan(plan(reference, "H200", 1)), f"seed {seed}"
+    assert overridden_out != default_out, f"seed {seed}"  # the training activations grow with the batch
+    with pytest.raises(SystemExit):
+        plan_module.main(common + ["--config.train.bach_size=8"])
+    assert "config.train has no key 'bach_size'; did you mean config.train.batch_size?" in capsys.readouterr().err
