@@ -1,9 +1,15 @@
 """Evaluation: greedy pass@1 and sampled avg@n / maj@n of several models on several datasets.
 
-Datasets come as one comma-separated spec ("math500,aime24,/path/x.jsonl"): each part is a known
-dataset name or a local JSONL/Parquet file, with fields detected as in curation. Models come as a
-dict of named samplers ({"base": ..., "student": ...}), each anything with
+Datasets come as one comma-separated spec ("math500,amc23=/x/amc23/test.jsonl,/path/x.jsonl"): each
+part is a known dataset name, `label=path` (or `label=known name`), or a bare local JSONL/Parquet path
+labelled by the file's stem; the label names the outputs folder, so it must be a safe file name and
+unique. Fields are detected as in curation (the caller's question/answer field names apply to local
+files). Models come as a dict of named samplers ({"base": ..., "student": ...}), each anything with
 `generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`.
+
+A problem whose prompt is longer than the sampler's `max_prompt_tokens` is not generated: its record
+says `"status": "prompt_too_long"` with its token count, the table counts it per row, and accuracy is
+over all problems with it counted wrong.
 
 Each protocol is a named preset (`PROTOCOLS`) that fixes the grader and the decoding:
   * "math_verify": our fairer protocol. Greedy pass@1 plus avg@n and maj@n over n samples, answers
@@ -12,9 +18,12 @@ Each protocol is a named preset (`PROTOCOLS`) that fixes the grader and the deco
 Every number in the results names the protocol (and grader) it was computed under.
 
 Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore), appended batch
-by batch, so a killed run resumes without redoing finished problems. Under several JAX processes
-each takes every process_count-th problem and appends to its own shard file, folded in at the end.
-The results table (results.json, results.md) is always recomputed from those files.
+by batch, so a killed run resumes without redoing finished problems. Beside each, <protocol>.settings.json
+records what the outputs were made from (protocol, decoding, prompts, the dataset's content digest,
+the model's identity when the caller gives one, max_prompt_tokens); outputs made from anything else
+stop the run with `StaleOutputsError` before any generation. Under several JAX processes each takes
+every process_count-th problem and appends to its own shard file, folded in at the end. The results
+table (results.json, results.md) is always recomputed from those files.
 """
 from __future__ import annotations
 
@@ -30,8 +39,9 @@ from typing import Mapping, Sequence
 import jax
 
 from ssb_jax import distributed, validate
-from ssb_jax.data.datasets import KNOWN_DATASETS, Problem, load_problems
-from ssb_jax.data.records import ShardedRecordStore, write_json_atomic
+from ssb_jax.data.datasets import KNOWN_DATASETS, OnBadLine, Problem, ProblemList, load_problems
+from ssb_jax.data.records import ShardedRecordStore, shard_paths, write_json_atomic
+from ssb_jax.fingerprint import StaleOutputsError, dataset_identity, differences
 from ssb_jax.grading import (LABEL_CORRECT, LABEL_NO_ANSWER, RELATIVE_TOLERANCE, grade_response,
                              normalize_answer, parse_number)
 from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
@@ -44,6 +54,10 @@ RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 OUTPUTS_DIR = "outputs"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+STATUS_OK = "ok"
+STATUS_PROMPT_TOO_LONG = "prompt_too_long"
+ACCURACY_DENOMINATOR = ("all problems of the dataset (avg@n: n responses per problem); a problem whose prompt is "
+                        "longer than the sampler's max_prompt_tokens gets no response and counts as wrong")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +80,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    datasets: str = "math500,aime24"     # comma-separated known names and/or local .jsonl/.parquet paths
+    datasets: str = "math500,aime24"     # comma-separated: known names, label=path, or .jsonl/.parquet paths
     protocols: tuple[str, ...] = ("math_verify", "string_match")
     n_samples: int = 8                   # n of avg@n / maj@n (0: greedy pass@1 only)
     temperature: float = 0.6             # for the sampled responses; pass@1 is always greedy
@@ -88,7 +102,7 @@ class EvalConfig:
             raise ValueError(f"protocols must be some of {sorted(PROTOCOLS)}, got {self.protocols!r}")
         if self.n_samples < 0 or self.problems_per_batch < 1 or self.max_problems < 0:
             raise ValueError("n_samples and max_problems must be >= 0 and problems_per_batch >= 1")
-        if not dataset_specs(self.datasets):
+        if not parse_datasets(self.datasets):
             raise ValueError("datasets is empty")
 
 
@@ -101,14 +115,58 @@ def dataset_name(spec: str) -> str:
     return spec if spec in KNOWN_DATASETS else Path(spec).stem
 
 
-def load_datasets(config: EvalConfig) -> dict[str, list[Problem]]:
-    datasets: dict[str, list[Problem]] = {}
-    for spec in dataset_specs(config.datasets):
-        name = dataset_name(spec)
-        if name in datasets:
-            raise ValueError(f"two datasets are both named {name!r}; rename one of the files")
-        problems = list(load_problems(spec))
-        datasets[name] = problems[:config.max_problems] if config.max_problems else problems
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One part of EvalConfig.datasets."""
+    label: str    # names the outputs folder and the table's rows
+    source: str   # a known dataset name or a local file path
+    part: str     # as written, for messages
+
+    @property
+    def known(self) -> bool:
+        return self.source in KNOWN_DATASETS
+
+
+def parse_datasets(datasets: str) -> list[DatasetSpec]:
+    """Each comma-separated part: `label=source`, a known name, or a bare path labelled by its stem.
+    Labels must be safe file names and unique. (A path holding '=' needs a label: `x=/p/a=b.jsonl`.)"""
+    specs: list[DatasetSpec] = []
+    for part in dataset_specs(datasets):
+        label, has_label, source = (x.strip() for x in part.partition("="))
+        if not has_label:
+            label, source = dataset_name(part), part
+        if not source:
+            raise ValueError(f"datasets: {part!r} names no dataset after '='")
+        if not _SAFE_NAME.fullmatch(label):
+            raise ValueError(f"datasets: the label {label!r} of {part!r} must be letters, digits, '.', '_' or '-' "
+                             "(it names a folder); give one as label=path")
+        clash = next((s for s in specs if s.label == label), None)
+        if clash is not None:
+            raise ValueError(f"datasets: {clash.part!r} and {part!r} are both labelled {label!r}; "
+                             "give one another label as label=path")
+        specs.append(DatasetSpec(label, source, part))
+    return specs
+
+
+def _dataset_inputs(spec: DatasetSpec, question_field: str | None, answer_field: str | None) -> dict:
+    """What a dataset's stored outputs depend on: its content, and the field names read from it."""
+    fields = (None, None) if spec.known else (question_field or None, answer_field or None)
+    return {"content": dataset_identity(spec.source), "question_field": fields[0], "answer_field": fields[1]}
+
+
+def load_datasets(config: EvalConfig, *, on_bad_line: OnBadLine = "error", question_field: str | None = None,
+                  answer_field: str | None = None) -> dict[str, ProblemList]:
+    """{label: problems}. The field names apply to local files only (known datasets have their own)."""
+    datasets: dict[str, ProblemList] = {}
+    for spec in parse_datasets(config.datasets):
+        if spec.known:
+            problems = load_problems(spec.source, on_bad_line=on_bad_line)
+        else:
+            problems = load_problems(spec.source, question_field=question_field or None,
+                                     answer_field=answer_field or None, on_bad_line=on_bad_line, name=spec.label)
+        if config.max_problems:
+            problems = ProblemList(problems[:config.max_problems], problems.skipped_lines)
+        datasets[spec.label] = problems
     return datasets
 
 
@@ -177,16 +235,40 @@ def _plans(config: EvalConfig, stops: tuple[int, ...]) -> list[_Plan]:
     return plans
 
 
-def _open_store(path: Path, settings: dict) -> ShardedRecordStore:
-    settings_path = path.with_name(path.stem + ".settings.json")
-    if settings_path.exists():
-        stored = json.loads(settings_path.read_text())
-        if stored != settings:
-            raise ValueError(f"{path} holds outputs made with other settings ({settings_path}); "
-                             "evaluate into a new directory or delete those files")
+def _settings_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".settings.json")
+
+
+def _check_store(path: Path, settings: dict, unchecked: Sequence[str]) -> bool:
+    """Raise StaleOutputsError when outputs at `path` (merged or in shards) were made from other
+    settings or inputs; keys in `unchecked` are not compared. Returns whether to (re)write the settings."""
+    settings_path = _settings_path(path)
+    if not (path.exists() or shard_paths(path)):
+        return True  # nothing made yet: (re)record what will be
+    if not settings_path.exists():
+        changes = [f"{settings_path.name} is missing (made by an older ssb_jax, or copied in)"]
     else:
-        write_json_atomic(settings_path, settings)
-    return ShardedRecordStore(path, jax.process_index(), jax.process_count())
+        try:
+            stored = json.loads(settings_path.read_text())
+        except json.JSONDecodeError as error:
+            stored = {"unreadable settings file": f"{error.msg} at line {error.lineno}"}
+        changes = differences({k: v for k, v in stored.items() if k not in unchecked},
+                              {k: v for k, v in settings.items() if k not in unchecked})
+        if not changes:
+            return False
+    raise StaleOutputsError(
+        f"eval: the outputs {path} were made from other settings or inputs ({'; '.join(changes)}). Use a new "
+        "--config.workdir, or pass --config.overwrite=eval to delete them and redo the evaluation")
+
+
+def _check_stores(settings: Mapping[Path, dict], unchecked: Mapping[Path, Sequence[str]]) -> None:
+    """Check every store before any generation (every process compares, so all stop alike); the main
+    process records the settings of stores without outputs."""
+    to_write = [path for path in settings if _check_store(path, settings[path], unchecked[path])]
+    if distributed.is_main_process():
+        for path in to_write:
+            write_json_atomic(_settings_path(path), settings[path])
+    distributed.barrier("eval:settings")
 
 
 def _response(completion, gold: str, grader: str) -> dict:
@@ -195,10 +277,10 @@ def _response(completion, gold: str, grader: str) -> dict:
             "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}
 
 
-def _record(problem: Problem, greedy, samples, plan: _Plan) -> dict:
+def _record(problem: Problem, prompt_tokens: int, greedy, samples, plan: _Plan) -> dict:
     grader = plan.protocol.grader
-    record = {"id": problem.id, "question": problem.question, "gold": problem.answer,
-              "greedy": _response(greedy, problem.answer, grader)}
+    record = {"id": problem.id, "question": problem.question, "gold": problem.answer, "status": STATUS_OK,
+              "prompt_tokens": prompt_tokens, "greedy": _response(greedy, problem.answer, grader)}
     if samples is not None:
         record["samples"] = [_response(c, problem.answer, grader) for c in samples]
         winner, votes = majority_vote([s["answer"] for s in record["samples"]])
@@ -206,6 +288,15 @@ def _record(problem: Problem, greedy, samples, plan: _Plan) -> dict:
             "answer": None if winner is None else record["samples"][winner]["answer"], "votes": votes,
             "label": LABEL_NO_ANSWER if winner is None else record["samples"][winner]["label"]}
     return record
+
+
+def _too_long_record(problem: Problem, prompt_tokens: int) -> dict:
+    return {"id": problem.id, "question": problem.question, "gold": problem.answer,
+            "status": STATUS_PROMPT_TOO_LONG, "prompt_tokens": prompt_tokens}
+
+
+def _prompt_limit(sampler) -> int | None:
+    return getattr(sampler, "max_prompt_tokens", None)
 
 
 class _Generations:
@@ -231,19 +322,23 @@ def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mappi
     todo = [p for p in problems if any(p.id not in stores[plan.protocol.name] for plan in plans)]
     if len(todo) < len(problems):
         log.info("eval %s: %d of %d problems already done", label, len(problems) - len(todo), len(problems))
+    limit = _prompt_limit(sampler) or math.inf
     for begin in range(0, len(todo), config.problems_per_batch):
         batch = todo[begin:begin + config.problems_per_batch]
-        generations = _Generations(
-            sampler, {p.id: encode_chat(tokenizer, prompts.student_messages(p.question)) for p in batch}, config.seed)
+        prompt_ids = {p.id: encode_chat(tokenizer, prompts.student_messages(p.question)) for p in batch}
+        for p in batch:  # recorded, counted wrong, and never fatal to the run
+            if len(prompt_ids[p.id]) > limit:
+                log.warning("eval %s: problem %r has %d prompt tokens, more than max_prompt_tokens=%d; recorded "
+                            "as %s", label, p.id, len(prompt_ids[p.id]), limit, STATUS_PROMPT_TOO_LONG)
+        generations = _Generations(sampler, prompt_ids, config.seed)
         for plan in plans:
             store = stores[plan.protocol.name]
             need = [p for p in batch if p.id not in store]
-            if not need:
-                continue
-            ids = [p.id for p in need]
-            greedy = [c[0] for c in generations.get(ids, plan.greedy, 1)]
-            sampled = generations.get(ids, plan.sampled, plan.n) if plan.sampled else [None] * len(need)
-            store.append(_record(p, g, s, plan) for p, g, s in zip(need, greedy, sampled))
+            fits = [p.id for p in need if len(prompt_ids[p.id]) <= limit]
+            greedy = dict(zip(fits, (c[0] for c in generations.get(fits, plan.greedy, 1)))) if fits else {}
+            sampled = dict(zip(fits, generations.get(fits, plan.sampled, plan.n))) if fits and plan.sampled else {}
+            store.append(_record(p, len(prompt_ids[p.id]), greedy[p.id], sampled.get(p.id), plan) if p.id in greedy
+                         else _too_long_record(p, len(prompt_ids[p.id])) for p in need)
         log.info("eval %s: %d/%d problems", label, len(problems) - len(todo) + begin + len(batch), len(problems))
 
 
@@ -258,30 +353,39 @@ def _response_stats(responses: Sequence[dict]) -> dict:
             "mean_tokens": _ratio(sum(r["num_tokens"] for r in responses), len(responses))}
 
 
-def _binomial_row(metric: str, labels: Sequence[str], responses: Sequence[dict]) -> dict:
-    """One 0/1 outcome per problem; SE sqrt(p(1-p)/N)."""
-    n, correct = len(labels), sum(label == LABEL_CORRECT for label in labels)
+def _binomial_row(metric: str, labels: Sequence[str], responses: Sequence[dict], too_long: int) -> dict:
+    """One 0/1 outcome per problem (labels: the generated ones; `too_long` more count as wrong);
+    SE sqrt(p(1-p)/N) over all N problems."""
+    n, correct = len(labels) + too_long, sum(label == LABEL_CORRECT for label in labels)
     p = _ratio(correct, n)
-    return {"metric": metric, "problems": n, "correct": correct, "graded": n, "accuracy": p,
-            "se": None if p is None else math.sqrt(p * (1 - p) / n),
-            "no_answer_rate": _ratio(sum(label == LABEL_NO_ANSWER for label in labels), n),
+    return {"metric": metric, "problems": n, "prompt_too_long": too_long, "correct": correct, "out_of": n,
+            "graded": len(labels), "accuracy": p, "se": None if p is None else math.sqrt(p * (1 - p) / n),
+            "no_answer_rate": _ratio(sum(label == LABEL_NO_ANSWER for label in labels), len(labels)),
             **_response_stats(responses)}
 
 
 def metric_rows(records: Sequence[dict], n_samples: int) -> list[dict]:
-    """pass@1, and avg@n / maj@n when n_samples > 0; counts, accuracy, SE, rates, length."""
-    rows = [_binomial_row("pass@1", [r["greedy"]["label"] for r in records], [r["greedy"] for r in records])]
+    """pass@1, and avg@n / maj@n when n_samples > 0; counts, accuracy, SE, rates, length.
+
+    Accuracy and SE are over all records, a prompt_too_long one counting as wrong; the rates and mean
+    tokens are over the responses generated."""
+    generated = [r for r in records if r.get("status", STATUS_OK) != STATUS_PROMPT_TOO_LONG]
+    too_long = len(records) - len(generated)
+    rows = [_binomial_row("pass@1", [r["greedy"]["label"] for r in generated], [r["greedy"] for r in generated],
+                          too_long)]
     if n_samples > 0:
-        samples = [s for r in records for s in r["samples"]]
-        means = [statistics.fmean(s["label"] == LABEL_CORRECT for s in r["samples"]) for r in records]
+        samples = [s for r in generated for s in r["samples"]]
+        means = [statistics.fmean(s["label"] == LABEL_CORRECT for s in r["samples"]) for r in generated]
+        means += [0.0] * too_long
         # SE of the mean over problems of per-problem accuracy (population SD, so avg@1 matches pass@1's SE)
-        rows.append({"metric": f"avg@{n_samples}", "problems": len(records),
-                     "correct": sum(s["label"] == LABEL_CORRECT for s in samples), "graded": len(samples),
-                     "accuracy": statistics.fmean(means) if means else None,
+        rows.append({"metric": f"avg@{n_samples}", "problems": len(records), "prompt_too_long": too_long,
+                     "correct": sum(s["label"] == LABEL_CORRECT for s in samples), "out_of": n_samples * len(records),
+                     "graded": len(samples), "accuracy": statistics.fmean(means) if means else None,
                      "se": statistics.pstdev(means) / math.sqrt(len(means)) if means else None,
                      "no_answer_rate": _ratio(sum(s["label"] == LABEL_NO_ANSWER for s in samples), len(samples)),
                      **_response_stats(samples)})
-        rows.append(_binomial_row(f"maj@{n_samples}", [r["majority"]["label"] for r in records], samples))
+        rows.append(_binomial_row(f"maj@{n_samples}", [r["majority"]["label"] for r in generated], samples,
+                                  too_long))
     return rows
 
 
@@ -292,26 +396,47 @@ def outputs_path(out_dir: str | Path, model: str, dataset: str, protocol: str) -
 
 
 def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: str | Path, *,
-        prompts: PromptSet = DEFAULT_PROMPTS) -> dict:
+        prompts: PromptSet = DEFAULT_PROMPTS, model_identities: Mapping[str, str] | None = None,
+        on_bad_line: OnBadLine = "error", question_field: str | None = None,
+        answer_field: str | None = None) -> dict:
     """Evaluate every model on every dataset under every protocol; resumable. Returns the results
-    (also written to out_dir/results.json and out_dir/results.md)."""
+    (also written to out_dir/results.json and out_dir/results.md).
+
+    model_identities: {model name: what its weights are} (e.g. a checkpoint's identity, a training
+    fingerprint's digest), checked against the stored outputs; a model without one is not checked.
+    on_bad_line, question_field, answer_field: as for curation's data (ssb_jax.data.datasets); the
+    field names apply to local files. Raises StaleOutputsError, before generating anything, when
+    stored outputs were made from other settings, another dataset content or another model."""
     for model in samplers:
         if not _SAFE_NAME.fullmatch(model):
             raise ValueError(f"model name {model!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    model_identities = dict(model_identities or {})
+    if set(model_identities) - set(samplers):
+        raise ValueError(f"model_identities names {sorted(set(model_identities) - set(samplers))}, which are not "
+                         f"among the models {sorted(samplers)}")
     out_dir = Path(out_dir)
-    datasets = load_datasets(config)
+    datasets = load_datasets(config, on_bad_line=on_bad_line, question_field=question_field,
+                             answer_field=answer_field)
+    inputs = {spec.label: _dataset_inputs(spec, question_field, answer_field) for spec in parse_datasets(config.datasets)}
     plans = _plans(config, tuple(stop_token_ids(tokenizer)))
+    settings, unchecked = {}, {}
+    for model, sampler in samplers.items():
+        for dataset in datasets:
+            for plan in plans:
+                path = outputs_path(out_dir, model, dataset, plan.protocol.name)
+                settings[path] = {**plan.settings(config.seed, prompts), "dataset": inputs[dataset],
+                                  "model": model_identities.get(model), "max_prompt_tokens": _prompt_limit(sampler)}
+                unchecked[path] = () if model in model_identities else ("model",)
+    _check_stores(settings, unchecked)
     # several processes: each takes every process_count-th problem into its own shard (folded below)
     orders = {outputs_path(out_dir, model, dataset, plan.protocol.name): {p.id: i for i, p in enumerate(problems)}
               for model in samplers for dataset, problems in datasets.items() for plan in plans}
     distributed.fold_process_shards(list(orders), "eval:start", orders)
-    stores = {}
+    stores = {(model, dataset): {plan.protocol.name: ShardedRecordStore(
+                  outputs_path(out_dir, model, dataset, plan.protocol.name), jax.process_index(), jax.process_count())
+              for plan in plans} for model in samplers for dataset in datasets}
     for model, sampler in samplers.items():
         for dataset, problems in datasets.items():
-            stores[model, dataset] = {
-                plan.protocol.name: _open_store(outputs_path(out_dir, model, dataset, plan.protocol.name),
-                                                plan.settings(config.seed, prompts))
-                for plan in plans}
             _evaluate_one(sampler, tokenizer, distributed.process_shard(problems), stores[model, dataset], plans,
                           config, prompts, f"{model}/{dataset}")
     distributed.fold_process_shards(list(orders), "eval:end", orders)
@@ -338,7 +463,10 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
         "sampling": {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
                      "seed": config.seed},
         "datasets": {name: len(problems) for name, problems in datasets.items()},
+        "dataset_inputs": {name: {**inputs[name], "skipped_records": problems.skipped}
+                           for name, problems in datasets.items()},
         "models": list(samplers),
+        "accuracy_denominator": ACCURACY_DENOMINATOR,
         "rows": rows,
         "complete": complete,
         "config": dataclasses.asdict(config),
@@ -356,14 +484,15 @@ def _percent(value: float | None) -> str:
 
 def format_markdown(results: dict) -> str:
     """The results table plus a legend naming each protocol's grader and decoding."""
-    lines = ["| dataset | protocol | metric | model | correct | accuracy % ± SE | no answer % | truncated % "
-             "| mean tokens |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| dataset | protocol | metric | model | correct / all | accuracy % ± SE | prompt too long "
+             "| no answer % | truncated % | mean tokens |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         tokens = "–" if r["mean_tokens"] is None else f"{r['mean_tokens']:.1f}"
         lines.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['model']} | "
-                     f"{r['correct']}/{r['graded']} | {_percent(r['accuracy'])} ± {_percent(r['se'])} | "
-                     f"{_percent(r['no_answer_rate'])} | {_percent(r['truncated_rate'])} | {tokens} |")
+                     f"{r['correct']}/{r['out_of']} | {_percent(r['accuracy'])} ± {_percent(r['se'])} | "
+                     f"{r['prompt_too_long']} | {_percent(r['no_answer_rate'])} | {_percent(r['truncated_rate'])} "
+                     f"| {tokens} |")
     s = results["sampling"]
     lines += ["", "Protocols:"]
     for name, p in results["protocols"].items():
@@ -375,7 +504,11 @@ def format_markdown(results: dict) -> str:
               "the per-problem mean. maj@n: majority vote over the n extracted answers (numeric equality, else "
               "normalized strings; ties to the earliest answer). SE for pass@1 and maj@n: sqrt(p(1-p)/N). "
               "No answer: no \\boxed{} answer (for maj@n: none of the n responses had one). "
-              "Truncated: stopped at the token budget. Mean tokens: generated tokens, stop token included."]
+              "Truncated: stopped at the token budget. Mean tokens: generated tokens, stop token included.",
+              "", "Accuracy, SE and `correct / all` are over all problems of the dataset (avg@n: n responses per "
+              "problem); a problem whose prompt is longer than the sampler's max_prompt_tokens gets no response "
+              "and counts as wrong (`prompt too long`: how many). No answer, truncated and mean tokens are over "
+              "the responses generated."]
     if not results.get("complete", True):
         lines += ["", "**Incomplete**: some problems have no outputs yet; rerun to finish."]
     return "\n".join(lines) + "\n"

@@ -1,18 +1,23 @@
 """Evaluation: local JSONL fields, protocols, a recount of the table from the saved outputs, majority
 vote, resumption, and a run with a real tiny model."""
 import collections
+import dataclasses
 import json
 import math
+import re
+import shutil
 import zlib
 
 import pytest
 
-from ssb_jax.data.datasets import load_problems
-from ssb_jax.evaluate import EvalConfig, format_markdown, majority_vote, outputs_path, run
+from ssb_jax import fingerprint
+from ssb_jax.data.datasets import DataError, load_problems
+from ssb_jax.evaluate import EvalConfig, format_markdown, majority_vote, outputs_path, parse_datasets, run
+from ssb_jax.fingerprint import StaleOutputsError
 from ssb_jax.model.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 from ssb_jax.paths import shared_data_path
 from ssb_jax.prompts import DEFAULT_PROMPTS
-from ssb_jax.sampling.driver import Completion
+from ssb_jax.sampling.driver import Completion, PromptTooLongError
 from ssb_jax.sampling.sampler import SamplingParams
 
 
@@ -29,8 +34,10 @@ class FakeSampler:
     """greedy[id] -> text, sampled[id] -> n texts (unscripted: `default(id, i)`, i = -1 for greedy).
     A text ending in "<cut>" finishes by length. Records every call; raises Killed on call `fail_on`."""
 
-    def __init__(self, tokenizer, greedy=None, sampled=None, default=None, fail_on=None):
+    def __init__(self, tokenizer, greedy=None, sampled=None, default=None, fail_on=None, max_prompt_tokens=None):
         self.tokenizer, self.greedy, self.sampled = tokenizer, dict(greedy or {}), dict(sampled or {})
+        if max_prompt_tokens is not None:  # like the Sampler: it has the attribute and refuses longer prompts
+            self.max_prompt_tokens = max_prompt_tokens
         self.default = default or (lambda key, i: "I do not know.")
         self.fail_on, self.calls = fail_on, []
         self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -44,6 +51,9 @@ class FakeSampler:
         self.calls.append(("greedy" if sampling.greedy else "sampled", list(ids), n, sampling.max_new_tokens))
         if self.fail_on is not None and len(self.calls) == self.fail_on:
             raise Killed
+        for key, prompt in zip(ids, prompts):
+            if len(prompt) > getattr(self, "max_prompt_tokens", math.inf):
+                raise PromptTooLongError(f"prompt {key!r} has {len(prompt)} tokens")
         out = []
         for key in ids:
             if sampling.greedy:
@@ -105,7 +115,7 @@ def test_local_jsonl_fields_and_both_protocols(tokenizer, tmp_path):
     markdown = (tmp_path / "eval" / "results.md").read_text()
     assert markdown == format_markdown(json.loads((tmp_path / "eval" / "results.json").read_text()))
     assert "**string_match** (grader `string_match`, up to 1024 new tokens): MOTIF" in markdown
-    assert "| alpha | string_match | pass@1 | base | 1/3 | 33.3 ± 27.2 | 33.3 | 0.0 |" in markdown
+    assert "| alpha | string_match | pass@1 | base | 1/3 | 33.3 ± 27.2 | 0 | 33.3 | 0.0 |" in markdown
 
 
 def test_known_dataset_name(tokenizer, tmp_path):
@@ -206,7 +216,7 @@ def test_killed_run_resumes_without_resampling(tokenizer, tmp_path):
     again = FakeSampler(tokenizer, default=hashed)
     run({"m": again}, tokenizer, config, tmp_path / "killed")
     assert again.calls == []
-    with pytest.raises(ValueError, match="other settings"):  # stored outputs would not match the config
+    with pytest.raises(StaleOutputsError, match="sampled.temperature: 0.6 -> 1.0"):  # stored outputs would not match
         run({"m": again}, tokenizer, EvalConfig(datasets=str(path), n_samples=3, temperature=1.0), tmp_path / "killed")
 
 
@@ -219,8 +229,9 @@ def test_run_with_real_tiny_model(tokenizer, tmp_path):
                          num_kv_heads=2, head_dim=8)
     sampler = Sampler(init_model(config, 0), tokenizer, batch_size=4,
                       max_prompt_tokens=256, show_progress=False)
+    # the last prompt is longer than the Sampler takes (it would raise): recorded, not fatal
     path = write_jsonl(tmp_path / "tiny.jsonl", [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)}
-                                                 for i in range(3)])
+                                                 for i in range(3)] + [{"problem": "long " * 300, "answer": "0"}])
     eval_config = EvalConfig(datasets=str(path), protocols=("math_verify",), n_samples=2, temperature=1.0,
                              top_p=1.0, max_new_tokens=4, seed=3)
     # the same model under two names stands in for base and student (one compile)
@@ -230,6 +241,9 @@ def test_run_with_real_tiny_model(tokenizer, tmp_path):
                       outputs_path(tmp_path / "eval", model, "tiny", "math_verify").read_text().splitlines()]
               for model in ("base", "student")}
     assert stored["base"] == stored["student"]
+    assert stored["base"][3]["status"] == "prompt_too_long" and stored["base"][3]["prompt_tokens"] > 256
+    assert row(results, model="base", metric="pass@1")["prompt_too_long"] == 1
+    stored["base"] = stored["base"][:3]
     for record in stored["base"]:
         assert 1 <= record["greedy"]["num_tokens"] <= 4 and len(record["samples"]) == 2
         assert all(isinstance(s["text"], str) for s in record["samples"])
@@ -239,3 +253,156 @@ def test_run_with_real_tiny_model(tokenizer, tmp_path):
                                                          stop_ids=tuple(stop_token_ids(tokenizer))),
                                  n=2, seed=3, ids=[r["id"] for r in stored["base"]])
     assert [[c.text for c in cs] for cs in again] == [[s["text"] for s in r["samples"]] for r in stored["base"]]
+
+
+def read_records(out_dir, model, dataset, protocol):
+    return [json.loads(line) for line in outputs_path(out_dir, model, dataset, protocol).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prompt_too_long_is_recorded_counted_and_never_raised(tokenizer, tmp_path, seed):
+    import random
+    rng = random.Random(seed)
+    print(f"seed {seed}")
+    # short questions fit in 200 tokens with the chat template; 300 words cannot
+    long = {i for i in range(12) if rng.random() < 0.3} | {rng.randrange(12)}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"problem": ("word " * 300 if i in long else f"Q{i}?"), "answer": "2"} for i in range(12)])
+    sampler = FakeSampler(tokenizer, default=lambda key, i: hashed(key, i, seed), max_prompt_tokens=200)
+    config = EvalConfig(datasets=str(path), n_samples=3, problems_per_batch=5)
+    results = run({"m": sampler}, tokenizer, config, tmp_path / "eval")  # the fake raises on a long prompt
+    assert results["complete"]
+    asked = {key for _, ids, _, _ in sampler.calls for key in ids}
+    assert asked == {f"mixed-{i}" for i in range(12) if i not in long}
+
+    for protocol in ("math_verify", "string_match"):
+        records = read_records(tmp_path / "eval", "m", "mixed", protocol)
+        assert [r["id"] for r in records] == [f"mixed-{i}" for i in range(12)]
+        for i, record in enumerate(records):
+            tokens = len(encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(record["question"])))
+            assert record["prompt_tokens"] == tokens
+            if i in long:
+                assert tokens > 200 and record["status"] == "prompt_too_long" and "greedy" not in record
+            else:
+                assert tokens <= 200 and record["status"] == "ok" and "greedy" in record
+        # independent recount: accuracy over all 12 problems, each long one counted wrong
+        generated = [r for i, r in enumerate(records) if i not in long]
+        pass1 = row(results, protocol=protocol, metric="pass@1")
+        correct = sum(r["greedy"]["answer"] == "2" for r in generated)
+        assert (pass1["prompt_too_long"], pass1["problems"], pass1["out_of"]) == (len(long), 12, 12)
+        assert pass1["correct"] == correct and pass1["accuracy"] == pytest.approx(correct / 12)
+        assert pass1["se"] == pytest.approx(math.sqrt(correct / 12 * (1 - correct / 12) / 12))
+        assert pass1["graded"] == 12 - len(long)
+        assert pass1["no_answer_rate"] == pytest.approx(
+            sum(r["greedy"]["answer"] is None for r in generated) / len(generated))
+    avg = row(results, metric="avg@3")
+    generated = [r for i, r in enumerate(read_records(tmp_path / "eval", "m", "mixed", "math_verify")) if i not in long]
+    per_problem = [sum(s["answer"] == "2" for s in r["samples"]) / 3 for r in generated] + [0.0] * len(long)
+    assert avg["accuracy"] == pytest.approx(sum(per_problem) / 12) and avg["out_of"] == 36
+    assert avg["prompt_too_long"] == len(long) and avg["graded"] == 3 * len(generated)
+
+    markdown = (tmp_path / "eval" / "results.md").read_text()
+    pass1 = row(results, protocol="math_verify", metric="pass@1")
+    assert (f"| mixed | math_verify | pass@1 | m | {pass1['correct']}/12 | "
+            f"{100 * pass1['accuracy']:.1f} ± {100 * pass1['se']:.1f} | {len(long)} |") in markdown
+    assert "counts as wrong" in markdown and "counts as wrong" in results["accuracy_denominator"]
+    again = FakeSampler(tokenizer, max_prompt_tokens=200)  # resumed: the long ones count as done
+    assert run({"m": again}, tokenizer, config, tmp_path / "eval")["rows"] == results["rows"]
+    assert again.calls == []
+
+
+def test_dataset_specs_labels_and_clashes(tokenizer, tmp_path):
+    specs = parse_datasets("amc23=/x/amc23/test.jsonl, aime=/y/test.jsonl,math500,/z/my-set.v2.parquet,m=aime24")
+    assert [(s.label, s.source, s.known) for s in specs] == [
+        ("amc23", "/x/amc23/test.jsonl", False), ("aime", "/y/test.jsonl", False), ("math500", "math500", True),
+        ("my-set.v2", "/z/my-set.v2.parquet", False), ("m", "aime24", True)]
+    with pytest.raises(ValueError, match=r"'/x/test.jsonl' and 'test=/y/other.jsonl' are both labelled 'test'"):
+        parse_datasets("/x/test.jsonl,test=/y/other.jsonl")
+    with pytest.raises(ValueError, match=r"'math500' and 'math500=/p.jsonl' are both labelled 'math500'"):
+        EvalConfig(datasets="math500,math500=/p.jsonl")
+    with pytest.raises(ValueError, match=r"the label 'my set' of '/x/my set.jsonl' must be letters"):
+        parse_datasets("/x/my set.jsonl")
+    with pytest.raises(ValueError, match=r"label '../up' .* must be letters"):
+        parse_datasets("../up=/x/a.jsonl")
+    with pytest.raises(ValueError, match=r"'a=' names no dataset"):
+        EvalConfig(datasets="a=")
+
+    # two files with the same stem, told apart by their labels; ids carry the label
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    first = write_jsonl(tmp_path / "x" / "test.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    second = write_jsonl(tmp_path / "y" / "test.jsonl", [{"problem": "2+2?", "answer": "4"}, {"problem": "3+3?", "answer": "6"}])
+    sampler = FakeSampler(tokenizer, default=lambda key, i: box({"a-0": 2, "b-0": 4}.get(key, 0)))
+    results = run({"m": sampler}, tokenizer, EvalConfig(datasets=f"a={first},b={second}", protocols="string_match"),
+                  tmp_path / "eval")
+    assert results["datasets"] == {"a": 1, "b": 2}
+    assert [r["id"] for r in read_records(tmp_path / "eval", "m", "b", "string_match")] == ["b-0", "b-1"]
+    assert row(results, dataset="b")["correct"] == 1
+
+
+def test_outputs_never_reused_for_another_input(tokenizer, tmp_path):
+    for folder in "acd":
+        (tmp_path / folder).mkdir()
+    rows = [{"problem": f"Q{i}", "answer": "2"} for i in range(3)]
+    path = write_jsonl(tmp_path / "a" / "numbers.jsonl", rows)
+    other = write_jsonl(tmp_path / "b.jsonl", [{"problem": "Q0", "answer": "2"}])
+    config = EvalConfig(datasets=f"{path},{other}", n_samples=2)
+    out = tmp_path / "eval"
+    run({"m": FakeSampler(tokenizer, default=hashed)}, tokenizer, config, out, model_identities={"m": "ckpt#1"})
+
+    def rerun(config=config, max_prompt_tokens=None, **options):
+        sampler = FakeSampler(tokenizer, default=hashed, max_prompt_tokens=max_prompt_tokens)
+        try:
+            return run({"m": sampler}, tokenizer, config, out, **options)
+        except StaleOutputsError:
+            assert sampler.calls == []  # every store is checked before any generation
+            raise
+
+    # the same content under another path (and the same stem) is the same input: reused
+    moved = write_jsonl(tmp_path / "c" / "numbers.jsonl", rows)
+    rerun(EvalConfig(datasets=f"{moved},{other}", n_samples=2), model_identities={"m": "ckpt#1"})
+    rerun()  # no identity given: that part is not checked
+
+    def stale(pattern, **kwargs):
+        with pytest.raises(StaleOutputsError) as error:
+            rerun(**kwargs)
+        message = str(error.value)
+        assert "\n" not in message and re.search(pattern, message), message
+        assert "--config.overwrite=eval" in message and "--config.workdir" in message
+        return message
+
+    stale(r"outputs \S*/m/numbers/math_verify.jsonl .*model: 'ckpt#1' -> 'ckpt#2'", model_identities={"m": "ckpt#2"})
+    stale(r"max_prompt_tokens: None -> 4096", max_prompt_tokens=4096)
+    stale(r"dataset.question_field: None -> 'problem'", question_field="problem")
+    # a different file with the same stem: its questions must not count as done
+    second = write_jsonl(tmp_path / "d" / "b.jsonl", [{"problem": "Other", "answer": "2"}])
+    message = stale(r"outputs \S*/m/b/\S*\.jsonl were made from other settings or inputs \(dataset.content: 'file#",
+                    config=EvalConfig(datasets=f"{path},{second}", n_samples=2))
+    assert fingerprint.file_digest(second) in message and fingerprint.file_digest(other) in message
+    # outputs whose settings file is gone cannot be trusted
+    outputs_path(out, "m", "numbers", "string_match").with_name("string_match.settings.json").unlink()
+    stale(r"outputs \S*/m/numbers/string_match.jsonl .*string_match.settings.json is missing")
+    # what --config.overwrite=eval does (main deletes the directory): a fresh start
+    shutil.rmtree(out)
+    assert rerun(config=EvalConfig(datasets=f"{path},{second}", n_samples=2))["complete"]
+
+
+def test_data_settings_bad_lines_and_field_names(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "custom.jsonl", [{"q": "1+1?", "gold": "2"}, {"q": "2+2?", "gold": "4"}])
+    with path.open("a") as handle:
+        handle.write("{broken\n")
+    gold = {p.id: p.answer for p in load_problems("aime24")[:1]}
+    sampler = FakeSampler(tokenizer, default=lambda key, i: box(gold.get(key, 2)))
+    config = EvalConfig(datasets=f"aime24,{path}", protocols="string_match", max_problems=2)
+    with pytest.raises(DataError, match=rf"{path}:3: malformed JSON"):
+        run({"m": sampler}, tokenizer, config, tmp_path / "eval", question_field="q", answer_field="gold")
+    with pytest.raises(DataError, match=rf"{path}:1: missing field 'problem'"):
+        run({"m": sampler}, tokenizer, config, tmp_path / "eval", on_bad_line="skip", question_field="problem")
+    # the field names apply to local files; the known dataset keeps its own
+    results = run({"m": sampler}, tokenizer, dataclasses.replace(config, max_problems=1), tmp_path / "eval",
+                  on_bad_line="skip", question_field="q", answer_field="gold")
+    assert results["datasets"] == {"aime24": 1, "custom": 1}
+    assert results["dataset_inputs"]["custom"]["skipped_records"] == 1
+    assert results["dataset_inputs"]["custom"]["question_field"] == "q"
+    assert results["dataset_inputs"]["aime24"]["question_field"] is None
+    assert row(results, dataset="aime24")["correct"] == 1 and row(results, dataset="custom")["correct"] == 1
+    assert read_records(tmp_path / "eval", "m", "custom", "string_match")[0]["question"] == "1+1?"
