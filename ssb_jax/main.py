@@ -194,7 +194,10 @@ class Pipeline:
     def evaluate(self, models: dict):
         from ssb_jax import evaluate
         samplers = {name: self.sampler(*m) for name, m in models.items()}
-        return evaluate.run(samplers, self.tokenizer, self.eval_config, self.workdir / "eval", prompts=self.prompts)
+        d = self.config.data  # read like curation's data: bad-line policy, field names for local files
+        return evaluate.run(samplers, self.tokenizer, self.eval_config, self.workdir / "eval", prompts=self.prompts,
+                            on_bad_line=d.on_bad_line, question_field=d.question_field or None,
+                            answer_field=d.answer_field or None)
 
     def export(self, model, lora, lora_config):
         from ssb_jax.export import export_merged_model, export_peft_adapter
