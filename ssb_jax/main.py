@@ -287,6 +287,9 @@ USAGE = """usage: python -m ssb_jax.main [--config=configs/FILE.py] [--config.se
   --config        the run's settings (default configs/tiny.py: the offline toy world)
   --config.a.b=v  override one setting; --print_config lists them all
   --print_config  print every setting with its value (overrides applied) and what it does, then exit
+  --verbose       a failing run shows its traceback, not just its one-line error (as log_level=DEBUG does)
+
+Exit status: 0 done, 1 an error (one line on stderr), 3 done but curation kept fewer than curate.min_pairs.
 """
 
 
@@ -339,14 +342,23 @@ def main(argv=None):
         config, rest = config_lib.parse_config_args(args, default_path="configs/tiny.py")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print_config = "--print_config" in rest
-    rest = [a for a in rest if a != "--print_config"]
+    print_config, verbose = "--print_config" in rest, "--verbose" in rest
+    rest = [a for a in rest if a not in ("--print_config", "--verbose")]
     if rest:
         sys.exit(f"error: unexpected arguments {rest}; settings go in --config.key=value (see --help)")
     if print_config:
         print(config_lib.describe_config(config))
         return
-    run(config)
+    from ssb_jax.fingerprint import StaleOutputsError
+    try:
+        run(config)
+    except CurationShortfall as shortfall:  # the run finished; its result is weak
+        print(shortfall, file=sys.stderr)
+        sys.exit(3)
+    except (ValueError, StaleOutputsError) as error:  # settings or outputs the user can fix: one line
+        if verbose or str(config.log_level).upper() == "DEBUG":
+            raise
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -193,3 +193,31 @@ def test_world_paths_are_what_build_returns(tmp_path):
     paths["marker"].write_text(json.dumps({"config": dataclasses.asdict(config)}))  # a finished world
     assert toyworld.build(config, tmp_path) == paths
     assert set(paths) == {"train", "test", "checkpoint", "marker"}
+
+
+def test_exit_status_and_one_line_errors_of_a_failing_run(monkeypatch, capsys):
+    from ssb_jax.fingerprint import StaleOutputsError
+    argv = ["ssb_jax.main", "--config", TINY_CONFIG]
+
+    def failing(error):
+        def run(config):
+            raise error
+        return run
+
+    monkeypatch.setattr(main_module, "run", failing(ValueError("config.train: lr must be > 0, got 0")))
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main(argv)
+    assert exit_info.value.code == "error: config.train: lr must be > 0, got 0"
+    with pytest.raises(ValueError):  # --verbose: the traceback
+        main_module.main(argv + ["--verbose"])
+    monkeypatch.setattr(main_module, "run", failing(StaleOutputsError("train: the outputs in x were made from ...")))
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main(argv)
+    assert exit_info.value.code == "error: train: the outputs in x were made from ..."
+    monkeypatch.setattr(main_module, "run", failing(main_module.CurationShortfall("round 1 curation: kept 3")))
+    with pytest.raises(SystemExit) as exit_info:
+        main_module.main(argv)
+    assert exit_info.value.code == 3 and capsys.readouterr().err.strip() == "round 1 curation: kept 3"
+    monkeypatch.setattr(main_module, "run", failing(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):  # anything else keeps its traceback
+        main_module.main(argv)
