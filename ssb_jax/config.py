@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -43,7 +45,10 @@ def section_to(cls, section: ml_collections.ConfigDict | dict, where: str):
         if isinstance(f.default, tuple) and isinstance(values.get(name), str):
             items = [x.strip() for x in values[name].split(",") if x.strip()]
             values[name] = tuple(int(x) for x in items) if "int" in str(f.type) else tuple(items)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as error:  # the dataclass names the field; add where it is set
+        raise ValueError(f"{where}: {error}") from None
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,8 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"
     c.stages = ",".join(STAGES)
+    c.overwrite = ""  # stages whose stale outputs may be deleted and redone (with every stage after them)
     c.num_rounds = 1
-    c.seed = 0
     c.log_level = "INFO"
 
     c.model = ml_collections.ConfigDict(dict(
@@ -79,21 +84,58 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def stage_list(config) -> list[str]:
-    stages = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+def stage_list(config, key: str = "stages") -> list[str]:
+    stages = [s.strip() for s in str(config[key]).split(",") if s.strip()]
     for s in stages:
         if s not in STAGES:
             close = difflib.get_close_matches(s, STAGES, n=1)
-            raise ValueError(f"unknown stage {s!r} in config.stages; stages are {', '.join(STAGES)}"
+            raise ValueError(f"unknown stage {s!r} in config.{key}; stages are {', '.join(STAGES)}"
                              + (f" (did you mean {close[0]!r}?)" if close else ""))
     return stages
 
 
+def check_values(config) -> None:
+    """The settings outside the stage dataclasses (which check their own): refuse absurd values
+    before any work."""
+    for key in ("num_rounds", "sampler.batch_size", "sampler.max_prompt_tokens", "sampler.min_prompt_bucket"):
+        section, _, name = key.rpartition(".")
+        value = (config[section] if section else config)[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    if config.data.on_bad_line not in ("error", "skip"):
+        raise ValueError(f"config.data.on_bad_line must be 'error' or 'skip', got {config.data.on_bad_line!r}")
+
+
+def overwrite_stages(config) -> set[str]:
+    """The stages --config.overwrite allows to redo: those named and every stage after the first of
+    them, since their inputs change with it."""
+    named = stage_list(config, key="overwrite")
+    if not named:
+        return set()
+    first = min(STAGES.index(s) for s in named)
+    return set(STAGES[first:]) - {"report"}
+
+
+def writable_directory(path: str, setting: str) -> Path:
+    """Create `path` if needed and prove it writable, or raise one line naming the setting."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{setting}={path!r} is not a writable directory ({error.strerror or error})") from None
+    return directory
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     import importlib.util
-    spec = importlib.util.spec_from_file_location("ssb_run_config", path)
-    if spec is None or not path.endswith(".py"):
+    if not path.endswith(".py"):
         raise ValueError(f"--config must name a configs/*.py file, got {path!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"--config={path}: no such file (the configs are in configs/*.py)")
+    spec = importlib.util.spec_from_file_location("ssb_run_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()

@@ -15,11 +15,17 @@ from pathlib import Path
 import jax
 
 from ssb_jax import config as config_lib
-from ssb_jax.data.records import RecordStore, write_json_atomic
+from ssb_jax.data.records import RecordStore, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("ssb_jax")
 
 DONE_FILE = "DONE.json"
+WORLD_TEST = "world_test"  # in eval.datasets: the toy world's held-out split
+# settings whose change extends a curation rather than invalidating it
+CURATION_RESUMABLE = ("target_pairs", "max_questions", "questions_per_batch", "min_pairs")
+# train settings that change how the run is kept or reported, not what it computes
+TRAIN_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk")
+TEACHER_CACHE_SETTINGS = ("topk", "temperature", "length_buckets", "min_bucket", "max_seq_len")
 
 
 def _done(directory: Path) -> bool:
@@ -52,12 +58,11 @@ class Pipeline:
         from ssb_jax.distributed import check_shared_directory, maybe_initialize
         self.config = config
         self.stages = config_lib.stage_list(config)
+        self.overwrite = config_lib.overwrite_stages(config)
+        config_lib.check_values(config)
         maybe_initialize(config.distributed)
-        self.workdir = Path(config.workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = config_lib.writable_directory(config.workdir, "config.workdir")
         check_shared_directory(self.workdir)
-        if jax.process_index() == 0:
-            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
         self.curation = config_lib.section_to(_curation_cls(), config.curate, "config.curate")
         self.train_config = config_lib.section_to(_train_cls(), config.train, "config.train")
         self.eval_config = config_lib.section_to(_eval_cls(), config.eval, "config.eval")
@@ -78,15 +83,27 @@ class Pipeline:
         world_config = config_lib.section_to(toyworld.ToyWorldConfig,
                                              {k: v for k, v in self.config.world.items() if k != "enabled"},
                                              "config.world")
+        from ssb_jax.evaluate import dataset_specs
+        eval_specs = dataset_specs(self.config.eval.datasets) if "eval" in self.stages else []
+        wanted = [key for key, empty in (("model.path", not self.config.model.path),
+                                         ("data.train", not self.config.data.train),
+                                         ("eval.datasets", WORLD_TEST in eval_specs)) if empty]
+        if not wanted:
+            log.info("toy world: not built (model.path, data.train and eval.datasets are all given)")
+            return
         if is_main_process():
             toyworld.build(world_config, self.workdir / "world")
         barrier("world")
-        paths = toyworld.build(world_config, self.workdir / "world")  # finished: returns its paths
+        paths = toyworld.world_paths(self.workdir / "world")
         with self.config.unlocked():
-            self.config.model.path = str(paths["checkpoint"])
-            self.config.data.train = str(paths["train"])
-            if not self.config.eval.datasets or self.config.eval.datasets == "world_test":
-                self.config.eval.datasets = str(paths["test"])
+            if "model.path" in wanted:
+                self.config.model.path = str(paths["checkpoint"])
+            if "data.train" in wanted:
+                self.config.data.train = str(paths["train"])
+            if "eval.datasets" in wanted:
+                self.config.eval.datasets = ",".join(f"{WORLD_TEST}={paths['test']}" if spec == WORLD_TEST else spec
+                                                     for spec in eval_specs)
+        log.info("toy world: supplies %s", ", ".join(wanted))
         self.eval_config = config_lib.section_to(_eval_cls(), self.config.eval, "config.eval")
 
     def load_base(self):
@@ -132,17 +149,58 @@ class Pipeline:
         from ssb_jax import curate
         from ssb_jax.data.datasets import load_problems
         out = self.round_dir(r) / "curate"
+        config = self._round_curation(r)
+        self._check_fingerprint(out, "curate", self.curate_fingerprint(r))
         summary_path = out / curate.SUMMARY_FILE
-        if summary_path.exists() and json.loads(summary_path.read_text()).get("complete"):
+        if summary_path.exists() and curate.finished(json.loads(summary_path.read_text()), config):
             log.info("round %d curate: complete, skipped", r)
             return
         d = self.config.data
         problems = load_problems(d.train, question_field=d.question_field or None,
                                  answer_field=d.answer_field or None, on_bad_line=d.on_bad_line)
         log.info("round %d curate: %d questions from %s", r, len(problems), d.train)
-        # each round draws fresh rollouts
-        config = dataclasses.replace(self.curation, seed=self.curation.seed + 1000 * (r - 1))
         curate.run(problems, self.sampler(model), self.tokenizer, config, out, prompts=self.prompts)
+
+    def _round_curation(self, r: int):
+        return dataclasses.replace(self.curation, seed=self.curation.seed + 1000 * (r - 1))  # fresh rollouts per round
+
+    def _check_fingerprint(self, directory: Path, stage: str, fingerprint: dict) -> None:
+        """Stop on outputs made from other settings or inputs (or delete them under --config.overwrite)."""
+        from ssb_jax import fingerprint as fp
+        from ssb_jax.distributed import barrier, is_main_process
+        fp.check(directory, stage, fingerprint, overwrite=stage in self.overwrite, write=False)
+        if is_main_process():
+            fp.check(directory, stage, fingerprint, overwrite=stage in self.overwrite)
+        barrier(f"fingerprint:{directory}")
+
+    def base_identity(self, r: int) -> dict:
+        """What round r's base model is: the loaded weights, then each earlier round's student."""
+        from ssb_jax import fingerprint as fp
+        m = self.config.model
+        identity = {"model": fp.model_identity(m.path), "dtype": m.dtype, "attention_impl": m.attention_impl}
+        if r > 1:
+            identity["students"] = [self._student_digest(q) for q in range(1, r)]
+        return identity
+
+    def curate_fingerprint(self, r: int) -> dict:
+        from ssb_jax import fingerprint as fp
+        d = self.config.data
+        settings = {k: v for k, v in dataclasses.asdict(self._round_curation(r)).items()
+                    if k not in CURATION_RESUMABLE}
+        return {"base": self.base_identity(r), "settings": settings, "prompts": dataclasses.asdict(self.prompts),
+                "max_prompt_tokens": self.config.sampler.max_prompt_tokens,
+                "data": {"train": fp.dataset_identity(d.train), "question_field": d.question_field,
+                         "answer_field": d.answer_field, "on_bad_line": d.on_bad_line}}
+
+    def trainer_fingerprint(self, r: int, stage: str) -> dict:
+        """teacher_cache and train: the round's base, its training examples, the settings they read."""
+        from ssb_jax import fingerprint as fp
+        tc = self.train_config.to_dict()
+        keys = TEACHER_CACHE_SETTINGS if stage == "teacher_cache" else [k for k in tc if k not in TRAIN_OPERATIONAL]
+        # the teacher cache is a function of exactly these (its settings are among train's), so train
+        # needs no digest of it
+        return {"base": self.base_identity(r), "examples": fp.digest({"pairs": self.examples(r)}),
+                "settings": {k: tc[k] for k in keys}}
 
     def examples(self, r: int) -> list[dict]:
         from ssb_jax import curate
@@ -158,6 +216,7 @@ class Pipeline:
             return
         from ssb_jax.distill.teacher_cache import build_teacher_cache_sharded
         out = self.round_dir(r) / "teacher_cache"
+        self._check_fingerprint(out, "teacher_cache", self.trainer_fingerprint(r, "teacher_cache"))
         if (out / "index.json").exists():
             log.info("round %d teacher_cache: complete, skipped", r)
             return
@@ -170,6 +229,7 @@ class Pipeline:
         """base: a function giving the round's base on the global mesh (loaded only when training runs)."""
         from ssb_jax import train
         out = self.round_dir(r) / "train"
+        self._check_fingerprint(out, "train", self.trainer_fingerprint(r, "train"))
         if _done(out):
             log.info("round %d train: complete, skipped", r)
             return
@@ -214,10 +274,10 @@ class Pipeline:
         _mark_done(out)
         log.info("export: PEFT adapter and merged model in %s", out)
 
-    def report(self):
+    def report(self, warnings=()):
         from ssb_jax.report import write_report
         if jax.process_index() == 0:
-            path = write_report(self.workdir, self.config.num_rounds)
+            path = write_report(self.workdir, self.config.num_rounds, warnings=warnings)
             log.info("report: %s", path)
 
     # ------------------------------------------------------------------ the run
@@ -226,6 +286,8 @@ class Pipeline:
         from ssb_jax.model.lora import merge_lora
         started = time.perf_counter()
         self.world()
+        if jax.process_index() == 0:  # the values in use, the world's paths included
+            write_text_atomic(self.workdir / "config.json", self.config.to_json_best_effort(indent=2, sort_keys=True))
         self.load_base()
         # model: the round's base and sample_lora its student's adapters, both on the sampling mesh
         model, sample_lora, lora_config = self.base_model, None, None
@@ -249,12 +311,46 @@ class Pipeline:
             models = {"base": (self.base_model,)}
             if sample_lora is not None:
                 models["student"] = (model, sample_lora, lora_config)
-            self.evaluate(models)
+            self._evaluate_or_overwrite(models)
         if "export" in self.stages and sample_lora is not None:
+            self._check_fingerprint(self.workdir / "export", "export", {
+                "base": self.base_identity(last), "student": self._student_digest(last), "export": dict(self.config.export)})
             self.export(model, sample_lora, lora_config)
+        shortfalls = [s for s in map(self.curation_shortfall, range(1, last + 1)) if s]
+        for shortfall in shortfalls:
+            log.warning("%s", shortfall)
         if "report" in self.stages:
-            self.report()
+            self.report(shortfalls)
         log.info("all stages done in %.0f s; outputs in %s", time.perf_counter() - started, self.workdir)
+        if shortfalls:
+            raise CurationShortfall(" ".join(shortfalls))
+
+    def curation_shortfall(self, r: int) -> str:
+        """A one-line warning when round r's curation kept fewer pairs than count as success."""
+        from ssb_jax import curate
+        path = self.round_dir(r) / "curate" / curate.SUMMARY_FILE
+        short = curate.shortfall(json.loads(path.read_text()), self._round_curation(r)) if path.exists() else None
+        return f"round {r} curation: {short}" if short else ""
+
+    def _student_digest(self, r: int) -> str:
+        from ssb_jax import fingerprint as fp
+        return fp.digest(fp.read(self.round_dir(r) / "train") or {})
+
+    def _evaluate_or_overwrite(self, models: dict):
+        """Evaluate; outputs made from other inputs are deleted and redone only under --config.overwrite=eval."""
+        import shutil
+        from ssb_jax.fingerprint import StaleOutputsError
+        try:
+            return self.evaluate(models)
+        except StaleOutputsError:
+            if "eval" not in self.overwrite:
+                raise
+            log.warning("eval: deleting %s (--config.overwrite=eval)", self.workdir / "eval")
+            if jax.process_index() == 0:
+                shutil.rmtree(self.workdir / "eval")
+            from ssb_jax.distributed import barrier
+            barrier("eval:overwrite")
+            return self.evaluate(models)
 
     def _global_model_for_round(self, r: int):
         """Round r's base on the global mesh: the base model merged with the students of rounds < r."""
@@ -264,6 +360,10 @@ class Pipeline:
             lora, _, lora_config = self.student(previous)
             model = merge_lora(model, lora, lora_config)
         return model
+
+
+class CurationShortfall(RuntimeError):
+    """Curation kept fewer pairs than count as success (curate.min_pairs); the run still finishes."""
 
 
 def _curation_cls():

@@ -69,3 +69,67 @@ def test_distributed_switch(monkeypatch):
     with pytest.raises(ValueError, match="must be auto, yes or no"):
         maybe_initialize(types.SimpleNamespace(initialize="maybe", coordinator_address="", num_processes=0,
                                                process_id=-1))
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "learning_rate", 0.0, "config.train: learning_rate must be > 0, got 0.0"),
+    ("train", "learning_rate", -1e-4, "config.train: learning_rate must be > 0"),
+    ("train", "epochs", 0, "config.train: epochs must be > 0, got 0"),
+    ("train", "lora_rank", 0, "config.train: lora_rank must be a positive integer"),
+    ("train", "lora_rank", -4, "config.train: lora_rank must be a positive integer"),
+    ("curate", "rollout_temperature", -0.1, "config.curate: rollout_temperature must be >= 0"),
+    ("curate", "solution_top_p", 1.5, "config.curate: solution_top_p must be in (0, 1]"),
+    ("curate", "rollout_top_p", 0.0, "config.curate: rollout_top_p must be in (0, 1]"),
+    ("eval", "temperature", -1.0, "config.eval: temperature must be >= 0"),
+    ("eval", "top_p", 0.0, "config.eval: top_p must be in (0, 1]"),
+    ("eval", "top_p", 1.01, "config.eval: top_p must be in (0, 1]"),
+])
+def test_absurd_values_are_refused_by_name(section, key, value, expected):
+    from ssb_jax.evaluate import EvalConfig
+    classes = {"train": TrainConfig, "curate": CurationConfig, "eval": EvalConfig}
+    c = config_lib.base_config()
+    c[section][key] = value
+    with pytest.raises(ValueError) as error:
+        config_lib.section_to(classes[section], c[section], f"config.{section}")
+    assert str(error.value).startswith(expected)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("key, value", [("sampler.batch_size", 0), ("num_rounds", 0), ("sampler.max_prompt_tokens", -1),
+                                        ("data.on_bad_line", "ignore")])
+def test_absurd_run_settings_are_refused_by_name(key, value):
+    c = config_lib.apply_overrides(config_lib.base_config(), {key: value})
+    with pytest.raises(ValueError, match=f"config.{key} must be"):
+        config_lib.check_values(c)
+
+
+def test_missing_config_file_is_one_line():
+    with pytest.raises(ValueError, match=r"--config=configs/nope.py: no such file"):
+        config_lib.load_config_file("configs/nope.py")
+
+
+def test_overwrite_allows_the_named_stage_and_every_later_one():
+    c = config_lib.base_config()
+    assert config_lib.overwrite_stages(c) == set()
+    c.overwrite = "teacher_cache"
+    assert config_lib.overwrite_stages(c) == {"teacher_cache", "train", "eval", "export"}
+    c.overwrite = "trian"
+    with pytest.raises(ValueError, match=r"unknown stage 'trian' in config.overwrite.*did you mean 'train'"):
+        config_lib.overwrite_stages(c)
+
+
+def test_read_only_workdir_is_named(tmp_path):
+    import os
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions; a file in the way fails for everyone
+            (tmp_path / "file").write_text("")
+            target = str(tmp_path / "file" / "run")
+        else:
+            target = str(locked / "run")
+        with pytest.raises(ValueError, match=r"config.workdir=.* is not a writable directory"):
+            config_lib.writable_directory(target, "config.workdir")
+    finally:
+        locked.chmod(0o700)

@@ -311,3 +311,107 @@ def test_processes_meet_after_uneven_work():
         assert f"process {i}: waited" in log and "sums 30 1" in log, log[-3000:]
     waited = float(logs[0].split("waited ")[1].split("s,")[0])
     assert waited >= late - 5  # process 0 really waited at the barrier
+
+
+def _error_line(result):
+    """The run failed with one line on stderr and no traceback; returns that line."""
+    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-5000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def _copy_run(reference, workdir, *parts):
+    import shutil
+    for part in parts:
+        shutil.copytree(reference / part, workdir / part)
+    for name in ("config.json",):
+        shutil.copy(reference / name, workdir / name)
+
+
+def test_changed_training_setting_stops_then_overwrite_redoes_it(finished_run, tmp_path):
+    reference = finished_run[0]
+    workdir = tmp_path / "changed"
+    _copy_run(reference, workdir, "world", "round_1")
+    line = _error_line(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3"))
+    assert line.startswith("error: train: the outputs in ") and "settings.learning_rate: 0.0002 -> 0.001" in line
+    assert "--config.overwrite=train" in line
+    done_before = (workdir / "round_1/train/DONE.json").read_text()
+    assert done_before == (reference / "round_1/train/DONE.json").read_text()  # nothing redone or deleted
+
+    log = _check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
+                          "--config.train.epochs=1", "--config.overwrite=train"))
+    assert "deleting the outputs" in log and "round 1 curate" not in log
+    steps = json.loads((workdir / "round_1/train/DONE.json").read_text())["steps"]
+    assert steps < json.loads(done_before)["steps"]  # retrained with one epoch instead of two
+    # the same command again reuses what it just made
+    log = _check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
+                          "--config.train.epochs=1", "--config.overwrite=train"))
+    assert "train: complete, skipped" in log and "deleting" not in log
+
+
+def test_changed_training_file_stops_curation(finished_run, tmp_path):
+    workdir = tmp_path / "edited"
+    _copy_run(finished_run[0], workdir, "world", "round_1")
+    train_file = workdir / "world" / "train.jsonl"
+    lines = train_file.read_text().splitlines(keepends=True)
+    train_file.write_text("".join(lines[1:]))  # same file name, other questions
+    line = _error_line(pipeline(workdir, "--config.stages=curate"))
+    assert line.startswith("error: curate: the outputs in ") and "data.train:" in line
+    assert "--config.overwrite=curate" in line
+
+
+def test_given_paths_are_used_and_recorded(finished_run, tmp_path):
+    """With configs/tiny.py, paths the user gives take effect: the world is neither built nor used."""
+    world = finished_run[0] / "world"
+    workdir = tmp_path / "given"
+    given = {"model.path": str(world / "model"), "data.train": str(world / "train.jsonl"),
+             "eval.datasets": f"held_out={world / 'test.jsonl'}"}
+    log = _check(pipeline(workdir, "--config.stages=report", *(f"--config.{k}={v}" for k, v in given.items())))
+    assert "toy world: not built" in log
+    assert not (workdir / "world").exists()
+    recorded = json.loads((workdir / "config.json").read_text())
+    for key, value in given.items():
+        section, name = key.split(".")
+        assert recorded[section][name] == value
+
+
+def test_world_fills_only_what_is_missing_and_config_json_records_it(finished_run):
+    recorded = json.loads((finished_run[0] / "config.json").read_text())
+    world = finished_run[0] / "world"
+    assert recorded["model"]["path"] == str(world / "model")
+    assert recorded["data"]["train"] == str(world / "train.jsonl")
+    assert recorded["eval"]["datasets"] == f"world_test={world / 'test.jsonl'}"
+
+
+def test_curation_short_of_its_minimum_says_so_and_exits_3(finished_run, tmp_path):
+    workdir = tmp_path / "short"
+    _copy_run(finished_run[0], workdir, "world", "round_1")
+    result = pipeline(workdir, "--config.stages=curate,report", "--config.curate.min_pairs=1000")
+    assert result.returncode == 3, result.stderr[-3000:]
+    kept = json.loads((workdir / "round_1/curate/curation_summary.json").read_text())["verdicts"]["kept"]
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"round 1 curation: kept {kept} pairs of the 16 targeted, fewer than the 1000" in line
+    assert "curate.min_pairs" in (workdir / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.stages=curate,trian"], "error: unknown stage 'trian' in config.stages"),
+    (["--config.train.learning_rate=0"], "error: config.train: learning_rate must be > 0, got 0"),
+    (["--config.eval.top_p=1.5"], "error: config.eval: top_p must be in (0, 1], got 1.5"),
+    (["--config.curate.rollout_temperature=-1"], "error: config.curate: rollout_temperature must be >= 0"),
+])
+def test_bad_settings_stop_before_any_work_in_one_line(tmp_path, args, expected):
+    workdir = tmp_path / "bad"
+    line = _error_line(pipeline(workdir, *args))
+    assert line.startswith(expected), line
+    assert not (workdir / "world").exists()
+
+
+def test_missing_config_file_and_read_only_workdir_are_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-m", "ssb_jax.main", "--config", "configs/nope.py"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert _error_line(result).startswith("error: --config=configs/nope.py: no such file")
+    (tmp_path / "file").write_text("")  # a path under a file is unwritable for root too
+    line = _error_line(pipeline(tmp_path / "file" / "run"))
+    assert "config.workdir=" in line and "is not a writable directory" in line
