@@ -207,7 +207,7 @@ class Pipeline:
         records = RecordStore(self.round_dir(r) / "curate" / curate.RECORDS_FILE).read_all()
         pairs = curate.kept_pairs(records, self.curation.target_pairs)
         if not pairs:
-            raise RuntimeError(f"round {r}: curation kept no pairs (see {self.round_dir(r) / 'curate'}); "
+            raise RunStopped(f"round {r}: curation kept no pairs (see {self.round_dir(r) / 'curate'}); "
                                "nothing to train on")
         return pairs
 
@@ -303,7 +303,7 @@ class Pipeline:
                 self.train(r, lambda: model if jax.process_count() == 1 else self._global_model_for_round(r))
             trained = _done(self.round_dir(r) / "train")
             if r < last and not trained:
-                raise RuntimeError(f"round {r} has no trained student, so round {r + 1} has no base; "
+                raise RunStopped(f"round {r} has no trained student, so round {r + 1} has no base; "
                                    "include the train stage")
             if trained and (r < last or {"eval", "export"} & set(self.stages)):
                 _, sample_lora, lora_config = self.student(r)
@@ -360,6 +360,10 @@ class Pipeline:
             lora, _, lora_config = self.student(previous)
             model = merge_lora(model, lora, lora_config)
         return model
+
+
+class RunStopped(RuntimeError):
+    """A stage cannot go on for a reason the user can fix (no pairs to train on, a missing round)."""
 
 
 class CurationShortfall(RuntimeError):
@@ -455,7 +459,7 @@ def main(argv=None):
     except CurationShortfall as shortfall:  # the run finished; its result is weak
         print(shortfall, file=sys.stderr)
         sys.exit(3)
-    except (ValueError, StaleOutputsError) as error:  # settings or outputs the user can fix: one line
+    except (ValueError, OSError, StaleOutputsError, RunStopped) as error:  # what the user can fix: one line
         if verbose or str(config.log_level).upper() == "DEBUG":
             raise
         sys.exit(f"error: {error}")
