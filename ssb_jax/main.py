@@ -251,13 +251,15 @@ class Pipeline:
         from ssb_jax.sharding import shard_state
         return lora, shard_state(to_host(lora), self.sample_mesh), lora_config
 
-    def evaluate(self, models: dict):
+    def evaluate(self, models: dict, identities: dict | None = None):
+        """models: {name: sampler arguments}; identities: {name: what its weights are}, checked against
+        stored outputs."""
         from ssb_jax import evaluate
         samplers = {name: self.sampler(*m) for name, m in models.items()}
         d = self.config.data  # read like curation's data: bad-line policy, field names for local files
         return evaluate.run(samplers, self.tokenizer, self.eval_config, self.workdir / "eval", prompts=self.prompts,
-                            on_bad_line=d.on_bad_line, question_field=d.question_field or None,
-                            answer_field=d.answer_field or None)
+                            model_identities=identities, on_bad_line=d.on_bad_line,
+                            question_field=d.question_field or None, answer_field=d.answer_field or None)
 
     def export(self, model, lora, lora_config):
         from ssb_jax.export import export_merged_model, export_peft_adapter
@@ -308,10 +310,13 @@ class Pipeline:
             if trained and (r < last or {"eval", "export"} & set(self.stages)):
                 _, sample_lora, lora_config = self.student(r)
         if "eval" in self.stages:
+            from ssb_jax.fingerprint import digest
             models = {"base": (self.base_model,)}
+            identities = {"base": digest(self.base_identity(1))}
             if sample_lora is not None:
                 models["student"] = (model, sample_lora, lora_config)
-            self._evaluate_or_overwrite(models)
+                identities["student"] = digest({"base": self.base_identity(last), "student": self._student_digest(last)})
+            self._evaluate_or_overwrite(models, identities)
         if "export" in self.stages and sample_lora is not None:
             self._check_fingerprint(self.workdir / "export", "export", {
                 "base": self.base_identity(last), "student": self._student_digest(last), "export": dict(self.config.export)})
@@ -336,12 +341,12 @@ class Pipeline:
         from ssb_jax import fingerprint as fp
         return fp.digest(fp.read(self.round_dir(r) / "train") or {})
 
-    def _evaluate_or_overwrite(self, models: dict):
+    def _evaluate_or_overwrite(self, models: dict, identities: dict):
         """Evaluate; outputs made from other inputs are deleted and redone only under --config.overwrite=eval."""
         import shutil
         from ssb_jax.fingerprint import StaleOutputsError
         try:
-            return self.evaluate(models)
+            return self.evaluate(models, identities)
         except StaleOutputsError:
             if "eval" not in self.overwrite:
                 raise
@@ -350,7 +355,7 @@ class Pipeline:
                 shutil.rmtree(self.workdir / "eval")
             from ssb_jax.distributed import barrier
             barrier("eval:overwrite")
-            return self.evaluate(models)
+            return self.evaluate(models, identities)
 
     def _global_model_for_round(self, r: int):
         """Round r's base on the global mesh: the base model merged with the students of rounds < r."""
