@@ -6,7 +6,8 @@ Three pieces, written to one directory by `build`:
   each. ...") with a worked solution ending in `\\boxed{N}`; train/test JSONL with question/answer
   (plus solution / wrong_solution, used by `hinted_accuracy`).
 * A byte-level BPE tokenizer (digits always single tokens, so arithmetic is learnable) with ChatML
-  special tokens and template, saved as a Hugging Face tokenizer directory.
+  special tokens and template, as a transformers Qwen2Tokenizer (so stock tools load the same ids),
+  saved as a Hugging Face tokenizer directory.
 * A small Qwen2 model pre-trained here on plain prompts -> solution and hinted prompts -> solution.
   The plain-prompt solutions carry a systematic semantic slip on purpose: for "b groups of e" they
   write `b + e` instead of `b * e` with probability `slip_prob` (> 1/2, so greedy decoding slips),
@@ -245,32 +246,48 @@ def write_jsonl(records: Iterable[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE (any text round-trips) whose pre-tokenizer isolates every digit.
+def train_tokenizer(texts: Iterable[str], vocab_size: int, prompts: PromptSet = DEFAULT_PROMPTS):
+    """A Qwen2Tokenizer with its own BPE: byte-level (any text round-trips), every digit a token.
 
-    Merges may span words: the long fixed prompts (system, hinted template) become a few tokens,
-    which keeps sequences short enough to pre-train on a CPU in minutes.
+    It is transformers' Qwen2Tokenizer (Qwen2's normalizer and pre-tokenizer, whose regex isolates
+    each digit), because that is what stock `AutoTokenizer` builds for any directory whose
+    config.json says model_type "qwen2", whatever tokenizer.json holds: a tokenizer split any other
+    way would tokenize differently once exported. Words therefore never merge; the long fixed prompt
+    texts (system prompt, hinted template) are whole added tokens instead, which keeps sequences
+    short enough to pre-train on a CPU in minutes.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    qwen2 = Qwen2Tokenizer().backend_tokenizer  # the normalizer and pre-tokenizer stock tools will use
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer, bpe.pre_tokenizer = qwen2.normalizer, qwen2.pre_tokenizer
+    fixed_texts = prompt_fixed_texts(prompts)
+    # Train on the pieces between special tokens and fixed texts: the pieces tokenization will see.
+    separators = re.compile("|".join(map(re.escape, sorted(SPECIAL_TOKENS + fixed_texts, key=len, reverse=True))))
+    pieces = (piece for text in texts for piece in separators.split(text) if piece)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
                                   max_token_length=24)
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    bpe.train_from_iterator(pieces, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
         model_max_length=4096, clean_up_tokenization_spaces=False)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in fixed_texts])
+    return tokenizer
+
+
+def prompt_fixed_texts(prompts: PromptSet) -> tuple[str, ...]:
+    """The system prompt and the hinted template's text between its fields, where more than one word."""
+    hole = "\0"
+    system, user = prompts.hinted_messages(hole, hole, hole)
+    return tuple(dict.fromkeys(t for t in [system["content"], *user["content"].split(hole)] if len(t.split()) > 1))
 
 
 def tokenizer_corpus(problems: Sequence[Problem], rng: random.Random, prompts: PromptSet) -> list[str]:
-    """Rendered ChatML conversations (plain and hinted), so merges learn the prompts' fixed text."""
+    """Rendered ChatML conversations (plain and hinted), so merges learn their words."""
     texts = []
     for p in problems:
         solution = p.solution()

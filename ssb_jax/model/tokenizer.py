@@ -1,6 +1,7 @@
 """Tokenizer loading and chat rendering, through transformers.AutoTokenizer."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -15,9 +16,10 @@ def load_tokenizer(path_or_id: str | Path):
     """AutoTokenizer from a local directory or a hub id (the hub only when the path does not exist).
 
     transformers 5 picks the tokenizer class from config.json's model_type when the directory holds a
-    model too, even when tokenizer_config.json declares a generic tokenizer.json-backed class (as a
-    self-trained tokenizer does); the Qwen2 class then swaps in its own pre-tokenizer and the ids
-    change. A directory that declares a generic class therefore loads that class.
+    model too, even when tokenizer_config.json declares a generic tokenizer.json-backed class; the
+    Qwen2 class then swaps in its own normalizer and pre-tokenizer and the ids change. Such a directory
+    (a toy world built before its tokenizer became a Qwen2Tokenizer) still loads its declared class, so
+    a model keeps the ids it was trained with, with a warning: stock tools on it tokenize differently.
     """
     import json
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -29,6 +31,10 @@ def load_tokenizer(path_or_id: str | Path):
         if config_file.exists() and (path / "tokenizer.json").exists():
             declared = json.loads(config_file.read_text()).get("tokenizer_class")
             if declared in _GENERIC_CLASSES and type(tokenizer).__name__ not in _GENERIC_CLASSES:
+                logging.getLogger(__name__).warning(
+                    "%s: tokenizer_class %s, but stock transformers loads this directory as %s, which may split text "
+                    "differently, so exports may tokenize differently in stock tools; rebuild the tokenizer (for the "
+                    "toy world: a fresh world directory)", config_file, declared, type(tokenizer).__name__)
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
         return tokenizer
     except Exception as e:
