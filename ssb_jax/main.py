@@ -297,6 +297,7 @@ class Pipeline:
         for r in range(1, last + 1):
             if r > 1:  # the previous round's student is this round's teacher and base
                 model = merge_lora(model, sample_lora, lora_config)
+                sample_lora = None  # merged: until this round trains, there is no student on top of it
             if "curate" in self.stages:
                 self.curate(r, model)
             if "teacher_cache" in self.stages:
