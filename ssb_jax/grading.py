@@ -12,15 +12,22 @@ works on the main thread and cannot interrupt long-running C code (e.g. sympy bi
 integer arithmetic). Instead every math_verify comparison runs, with math_verify's
 timeouts disabled, in one long-lived worker subprocess (this file run as a script,
 so the worker never imports the `ssb_jax` package or JAX). The caller waits on the
-worker's pipe for at most `timeout_s`; on expiry the worker is killed (SIGKILL),
+worker's pipe for at most what is left of `timeout_s`, which bounds one whole grade
+(`grade_response`, `answers_match`); on expiry the worker is killed (SIGKILL),
 the answer counts as wrong, and the next call starts a fresh worker. The bound thus
 holds from any thread and for any input (concurrent callers share the one worker, so
-their comparisons run one at a time). The worker's one-off start-up (importing
+their comparisons run one at a time; waiting for a turn is not charged). The worker's one-off start-up (importing
 sympy) is waited for separately, up to `WORKER_START_TIMEOUT_S`, so it is not charged
 to the first answer; call `start_math_verify_worker()` to pay it early.
+
+Everything outside the worker (box extraction, number parsing, normalization,
+`string_match`) takes linear time in the response's length: the regular expressions
+are written so that they cannot backtrack super-linearly, and brace matching is one
+pass with a stack.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -48,45 +55,48 @@ LABEL_NO_ANSWER = "no_answer"
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _SPACE_FORM_TOKEN = re.compile(r"[ \t]+([^\s$]+)")
+_LEADING_SPACE = re.compile(r"\s*")
+# A backslash escapes the next character (so `\{`, `\}` are never group braces).
+_ESCAPE_OR_BRACE = re.compile(r"\\.|[{}]", re.S)
 
 
-def _braced_content(text: str, open_index: int) -> str | None:
-    """Content of the brace group opening at `open_index`, or None if unclosed."""
-    depth = 0
-    i = open_index
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2  # escaped char such as \{ or \} never counts as a group brace
-            continue
+def _closing_braces(text: str) -> dict[int, int]:
+    """Index of the matching `}` for every closed `{` group, found in one pass.
+
+    One pass for the whole text (not one scan per box) keeps extraction linear even
+    for thousands of unclosed boxes.
+    """
+    closing: dict[int, int] = {}
+    open_indices: list[int] = []
+    for match in _ESCAPE_OR_BRACE.finditer(text):
+        char = match.group()
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_index + 1:i]
-        i += 1
-    return None
+            open_indices.append(match.start())
+        elif char == "}" and open_indices:
+            closing[open_indices.pop()] = match.start()
+    return closing
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last well-formed `\\boxed{...}` / `\\fbox{...}` / `\\boxed 5`.
 
     Nested braces are matched. An unclosed box (a truncated generation) is skipped
-    in favour of the previous complete one. None when there is no box.
+    in favour of the previous complete one. None when there is no box. Linear time.
     """
     if not text:
         return None
-    for match in reversed(list(_BOX_COMMAND.finditer(text))):
-        rest_start = match.end()
-        after = text[rest_start:]
-        stripped = after.lstrip()
-        if stripped.startswith("{"):
-            content = _braced_content(text, rest_start + (len(after) - len(stripped)))
-            if content is not None:
-                return content.strip()
+    command_ends = [command.end() for command in _BOX_COMMAND.finditer(text)]
+    closing: dict[int, int] | None = None
+    for command_end in reversed(command_ends):
+        brace_index = _LEADING_SPACE.match(text, command_end).end()
+        if brace_index < len(text) and text[brace_index] == "{":
+            if closing is None:
+                closing = _closing_braces(text)
+            close_index = closing.get(brace_index)
+            if close_index is not None:
+                return text[brace_index + 1:close_index].strip()
             continue
-        token = _SPACE_FORM_TOKEN.match(after)
+        token = _SPACE_FORM_TOKEN.match(text, command_end)
         if token:
             value = token.group(1).rstrip(".,;")
             if value:
@@ -123,18 +133,27 @@ week weeks month months year years
 degree degrees mph percent
 """.split())
 
+# Every pattern below is written so that no two quantified parts next to each other
+# can match the same text (`\s*(?:\.\s*)?$`, never `\s*\.?\s*$`; words need a separator,
+# never `(?:[A-Za-z]+\s*)+`): a failing match then backtracks in linear time, not in
+# quadratic or exponential time, whatever a model writes.
 _TEXT_WRAPPER = r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|operatorname)"
-_UNIT_EXPONENT = r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
+_TEXT_WRAPPER_OPEN = re.compile(_TEXT_WRAPPER + r"\{")
+# The power of a unit after its `^`: `2`, ` { 3 } `.
+_UNIT_POWER = r"\s*(?:\{\s*)?[23]\s*(?:\}\s*)?"
 # A \text{...} of plain words right after a number at the very end is a unit or noun.
 _TEXT_UNIT_AT_END = re.compile(
-    r"(?<=[\d}.])\s*" + _TEXT_WRAPPER + r"\{\s*[A-Za-z][A-Za-z .\-]*\}" + _UNIT_EXPONENT + r"\s*\.?\s*$")
-_TEXT_WRAPPED = re.compile(_TEXT_WRAPPER + r"\{([^{}]*)\}")
-_TRAILING_WORDS = re.compile(
-    r"(.*?[\d}])(\s*)((?:[A-Za-z]+\.?\s*)+?)" + _UNIT_EXPONENT + r"\s*\.?")
+    r"(?<=[\d}.])\s*" + _TEXT_WRAPPER + r"\{\s*[A-Za-z][A-Za-z .\-]*\}"
+    + r"\s*(?:\^" + _UNIT_POWER + r")?(?:\.\s*)?$")
+_UNIT_POWER_AT_END = re.compile(_UNIT_POWER + r"\.?")
+_LAST_DIGIT_OR_BRACE = re.compile(r".*[\d}]", re.S)
+_NOT_IN_WORDS = re.compile(r"[^A-Za-z.\s]")
+_DOT_NOT_AFTER_LETTER = re.compile(r"(?<![A-Za-z])\.")
 _VARIABLE_PREFIX = re.compile(r"(?:[A-Za-z]|\\[A-Za-z]+)\s*(?:=|\\in(?![A-Za-z]))\s*(.+)", re.S)
 _THOUSANDS_NUMBER = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _TRAILING_ZERO_DECIMAL = re.compile(r"([-+]?\d+)\.0+")
-_LEADING_ZERO_INTEGER = re.compile(r"([-+]?)0+(\d+)")
+# `[^\D0]\d*|0`, not `\d+`, which could also match the zeros that `0+` matches.
+_LEADING_ZERO_INTEGER = re.compile(r"([-+]?)0+([^\D0]\d*|0)")
 _PARENTHESIZED_CHOICE = re.compile(r"\(([A-E])\)")
 _PLAIN_NUMBER_TEXT = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)")
 # `\\` (a matrix row break) is matched first so its second backslash is never
@@ -159,13 +178,55 @@ def _fix_fracs_and_sqrts(s: str) -> str:
     return s
 
 
+def _trailing_words(rest: str) -> list[str] | None:
+    """The words of `rest` when it is `word [word ...] [^2 | ^{3}] [.]`, else None.
+
+    A word is ASCII letters with at most one dot right after them; only a final dot
+    may stand alone.
+    """
+    if not rest or not (rest[0].isascii() and rest[0].isalpha()):
+        return None
+    caret = rest.find("^")
+    if caret >= 0:
+        if not _UNIT_POWER_AT_END.fullmatch(rest, caret + 1):
+            return None
+        words, dots_checked_to = rest[:caret], caret
+    else:
+        words = rest
+        dots_checked_to = len(rest) - 1 if rest.endswith(".") else len(rest)
+    if _NOT_IN_WORDS.search(words) or _DOT_NOT_AFTER_LETTER.search(words, 0, dots_checked_to):
+        return None
+    tokens = words.split()
+    if tokens[-1] == ".":
+        tokens.pop()
+    return tokens
+
+
 def _strip_trailing_words(s: str) -> str:
-    """"18 dollars" -> "18", "5cm^2" -> "5", "5 apples" -> "5"; keeps "2x", "6+9i", "2 x"."""
-    match = _TRAILING_WORDS.fullmatch(s)
-    if not match:
+    """"18 dollars" -> "18", "5cm^2" -> "5", "5 apples" -> "5"; keeps "2x", "6+9i", "2 x".
+
+    The head is the shortest single-line prefix ending in a digit or `}` after which only
+    words (and a unit power) follow. Words hold no digit or `}`, so the head ends at the
+    last one of them, or at the last one before the last `^`: two candidates, each
+    checked in linear time.
+    """
+    head_ends = set()
+    last = _LAST_DIGIT_OR_BRACE.match(s)
+    if last:
+        head_ends.add(last.end())
+    last_caret = s.rfind("^")
+    last_before_caret = _LAST_DIGIT_OR_BRACE.match(s, 0, last_caret) if last_caret > 0 else None
+    if last_before_caret:
+        head_ends.add(last_before_caret.end())
+    for head_end in sorted(head_ends):
+        head = s[:head_end]
+        gap = _LEADING_SPACE.match(s, head_end).end() - head_end
+        words = _trailing_words(s[head_end + gap:])
+        if words is not None and "\n" not in head:
+            break
+    else:
         return s
-    head, gap, words = match.group(1), match.group(2), match.group(3).split()
-    spaced = bool(gap)
+    spaced = gap > 0
     known_units = all(
         w.rstrip(".").lower() in _UNIT_WORDS and (spaced or len(w.rstrip(".")) > 1)
         for w in words)
@@ -173,6 +234,33 @@ def _strip_trailing_words(s: str) -> str:
         spaced and _PLAIN_NUMBER_TEXT.fullmatch(head.strip()) is not None
         and all(len(w.rstrip(".")) > 1 for w in words))
     return head if known_units or plain_noun_after_number else s
+
+
+def _unwrap_text_commands(s: str) -> str:
+    """`\\text{\\textbf{east}}` -> `east`: drops every wrapper whose content, once its
+    own wrappers are dropped, holds no brace; one pass with a stack of open braces
+    (repeated regex passes would take time proportional to length x nesting depth)."""
+    wrapper_starts = {match.end() - 1: match.start() for match in _TEXT_WRAPPER_OPEN.finditer(s)}
+    if not wrapper_starts:
+        return s
+    keep = bytearray(b"\x01") * len(s)
+    # Parallel stacks of plain ints/bools (cheap for the garbage collector) per open brace.
+    open_indices: list[int] = []
+    keeps_brace: list[bool] = []
+    for match in re.finditer(r"[{}]", s):
+        index = match.start()
+        if s[index] == "{":
+            open_indices.append(index)
+            keeps_brace.append(False)
+        elif open_indices:
+            open_index, content_keeps_brace = open_indices.pop(), keeps_brace.pop()
+            wrapper_start = wrapper_starts.get(open_index)
+            if wrapper_start is not None and not content_keeps_brace:
+                keep[wrapper_start:open_index + 1] = bytes(open_index + 1 - wrapper_start)
+                keep[index] = 0
+            elif keeps_brace:
+                keeps_brace[-1] = True
+    return "".join(itertools.compress(s, keep))
 
 
 def normalize_answer(s: object) -> str:
@@ -193,9 +281,7 @@ def normalize_answer(s: object) -> str:
     s = _DEGREES.sub("", s)
     s = s.replace("\\%", "").replace("%", "")
     s = _TEXT_UNIT_AT_END.sub("", s)
-    previous = None
-    while previous != s:  # unwrap nested \text{\textbf{...}}
-        previous, s = s, _TEXT_WRAPPED.sub(r"\1", s)
+    s = _unwrap_text_commands(s)
     s = s.strip()
     prefix = _VARIABLE_PREFIX.fullmatch(s)
     if prefix:
@@ -418,9 +504,14 @@ def answers_match(prediction: object, gold: object, timeout_s: float = DEFAULT_T
     """Lenient grader: numbers within relative 1e-6, normalized strings, then math_verify.
 
     When both sides are plain numbers the numeric result is final (math_verify is not
-    consulted). math_verify runs bounded by `timeout_s` (see module docstring); a
-    timeout or any exception counts as False.
+    consulted). The whole call is bounded by `timeout_s` (math_verify gets what is left;
+    see module docstring); a timeout or any exception counts as False.
     """
+    return _answers_match_by(prediction, gold, time.monotonic() + timeout_s)
+
+
+def _answers_match_by(prediction: object, gold: object, deadline: float) -> bool:
+    """`answers_match` finishing by `deadline` (a `time.monotonic()` value)."""
     try:
         if prediction is None or gold is None:
             return False
@@ -432,7 +523,10 @@ def answers_match(prediction: object, gold: object, timeout_s: float = DEFAULT_T
             return _numbers_close(pred_value, gold_value)
         if normalize_answer(pred) == normalize_answer(ref):
             return True
-        return _math_verify_equal(pred, ref, timeout_s)
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:  # out of time before math_verify: wrong, and the worker lives on
+            return False
+        return _math_verify_equal(pred, ref, remaining_s)
     except Exception:
         return False
 
@@ -463,15 +557,17 @@ def grade_response(response_text: str, gold: object, *, grader: str = "math_veri
     """Grade a full model response against a gold answer.
 
     The answer is the last `\\boxed{}`; with `allow_unboxed` a response without a box
-    falls back to its last number.
+    falls back to its last number. Extraction and normalization take linear time; the
+    whole grade (math_verify included) is bounded by `timeout_s`.
     """
+    deadline = time.monotonic() + timeout_s
     answer = extract_boxed(response_text or "")
     if answer is None and allow_unboxed:
         answer = extract_last_number(response_text or "")
     if answer is None or not answer.strip():
         return GradeResult(answer=None, correct=False, label=LABEL_NO_ANSWER)
     if grader == "math_verify":
-        correct = answers_match(answer, gold, timeout_s=timeout_s)
+        correct = _answers_match_by(answer, gold, deadline)
     else:
         correct = get_grader(grader)(answer, gold)
     return GradeResult(answer=answer, correct=correct,
