@@ -202,8 +202,9 @@ def _trailing_words(rest: str) -> list[str] | None:
     return tokens
 
 
-def _strip_trailing_words(s: str) -> str:
-    """"18 dollars" -> "18", "5cm^2" -> "5", "5 apples" -> "5"; keeps "2x", "6+9i", "2 x".
+def _split_trailing_words(s: str) -> tuple[str, bool, list[str]] | None:
+    """`s` as (head, whether a space follows it, trailing words without their dots), or
+    None when `s` does not end in words.
 
     The head is the shortest single-line prefix ending in a digit or `}` after which only
     words (and a unit power) follow. Words hold no digit or `}`, so the head ends at the
@@ -223,16 +224,21 @@ def _strip_trailing_words(s: str) -> str:
         gap = _LEADING_SPACE.match(s, head_end).end() - head_end
         words = _trailing_words(s[head_end + gap:])
         if words is not None and "\n" not in head:
-            break
-    else:
+            return head, gap > 0, [word.rstrip(".") for word in words]
+    return None
+
+
+def _strip_trailing_words(s: str) -> str:
+    """"18 dollars" -> "18", "5cm^2" -> "5", "5 apples" -> "5"; keeps "2x", "6+9i", "2 x"."""
+    split = _split_trailing_words(s)
+    if split is None:
         return s
-    spaced = gap > 0
+    head, spaced, words = split
     known_units = all(
-        w.rstrip(".").lower() in _UNIT_WORDS and (spaced or len(w.rstrip(".")) > 1)
-        for w in words)
+        w.lower() in _UNIT_WORDS and (spaced or len(w) > 1) for w in words)
     plain_noun_after_number = (
         spaced and _PLAIN_NUMBER_TEXT.fullmatch(head.strip()) is not None
-        and all(len(w.rstrip(".")) > 1 for w in words))
+        and all(len(w) > 1 for w in words))
     return head if known_units or plain_noun_after_number else s
 
 

@@ -1,4 +1,8 @@
+import contextlib
 import json
+import random
+import re
+import signal
 import sys
 import threading
 import time
@@ -272,3 +276,225 @@ def test_real_math500_golds_match_themselves_and_their_solutions():
     # The reference solutions' own boxes agree with the gold answer.
     graded = [grade_response(row["solution"], row["answer"]) for row in rows[:60]]
     assert sum(result.correct for result in graded) >= 57
+
+
+# --- Linear time on adversarial responses (issue 13) -------------------------------
+
+# (raw answer, expected normal form), written out by hand from the documented rules.
+NORMALIZATION_TABLE = [
+    ("12 apples", "12"), ("12 apples.", "12"), ("7 Apples .", "7"), ("18 dollars", "18"),
+    ("5 cm^2", "5"), ("5cm", "5"), ("5 cm^{3}.", "5"), ("10 km ^ { 2 }", "10"),
+    ("5 cm^4", "5cm^4"), ("3 sq. ft", "3"), ("864 square inches", "864"), ("5 m", "5"),
+    ("5m", "5m"), ("2 x", "2x"), ("2x", "2x"), ("6+9i", "6+9i"), ("3 a.m.", "3"),
+    ("1,000 dollars", "1000"), (r"\frac{1}{2} cup", r"\frac{1}{2}"), ("x = 4 meters", "4"),
+    ("2\nm", "2"), ("a\n2 apples", "a2apples"), ("5 .", "5"),
+    ("12 apples in the basket of Tom and Mary, total", "12applesinthebasketofTomandMary,total"),
+    ("2 + 3 apples", "2+3apples"), (r"100 \text{ square units}", "100"),
+    (r"18 \text{dollars}.", "18"), (r"4 \text{ cm}^{2}", "4"), (r"\text{\textbf{east}}", "east"),
+    (r"\mathrm{(B)}", "B"), (r"\text{a}+\text{b}", "a+b"), (r"\text{a{b}}", r"\text{a{b}}"),
+    ("007", "7"), ("-007", "-7"), ("000", "0"), ("0.50", "0.50"), ("5.000", "5"), ("+5", "5"),
+    ("(C)", "C"), (r"10\%", "10"), (r"90^\circ", "90"), (r"\$1,080", "1080"),
+    (r"\dfrac{3}{4}", r"\frac{3}{4}"), (r"\frac12", r"\frac{1}{2}"), (r"\sqrt2", r"\sqrt{2}"),
+]
+
+
+@pytest.mark.parametrize("raw, normalized", NORMALIZATION_TABLE)
+def test_normalization_of_ordinary_answers_is_unchanged(raw, normalized):
+    assert normalize_answer(raw) == normalized
+
+
+class _HardTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so the graders' `except Exception` passes it on."""
+
+
+@contextlib.contextmanager
+def _hard_time_limit(seconds: float, what: str):
+    """Fail (not hang) when `what` runs past `seconds`: the regex engine and Python loops
+    both check for signals, so the alarm interrupts even catastrophic backtracking."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGALRM needs the main thread")
+
+    def expire(signum, frame):
+        raise _HardTimeout(f"{what} still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _HardTimeout as error:
+        grading.stop_math_verify_worker()  # a request may be left unanswered on its pipe
+        pytest.fail(str(error))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _adversarial_answers(seed):
+    rng = random.Random(seed)
+    mixed = "".join(rng.choice("0123456789abcxyz\\${} ^.,") for _ in range(100_000))
+    return {
+        "letters_32": "1" + "a" * 32 + "!",
+        "letters_5000": "1" + "a" * 5000 + "!",
+        "letter_words_5000": "1 " + "a " * 5000 + "!",
+        "words_punctuation": "12 apples in the basket of Tom and Mary, total. " * 1000,
+        "dotted_words": "1" + " a." * 30_000 + " 1",
+        "double_dots": "1 a" + "." * 100_000,
+        "spaces_before_end": "1\\text{a}" + " " * 100_000 + "x",
+        "spaced_unit_power": "1 cm" + " " * 30_000 + "^" + " " * 30_000 + "2" + " " * 30_000 + "x",
+        "variable_then_spaces": "x =" + " " * 100_000,
+        "frac_then_spaces": "\\frac" + " " * 100_000 + "x",
+        "leading_zeros": "0" * 100_000 + "x",
+        "nested_boxes_open": "\\boxed{" * 5000,
+        "nested_boxes_closed": "\\boxed{" * 5000 + "1" + "}" * 5000,
+        "open_braces": "{" * 100_000,
+        "close_braces": "}" * 100_000,
+        "alternating_braces": "}{" * 50_000,
+        "nested_text": "\\text{" * 10_000 + "a" + "}" * 10_000,
+        "many_boxes": "\\boxed{1}" * 10_000,
+        "many_space_boxes": "\\boxed " * 15_000,
+        "digits": "1" * 100_000,
+        "letters": "a" * 100_000,
+        "backslashes": "\\" * 100_000,
+        "dollars": "$" * 100_000,
+        "comma_groups": "1," * 50_000,
+        "decimal_points": "1." * 50_000,
+        "mixed_random": mixed,
+    }
+
+
+SLOWEST_ALLOWED_S = 0.5  # a guard against super-linear blowup, not a speed benchmark
+ADVERSARIAL_SEED = 1313
+
+
+@pytest.mark.parametrize("name", sorted(_adversarial_answers(ADVERSARIAL_SEED)))
+def test_every_grading_entry_point_is_fast_on_adversarial_text(name, monkeypatch):
+    answer = _adversarial_answers(ADVERSARIAL_SEED)[name]
+    # The math_verify worker is bounded by its timeout (tested below); here every call
+    # must finish its own work quickly, whatever reaches math_verify.
+    math_verify_budgets = []
+    monkeypatch.setattr(grading, "_math_verify_equal",
+                        lambda pred, gold, timeout_s: math_verify_budgets.append(timeout_s) or False)
+    calls = {
+        "normalize_answer": lambda: normalize_answer(answer),
+        "extract_boxed": lambda: extract_boxed(answer),
+        "extract_last_number": lambda: grading.extract_last_number(answer),
+        "parse_number": lambda: parse_number(answer),
+        "string_match": lambda: string_match(answer, "12"),
+        "answers_match": lambda: answers_match(answer, r"\sqrt{2}"),
+    }
+    for grader in grading.GRADERS:
+        for wrapped in (answer, r"\boxed{" + answer + "}"):
+            calls[f"grade_response[{grader}, boxed={wrapped is not answer}]"] = (
+                lambda grader=grader, wrapped=wrapped:
+                grade_response(wrapped, r"\sqrt{2}", grader=grader, allow_unboxed=True))
+    for call_name, call in calls.items():
+        what = f"{call_name} on {name!r} (seed {ADVERSARIAL_SEED})"
+        with _hard_time_limit(10.0, what):
+            started = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - started
+        assert elapsed < SLOWEST_ALLOWED_S, f"{what} took {elapsed:.2f}s"
+    assert all(0 < budget <= grading.DEFAULT_TIMEOUT_S for budget in math_verify_budgets)
+
+
+def test_one_timeout_bounds_the_whole_grade(monkeypatch):
+    budgets = []
+    monkeypatch.setattr(grading, "_math_verify_equal",
+                        lambda pred, gold, timeout_s: budgets.append(timeout_s) or True)
+    real_extract = grading.extract_boxed
+
+    def slow_extract(text):
+        time.sleep(0.3)
+        return real_extract(text)
+
+    monkeypatch.setattr(grading, "extract_boxed", slow_extract)
+    assert grade_response(r"\boxed{\sqrt{2}}", r"\pi", timeout_s=1.0).correct
+    assert len(budgets) == 1 and budgets[0] <= 0.7 + 0.05  # extraction's time was charged
+    # Out of time before math_verify: wrong, math_verify never asked.
+    assert grade_response(r"\boxed{\sqrt{2}}", r"\pi", timeout_s=0.2).label == "wrong"
+    assert len(budgets) == 1
+
+
+def test_real_math_verify_on_garbage_is_cut_at_the_timeout(fresh_worker):
+    grading.start_math_verify_worker()  # start-up is not charged to the grade
+    response = r"\boxed{" + "a" * 100_000 + "}"
+    with _hard_time_limit(30.0, "grading 100 KB of letters with the real math_verify"):
+        started = time.perf_counter()
+        result = grade_response(response, r"\frac{1}{2}", timeout_s=1.0)
+        elapsed = time.perf_counter() - started
+    assert result.label == "wrong"
+    assert elapsed < 1.0 + SLOWEST_ALLOWED_S
+
+
+# Independent references for the rewritten pieces: the straightforward backtracking
+# regexes and repeated scans that grading.py used before (correct, but super-linear),
+# run only on short strings where that does not matter.
+_REFERENCE_TRAILING_WORDS = re.compile(
+    r"(.*?[\d}])(\s*)((?:[A-Za-z]+\.?\s*)+?)(?:\s*\^\s*\{?\s*[23]\s*\}?)?\s*\.?")
+_REFERENCE_WRAPPER = (
+    r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|operatorname)")
+_REFERENCE_TEXT_WRAPPED = re.compile(_REFERENCE_WRAPPER + r"\{([^{}]*)\}")
+_REFERENCE_LEADING_ZEROS = re.compile(r"([-+]?)0+(\d+)")
+_REFERENCE_TEXT_UNIT_AT_END = re.compile(
+    r"(?<=[\d}.])\s*" + _REFERENCE_WRAPPER + r"\{\s*[A-Za-z][A-Za-z .\-]*\}(?:\s*\^\s*\{?\s*[23]\s*\}?)?"
+    r"\s*\.?\s*$")
+
+
+def _reference_split_trailing_words(s):
+    match = _REFERENCE_TRAILING_WORDS.fullmatch(s)
+    if not match:
+        return None
+    return match.group(1), bool(match.group(2)), [w.rstrip(".") for w in match.group(3).split()]
+
+
+def _reference_unwrap(s):
+    previous = None
+    while previous != s:
+        previous, s = s, _REFERENCE_TEXT_WRAPPED.sub(r"\1", s)
+    return s
+
+
+def _reference_extract_boxed(text):
+    """Scan forward from each box's brace, last box first."""
+    for match in reversed(list(re.finditer(r"\\(?:boxed|fbox)(?![A-Za-z])", text))):
+        rest = text[match.end():]
+        if rest.lstrip().startswith("{"):
+            start = match.end() + len(rest) - len(rest.lstrip())
+            depth, i = 0, start
+            while i < len(text):
+                if text[i] == "\\":
+                    i += 2
+                    continue
+                depth += {"{": 1, "}": -1}.get(text[i], 0)
+                if depth == 0:
+                    return text[start + 1:i].strip()
+                i += 1
+            continue
+        token = re.match(r"[ \t]+([^\s$]+)", rest)
+        if token and token.group(1).rstrip(".,;"):
+            return token.group(1).rstrip(".,;")
+    return None
+
+
+_FUZZ_PIECES = [
+    "1", "2", "3", "0", "12", "007", "5.0", "\u0663", "a", "b", "C", "K", "x", "cm", "sq", "in",
+    "apples", "dollars", " cm", " apples", "cm}", ".", ". ", " .", " ", "  ", "\n", "\t", "^",
+    "^2", "^{3}", "{", "}", "(", ")", "=", "$", ",", "-", "+", "\\", "\\\\", r"\in", r"\frac",
+    r"\text{", r"\textbf{", r"\mbox{", r"\text{ cm}", r"\boxed{", r"\boxed ", r"\fbox{",
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_rewritten_pieces_agree_with_backtracking_references(seed):
+    rng = random.Random(seed)
+    for _ in range(4000):
+        text = "".join(rng.choice(_FUZZ_PIECES) for _ in range(rng.randint(1, 8)))[:20]
+        context = f"text {text!r} (seed {seed})"
+        assert grading._split_trailing_words(text) == _reference_split_trailing_words(text), context
+        assert grading._unwrap_text_commands(text) == _reference_unwrap(text), context
+        assert extract_boxed(text) == _reference_extract_boxed(text), context
+        leading = _REFERENCE_LEADING_ZEROS.fullmatch(text)
+        new_leading = grading._LEADING_ZERO_INTEGER.fullmatch(text)
+        assert (leading and leading.groups()) == (new_leading and new_leading.groups()), context
+        assert (grading._TEXT_UNIT_AT_END.sub("", text)
+                == _REFERENCE_TEXT_UNIT_AT_END.sub("", text)), context
