@@ -247,35 +247,49 @@ def write_jsonl(records: Iterable[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------- tokenizer
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, prompts: PromptSet = DEFAULT_PROMPTS):
-    """A Qwen2Tokenizer with its own BPE: byte-level (any text round-trips), every digit a token.
+    """A Qwen2Tokenizer with its own BPE and phrases: byte-level (any text round-trips), every digit a token.
 
-    It is transformers' Qwen2Tokenizer (Qwen2's normalizer and pre-tokenizer, whose regex isolates
-    each digit), because that is what stock `AutoTokenizer` builds for any directory whose
-    config.json says model_type "qwen2", whatever tokenizer.json holds: a tokenizer split any other
-    way would tokenize differently once exported. Words therefore never merge; the long fixed prompt
-    texts (system prompt, hinted template) are whole added tokens instead, which keeps sequences
-    short enough to pre-train on a CPU in minutes.
+    It is transformers' Qwen2Tokenizer because that is what stock `AutoTokenizer` builds for any
+    directory whose config.json says model_type "qwen2", whatever tokenizer.json holds (its own
+    normalizer, and a pre-tokenizer that isolates each digit and never lets a merge cross a word): a
+    tokenizer that split text otherwise would give other ids once exported. Sequences stay short
+    enough to pre-train on a CPU in minutes through added tokens, which match before that split: the
+    long fixed prompt texts (system prompt, hinted template) whole, and the world's frequent phrases
+    (" more apples. She finds ", " = "), learnt by a BPE whose merges may cross words but never digits.
+    Each BPE has at most vocab_size tokens.
     """
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     qwen2 = Qwen2Tokenizer().backend_tokenizer  # the normalizer and pre-tokenizer stock tools will use
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer, bpe.pre_tokenizer = qwen2.normalizer, qwen2.pre_tokenizer
+
+    def train_bpe(pre_tokenizer, pieces):
+        bpe = Tokenizer(models.BPE())
+        bpe.normalizer, bpe.pre_tokenizer = qwen2.normalizer, pre_tokenizer
+        bpe.train_from_iterator(pieces, trainer=trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False, max_token_length=24,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return json.loads(bpe.to_str())["model"]
+
+    def split_on(separators, strings):  # the pieces between separators, as added tokens leave them
+        pattern = re.compile("|".join(map(re.escape, sorted(separators, key=len, reverse=True))))
+        return [piece for text in strings for piece in pattern.split(text) if piece]
+
     fixed_texts = prompt_fixed_texts(prompts)
-    # Train on the pieces between special tokens and fixed texts: the pieces tokenization will see.
-    separators = re.compile("|".join(map(re.escape, sorted(SPECIAL_TOKENS + fixed_texts, key=len, reverse=True))))
-    pieces = (piece for text in texts for piece in separators.split(text) if piece)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-                                  max_token_length=24)
-    bpe.train_from_iterator(pieces, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
+    pieces = split_on(SPECIAL_TOKENS + fixed_texts, texts)
+    phrase_bpe = train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                           pieces)
+    to_text = decoders.ByteLevel()
+    phrases = [text for text in (to_text.decode([t]) for t in phrase_bpe["vocab"] if t not in SPECIAL_TOKENS)
+               if len(qwen2.pre_tokenizer.pre_tokenize_str(text)) > 1]
+    word_bpe = train_bpe(qwen2.pre_tokenizer, split_on(phrases, pieces))
     tokenizer = Qwen2Tokenizer(
-        vocab=model["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]],
+        vocab=word_bpe["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                         for m in word_bpe["merges"]],
         eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
         model_max_length=4096, clean_up_tokenization_spaces=False)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in fixed_texts])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in fixed_texts + tuple(phrases)])
     return tokenizer
 
 
