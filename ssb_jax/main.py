@@ -268,11 +268,16 @@ class Pipeline:
             log.info("export: complete, skipped")
             return
         if jax.process_index() == 0:
+            dtype = self.config.export.merged_dtype or None
             if self.config.export.peft_adapter:
-                export_peft_adapter(lora, lora_config, out / "peft_adapter", self.config.model.path)
+                base = self.config.model.path
+                if self.config.num_rounds > 1:  # the last adapters sit on the earlier rounds' merged students
+                    base = export_merged_model(model, None, None, self.model_config, out / "peft_base",
+                                               tokenizer=self.tokenizer, dtype=dtype)
+                export_peft_adapter(lora, lora_config, out / "peft_adapter", base, tokenizer=self.tokenizer)
             if self.config.export.merged_model:
                 export_merged_model(model, lora, lora_config, self.model_config, out / "merged",
-                                    tokenizer=self.tokenizer, dtype=self.config.export.merged_dtype or None)
+                                    tokenizer=self.tokenizer, dtype=dtype)
         _mark_done(out)
         log.info("export: PEFT adapter and merged model in %s", out)
 
