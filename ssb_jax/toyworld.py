@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "world.json"
+# Bumped whenever a world built by older code would differ (2: the tokenizer became a Qwen2Tokenizer,
+# so stock tools load the ids it was trained with); an older world is refused, not silently reused.
+WORLD_FORMAT = 2
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen2.5's ChatML template, less its tool-calling branches and default system prompt.
 CHAT_TEMPLATE = (
@@ -721,6 +724,7 @@ def save_world(world: World, out_dir: str | Path, extra: dict | None = None) -> 
     head = losses[:min(10, len(losses))]
     tail = losses[-min(10, len(losses)):]
     summary = {
+        "format": WORLD_FORMAT,
         "config": dataclasses.asdict(world.config),
         "num_parameters": world.model_config.param_count(),
         "vocab_size": world.model_config.vocab_size,
@@ -741,7 +745,12 @@ def build(config: ToyWorldConfig, out_dir: str | Path, *, measure_problems: int 
     finished world of another config is an error (pick another directory)."""
     paths = world_paths(out_dir)
     if paths["marker"].exists():
-        built = json.loads(paths["marker"].read_text()).get("config")
+        marker = json.loads(paths["marker"].read_text())
+        built = marker.get("config")
+        if marker.get("format", 1) != WORLD_FORMAT:
+            raise ValueError(f"{out_dir} holds a toy world built by an older ssb_jax (format {marker.get('format', 1)}, "
+                             f"now {WORLD_FORMAT}: its tokenizer loads differently in stock tools); use a fresh "
+                             "--config.workdir, or delete that directory to rebuild it")
         if built != dataclasses.asdict(config):
             raise ValueError(f"{out_dir} holds a toy world built with another config ({built}); "
                              f"use a fresh directory for {dataclasses.asdict(config)}")

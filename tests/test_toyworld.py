@@ -178,6 +178,19 @@ def test_build_is_idempotent(built, monkeypatch):
         toyworld.build(dataclasses.replace(TINY, seed=4), out_dir)
 
 
+def test_a_world_of_an_older_format_is_refused(built, tmp_path):
+    import json
+    import shutil
+    out_dir, _, _ = built
+    old = tmp_path / "old_world"
+    shutil.copytree(out_dir, old)
+    marker = json.loads((old / toyworld.MARKER_FILE).read_text())
+    del marker["format"]  # as written before formats were recorded
+    (old / toyworld.MARKER_FILE).write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match=r"built by an older ssb_jax \(format 1, now 2"):
+        toyworld.build(TINY, old)
+
+
 # ----------------------------------------------------------------------------- measurement
 
 class _ScriptedSampler:
