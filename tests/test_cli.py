@@ -190,7 +190,8 @@ def test_world_paths_are_what_build_returns(tmp_path):
     """Pipeline.world reads the paths with world_paths once build has finished."""
     config = toyworld.ToyWorldConfig(num_train=3)
     paths = toyworld.world_paths(tmp_path)
-    paths["marker"].write_text(json.dumps({"config": dataclasses.asdict(config)}))  # a finished world
+    paths["marker"].write_text(json.dumps({"format": toyworld.WORLD_FORMAT,  # a finished world
+                                           "config": dataclasses.asdict(config)}))
     assert toyworld.build(config, tmp_path) == paths
     assert set(paths) == {"train", "test", "checkpoint", "marker"}
 
