@@ -12,9 +12,11 @@ import jax
 
 log = logging.getLogger(__name__)
 
-# Environment variables that mean "this process is one of several" to jax.distributed's auto-detection.
+# Environment variables that mean "this process is one of several" even where JAX's own cluster
+# detection finds nothing (or its private API has moved): the fallback of `_jax_cluster`.
 _CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                   "JAX_COORDINATOR_ADDRESS")
+_UNKNOWN = object()  # JAX's cluster detection could not be asked
 
 
 def _multi_host_environment() -> bool:
@@ -27,17 +29,67 @@ def _multi_host_environment() -> bool:
     return bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 
+def _cluster_kinds():
+    """The cluster environments `jax.distributed.initialize()` tries, in its order (GceTpuCluster,
+    GkeTpuCluster, SlurmCluster, OmpiCluster, ...). JAX has no public way to ask, so this reads
+    jax._src.clusters; None when that has moved."""
+    try:
+        from jax._src.clusters import ClusterEnv
+        return [kind for kind in ClusterEnv._cluster_types if not getattr(kind, "opt_in_only_method", False)]
+    except (ImportError, AttributeError) as error:
+        log.debug("jax cluster detection unavailable (%r); using environment hints", error)
+        return None
+
+
+def _jax_cluster():
+    """The cluster environment JAX's auto-detection finds (its class), None when none, _UNKNOWN when
+    JAX cannot be asked. On a TPU VM the answer comes from the metadata server, not the environment."""
+    kinds = _cluster_kinds()
+    if kinds is None:
+        return _UNKNOWN
+    for kind in kinds:
+        try:
+            if kind.is_env_present():
+                return kind
+        except Exception as error:  # e.g. a metadata server that does not answer: not this cluster
+            log.debug("jax cluster %s: detection failed: %r", getattr(kind, "__name__", kind), error)
+    return None
+
+
+def _process_count(kind) -> int | None:
+    try:
+        return int(kind.get_process_count())
+    except Exception as error:
+        log.debug("jax cluster %s: process count unavailable: %r", getattr(kind, "__name__", kind), error)
+        return None
+
+
+def _whole_node_devices() -> list[int] | None:
+    """Under SLURM with one process per node, all of the node's GPUs (JAX's SLURM detection would
+    otherwise give each process only the GPU numbered by its local rank, i.e. GPU 0)."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    nodes = (os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES")
+             or os.environ.get("SLURM_JOB_NUM_NODES"))
+    if not tasks or not nodes or tasks != nodes:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    count = len(visible.split(",")) if visible else int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    return list(range(count)) if count > 0 else None
+
+
 def maybe_initialize(settings) -> bool:
     """settings: initialize ("auto" | "yes" | "no"), coordinator_address, num_processes, process_id.
-    Returns True when this call initialized the distributed runtime."""
+    Returns True when this call initialized the distributed runtime.
+
+    "auto" without explicit settings asks JAX's own cluster detection (the one a bare
+    `jax.distributed.initialize()` uses: TPU VM metadata, GKE, SLURM, Open MPI) and initializes with
+    no arguments when it finds a cluster of more than one process; explicit settings always win."""
     mode = str(settings.initialize)
     if mode not in ("auto", "yes", "no"):
         raise ValueError(f"config.distributed.initialize must be auto, yes or no, got {mode!r}")
+    if mode == "no":
+        return False
     explicit = bool(settings.coordinator_address) or int(settings.num_processes) > 0
-    if mode == "no" or (mode == "auto" and not explicit and not _multi_host_environment()):
-        return False
-    if jax.distributed.is_initialized():
-        return False
     kwargs = {}
     if settings.coordinator_address:
         kwargs["coordinator_address"] = settings.coordinator_address
@@ -45,6 +97,19 @@ def maybe_initialize(settings) -> bool:
         kwargs["num_processes"] = int(settings.num_processes)
     if int(settings.process_id) >= 0:
         kwargs["process_id"] = int(settings.process_id)
+    cluster = _jax_cluster() if not explicit or mode == "yes" else None
+    if mode == "auto" and not explicit:
+        if cluster is None or cluster is _UNKNOWN:
+            if not _multi_host_environment():
+                return False
+        elif _process_count(cluster) == 1:
+            return False  # a one-host cluster (a v4-8 TPU VM, a one-task SLURM job): nothing to do
+    if jax.distributed.is_initialized():
+        return False
+    if getattr(cluster, "name", None) == "slurm" or (cluster is None and "SLURM_JOB_ID" in os.environ):
+        devices = _whole_node_devices()
+        if devices is not None:
+            kwargs["local_device_ids"] = devices
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
