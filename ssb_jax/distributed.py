@@ -12,14 +12,12 @@ import jax
 
 log = logging.getLogger(__name__)
 
-# Environment variables that mean "this process is one of several" even where JAX's own cluster
-# detection finds nothing (or its private API has moved): the fallback of `_jax_cluster`.
-_CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                  "JAX_COORDINATOR_ADDRESS")
 _UNKNOWN = object()  # JAX's cluster detection could not be asked
 
 
 def _multi_host_environment() -> bool:
+    """Environment variables that mean "this process is one of several" even where JAX's own cluster
+    detection finds nothing or cannot be asked (its private API moved)."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts:
         return True
