@@ -208,7 +208,7 @@ class Pipeline:
         pairs = curate.kept_pairs(records, self.curation.target_pairs)
         if not pairs:
             raise RunStopped(f"round {r}: curation kept no pairs (see {self.round_dir(r) / 'curate'}); "
-                               "nothing to train on")
+                             "nothing to train on")
         return pairs
 
     def teacher_cache(self, r: int, model):
@@ -312,7 +312,7 @@ class Pipeline:
             trained = _done(self.round_dir(r) / "train")
             if r < last and not trained:
                 raise RunStopped(f"round {r} has no trained student, so round {r + 1} has no base; "
-                                   "include the train stage")
+                                 "include the train stage")
             if trained and (r < last or {"eval", "export"} & set(self.stages)):
                 _, sample_lora, lora_config = self.student(r)
         if "eval" in self.stages:
