@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.overwrite = ""  # stages whose stale outputs may be deleted and redone (with every stage after them)
     c.num_rounds = 1
     c.log_level = "INFO"
+    c.compile_cache_dir = "~/.cache/ssb_jax/xla"  # persistent XLA compilation cache ("" turns it off)
 
     c.model = ml_collections.ConfigDict(dict(
         path="Qwen/Qwen2.5-3B-Instruct",  # hub id or local HF directory
@@ -178,6 +179,8 @@ SETTING_HELP: dict[str, str] = {
     "overwrite": "stages whose outputs from other settings may be deleted and redone (with every stage after them)",
     "num_rounds": "SSB rounds; each round's student is the next round's teacher and base",
     "log_level": "Python logging level of the run: DEBUG, INFO, WARNING or ERROR",
+    "compile_cache_dir": "persistent XLA compilation cache shared by runs and stages, so a resumed run reuses "
+                         "compiled programs (empty: off)",
     # model
     "model.path": "Hugging Face hub id or local HF directory of the base model (tiny config: set by the world)",
     "model.tokenizer": "tokenizer hub id or directory; empty: the model's own",

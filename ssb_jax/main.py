@@ -61,6 +61,12 @@ class Pipeline:
         self.overwrite = config_lib.overwrite_stages(config)
         config_lib.check_values(config)
         maybe_initialize(config.distributed)
+        from ssb_jax.compile_options import enable_persistent_cache
+        try:
+            enable_persistent_cache(config.compile_cache_dir)
+        except OSError as error:  # a cache is an optimisation: an unwritable place costs compile time only
+            log.warning("config.compile_cache_dir=%r unusable (%s); compiling without a persistent cache",
+                        config.compile_cache_dir, error)
         self.workdir = config_lib.writable_directory(config.workdir, "config.workdir")
         check_shared_directory(self.workdir)
         self.curation = config_lib.section_to(_curation_cls(), config.curate, "config.curate")
