@@ -1,5 +1,7 @@
 """Sampler: greedy parity with HF generate, top-k/top-p masks vs NumPy, sampling frequencies,
 shared prefill, bucketing and compile counts."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,6 +185,38 @@ def test_bucketing_limits_compilations(tiny):
     # results come back in input order, each equal to a run of that prompt alone
     single = sampler.generate_ids([prompts[7]], SamplingParams(max_new_tokens=3, temperature=0.0))
     assert single[0][0].token_ids == out[7][0].token_ids
+
+
+def test_temperature_and_top_p_do_not_recompile(tiny):
+    """Temperature and top-p are values of one compiled program, and it draws the same tokens as a
+    program with them compiled in (generate without knobs)."""
+    import dataclasses
+    config, params = tiny
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    prompts = random_prompts(rng, config.vocab_size, [5, 9, 12])
+    sampler = Sampler(params, batch_size=4, prompt_buckets=[16], show_progress=False)
+    settings = [(0.7, 0.9, 0), (1.3, 0.95, 0), (0.4, 0.8, 5)]
+    for temperature, top_p, top_k in settings:
+        sampling = SamplingParams(max_new_tokens=6, temperature=temperature, top_p=top_p, top_k=top_k)
+        got = sampler.generate_ids(prompts, sampling, seed=seed, n=2)
+        tokens = np.zeros((4, 16), np.int32)
+        mask = np.zeros((4, 16), bool)
+        for r, prompt in enumerate(prompts):
+            tokens[r, 16 - len(prompt):], mask[r, 16 - len(prompt):] = prompt, True
+        from ssb_jax.sampling.driver import stable_row_id
+        keys = row_keys_for(seed, [stable_row_id(i) for i in range(3)] + [0], 2)
+        compiled_in = jax.jit(functools.partial(generate, sampler.graphdef, sampling=sampling, n=2))(
+            sampler.state, jnp.asarray(tokens), jnp.asarray(mask), keys)
+        for row in range(6):
+            length = int(compiled_in["lengths"][row])
+            assert got[row // 2][row % 2].token_ids == compiled_in["tokens"][row, :length].tolist(), (temperature, row)
+    assert sampler.num_compilations == 2  # top-k 0 and top-k 5 shape two programs; T and p shape none
+    # the program shapes: greedy or not, nucleus on or off
+    assert SamplingParams(temperature=0.3, top_p=0.9).program() == SamplingParams(temperature=1.1, top_p=0.7).program()
+    assert SamplingParams(top_p=1.0).program() != SamplingParams(top_p=0.9).program()
+    assert dataclasses.replace(SamplingParams(temperature=0.0), top_p=0.9).program().greedy
 
 
 def test_too_long_prompt_is_named(tiny):

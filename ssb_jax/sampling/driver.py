@@ -85,6 +85,7 @@ class Sampler:
         # Split once; the state travels as a plain dict of arrays and the graph definition is closed
         # over (as a static argument it was hashed on every call; Variables cost more to flatten).
         graphdef, state = nnx.split(model)
+        self.graphdef = graphdef  # the graph the program runs (the decode layout on CPU)
         self.state = state.to_pure_dict()
         self.mesh = mesh
         data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
@@ -96,12 +97,13 @@ class Sampler:
             min(min_prompt_bucket, max_prompt_tokens), max_prompt_tokens)
         self.max_prompt_tokens = self.prompt_buckets[-1]
         self.show_progress = show_progress
-        self.num_compilations = 0  # traces of the generate program; one per (batch, prompt) bucket and sampling
+        self.num_compilations = 0  # traces of the generate program: one per (batch, prompt) bucket and program
+                                   # shape (SamplingParams.program), whatever the temperature or top-p
         self._generate = jax.jit(functools.partial(self._traced_generate, graphdef), static_argnames=("sampling", "n"))
 
-    def _traced_generate(self, graphdef, state, tokens, mask, keys, *, sampling, n):
+    def _traced_generate(self, graphdef, state, tokens, mask, keys, knobs, *, sampling, n):
         self.num_compilations += 1
-        return generate(graphdef, state, tokens, mask, keys, sampling=sampling, n=n, mesh=self.mesh)
+        return generate(graphdef, state, tokens, mask, keys, sampling=sampling, n=n, mesh=self.mesh, knobs=knobs)
 
     # ------------------------------------------------------------------ public
 
@@ -155,7 +157,9 @@ class Sampler:
         # filler rows reuse row id 0; their outputs are dropped
         keys = row_keys_for(seed, list(row_ids) + [0] * (rows - len(prompts)), n)
         tokens, mask, keys = self._place(tokens), self._place(mask), self._place(keys)
-        out = jax.device_get(self._generate(self.state, tokens, mask, keys, sampling=sampling, n=n))
+        # temperature and top-p travel as values: changing them reuses the compiled program
+        out = jax.device_get(self._generate(self.state, tokens, mask, keys, jnp.asarray(sampling.knobs()),
+                                            sampling=sampling.program(), n=n))
         completions = []
         for r in range(len(prompts) * n):
             length = int(out["lengths"][r])

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax import nnx
 
@@ -50,6 +51,18 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    def program(self) -> "SamplingParams":
+        """These params with temperature and top-p reduced to what shapes the compiled program
+        (greedy or not, nucleus on or off); their values travel as `knobs`, so changing them does
+        not recompile."""
+        if self.greedy:
+            return dataclasses.replace(self, temperature=0.0, top_p=1.0)
+        return dataclasses.replace(self, temperature=1.0, top_p=0.5 if self.top_p < 1.0 else 1.0)
+
+    def knobs(self) -> np.ndarray:
+        """The traced values that go with `program()`: [temperature, top_p] as float32."""
+        return np.array([self.temperature or 1.0, self.top_p], np.float32)
+
 
 # ----------------------------------------------------------------------------- token choice
 
@@ -67,7 +80,7 @@ def top_p_mask(logits: jax.Array, p: float, candidates: int = 0) -> jax.Array:
     Tied tokens are kept or dropped together. `candidates` > 0 says only the top `candidates`
     tokens can survive (top-k already applied), so only those need sorting.
     """
-    if p >= 1.0:
+    if isinstance(p, (int, float)) and p >= 1.0:  # a traced p: the caller decided nucleus is on
         return jnp.ones(logits.shape, bool)
     probs = jax.nn.softmax(logits, axis=-1)
     width = candidates if 0 < candidates < logits.shape[-1] else logits.shape[-1]
@@ -79,17 +92,19 @@ def top_p_mask(logits: jax.Array, p: float, candidates: int = 0) -> jax.Array:
     return probs >= threshold
 
 
-def filter_logits(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
-    """Temperature, then top-k, then top-p (the order HF generate applies them); dropped -> -inf."""
-    scaled = logits / sampling.temperature
+def filter_logits(logits: jax.Array, sampling: SamplingParams, knobs: jax.Array | None = None) -> jax.Array:
+    """Temperature, then top-k, then top-p (the order HF generate applies them); dropped -> -inf.
+    knobs: traced [temperature, top_p] replacing sampling's (see SamplingParams.program)."""
+    temperature, top_p = (sampling.temperature, sampling.top_p) if knobs is None else (knobs[0], knobs[1])
+    scaled = logits / temperature
     keep = top_k_mask(scaled, sampling.top_k)
     scaled = jnp.where(keep, scaled, _NEG_INF)
     if sampling.top_p < 1.0:
-        scaled = jnp.where(top_p_mask(scaled, sampling.top_p, sampling.top_k), scaled, _NEG_INF)
+        scaled = jnp.where(top_p_mask(scaled, top_p, sampling.top_k), scaled, _NEG_INF)
     return scaled
 
 
-def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: SamplingParams):
+def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: SamplingParams, knobs=None):
     """Pick one token per row from float32 logits [R, V]; returns (tokens [R], log-probs [R]).
 
     The log-prob is under the model's own distribution (temperature 1, no filtering).
@@ -106,10 +121,10 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: Sampli
             # Draw among the top-k candidates only: the same distribution (unless more than
             # TOP_K_TIE_SLACK tokens tie at the k-th logit), without full-vocabulary noise per step.
             values, ids = jax.lax.top_k(logits, width)
-            choice = jax.vmap(jax.random.categorical)(step_keys, filter_logits(values, sampling))
+            choice = jax.vmap(jax.random.categorical)(step_keys, filter_logits(values, sampling, knobs))
             tokens = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
         else:
-            tokens = jax.vmap(jax.random.categorical)(step_keys, filter_logits(logits, sampling))
+            tokens = jax.vmap(jax.random.categorical)(step_keys, filter_logits(logits, sampling, knobs))
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 
@@ -117,12 +132,13 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: Sampli
 # ----------------------------------------------------------------------------- generation
 
 def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-             row_keys: jax.Array, *, sampling: SamplingParams, n: int = 1, mesh=None):
+             row_keys: jax.Array, *, sampling: SamplingParams, n: int = 1, mesh=None, knobs=None):
     """Sample completions for left-padded prompts from the model `nnx.merge(graphdef, state)` (any
     Qwen2ForCausalLM: with or without adapters, in the training or the decode layout; `state` an
     nnx.State or its pure dict).
 
-    prompt_tokens, prompt_mask [B, P]; row_keys [B * n] PRNG keys (one per output row).
+    prompt_tokens, prompt_mask [B, P]; row_keys [B * n] PRNG keys (one per output row); knobs: traced
+    [temperature, top_p] for `sampling.program()` (None: sampling's own values, compiled in).
     Returns a dict: tokens [B*n, M] int32 (pad after the end), lengths [B*n] (the stop token counts),
     finish_reason [B*n] (FINISH_STOP or FINISH_LENGTH), logprobs [B*n, M] float32.
     """
@@ -144,7 +160,7 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
         cache = jax.lax.with_sharding_constraint(cache, model.cache_shardings(cache, mesh))
     stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
 
-    first, first_lp = choose_tokens(last_logits, row_keys, 0, sampling)
+    first, first_lp = choose_tokens(last_logits, row_keys, 0, sampling, knobs)
     state = {
         "step": jnp.int32(1),
         "tokens": jnp.full((R, M), sampling.pad_id, jnp.int32).at[:, 0].set(first),
@@ -162,7 +178,7 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
         step = s["step"]
         pos = (next_position + step - 1)[:, None]  # the fed token is the (step-1)-th new one
         logits, cache = model(s["last"][:, None], pos, jnp.ones((R, 1), bool), s["cache"])
-        token, lp = choose_tokens(logits[:, 0], row_keys, step, sampling)
+        token, lp = choose_tokens(logits[:, 0], row_keys, step, sampling, knobs)
         token = jnp.where(s["done"], sampling.pad_id, token)
         lp = jnp.where(s["done"], 0.0, lp)
         return {
