@@ -122,8 +122,9 @@ def check(directory: str | os.PathLike, stage: str, fingerprint: Mapping[str, An
     directory = Path(directory)
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # the form it is stored in
     stored = read(directory)
-    has_outputs = directory.exists() and any(
-        p.name != FINGERPRINT_FILE and (outputs is None or p.name in set(outputs)) for p in directory.iterdir())
+    has_outputs = directory.exists() and any(  # hidden names are temporary files of atomic writes
+        p.name != FINGERPRINT_FILE and not p.name.startswith(".") and (outputs is None or p.name in set(outputs))
+        for p in directory.iterdir())
     if stored == fingerprint:
         return
     if has_outputs and not overwrite:

@@ -175,6 +175,7 @@ class Pipeline:
         from ssb_jax import fingerprint as fp
         from ssb_jax.distributed import barrier, is_main_process
         fp.check(directory, stage, fingerprint, overwrite=stage in self.overwrite, write=False)
+        barrier(f"fingerprint-compared:{directory}")  # every process compared before the main one writes
         if is_main_process():
             fp.check(directory, stage, fingerprint, overwrite=stage in self.overwrite)
         barrier(f"fingerprint:{directory}")

@@ -86,3 +86,14 @@ def test_model_identity_sees_a_weight_change_in_the_middle_but_not_a_copy(tmp_pa
     _fake_model(tmp_path / "other", changed)
     assert fp.model_identity(str(tmp_path / "other")) != identity
     assert fp.model_identity("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
+
+
+def test_a_half_written_fingerprint_is_not_an_output(tmp_path):
+    """Another process may compare while the main one writes FINGERPRINT.json through a hidden temp file."""
+    stage = tmp_path / "curate"
+    stage.mkdir()
+    (stage / ".FINGERPRINT.json.1234.tmp").write_text("{")
+    fp.check(stage, "curate", {"a": 1}, write=False)  # nothing made yet: no error
+    (stage / "records.jsonl").write_text("{}\n")
+    with pytest.raises(fp.StaleOutputsError):
+        fp.check(stage, "curate", {"a": 1}, write=False)
