@@ -77,6 +77,7 @@ class Pipeline:
         self.mesh = make_mesh(dict(config.mesh))
         self.sample_mesh = self.mesh if jax.process_count() == 1 else local_mesh(dict(config.mesh))
         self._decode_copies = (None, {})  # (base model, its decode-layout arrays) shared by CPU samplers
+        self._model_identity = None  # fingerprint.model_identity of model.path, read once per run
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -184,7 +185,9 @@ class Pipeline:
         """What round r's base model is: the loaded weights, then each earlier round's student."""
         from ssb_jax import fingerprint as fp
         m = self.config.model
-        identity = {"model": fp.model_identity(m.path), "dtype": m.dtype, "attention_impl": m.attention_impl}
+        if self._model_identity is None:
+            self._model_identity = fp.model_identity(m.path)
+        identity = {"model": self._model_identity, "dtype": m.dtype, "attention_impl": m.attention_impl}
         if r > 1:
             identity["students"] = [self._student_digest(q) for q in range(1, r)]
         return identity
