@@ -1,10 +1,16 @@
 """Resource planner: memory per device and a time estimate per stage, before renting the hardware.
 
     python -m ssb_jax.plan --config configs/qwen3b.py --accelerator H100-80G [--devices 8] [--config.key=value]
+    python -m ssb_jax.plan --config configs/qwen3b.py --devices 8 --check-compiled --config.model.dtype=float32
 
 Memory of parameters, LoRA, optimizer state and KV cache is exact: the same logical-axis table that
-places the arrays decides how they split (tests compare with real sharded arrays). Activations and
-times are estimates from FLOPs and bandwidth (stated as such in the output).
+places the arrays decides how they split (tests compare with real sharded arrays). The working sets
+(KV-cache copies, attention scores, MLP intermediates, vocabulary logits, what remat keeps) are
+modelled term by term from the programs' shapes, per stage phase, and checked against the compiler:
+`--check-compiled` lowers the real sampling and training programs with abstract inputs, compiles them
+for this machine's backend (nothing allocated) and prints `memory_analysis()` beside the plan
+(tests/test_plan.py does it for the 3B shape on 1 and 8 CPU devices). Times are estimates from FLOPs
+and bandwidth.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import student_split
 from ssb_jax.model.qwen2 import CACHE_AXES
 from ssb_jax.sharding import MESH_AXES, logical_to_spec, variable_axes
+
+GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +51,18 @@ ACCELERATORS = {
 }
 # Realistic fractions of peak for the time estimates (not measured here; conservative guesses).
 MFU_TRAIN, MFU_PREFILL, BANDWIDTH_FRACTION = 0.35, 0.4, 0.6
+
+# How many extra copies of the whole KV cache a decode step holds. On main the layer scan takes the
+# stacked cache as its input and builds the updated cache as its stacked output, so the carried cache
+# and the rebuilt one are both alive (the compiler confirms: 2x the cache). An in-place cache update
+# makes this 0.
+KV_CACHE_COPIES_PER_DECODE_STEP = 1
+# float32 arrays of attention-score shape [rows, heads, queries, keys] alive at once. Forward (prefill,
+# the teacher): the scores and the masked/softmaxed copy. Backward of one layer under remat: the
+# recomputed masked scores, the probabilities (kept for softmax's VJP), their gradient and the scores'
+# gradient. A fused/chunked attention kernel replaces these with a block-sized working set.
+ATTENTION_SCORE_COPIES_FORWARD = 2
+ATTENTION_SCORE_COPIES_BACKWARD = 4
 
 
 def mesh_shape(mesh: dict, devices: int) -> dict[str, int]:
@@ -81,27 +101,246 @@ def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, ...]
     return (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
 
 
-def training_activation_bytes(config: ModelConfig, batch_per_device: int, seq: int, remat: str,
-                              tensor: int, chunk: int) -> int:
-    """Estimate: what the backward pass keeps per layer, plus the transient working set of one layer.
+def rows_per_device(rows: int, axes: dict[str, int]) -> int:
+    """Rows of a batch on one device: split over the data-parallel axes when they divide it, else all
+    of them (the logical-axis table replicates a dimension its mesh axes do not divide)."""
+    return array_bytes_per_device(("batch",), (rows,), axes, 1)
 
-    Per token and layer without remat: about 10 hidden-sized and 3 MLP-sized tensors, plus the f32
-    attention probabilities (heads x seq); remat "full" keeps only the layer input; "dots" and
-    "dots_no_batch" keep the projections' outputs (about 4 hidden-sized and 3 MLP-sized tensors;
-    "dots" also attention's two batched products).
+
+def activation_layout(rows: int, width: int, axes: dict[str, int]) -> tuple[int, int, bool]:
+    """(rows, hidden width, whether the width is split) of the hidden states [rows, T, width] on one device.
+
+    The model pins no activation sharding, so the embedding lookup decides: the hidden states come out
+    split like the table's hidden axis ("embed": over fsdp) and their rows over "data" only. Attention
+    is different: its other inputs (positions, mask, KV cache) bring the batch split, so the score
+    arrays take rows_per_device. With the width split, every projection into the MLP (or the
+    vocabulary) is a partial sum over the width, all-reduced: its output has all of these rows.
+    (XLA's sharding propagation on main, checked by the compiler; pinning activations to rows changes
+    this.)"""
+    data = axes["data"]
+    width_here = array_bytes_per_device(("embed",), (width,), axes, 1)
+    return (rows // data if rows % data == 0 else rows), width_here, width_here < width
+
+
+def _itemsize(config: ModelConfig) -> int:
+    return np.dtype(config.jnp_dtype).itemsize
+
+
+def _score_bytes(config: ModelConfig, rows: int, queries: int, keys: int, tensor: int) -> int:
+    """One float32 attention-score array [rows, heads, queries, keys] (heads split over tensor)."""
+    return rows * (config.num_heads // tensor) * queries * keys * 4
+
+
+# ----------------------------------------------------------------------------- workloads
+
+@dataclasses.dataclass(frozen=True)
+class SamplingShape:
+    """One `generate` call: `prompts` left-padded prompts of `prompt_len` tokens, `samples` completions
+    of up to `new_tokens` each (rows = prompts * samples share one prefill per prompt)."""
+    prompts: int
+    prompt_len: int
+    new_tokens: int
+    samples: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples
+
+    @property
+    def cache_len(self) -> int:
+        return self.prompt_len + self.new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingShape:
+    """One distillation step's batch: padded student/teacher sequences and answer positions."""
+    batch: int
+    student_len: int
+    teacher_len: int
+    answer_len: int
+
+
+# ----------------------------------------------------------------------------- memory models
+
+def sampling_memory(config: ModelConfig, axes: dict[str, int], shape: SamplingShape, weights: int) -> dict[str, int]:
+    """Bytes per device of one `generate` program, term by term, and its peak ("total").
+
+    Two phases, never alive together: the prefill (prompt rows, the prompt-length cache it fills, one
+    layer's attention scores or MLP intermediates) and the decode loop (the n-times replicated cache,
+    its per-step copy, the per-step logits). The peak is the weights plus the larger phase.
     """
-    b = 2 if config.dtype == "bfloat16" else 4
-    tokens = batch_per_device * seq
-    attention_probs = batch_per_device * (config.num_heads // tensor) * seq * seq * 4
-    one_layer = tokens * (10 * config.hidden_size + 3 * config.intermediate_size // tensor) * b + attention_probs
-    projections = tokens * (4 * config.hidden_size + 3 * config.intermediate_size // tensor) * b
-    kept = {"none": one_layer, "full": tokens * config.hidden_size * b, "dots_no_batch": projections,
-            "dots": projections + attention_probs}[remat]
-    logits = 3 * batch_per_device * chunk * config.vocab_size * 4  # teacher, student and its gradient
-    return config.num_layers * kept + one_layer + logits
+    b, tensor = _itemsize(config), axes["tensor"]
+    kv = lambda rows: 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(config, rows, shape.cache_len),  # noqa: E731
+                                                 axes, b)
+    prompt_rows = rows_per_device(shape.prompts, axes)
+    # MLP of one layer in the prefill: gate, up and their product; with the hidden width split (see
+    # activation_layout), gate and up as partial sums and all-reduced (the product reuses a partial's
+    # buffer).
+    mlp_rows, _, width_split = activation_layout(shape.prompts, config.hidden_size, axes)
+    mlp_copies = 4 if width_split else 3
+    terms = {
+        "weights": weights,
+        # decode phase
+        "kv_cache": kv(shape.rows),
+        "kv_cache_decode_copy": KV_CACHE_COPIES_PER_DECODE_STEP * kv(shape.rows),
+        "decode_logits": 2 * rows_per_device(shape.rows, axes) * config.vocab_size // tensor * 4,  # f32, log-softmax
+        # prefill phase: the prompt rows' cache, carried into and rebuilt by the layer scan
+        "prefill_kv_cache": 2 * kv(shape.prompts),
+        "prefill_attention_scores": ATTENTION_SCORE_COPIES_FORWARD * _score_bytes(
+            config, prompt_rows, shape.prompt_len, shape.cache_len, tensor),
+        "prefill_mlp": mlp_copies * mlp_rows * shape.prompt_len * (config.intermediate_size // tensor) * b,
+        # a head split over fsdp on the hidden axis is gathered whole for the vocabulary projection
+        "gathered_head": config.hidden_size * config.vocab_size // tensor * b if width_split else 0,
+    }
+    decode = terms["kv_cache"] + terms["kv_cache_decode_copy"] + terms["decode_logits"]
+    prefill = terms["prefill_kv_cache"] + max(terms["prefill_attention_scores"], terms["prefill_mlp"])
+    terms["total"] = weights + terms["gathered_head"] + max(decode, prefill)
+    return terms
 
 
-def plan(config, accelerator: str, devices: int | None = None, keep_rate: float = 0.2) -> dict:
+def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingShape, *, weights: int, lora: int,
+                    optimizer: int, chunk: int, online_teacher: bool = True) -> dict[str, int]:
+    """Bytes per device of one distillation step, term by term, and its peak ("total").
+
+    Alive throughout: frozen weights, adapters, Adam moments, the adapters' gradient, and what the
+    student's layers keep for the backward pass. On top, the largest of: one layer's backward
+    (attention scores and MLP intermediates), the teacher's forward, one chunk of vocabulary logits.
+    Per-layer activations are float32 wherever the model computes in float32 (scores, softmax) and in
+    the model's dtype otherwise.
+    """
+    b, tensor = _itemsize(config), axes["tensor"]
+    D, F, L = config.hidden_size, config.intermediate_size // tensor, config.num_layers
+    rows = rows_per_device(shape.batch, axes)                    # attention's rows (activation_layout)
+    hidden_rows, width, width_split = activation_layout(shape.batch, D, axes)
+    T, Tt = shape.student_len, shape.teacher_len
+    hidden = hidden_rows * T * width * b                         # one [rows, T, D] activation
+    mlp_one = hidden_rows * T * F * b                            # one [rows, T, F] intermediate
+    scores = _score_bytes(config, rows, T, T, tensor)
+    kept_per_layer = {
+        "full": hidden,                                          # only the layer input
+        # the projections' outputs: q, k, v, o and attention output (about 4 hidden-sized with GQA's
+        # small k/v) and gate, up, down's input (3 MLP-sized)
+        "dots_no_batch": 4 * hidden + 3 * mlp_one,
+        "dots": 4 * hidden + 3 * mlp_one + scores,               # also attention's batched products
+        "none": 10 * hidden + 3 * mlp_one + scores,              # every intermediate (estimate)
+    }[config.remat]
+    answer_rows = hidden_rows * shape.answer_len
+    terms = {
+        "weights": weights, "lora": lora, "optimizer_state": optimizer,
+        "lora_gradients": lora,
+        "saved_for_backward": L * kept_per_layer,
+        # one layer's backward, attention or MLP (not alive together). MLP: the recomputed gate, up,
+        # silu(gate) and product, and the gradients of product, gate and up (7); with the hidden width
+        # split, also the partial sums of gate, up and the product's gradient before their all-reduce.
+        "layer_backward_attention": ATTENTION_SCORE_COPIES_BACKWARD * scores,
+        "layer_backward_mlp": (10 if width_split else 7) * mlp_one,
+        "teacher_forward_attention": ATTENTION_SCORE_COPIES_FORWARD * _score_bytes(config, rows, Tt, Tt, tensor)
+        if online_teacher else 0,
+        # teacher and student logits of one chunk and the KL's gradient w.r.t. the student logits (f32),
+        # plus the answer positions' hidden states of both and the student's gradient
+        "loss_chunk": 3 * hidden_rows * min(chunk or shape.answer_len, shape.answer_len) * config.vocab_size // tensor * 4
+        + 3 * answer_rows * D * b,
+    }
+    working = max(terms["layer_backward_attention"], terms["layer_backward_mlp"], terms["teacher_forward_attention"],
+                  terms["loss_chunk"])
+    terms["total"] = weights + 2 * lora + optimizer + terms["saved_for_backward"] + working
+    return terms
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def sampling_shapes(config) -> dict[str, SamplingShape]:
+    """Curation's two generate programs at their largest: rollouts (n per question) and the hinted
+    teacher's solutions, both at the longest prompt the sampler accepts (hinted prompts carry two
+    traces; worst case)."""
+    from ssb_jax.config import section_to
+    from ssb_jax.curate import CurationConfig
+    cur = section_to(CurationConfig, config.curate, "config.curate")
+    batch, prompt = config.sampler.batch_size, config.sampler.max_prompt_tokens
+    return {"rollouts": SamplingShape(batch, prompt, cur.rollout_max_new_tokens, cur.num_rollouts),
+            "solutions": SamplingShape(batch, prompt, cur.solution_max_new_tokens, 1)}
+
+
+def training_shape(config) -> TrainingShape:
+    """The largest batch training builds (ssb_jax.distill.batch): both sequences of a hinted prompt (at
+    most sampler.max_prompt_tokens) and a solution (at most solution_max_new_tokens), or max_seq_len,
+    padded to the length buckets."""
+    from ssb_jax.config import section_to
+    from ssb_jax.curate import CurationConfig
+    from ssb_jax.distill.batch import bucket_length
+    from ssb_jax.distill.config import TrainConfig
+    tc = section_to(TrainConfig, config.train, "config.train")
+    cur = section_to(CurationConfig, config.curate, "config.curate")
+    bucket = lambda n: bucket_length(min(n, tc.length_buckets[-1]) if tc.length_buckets else n,  # noqa: E731
+                                     tc.length_buckets, tc.min_bucket)
+    longest = tc.max_seq_len or config.sampler.max_prompt_tokens + cur.solution_max_new_tokens
+    answer = min(cur.solution_max_new_tokens, tc.max_seq_len - 1) if tc.max_seq_len else cur.solution_max_new_tokens
+    return TrainingShape(tc.batch_size, bucket(longest), bucket(longest), bucket(answer))
+
+
+def eval_shapes(config) -> dict[str, tuple[list[SamplingShape], int, bool]]:
+    """{dataset label: (the generate programs of one batch, the problem count, whether the prompts were
+    tokenized)} for the eval stage.
+    Each distinct generation (protocols that decode alike share one: greedy at a token budget, and the
+    n-sample pass of a sampling protocol) at the sampler's batch and the dataset's longest prompt padded
+    to the sampler's prompt bucket. Datasets or a tokenizer that are not on this machine:
+    max_prompt_tokens and 500 problems."""
+    from ssb_jax.config import section_to
+    from ssb_jax.evaluate import PROTOCOLS, EvalConfig, parse_datasets
+    from ssb_jax.sampling.driver import bucket_for, power_of_two_buckets
+    ec = section_to(EvalConfig, config.eval, "config.eval")
+    s = config.sampler
+    generations = {(PROTOCOLS[p].max_new_tokens or ec.max_new_tokens, 1) for p in ec.protocols}
+    generations |= {(PROTOCOLS[p].max_new_tokens or ec.max_new_tokens, ec.n_samples)
+                    for p in ec.protocols if PROTOCOLS[p].sampled and ec.n_samples}
+    buckets = power_of_two_buckets(min(s.min_prompt_bucket, s.max_prompt_tokens), s.max_prompt_tokens)
+    shapes = {}
+    for spec in parse_datasets(ec.datasets):
+        lengths = _prompt_lengths(config, spec)
+        if lengths:
+            count = min(len(lengths), ec.max_problems or len(lengths))
+            prompt = bucket_for(min(max(lengths[:count]), s.max_prompt_tokens), buckets)
+        else:
+            count, prompt = ec.max_problems or 500, s.max_prompt_tokens
+        shapes[spec.label] = ([SamplingShape(s.batch_size, prompt, new, n) for new, n in sorted(generations)], count,
+                              bool(lengths))
+    return shapes
+
+
+def _prompt_lengths(config, spec) -> list[int] | None:
+    """Token counts of a dataset's student prompts, when the data and a tokenizer are on this machine
+    (never fetched)."""
+    from pathlib import Path
+    from ssb_jax.data.datasets import known_dataset_file, load_problems
+    source = known_dataset_file(spec.source) if spec.known else Path(spec.source)
+    tokenizer = _local_tokenizer(config)
+    if source is None or not source.exists() or tokenizer is None:
+        return None
+    from ssb_jax.main import _prompts
+    from ssb_jax.model.tokenizer import encode_chat
+    problems = load_problems(spec.source) if spec.known else load_problems(
+        spec.source, question_field=config.data.question_field or None,
+        answer_field=config.data.answer_field or None, name=spec.label)
+    prompts = _prompts(config)
+    return [len(encode_chat(tokenizer, prompts.student_messages(p.question))) for p in problems]
+
+
+def _local_tokenizer(config):
+    from pathlib import Path
+    from ssb_jax.model.tokenizer import load_tokenizer
+    from ssb_jax.paths import shared_data_dir
+    name = config.model.tokenizer or config.model.path
+    candidates = [Path(name)]
+    if Path(name).name.startswith("Qwen2.5"):  # every Qwen2.5 size shares one tokenizer
+        candidates.append(shared_data_dir() / "qwen2.5_tokenizer")
+    for path in candidates:
+        if (path / "tokenizer_config.json").exists():
+            return load_tokenizer(path)
+    return None
+
+
+def plan(config, accelerator: str, devices: int | None = None, keep_rate: float = 0.2,
+         include_eval: bool = True) -> dict:
     from ssb_jax.config import section_to
     from ssb_jax.curate import CurationConfig
     from ssb_jax.distill.config import TrainConfig
@@ -112,48 +351,72 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     tc = section_to(TrainConfig, config.train, "config.train")
     cur = section_to(CurationConfig, config.curate, "config.curate")
     lora_config = tc.lora_config()
-    pbytes = np.dtype(model_config.jnp_dtype).itemsize
-    data_parallel = axes["data"] * axes["fsdp"]
 
     _, lora_state, base_state = student_split(model_config, lora_config)  # abstract: nothing allocated
     weights = state_bytes_per_device(base_state, axes)
     lora = state_bytes_per_device(lora_state, axes)
     optimizer = 2 * state_bytes_per_device(lora_state, axes, 4)  # Adam's two moments, f32
-    sample_batch = max(config.sampler.batch_size, data_parallel)
-    sample_len = config.sampler.max_prompt_tokens + max(cur.rollout_max_new_tokens, cur.solution_max_new_tokens)
-    rows = sample_batch * cur.num_rollouts
-    kv = 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(model_config, rows, sample_len), axes, pbytes)
-    train_seq = tc.max_seq_len or 2 * max(cur.solution_max_new_tokens, 512) + 512
-    batch_per_device = max(1, tc.batch_size // data_parallel)
-    activations = training_activation_bytes(model_config, batch_per_device, train_seq, model_config.remat,
-                                            axes["tensor"], tc.logits_chunk or train_seq)
-    sampling_total = weights + kv
-    training_total = weights + lora + optimizer + activations
-    capacity = acc.memory_gib * 2**30
-
-    # time: decode is bandwidth-bound (weights + cache per step), training compute-bound
+    shapes = sampling_shapes(config)
+    curation = {name: sampling_memory(model_config, axes, shape, weights) for name, shape in shapes.items()}
+    sampling = max(curation.values(), key=lambda t: t["total"])
+    tshape = training_shape(config)
+    training = training_memory(model_config, axes, tshape, weights=weights, lora=lora, optimizer=optimizer,
+                               chunk=tc.logits_chunk, online_teacher=tc.teacher_mode == "online")
+    # time: decode is bandwidth-bound (weights + on average half the cache per step), prefill and
+    # training compute-bound
     n_params = model_config.param_count()
+    bandwidth = acc.bandwidth_gbs * 1e9 * BANDWIDTH_FRACTION
+
+    def generate_s(shape: SamplingShape, terms: dict, calls: int) -> float:
+        decode_step = (weights + terms["kv_cache"] / 2) / bandwidth
+        prefill = 2 * n_params * shape.prompts * shape.prompt_len / (devices * acc.bf16_tflops * 1e12 * MFU_PREFILL)
+        return calls * (shape.new_tokens * decode_step + prefill)
+
+    evaluation = {}  # label: (terms of its largest program, that program's shape, problems)
+    eval_s, eval_prompts = 0.0, {}
+    for label, (shapes_of_batch, count, tokenized) in (eval_shapes(config).items() if include_eval else ()):
+        eval_prompts[label] = "longest tokenized prompt" if tokenized else "not on this machine: max_prompt_tokens"
+        programs = [(sampling_memory(model_config, axes, shape, weights), shape) for shape in shapes_of_batch]
+        eval_s += sum(generate_s(shape, terms, math.ceil(count / shape.prompts)) for terms, shape in programs)
+        evaluation[label] = (*max(programs, key=lambda program: program[0]["total"]), count)
+    capacity = acc.memory_gib * GIB
+
     questions = math.ceil(cur.target_pairs / keep_rate) if cur.target_pairs else 7473
-    # each decode step reads the weights and (on average) half the cache; mixed questions ~ keep_rate * 1.5
-    decode_step_s = (weights + kv / 2) / (acc.bandwidth_gbs * 1e9 * BANDWIDTH_FRACTION)
-    rollout_steps = math.ceil(questions / sample_batch) * cur.rollout_max_new_tokens
-    solution_steps = math.ceil(1.5 * keep_rate * questions / sample_batch) * cur.solution_max_new_tokens
-    curate_s = (rollout_steps + solution_steps) * decode_step_s
-    train_tokens = cur.target_pairs * tc.epochs * train_seq
-    train_s = 6 * n_params * train_tokens / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN)
-    gib = 2**30
+    curate_s = (generate_s(shapes["rollouts"], curation["rollouts"], math.ceil(questions / shapes["rollouts"].prompts))
+                # mixed questions (about 1.5 x keep_rate of them) get a hinted solution
+                + generate_s(shapes["solutions"], curation["solutions"],
+                             math.ceil(1.5 * keep_rate * questions / shapes["solutions"].prompts)))
+    # LoRA training per token: the student's forward and backward through frozen weights (no weight
+    # gradients: 2 + 2 x params FLOPs), a forward more under remat, and the teacher's forward.
+    student_flops = (4 + (2 if model_config.remat != "none" else 0)) * n_params * tshape.student_len
+    teacher_flops = 2 * n_params * tshape.teacher_len if tc.teacher_mode == "online" else 0
+    train_s = (cur.target_pairs * tc.epochs * (student_flops + teacher_flops)
+               / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN))
+    eval_peak = max((t["total"] for t, _, _ in evaluation.values()), default=0)
+    totals = {"sampling": sampling["total"], "training": training["total"], "eval": eval_peak}
     return {
         "accelerator": accelerator, "devices": devices, "mesh": axes, "model_parameters": n_params,
         "memory_gib_per_device": {
-            "base_weights": weights / gib, "lora": lora / gib, "optimizer_state": optimizer / gib,
-            "sampling_kv_cache": kv / gib, "training_activations_estimate": activations / gib,
-            "sampling_total": sampling_total / gib, "training_total": training_total / gib,
-            "capacity": acc.memory_gib},
-        "fits": {"sampling": sampling_total < 0.9 * capacity, "training": training_total < 0.9 * capacity},
-        "time_estimate_s": {"curate": curate_s, "train": train_s},
-        "assumptions": {"keep_rate": keep_rate, "sampling_rows": rows, "sampling_length": sample_len,
-                        "train_seq": train_seq, "mfu_train": MFU_TRAIN, "bandwidth_fraction": BANDWIDTH_FRACTION},
+            "base_weights": weights / GIB, "lora": lora / GIB, "optimizer_state": optimizer / GIB,
+            "sampling_kv_cache": sampling["kv_cache"] / GIB,
+            "training_activations": (training["total"] - weights - 2 * lora - optimizer) / GIB,
+            "sampling_total": totals["sampling"] / GIB, "training_total": totals["training"] / GIB,
+            "eval_total": totals["eval"] / GIB, "capacity": acc.memory_gib},
+        "terms_gib": {**{f"curate {name}": _gib(t) for name, t in curation.items()}, "training": _gib(training),
+                      **{f"eval {label}": _gib(t) for label, (t, _, _) in evaluation.items()}},
+        "fits": {stage: total < 0.9 * capacity for stage, total in totals.items()},
+        "time_estimate_s": {"curate": curate_s, "train": train_s, "eval": eval_s},
+        "shapes": {**{f"curate {name}": shape for name, shape in shapes.items()}, "training": tshape,
+                   **{f"eval {label}": shape for label, (_, shape, _) in evaluation.items()}},
+        "assumptions": {"keep_rate": keep_rate, "mfu_train": MFU_TRAIN, "bandwidth_fraction": BANDWIDTH_FRACTION,
+                        "training_rows_per_device": rows_per_device(tshape.batch, axes),
+                        "eval_problems": {label: count for label, (_, _, count) in evaluation.items()},
+                        "eval_prompt_length": eval_prompts},
     }
+
+
+def _gib(terms: dict) -> dict:
+    return {k: v / GIB for k, v in terms.items()}
 
 
 def _model_config(config) -> ModelConfig:
@@ -169,21 +432,171 @@ def _model_config(config) -> ModelConfig:
         else:
             from huggingface_hub import hf_hub_download
             mc = ModelConfig.from_json(hf_hub_download(str(config.model.path), "config.json"))
-    return mc.replace(dtype=config.model.dtype, remat=config.model.remat)
+    return mc.replace(dtype=config.model.dtype, remat=config.model.remat,
+                      attention_impl=config.model.attention_impl)
 
+
+# ----------------------------------------------------------------------------- checked by the compiler
+
+def compiled_bytes(compiled) -> dict[str, int]:
+    """A compiled program's memory_analysis(): arguments, outputs, temporaries (the compiler's buffer
+    assignment), the outputs that reuse argument buffers (donation), the machine code; "total" is what
+    one device holds at the program's peak: argument + output + temp - alias."""
+    m = compiled.memory_analysis()
+    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes,
+           "alias": m.alias_size_in_bytes, "code": m.generated_code_size_in_bytes}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def check_mesh(axes: dict[str, int]):
+    """A mesh of this machine's first devices with the planned axes (None for one device)."""
+    import jax
+    from ssb_jax.sharding import make_mesh
+    devices = math.prod(axes.values())
+    if devices > len(jax.devices()):
+        raise ValueError(f"the plan is for {devices} devices; this machine shows {len(jax.devices())} "
+                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    return None if devices == 1 else make_mesh(axes, jax.devices()[:devices])
+
+
+def _abstract(tree, shardings=None):
+    import jax
+    if shardings is None:
+        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), tree)
+    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), tree, shardings)
+
+
+def compile_sampling(config: ModelConfig, shape: SamplingShape, mesh, sampling=None):
+    """The sampler's generate program for this shape (the scan layout of the weights, as on an
+    accelerator), lowered with abstract sharded inputs and compiled; nothing is allocated."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+    from ssb_jax.model.qwen2 import abstract_model
+    from ssb_jax.sampling.sampler import SamplingParams, generate
+    from ssb_jax.sharding import BATCH_AXES, state_shardings
+    graphdef, state = nnx.split(abstract_model(config))
+    rows = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    params = _abstract(state.to_pure_dict(), None if mesh is None else state_shardings(state, mesh).to_pure_dict())
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), shape.rows))
+    sampling = (sampling or SamplingParams(max_new_tokens=shape.new_tokens, temperature=1.0, top_k=50)).program()
+    program = jax.jit(lambda st, tokens, mask, keys, knobs: generate(graphdef, st, tokens, mask, keys,
+                                                                     sampling=sampling, n=shape.samples,
+                                                                     mesh=mesh, knobs=knobs))
+    return program.lower(params, jax.ShapeDtypeStruct((shape.prompts, shape.prompt_len), jnp.int32, sharding=rows),
+                         jax.ShapeDtypeStruct((shape.prompts, shape.prompt_len), jnp.bool_, sharding=rows),
+                         jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows),
+                         jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+
+
+def compile_training(config: ModelConfig, tc, shape: TrainingShape, mesh):
+    """The distillation train step (ssb_jax.distill.step, the real jitted program) for this batch shape,
+    lowered with abstract sharded state, base and batch, and compiled; nothing is allocated."""
+    import jax
+    import jax.numpy as jnp
+    from ssb_jax.distill.step import (_jitted_step, abstract_base_state, batch_keys, batch_shardings, init_state,
+                                      make_optimizer, train_state_shardings)
+    from ssb_jax.sharding import state_shardings
+    tc = dataclasses.replace(tc, batch_size=shape.batch)
+    lora_config = tc.lora_config()
+    total_steps = 1000
+    optimizer, _ = make_optimizer(tc, total_steps)
+    keys = batch_keys(tc)
+    state = jax.eval_shape(lambda: init_state(config, lora_config, optimizer, jax.random.key(0)))
+    base = abstract_base_state(config)
+    B, T, Tt, A, k = shape.batch, shape.student_len, shape.teacher_len, shape.answer_len, tc.topk
+    batch_shapes = {"student_tokens": ((B, T), jnp.int32), "student_positions": ((B, T), jnp.int32),
+                    "student_mask": ((B, T), jnp.bool_), "teacher_tokens": ((B, Tt), jnp.int32),
+                    "teacher_positions": ((B, Tt), jnp.int32), "teacher_mask": ((B, Tt), jnp.bool_),
+                    "student_index": ((B, A), jnp.int32), "teacher_index": ((B, A), jnp.int32),
+                    "answer_tokens": ((B, A), jnp.int32), "answer_mask": ((B, A), jnp.bool_),
+                    "teacher_topk_logprobs": ((B, A, k), jnp.float32), "teacher_topk_ids": ((B, A, k), jnp.int32),
+                    "teacher_tail_logprob": ((B, A), jnp.float32), "teacher_target_logprob": ((B, A), jnp.float32)}
+    batch = {key: jax.ShapeDtypeStruct(*batch_shapes[key]) for key in keys}
+    if mesh is None:
+        state, base = _abstract(state), _abstract(base.to_pure_dict())
+    else:
+        state = _abstract(state, train_state_shardings(config, lora_config, optimizer, mesh))
+        base = _abstract(base.to_pure_dict(), state_shardings(base, mesh).to_pure_dict())
+        batch = _abstract(batch, batch_shardings(keys, B, mesh))
+    step = _jitted_step(config, tc, lora_config, total_steps, mesh, keys, B)
+    return step.lower(state, base, batch).compile()
+
+
+def check_against_compiler(config, devices: int) -> dict[str, dict]:
+    """{stage: {"planned": bytes, "compiled": compiled_bytes}} for the curation rollouts and the training
+    step of this config on `devices` of this machine's devices."""
+    import jax
+    from ssb_jax.config import section_to
+    from ssb_jax.distill.config import TrainConfig
+    from ssb_jax.sampling.sampler import SamplingParams
+    p = plan(config, _any_accelerator(devices), devices, include_eval=False)
+    model_config = _model_config(config)
+    tc = section_to(TrainConfig, config.train, "config.train")
+    mesh = check_mesh(p["mesh"])
+    rollouts = sampling_shapes(config)["rollouts"]
+    cur = config.curate
+    sampling = SamplingParams(max_new_tokens=rollouts.new_tokens, temperature=cur.rollout_temperature,
+                              top_k=cur.rollout_top_k, top_p=cur.rollout_top_p)
+    return {"backend": jax.default_backend(),
+            "curate rollouts": {"planned": p["terms_gib"]["curate rollouts"]["total"] * GIB,
+                                "compiled": compiled_bytes(compile_sampling(model_config, rollouts, mesh, sampling))},
+            "training": {"planned": p["memory_gib_per_device"]["training_total"] * GIB,
+                         "compiled": compiled_bytes(compile_training(model_config, tc, p["shapes"]["training"], mesh))}}
+
+
+def _any_accelerator(devices: int) -> str:
+    """Any accelerator name: the memory figures do not depend on it, only the fit verdicts and times."""
+    return "H100-80G" if devices == 1 else "v5e-8"
+
+
+def format_check(results: dict) -> str:
+    backend = results["backend"]
+    lines = [f"planned vs compiled per device (GiB); compiled = memory_analysis() of the real programs lowered "
+             f"with abstract inputs, i.e. XLA:{backend.upper()}'s buffer assignment (argument + output + temp - alias)"
+             + ("; XLA:CPU upcasts bfloat16 matmul operands to float32 copies that a GPU/TPU compiler does not "
+                "make: check with --config.model.dtype=float32 there" if backend == "cpu" else "")]
+    for stage, r in results.items():
+        if stage == "backend":
+            continue
+        c = r["compiled"]
+        lines.append(f"  {stage:22s} planned {r['planned'] / GIB:8.2f}  compiled {c['total'] / GIB:8.2f} "
+                     f"({(r['planned'] - c['total']) / c['total']:+.1%}; argument {c['argument'] / GIB:.2f}, "
+                     f"output {c['output'] / GIB:.2f}, temp {c['temp'] / GIB:.2f}, alias {c['alias'] / GIB:.2f})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- output
 
 def format_plan(p: dict) -> str:
     m = p["memory_gib_per_device"]
     lines = [f"{p['accelerator']}: {p['devices']} devices, mesh {p['mesh']}, {p['model_parameters'] / 1e9:.2f}B parameters",
              "memory per device (GiB):"]
-    for key in ("base_weights", "lora", "optimizer_state", "sampling_kv_cache", "training_activations_estimate"):
+    for key in ("base_weights", "lora", "optimizer_state", "sampling_kv_cache", "training_activations"):
         lines.append(f"  {key:32s}{m[key]:10.3f}")
-    for stage in ("sampling", "training"):
+    for stage in ("sampling", "training", "eval"):
+        if stage == "eval" and not m["eval_total"]:
+            continue
         verdict = "fits" if p["fits"][stage] else "DOES NOT FIT: shard more (mesh.fsdp/tensor), lower the batch, or remat"
         lines.append(f"  {stage + ' total':32s}{m[stage + '_total']:10.3f} of {m['capacity']} -> {verdict}")
+    lines.append("terms per stage (GiB; the total is the peak of the program's phases, not the sum):")
+    for stage, terms in p["terms_gib"].items():
+        shape = p["shapes"][stage]
+        described = ", ".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
+        lines.append(f"  {stage} ({described}): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in terms.items() if k != "total" and v))
+    rows = p["assumptions"]["training_rows_per_device"]
+    if rows == p["shapes"]["training"].batch and p["devices"] > 1:
+        lines.append(f"  note: train.batch_size={rows} does not split over the data-parallel devices: every "
+                     "device computes the whole batch")
+    lines.append("activations and working sets are modelled per program phase and checked against XLA:CPU's buffer "
+                 "assignment of the real programs (tests/test_plan.py, --check-compiled); a GPU/TPU compiler "
+                 "schedules differently")
     t = p["time_estimate_s"]
-    lines.append(f"time estimate: curate {t['curate'] / 60:.1f} min, train {t['train'] / 60:.1f} min "
-                 f"(assumptions: {p['assumptions']})")
+    lines.append(f"time estimate: curate {t['curate'] / 60:.1f} min, train {t['train'] / 60:.1f} min, "
+                 f"eval {t['eval'] / 60:.1f} min (assumptions: {p['assumptions']})")
     return "\n".join(lines)
 
 
@@ -197,6 +610,9 @@ def main(argv=None):
     parser.add_argument("--accelerator", default="H100-80G", choices=sorted(ACCELERATORS))
     parser.add_argument("--devices", type=int, default=None, help="override the device count (e.g. a bigger slice)")
     parser.add_argument("--keep-rate", type=float, default=0.2, help="fraction of questions curation keeps")
+    parser.add_argument("--check-compiled", action="store_true",
+                        help="also compile the sampling and training programs on this machine (abstract inputs, "
+                             "nothing allocated) and print their memory_analysis() beside the plan")
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         parser.parse_args(["--help"])
@@ -205,7 +621,10 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     args = parser.parse_args(rest + ["--config", "(parsed above)"])
-    print(format_plan(plan(config, args.accelerator, args.devices, args.keep_rate)))
+    result = plan(config, args.accelerator, args.devices, args.keep_rate)
+    print(format_plan(result))
+    if args.check_compiled:
+        print(format_check(check_against_compiler(config, result["devices"])))
 
 
 if __name__ == "__main__":

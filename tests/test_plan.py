@@ -13,8 +13,8 @@ from ssb_jax import plan as plan_module
 from ssb_jax.config import base_config, load_config_file
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.qwen2 import CACHE_AXES, abstract_model, init_model
-from ssb_jax.plan import (ACCELERATORS, Accelerator, array_bytes_per_device, cache_shape, format_plan, plan,
-                          state_bytes_per_device)
+from ssb_jax.plan import (ACCELERATORS, Accelerator, SamplingShape, array_bytes_per_device, cache_shape,
+                          format_plan, plan, state_bytes_per_device)
 from ssb_jax.sharding import make_mesh, named_sharding, shard_state
 
 TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -102,3 +102,103 @@ def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plan_module.main(common + ["--config.train.bach_size=8"])
     assert "config.train has no key 'bach_size'; did you mean config.train.batch_size?" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checked by the compiler
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_planned_memory_of_3b_programs_is_within_15_percent_of_the_compilers(devices):
+    """configs/qwen3b.py (the real Qwen2.5-3B shape): the planned per-device peak of the curation rollouts
+    (64 prompts x 4 samples, prompt bucket 2048 + 1024 new tokens) and of the training step (batch 4 at
+    sequence 4096, remat full) against memory_analysis() of the real jitted programs, lowered with
+    abstract sharded inputs and compiled by XLA:CPU (nothing allocated). float32: XLA:CPU upcasts
+    bfloat16 matmul operands to float32 copies (hoisted out of the layer loop) that a GPU/TPU compiler
+    does not make, so bfloat16 on CPU would measure the CPU, not the program. 1 device: ~30 s of
+    compiling; 8 devices (the config's mesh: everything on fsdp): ~60-100 s on 2 cores."""
+    c = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py"))
+    c.model.dtype = "float32"
+    results = plan_module.check_against_compiler(c, devices)
+    assert results["backend"] == "cpu"
+    report = plan_module.format_check(results)
+    for stage in ("curate rollouts", "training"):
+        planned, compiled = results[stage]["planned"], results[stage]["compiled"]["total"]
+        assert compiled > 5 * 2**30, report  # the real programs, not a toy
+        assert abs(planned - compiled) <= 0.15 * compiled, report
+    assert "XLA:CPU" in report
+
+
+def test_compiled_bytes_reads_memory_analysis_and_counts_donated_buffers_once():
+    """A donated argument that comes back as the output is one buffer: argument + output + temp - alias."""
+    x = jax.ShapeDtypeStruct((1024, 256), np.float32)
+    donated = plan_module.compiled_bytes(jax.jit(lambda a: a * 2, donate_argnums=0).lower(x).compile())
+    kept = plan_module.compiled_bytes(jax.jit(lambda a: a * 2).lower(x).compile())
+    assert donated["argument"] == kept["argument"] == 1024 * 256 * 4
+    assert donated["alias"] == 1024 * 256 * 4 and kept["alias"] == 0
+    assert donated["total"] == 1024 * 256 * 4 and kept["total"] == 2 * 1024 * 256 * 4
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _tiny_model_dir(tmp_path):
+    directory = tmp_path / "model"
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    return directory
+
+
+def test_eval_plan_uses_the_datasets_prompt_lengths(tmp_path):
+    """The eval stage is planned at the sampler's batch, the longest prompt of each dataset (tokenized
+    with the chat template, padded to the sampler's prompt bucket), the protocols' largest budget and
+    n samples; its time grows with the number of problems."""
+    from ssb_jax.model.tokenizer import encode_chat, load_tokenizer
+    from ssb_jax.paths import shared_data_path
+    from ssb_jax.prompts import DEFAULT_PROMPTS
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    questions = [" ".join(f"word{rng.randrange(1000)}" for _ in range(rng.randint(5, 400))) for _ in range(rng.randint(3, 9))]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": "1"}) + "\n" for q in questions))
+    tokenizer_dir = shared_data_path("qwen2.5_tokenizer")
+    c = base_config()
+    c.model.path, c.model.tokenizer, c.model.dtype = str(_tiny_model_dir(tmp_path)), str(tokenizer_dir), "float32"
+    c.eval.datasets = f"mine={data}"
+    c.eval.n_samples = rng.randint(2, 6)  # the n-sample pass (1024 new tokens, as string_match's greedy) is the largest
+    c.sampler.batch_size, c.sampler.min_prompt_bucket = 8, 16
+    result = plan(c, "H100-80G")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    longest = max(len(encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(q))) for q in questions)
+    bucket = 1 << (longest - 1).bit_length()  # power-of-two prompt buckets
+    programs, count, tokenized = plan_module.eval_shapes(c)["mine"]
+    assert programs == [SamplingShape(8, bucket, 1024, 1), SamplingShape(8, bucket, 1024, c.eval.n_samples)], \
+        f"seed {seed}"  # greedy (both protocols share it) and the n-sample pass
+    assert (count, tokenized) == (len(questions), True)
+    assert result["assumptions"]["eval_problems"] == {"mine": len(questions)}
+    shape = result["shapes"]["eval mine"]
+    kv = result["terms_gib"]["eval mine"]["kv_cache"] * 2**30
+    assert kv == 2 * 8 * shape.samples * (bucket + 1024) * TINY.num_layers * TINY.kv_size * 4
+    assert result["fits"]["eval"] and result["time_estimate_s"]["eval"] > 0
+    c.eval.max_problems = 1  # fewer problems: less time, and only the first one's prompt counts
+    fewer = plan(c, "H100-80G")
+    assert fewer["time_estimate_s"]["eval"] < result["time_estimate_s"]["eval"]
+    first = len(encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(questions[0])))
+    assert fewer["shapes"]["eval mine"].prompt_len == max(16, 1 << (first - 1).bit_length()), f"seed {seed}"
+
+
+def test_plan_command_line_overrides_reach_the_eval_stage(capsys):
+    """--config.eval.* overrides change the eval plan exactly as setting them in the config does (the
+    real 3B config and the shared AIME 2024 prompts, tokenized with the shared Qwen2.5 tokenizer)."""
+    seed = random.randrange(2**31)
+    n = random.Random(seed).randint(2, 30)
+    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    common = ["--config", config_file, "--accelerator", "H200", "--config.eval.datasets=aime24"]
+    plan_module.main(common + [f"--config.eval.n_samples={n}", "--config.eval.protocols=math_verify"])
+    out = capsys.readouterr().out
+    reference = load_config_file(config_file)
+    reference.eval.datasets, reference.eval.n_samples, reference.eval.protocols = "aime24", n, "math_verify"
+    assert out.strip() == format_plan(plan(reference, "H200")), f"seed {seed}"
+    # the n-sample pass is the largest program: 64 prompts x n samples of the longest prompt's bucket
+    assert "eval aime24 (prompts=64, prompt_len=512, new_tokens=1024, samples=" + f"{n})" in out, f"seed {seed}"
+    assert "'eval_prompt_length': {'aime24': 'longest tokenized prompt'}" in out
+    with pytest.raises(SystemExit):
+        plan_module.main(common + ["--config.eval.n_sample=8"])
+    assert "did you mean config.eval.n_samples?" in capsys.readouterr().err
