@@ -216,6 +216,7 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
     hidden = hidden_rows * T * width * b                         # one [rows, T, D] activation
     mlp_one = hidden_rows * T * F * b                            # one [rows, T, F] intermediate
     scores = _score_bytes(config, rows, T, T, tensor)
+    # per layer, what the remat policy keeps (compiler-checked for "full"; the others are estimates)
     kept_per_layer = {
         "full": hidden,                                          # only the layer input
         # the projections' outputs: q, k, v, o and attention output (about 4 hidden-sized with GQA's
@@ -236,8 +237,9 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
         "layer_backward_mlp": (10 if width_split else 7) * mlp_one,
         "teacher_forward_attention": ATTENTION_SCORE_COPIES_FORWARD * _score_bytes(config, rows, Tt, Tt, tensor)
         if online_teacher else 0,
-        # teacher and student logits of one chunk and the KL's gradient w.r.t. the student logits (f32),
-        # plus the answer positions' hidden states of both and the student's gradient
+        # the chunked vocabulary loss (distill.loss: its custom VJP forms each chunk's gradient in the
+        # forward pass): teacher and student logits of one chunk and the KL's gradient w.r.t. the
+        # student logits (f32), plus the answer positions' hidden states of both and the student's gradient
         "loss_chunk": 3 * hidden_rows * min(chunk or shape.answer_len, shape.answer_len) * config.vocab_size // tensor * 4
         + 3 * answer_rows * D * b,
     }
@@ -552,19 +554,26 @@ def _any_accelerator(devices: int) -> str:
     return "H100-80G" if devices == 1 else "v5e-8"
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 def format_check(results: dict) -> str:
     backend = results["backend"]
-    lines = [f"planned vs compiled per device (GiB); compiled = memory_analysis() of the real programs lowered "
-             f"with abstract inputs, i.e. XLA:{backend.upper()}'s buffer assignment (argument + output + temp - alias)"
+    lines = [f"planned vs compiled per device; compiled = memory_analysis() of the real programs lowered with "
+             f"abstract inputs, i.e. XLA:{backend.upper()}'s buffer assignment (argument + output + temp - alias)"
              + ("; XLA:CPU upcasts bfloat16 matmul operands to float32 copies that a GPU/TPU compiler does not "
                 "make: check with --config.model.dtype=float32 there" if backend == "cpu" else "")]
     for stage, r in results.items():
         if stage == "backend":
             continue
         c = r["compiled"]
-        lines.append(f"  {stage:22s} planned {r['planned'] / GIB:8.2f}  compiled {c['total'] / GIB:8.2f} "
-                     f"({(r['planned'] - c['total']) / c['total']:+.1%}; argument {c['argument'] / GIB:.2f}, "
-                     f"output {c['output'] / GIB:.2f}, temp {c['temp'] / GIB:.2f}, alias {c['alias'] / GIB:.2f})")
+        lines.append(f"  {stage:16s} planned {_size(r['planned']):>11s}  compiled {_size(c['total']):>11s} "
+                     f"({(r['planned'] - c['total']) / c['total']:+.1%}; argument {_size(c['argument'])}, "
+                     f"output {_size(c['output'])}, temp {_size(c['temp'])}, alias {_size(c['alias'])})")
     return "\n".join(lines)
 
 

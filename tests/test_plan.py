@@ -74,7 +74,7 @@ def test_real_3b_config_on_h100():
     from ssb_jax.paths import shared_data_path
     c = base_config()
     c.model.path = str(shared_data_path("qwen2.5_configs", "Qwen2.5-3B-Instruct"))
-    result = plan(c, "H100-80G")
+    result = plan(c, "H100-80G", include_eval=False)
     # 3.09B parameters in bf16 on one device
     assert abs(result["memory_gib_per_device"]["base_weights"] * 2**30 - 2 * result["model_parameters"]) < 1e6
     assert result["model_parameters"] == 3085938688
@@ -202,3 +202,20 @@ def test_plan_command_line_overrides_reach_the_eval_stage(capsys):
     with pytest.raises(SystemExit):
         plan_module.main(common + ["--config.eval.n_sample=8"])
     assert "did you mean config.eval.n_samples?" in capsys.readouterr().err
+
+
+def test_plan_command_line_checks_against_the_compiler(tmp_path, capsys):
+    """--check-compiled prints the compiled programs' memory_analysis() beside the plan (tiny model, one
+    device), naming the compiler whose buffer assignment it is."""
+    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    plan_module.main(["--config", config_file, f"--config.model.path={_tiny_model_dir(tmp_path)}",
+                      "--config.model.dtype=float32", "--config.sampler.max_prompt_tokens=64",
+                      "--config.curate.rollout_max_new_tokens=16", "--config.curate.solution_max_new_tokens=16",
+                      "--accelerator=H100-80G", "--check-compiled"])
+    out = capsys.readouterr().out
+    assert "XLA:CPU's buffer assignment" in out
+    for stage in ("curate rollouts", "training"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(stage + " ") and "compiled" in line)
+        compiled = line.split("compiled")[1].split()
+        assert float(compiled[0]) > 0 and compiled[1] in ("KiB", "MiB"), line
+        assert abs(float(line.split("(")[1].split("%")[0])) < 100, line  # planned vs compiled, in percent
