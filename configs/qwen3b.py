@@ -12,7 +12,9 @@ def get_config():
     c.workdir = "runs/qwen3b"
     c.model.path = "Qwen/Qwen2.5-3B-Instruct"
     c.model.dtype = "bfloat16"
-    # Without remat, batch 4 x ~2.5K tokens keeps ~96 GiB of activations (python -m ssb_jax.plan says so).
+    # Without remat, batch 4 at the longest sequence bucket (4096) keeps ~400 GiB for the backward pass
+    # (float32 attention scores and probabilities of every layer); with full remat 2.25 GiB
+    # (python -m ssb_jax.plan shows the terms).
     c.model.remat = "full"
     c.sampler.batch_size = 64
     c.sampler.max_prompt_tokens = 2048

@@ -198,8 +198,38 @@ def sampling_memory(config: ModelConfig, axes: dict[str, int], shape: SamplingSh
     return terms
 
 
-def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingShape, *, weights: int, lora: int,
-                    optimizer: int, chunk: int, online_teacher: bool = True) -> dict[str, int]:
+def _kept_per_layer(config: ModelConfig, lora_config, tokens: int, width: int, tensor: int, scores: int) -> int:
+    """Bytes one decoder layer keeps for the backward pass under config.remat, for `tokens` rows x
+    positions whose hidden width on this device is `width` (activation_layout); heads and the MLP
+    width split over tensor. Compiler-checked for full, dots_no_batch and none on one device; dots is
+    the same reasoning.
+
+    full: only the layer input. dots_no_batch: every matrix product without a batch dimension, i.e.
+    each projection's output (model dtype) and, for a LoRA target, its x @ A and (x @ A) @ B outputs
+    (LoRA dtype). none: also softmax's input and output (float32 score arrays) and the MLP's silu(gate)
+    and product. dots: also attention's two batched products (the scores and probs @ v).
+    """
+    b, lb = _itemsize(config), np.dtype(lora_config.jnp_dtype).itemsize
+    layer_input = tokens * width * b
+    if config.remat == "full":
+        return layer_input
+    # the projections into heads or the MLP are whole on each device apart from tensor (all-reduced
+    # partial sums when the hidden width is split); those back into the hidden width keep its split
+    heads, mlp = config.q_size // tensor, config.intermediate_size // tensor
+    out_width = {"q_proj": heads, "k_proj": config.kv_size // tensor, "v_proj": config.kv_size // tensor,
+                 "o_proj": width, "gate_proj": mlp, "up_proj": mlp, "down_proj": width}
+    projections = sum(tokens * w * b for w in out_width.values())
+    adapters = sum(tokens * (lora_config.rank_of(t) + out_width[t]) * lb for t in lora_config.targets)
+    kept = projections + adapters
+    if config.remat == "dots":
+        kept += scores + layer_input
+    elif config.remat == "none":
+        kept += 2 * scores + 2 * tokens * out_width["gate_proj"] * b
+    return kept
+
+
+def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingShape, lora_config, *, weights: int,
+                    lora: int, optimizer: int, chunk: int, online_teacher: bool = True) -> dict[str, int]:
     """Bytes per device of one distillation step, term by term, and its peak ("total").
 
     Alive throughout: frozen weights, adapters, Adam moments, the adapters' gradient, and what the
@@ -213,18 +243,9 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
     rows = rows_per_device(shape.batch, axes)                    # attention's rows (activation_layout)
     hidden_rows, width, width_split = activation_layout(shape.batch, D, axes)
     T, Tt = shape.student_len, shape.teacher_len
-    hidden = hidden_rows * T * width * b                         # one [rows, T, D] activation
     mlp_one = hidden_rows * T * F * b                            # one [rows, T, F] intermediate
     scores = _score_bytes(config, rows, T, T, tensor)
-    # per layer, what the remat policy keeps (compiler-checked for "full"; the others are estimates)
-    kept_per_layer = {
-        "full": hidden,                                          # only the layer input
-        # the projections' outputs: q, k, v, o and attention output (about 4 hidden-sized with GQA's
-        # small k/v) and gate, up, down's input (3 MLP-sized)
-        "dots_no_batch": 4 * hidden + 3 * mlp_one,
-        "dots": 4 * hidden + 3 * mlp_one + scores,               # also attention's batched products
-        "none": 10 * hidden + 3 * mlp_one + scores,              # every intermediate (estimate)
-    }[config.remat]
+    kept_per_layer = _kept_per_layer(config, lora_config, hidden_rows * T, width, tensor, scores)
     answer_rows = hidden_rows * shape.answer_len
     terms = {
         "weights": weights, "lora": lora, "optimizer_state": optimizer,
@@ -362,7 +383,7 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     curation = {name: sampling_memory(model_config, axes, shape, weights) for name, shape in shapes.items()}
     sampling = max(curation.values(), key=lambda t: t["total"])
     tshape = training_shape(config)
-    training = training_memory(model_config, axes, tshape, weights=weights, lora=lora, optimizer=optimizer,
+    training = training_memory(model_config, axes, tshape, lora_config, weights=weights, lora=lora, optimizer=optimizer,
                                chunk=tc.logits_chunk, online_teacher=tc.teacher_mode == "online")
     # time: decode is bandwidth-bound (weights + on average half the cache per step), prefill and
     # training compute-bound
