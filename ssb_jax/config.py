@@ -229,7 +229,7 @@ SETTING_HELP: dict[str, str] = {
     "curate.correct_choice": "which correct rollout becomes the hint: first, shortest or random",
     "curate.no_answer_is_wrong": "a rollout without a \\boxed answer counts as wrong for mixing",
     "curate.questions_per_batch": "records are appended (and survive a crash) per this many questions",
-    "curate.grader": "answer grader: math_verify (lenient) or string_match (strict)",
+    "curate.grader": "answer grader: math_verify (lenient) or string_match (strict: normalized string equality)",
     # train (TrainConfig)
     "train.learning_rate": "peak learning rate of AdamW",
     "train.schedule": "learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant",
@@ -264,8 +264,12 @@ SETTING_HELP: dict[str, str] = {
     # eval (EvalConfig)
     "eval.datasets": "comma-separated known names (math500, aime24, gsm8k_test) and/or local .jsonl/.parquet "
                      "paths; world_test: the toy world's held-out split",
-    "eval.protocols": "comma-separated: math_verify (greedy pass@1 + sampled avg@n/maj@n) and/or string_match "
-                      "(greedy, 1024 tokens, strict)",
+    "eval.protocols": "comma-separated: math_verify (greedy pass@1 + sampled avg@n/maj@n), motif (the MOTIF/SSB "
+                      "papers' rule: greedy, 1024 tokens, response contains \\boxed{gold}, or gold on AIME-style "
+                      "datasets) and/or string_match (greedy, 1024 tokens, last box equal to gold after normalization)",
+    "eval.motif_contains_gold": "comma-separated dataset-label patterns (shell style, any case) that the motif "
+                                "protocol grades by the bare gold string, as the authors graded AIME; other datasets: "
+                                "by \\boxed{gold}",
     "eval.n_samples": "n of avg@n / maj@n (0: greedy pass@1 only)",
     "eval.temperature": "temperature of the sampled responses (pass@1 is always greedy)",
     "eval.top_k": "top-k of the sampled responses (0: off)",

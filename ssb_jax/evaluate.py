@@ -14,8 +14,14 @@ over all problems with it counted wrong.
 Each protocol is a named preset (`PROTOCOLS`) that fixes the grader and the decoding:
   * "math_verify": our fairer protocol. Greedy pass@1 plus avg@n and maj@n over n samples, answers
     compared numerically, as normalized strings, then with math_verify.
-  * "string_match": the MOTIF paper's protocol. Greedy only, 1024 new tokens, normalized string match.
-Every number in the results names the protocol (and grader) it was computed under.
+  * "motif": the protocol of the MOTIF paper, whose base and GRPO rows the SSB paper reports, as the
+    authors' code grades: greedy only, 1024 new tokens, a response is correct when it contains
+    `\\boxed{gold}` (MATH500-style datasets) or the gold string anywhere (AIME-style datasets: those
+    whose label matches a pattern in EvalConfig.motif_contains_gold, by default `aime*`).
+  * "string_match": greedy only, 1024 new tokens, the last box compared with the gold answer by
+    normalized string equality (ssb_jax's strict grader; not the MOTIF rule).
+Every number in the results names the protocol (and grader) it was computed under; a motif row's
+grader names its rule (`motif:boxed`, `motif:contains`).
 
 Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore), appended batch
 by batch, so a killed run resumes without redoing finished problems. Beside each, <protocol>.settings.json
@@ -28,6 +34,7 @@ table (results.json, results.md) is always recomputed from those files.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
@@ -42,7 +49,7 @@ from ssb_jax import distributed, validate
 from ssb_jax.data.datasets import KNOWN_DATASETS, OnBadLine, Problem, ProblemList, load_problems
 from ssb_jax.data.records import ShardedRecordStore, shard_paths, write_json_atomic
 from ssb_jax.fingerprint import StaleOutputsError, dataset_identity, differences
-from ssb_jax.grading import (LABEL_CORRECT, LABEL_NO_ANSWER, RELATIVE_TOLERANCE, grade_response,
+from ssb_jax.grading import (LABEL_CORRECT, LABEL_NO_ANSWER, RELATIVE_TOLERANCE, grade_response, motif_grade,
                              normalize_answer, parse_number)
 from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
@@ -63,25 +70,31 @@ ACCURACY_DENOMINATOR = ("all problems of the dataset (avg@n: n responses per pro
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     name: str
-    grader: str                # a name in ssb_jax.grading.GRADERS
+    grader: str                # a name in ssb_jax.grading.GRADERS, or MOTIF (grading.motif_grade)
     sampled: bool              # also report avg@n and maj@n over EvalConfig.n_samples samples
     max_new_tokens: int        # 0: EvalConfig.max_new_tokens
     description: str
 
 
+MOTIF = "motif"
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
     Protocol("math_verify", grader="math_verify", sampled=True, max_new_tokens=0,
              description="greedy pass@1 plus sampled avg@n / maj@n; answers compared numerically, "
                          "as normalized strings, then with math_verify"),
+    Protocol(MOTIF, grader=MOTIF, sampled=False, max_new_tokens=1024,
+             description="the MOTIF/SSB papers' protocol as their code grades: greedy decoding, 1024 new tokens, "
+                         "correct when the response contains \\boxed{gold} (grader motif:boxed) or, on AIME-style "
+                         "datasets, the gold string anywhere (motif:contains); nothing extracted or normalized"),
     Protocol("string_match", grader="string_match", sampled=False, max_new_tokens=1024,
-             description="MOTIF paper protocol: greedy decoding, 1024 new tokens, normalized string match"),
+             description="greedy decoding, 1024 new tokens, the last \\boxed{} answer equal to the gold answer "
+                         "as normalized strings (ssb_jax's strict grader, not the MOTIF rule)"),
 )}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     datasets: str = "math500,aime24"     # comma-separated: known names, label=path, or .jsonl/.parquet paths
-    protocols: tuple[str, ...] = ("math_verify", "string_match")
+    protocols: tuple[str, ...] = ("math_verify", MOTIF, "string_match")
     n_samples: int = 8                   # n of avg@n / maj@n (0: greedy pass@1 only)
     temperature: float = 0.6             # for the sampled responses; pass@1 is always greedy
     top_k: int = 0
@@ -90,6 +103,9 @@ class EvalConfig:
     max_problems: int = 0                # the first this many problems of each dataset (0: all)
     seed: int = 0
     problems_per_batch: int = 64         # outputs are appended (and survive a crash) per batch
+    # motif protocol: dataset labels (shell patterns, any case) graded by the bare gold string, as the
+    # authors graded AIME; every other dataset by \boxed{gold}, as they graded MATH500
+    motif_contains_gold: tuple[str, ...] = ("aime*",)
 
     def __post_init__(self):
         validate.non_negative(self, "temperature", "top_k")
@@ -104,6 +120,19 @@ class EvalConfig:
             raise ValueError("n_samples and max_problems must be >= 0 and problems_per_batch >= 1")
         if not parse_datasets(self.datasets):
             raise ValueError("datasets is empty")
+        if isinstance(self.motif_contains_gold, str):
+            object.__setattr__(self, "motif_contains_gold",
+                               tuple(p.strip() for p in self.motif_contains_gold.split(",") if p.strip()))
+
+    def motif_rule(self, dataset_label: str) -> str:
+        """How the motif protocol grades this dataset: "contains" (AIME-style) or "boxed"."""
+        label = dataset_label.lower()
+        return "contains" if any(fnmatch.fnmatchcase(label, p.lower()) for p in self.motif_contains_gold) else "boxed"
+
+    def grader_name(self, protocol: str, dataset_label: str) -> str:
+        """The grader a protocol applies to a dataset, as the results name it."""
+        grader = PROTOCOLS[protocol].grader
+        return f"{MOTIF}:{self.motif_rule(dataset_label)}" if grader == MOTIF else grader
 
 
 def dataset_specs(datasets: str) -> list[str]:
@@ -272,13 +301,16 @@ def _check_stores(settings: Mapping[Path, dict], unchecked: Mapping[Path, Sequen
 
 
 def _response(completion, gold: str, grader: str) -> dict:
-    graded = grade_response(completion.text, gold, grader=grader)
+    """grader: a name from EvalConfig.grader_name."""
+    if grader.startswith(f"{MOTIF}:"):
+        graded = motif_grade(completion.text, gold, rule=grader.split(":", 1)[1])
+    else:
+        graded = grade_response(completion.text, gold, grader=grader)
     return {"text": completion.text, "answer": graded.answer, "label": graded.label,
             "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}
 
 
-def _record(problem: Problem, prompt_tokens: int, greedy, samples, plan: _Plan) -> dict:
-    grader = plan.protocol.grader
+def _record(problem: Problem, prompt_tokens: int, greedy, samples, plan: _Plan, grader: str) -> dict:
     record = {"id": problem.id, "question": problem.question, "gold": problem.answer, "status": STATUS_OK,
               "prompt_tokens": prompt_tokens, "greedy": _response(greedy, problem.answer, grader)}
     if samples is not None:
@@ -318,7 +350,8 @@ class _Generations:
 
 
 def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mapping[str, ShardedRecordStore],
-                  plans: Sequence[_Plan], config: EvalConfig, prompts: PromptSet, label: str) -> None:
+                  plans: Sequence[_Plan], config: EvalConfig, prompts: PromptSet, model: str, dataset: str) -> None:
+    label = f"{model}/{dataset}"
     todo = [p for p in problems if any(p.id not in stores[plan.protocol.name] for plan in plans)]
     if len(todo) < len(problems):
         log.info("eval %s: %d of %d problems already done", label, len(problems) - len(todo), len(problems))
@@ -337,7 +370,9 @@ def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mappi
             fits = [p.id for p in need if len(prompt_ids[p.id]) <= limit]
             greedy = dict(zip(fits, (c[0] for c in generations.get(fits, plan.greedy, 1)))) if fits else {}
             sampled = dict(zip(fits, generations.get(fits, plan.sampled, plan.n))) if fits and plan.sampled else {}
-            store.append(_record(p, len(prompt_ids[p.id]), greedy[p.id], sampled.get(p.id), plan) if p.id in greedy
+            grader = config.grader_name(plan.protocol.name, dataset)
+            store.append(_record(p, len(prompt_ids[p.id]), greedy[p.id], sampled.get(p.id), plan, grader)
+                         if p.id in greedy
                          else _too_long_record(p, len(prompt_ids[p.id])) for p in need)
         log.info("eval %s: %d/%d problems", label, len(problems) - len(todo) + begin + len(batch), len(problems))
 
@@ -424,7 +459,8 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
         for dataset in datasets:
             for plan in plans:
                 path = outputs_path(out_dir, model, dataset, plan.protocol.name)
-                settings[path] = {**plan.settings(config.seed, prompts), "dataset": inputs[dataset],
+                settings[path] = {**plan.settings(config.seed, prompts),
+                                  "grader": config.grader_name(plan.protocol.name, dataset), "dataset": inputs[dataset],
                                   "model": model_identities.get(model), "max_prompt_tokens": _prompt_limit(sampler)}
                 unchecked[path] = () if model in model_identities else ("model",)
     _check_stores(settings, unchecked)
@@ -438,7 +474,7 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
     for model, sampler in samplers.items():
         for dataset, problems in datasets.items():
             _evaluate_one(sampler, tokenizer, distributed.process_shard(problems), stores[model, dataset], plans,
-                          config, prompts, f"{model}/{dataset}")
+                          config, prompts, model, dataset)
     distributed.fold_process_shards(list(orders), "eval:end", orders)
 
     rows, complete = [], True
@@ -453,7 +489,7 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
             for i in range(len(per_model[next(iter(samplers))])):
                 for model in samplers:
                     rows.append({"model": model, "dataset": dataset, "protocol": plan.protocol.name,
-                                 "grader": plan.protocol.grader, **per_model[model][i],
+                                 "grader": config.grader_name(plan.protocol.name, dataset), **per_model[model][i],
                                  "outputs": str(outputs_path("", model, dataset, plan.protocol.name))})
     results = {
         "protocols": {plan.protocol.name: {"grader": plan.protocol.grader, "description": plan.protocol.description,
@@ -503,7 +539,7 @@ def format_markdown(results: dict) -> str:
               f"top-p {s['top_p']} (seed {s['seed']}); `correct` counts responses and the SE is across problems of "
               "the per-problem mean. maj@n: majority vote over the n extracted answers (numeric equality, else "
               "normalized strings; ties to the earliest answer). SE for pass@1 and maj@n: sqrt(p(1-p)/N). "
-              "No answer: no \\boxed{} answer (for maj@n: none of the n responses had one). "
+              "No answer: no \\boxed{} answer (for maj@n: none of the n responses had one; for motif: and not correct). "
               "Truncated: stopped at the token budget. Mean tokens: generated tokens, stop token included.",
               "", "Accuracy, SE and `correct / all` are over all problems of the dataset (avg@n: n responses per "
               "problem); a problem whose prompt is longer than the sampler's max_prompt_tokens gets no response "

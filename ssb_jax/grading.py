@@ -1,11 +1,17 @@
 """Answer extraction and grading for GSM8K, MATH500 and AIME.
 
-Two graders, picked by name (`GRADERS`, `get_grader`):
+Answer graders, picked by name (`GRADERS`, `get_grader`), compare the last `\\boxed{}`
+answer with the gold answer:
 
 * "math_verify" (`answers_match`): numeric comparison, then normalized string
   equality, then `math_verify` for LaTeX (fractions, radicals, intervals, tuples).
-* "string_match" (`string_match`): normalized string equality only, the strict
-  protocol used for the paper's MOTIF-style evaluation.
+* "string_match" (`string_match`): normalized string equality only; ssb_jax's strict
+  grader (it is not the MOTIF papers' rule, which `motif_grade` implements).
+
+`motif_grade` grades a whole response as the MOTIF / SSB authors' evaluation code does
+(greedy responses; no extraction, no normalization): correct when the response contains
+`\\boxed{gold}` (rule "boxed", their MATH500 check) or the gold string anywhere (rule
+"contains", their AIME check).
 
 Timeout bound on math_verify: math_verify's own timeouts use SIGALRM, which only
 works on the main thread and cannot interrupt long-running C code (e.g. sympy big
@@ -21,7 +27,7 @@ sympy) is waited for separately, up to `WORKER_START_TIMEOUT_S`, so it is not ch
 to the first answer; call `start_math_verify_worker()` to pay it early.
 
 Everything outside the worker (box extraction, number parsing, normalization,
-`string_match`) takes linear time in the response's length: the regular expressions
+`string_match`, `motif_grade`) takes linear time in the response's length: the regular expressions
 are written so that they cannot backtrack super-linearly, and brace matching is one
 pass with a stack.
 """
@@ -578,6 +584,29 @@ def grade_response(response_text: str, gold: object, *, grader: str = "math_veri
         correct = get_grader(grader)(answer, gold)
     return GradeResult(answer=answer, correct=correct,
                        label=LABEL_CORRECT if correct else LABEL_WRONG)
+
+
+MOTIF_RULES = ("boxed", "contains")
+
+
+def motif_grade(response_text: str, gold: object, rule: str) -> GradeResult:
+    """The MOTIF / SSB papers' evaluation rule: correct when the response contains `\\boxed{gold}`
+    (rule "boxed") or the gold string itself (rule "contains"), exactly as written: no answer is
+    extracted for the verdict and nothing is normalized, so `\\boxed{ 12 }` misses gold "12",
+    gold "33" is found inside "233", and a correct box followed by a different final box still
+    counts. An empty gold answer is never matched (the empty string is inside every text).
+
+    `answer` is the last box, for the record only; the label is "no_answer" when the response is
+    not correct and has no box. Linear time: one substring search per response (CPython's search
+    switches to the two-way algorithm when a pattern repeats)."""
+    if rule not in MOTIF_RULES:
+        raise ValueError(f"unknown MOTIF rule {rule!r}; expected one of {MOTIF_RULES}")
+    text, gold_text = response_text or "", "" if gold is None else str(gold)
+    needle = f"\\boxed{{{gold_text}}}" if rule == "boxed" else gold_text
+    correct = bool(gold_text) and needle in text
+    answer = extract_boxed(text) or None
+    label = LABEL_CORRECT if correct else LABEL_WRONG if answer is not None else LABEL_NO_ANSWER
+    return GradeResult(answer=answer, correct=correct, label=label)
 
 
 def gsm8k_gold(answer_field: str) -> str:

@@ -86,7 +86,7 @@ def hashed(key, i, seed=""):
     return {4: "No idea.", 5: "Still thinking <cut>"}.get(h, box(h))
 
 
-def test_local_jsonl_fields_and_both_protocols(tokenizer, tmp_path):
+def test_local_jsonl_fields_and_every_protocol(tokenizer, tmp_path):
     a = write_jsonl(tmp_path / "alpha.jsonl", [{"problem": "Half of 1?", "answer": "0.5"},
                                                {"problem": "3+4?", "answer": "7"},
                                                {"problem": "2*2?", "answer": "4"}])
@@ -99,22 +99,29 @@ def test_local_jsonl_fields_and_both_protocols(tokenizer, tmp_path):
     results = run({"base": sampler}, tokenizer, config, tmp_path / "eval")
 
     assert results["datasets"] == {"alpha": 3, "beta": 2} and results["complete"]
-    # the fairer grader reads 1/2 as 0.5; the MOTIF protocol's string match does not
+    # the fairer grader reads 1/2 as 0.5; neither string grader does
     assert row(results, dataset="alpha", protocol="math_verify", metric="pass@1")["correct"] == 1 + 1
     assert row(results, dataset="alpha", protocol="string_match", metric="pass@1")["correct"] == 1
     assert row(results, dataset="alpha", protocol="string_match", metric="pass@1")["no_answer_rate"] == 1 / 3
+    assert row(results, dataset="alpha", protocol="motif", metric="pass@1")["correct"] == 1
+    assert row(results, dataset="alpha", protocol="motif", metric="pass@1")["no_answer_rate"] == 1 / 3
     assert row(results, dataset="beta", protocol="math_verify", metric="pass@1")["correct"] == 1
     assert row(results, dataset="beta", protocol="math_verify", metric="avg@2")["accuracy"] == 1.0
-    # MOTIF is greedy only, so it has no sampled rows; each row names its grader
+    # normalization reads \boxed{4.0} as 4; the MOTIF rule looks for the text \boxed{4}, which is not there
+    assert row(results, dataset="beta", protocol="string_match", metric="pass@1")["correct"] == 1
+    assert row(results, dataset="beta", protocol="motif", metric="pass@1")["correct"] == 0
+    # motif and string_match are greedy only, so they have no sampled rows; each row names its grader
     assert {(r["protocol"], r["metric"]) for r in results["rows"]} == {
-        ("math_verify", "pass@1"), ("math_verify", "avg@2"), ("math_verify", "maj@2"), ("string_match", "pass@1")}
-    assert all(r["grader"] == r["protocol"] for r in results["rows"])
-    # both protocols decode greedily with 1024 tokens: one shared greedy generation per batch
+        ("math_verify", "pass@1"), ("math_verify", "avg@2"), ("math_verify", "maj@2"), ("motif", "pass@1"),
+        ("string_match", "pass@1")}
+    assert all(r["grader"] == ("motif:boxed" if r["protocol"] == "motif" else r["protocol"]) for r in results["rows"])
+    # all protocols decode greedily with 1024 tokens: one shared greedy generation per batch
     assert [(kind, n, tokens) for kind, _, n, tokens in sampler.calls] == [
         ("greedy", 1, 1024), ("sampled", 2, 1024)] * 2
     markdown = (tmp_path / "eval" / "results.md").read_text()
     assert markdown == format_markdown(json.loads((tmp_path / "eval" / "results.json").read_text()))
-    assert "**string_match** (grader `string_match`, up to 1024 new tokens): MOTIF" in markdown
+    assert "**string_match** (grader `string_match`, up to 1024 new tokens): greedy decoding" in markdown
+    assert "**motif** (grader `motif`, up to 1024 new tokens): the MOTIF/SSB papers' protocol" in markdown
     assert "| alpha | string_match | pass@1 | base | 1/3 | 33.3 ± 27.2 | 0 | 33.3 | 0.0 |" in markdown
 
 
@@ -123,6 +130,38 @@ def test_known_dataset_name(tokenizer, tmp_path):
     results = run({"m": FakeSampler(tokenizer, default=lambda key, i: box(gold[key]))}, tokenizer,
                   EvalConfig(datasets="aime24", max_problems=2, protocols=("string_match",)), tmp_path)
     assert row(results, dataset="aime24", metric="pass@1")["correct"] == 2
+
+
+def test_motif_grades_each_dataset_by_its_rule(tokenizer, tmp_path):
+    """AIME-style labels (motif_contains_gold patterns) are graded by the bare gold string, every other
+    dataset by \\boxed{gold}; the rule is part of each outputs file's settings."""
+    aime_gold = {p.id: p.answer for p in load_problems("aime24")[:2]}
+    rows = [{"problem": "Count them.", "answer": "33"}, {"problem": "Count again.", "answer": "12"}]
+    aime25, amc23 = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows)
+    texts = {"AIME25-0": r"So 233 it is: \boxed{34}", "AIME25-1": r"\boxed{12} or maybe \boxed{13}",
+             "amc23-0": r"So 233 it is: \boxed{34}", "amc23-1": r"\boxed{12} or maybe \boxed{13}",
+             **{key: f"The count is 1{gold}, not boxed." for key, gold in aime_gold.items()}}
+    sampler = FakeSampler(tokenizer, greedy=texts)
+    config = EvalConfig(datasets=f"aime24,AIME25={aime25},amc23={amc23}", max_problems=2,
+                        protocols=("motif", "string_match"))
+    results = run({"m": sampler}, tokenizer, config, tmp_path / "eval")
+    motif = {r["dataset"]: (r["grader"], r["correct"], r["no_answer_rate"])
+             for r in results["rows"] if r["protocol"] == "motif"}
+    assert motif == {"aime24": ("motif:contains", 2, 0.0), "AIME25": ("motif:contains", 2, 0.0),
+                     "amc23": ("motif:boxed", 1, 0.0)}
+    # the last-box grader disagrees everywhere but on a plain last box
+    assert [row(results, dataset=d, protocol="string_match")["correct"] for d in ("aime24", "AIME25", "amc23")] == [0, 0, 0]
+    assert row(results, dataset="aime24", protocol="string_match")["no_answer_rate"] == 1.0
+    settings = json.loads(outputs_path(tmp_path / "eval", "m", "amc23", "motif").with_name("motif.settings.json")
+                          .read_text())
+    assert settings["grader"] == "motif:boxed"
+    # another rule for a dataset is another evaluation: its stored outputs are stale, named before any generation
+    with pytest.raises(StaleOutputsError, match=r"amc23/motif.jsonl .*grader: 'motif:boxed' -> 'motif:contains'"):
+        run({"m": FakeSampler(tokenizer)}, tokenizer, dataclasses.replace(config, motif_contains_gold="aime*,amc*"),
+            tmp_path / "eval")
+    # from a config file or the command line the patterns come as one comma-separated string
+    assert EvalConfig(motif_contains_gold=" hmmt* , aime2? ").motif_contains_gold == ("hmmt*", "aime2?")
+    assert EvalConfig(motif_contains_gold="hmmt*").motif_rule("aime24") == "boxed"
 
 
 def _vote(answers):
@@ -140,17 +179,18 @@ def test_table_equals_recount_from_outputs(tokenizer, tmp_path):
                 "student": FakeSampler(tokenizer, default=lambda k, i: hashed(k, i, seed="s"))}
     config = EvalConfig(datasets=str(path), n_samples=5, problems_per_batch=4)
     results = run(samplers, tokenizer, config, tmp_path / "eval")
-    assert len(results["rows"]) == 2 * 4
+    assert len(results["rows"]) == 2 * 5
 
     for model in samplers:
-        for protocol in ("math_verify", "string_match"):
+        for protocol in ("math_verify", "motif", "string_match"):
             lines = outputs_path(tmp_path / "eval", model, "numbers", protocol).read_text().splitlines()
             records = [json.loads(line) for line in lines]
             assert len(records) == 11
             greedy = [r["greedy"] for r in records]
             n = len(records)
             got = row(results, model=model, protocol=protocol, metric="pass@1")
-            correct = sum(g["answer"] is not None and int(g["answer"]) == 2 for g in greedy)
+            correct = (sum("\\boxed{2}" in g["text"] for g in greedy) if protocol == "motif" else
+                       sum(g["answer"] is not None and int(g["answer"]) == 2 for g in greedy))
             assert got["correct"] == correct and got["problems"] == got["graded"] == n
             assert got["accuracy"] == pytest.approx(correct / n)
             assert got["se"] == pytest.approx(math.sqrt(correct / n * (1 - correct / n) / n))
@@ -158,7 +198,7 @@ def test_table_equals_recount_from_outputs(tokenizer, tmp_path):
             assert got["truncated_rate"] == pytest.approx(sum(g["text"].endswith("<cut>") for g in greedy) / n)
             tokens = [len(tokenizer.encode(g["text"])) + (not g["text"].endswith("<cut>")) for g in greedy]
             assert got["mean_tokens"] == pytest.approx(sum(tokens) / n)
-            if protocol == "string_match":
+            if protocol != "math_verify":
                 continue
             answers = [[None if s["answer"] is None else int(s["answer"]) for s in r["samples"]] for r in records]
             per_problem = [sum(a == 2 for a in row_answers) / 5 for row_answers in answers]

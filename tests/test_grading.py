@@ -12,7 +12,7 @@ import pytest
 from ssb_jax import grading
 from ssb_jax.grading import (
     GradeResult, answers_match, extract_boxed, get_grader, grade_response, gsm8k_gold,
-    normalize_answer, parse_number, string_match)
+    motif_grade, normalize_answer, parse_number, string_match)
 from ssb_jax.paths import shared_data_dir
 
 # (response text, gold answer, expected correct) under the default math_verify grader.
@@ -156,6 +156,57 @@ def test_labels_and_unboxed_fallback():
     assert grade_response("no number", "3", allow_unboxed=True).label == "no_answer"
     # A box still takes precedence over later numbers.
     assert grade_response(r"\boxed{5} (checked 3 times)", "5", allow_unboxed=True).answer == "5"
+
+
+# (response, gold, MOTIF rule, motif label, string_match label, math_verify label): cases where the MOTIF
+# papers' substring rule and the answer graders disagree, with every verdict written out.
+MOTIF_CASES = [
+    # a correct box anywhere counts for MOTIF; the answer graders read the last box only
+    (r"First \boxed{12}, but on reflection \boxed{13}.", "12", "boxed", "correct", "wrong", "wrong"),
+    (r"So \boxed{13}, no: \boxed{12}", "12", "boxed", "correct", "correct", "correct"),
+    # MOTIF matches the text as written: no spaces stripped, no LaTeX variants, no numeric reading
+    (r"\boxed{ 12 }", "12", "boxed", "wrong", "correct", "correct"),
+    (r"\boxed{12.0}", "12", "boxed", "wrong", "correct", "correct"),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", "boxed", "wrong", "correct", "correct"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", "boxed", "correct", "correct", "correct"),
+    (r"\boxed{0.5}", r"\frac{1}{2}", "boxed", "wrong", "wrong", "correct"),
+    # AIME: the gold string anywhere, even inside another number or with no box at all
+    ("The total is 233.", "33", "contains", "correct", "no_answer", "no_answer"),
+    (r"Hence \boxed{233}.", "33", "contains", "correct", "wrong", "wrong"),
+    (r"We get 33 first, then \boxed{34}.", "33", "contains", "correct", "wrong", "wrong"),
+    (r"\boxed{033}", "33", "boxed", "wrong", "correct", "correct"),
+    # no box: the boxed rule cannot match, and the response has no answer
+    ("It is 12.", "12", "boxed", "no_answer", "no_answer", "no_answer"),
+    ("It is 12.", "13", "contains", "no_answer", "no_answer", "no_answer"),
+    (r"Unfinished \boxed{12", "12", "boxed", "no_answer", "no_answer", "no_answer"),
+    # an empty gold answer is never found, though the empty string is inside every text
+    (r"\boxed{}", "", "boxed", "no_answer", "no_answer", "no_answer"),
+    ("anything", "", "contains", "no_answer", "no_answer", "no_answer"),
+]
+
+
+@pytest.mark.parametrize("response, gold, rule, motif_label, string_label, verify_label", MOTIF_CASES)
+def test_motif_rule_against_the_answer_graders(response, gold, rule, motif_label, string_label, verify_label):
+    graded = motif_grade(response, gold, rule)
+    assert (graded.label, graded.correct) == (motif_label, motif_label == "correct")
+    assert graded.answer == (extract_boxed(response) or None)  # the last box, for the record only
+    assert grade_response(response, gold, grader="string_match").label == string_label
+    assert grade_response(response, gold, grader="math_verify").label == verify_label
+
+
+def test_motif_rule_is_the_authors_substring_check():
+    """An independent restatement of the authors' checks (MATH500: f'\\boxed{{{y}}}' in x; AIME: y in x) on
+    seeded random strings over a small alphabet, so that near misses are common."""
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    alphabet = ["1", "2", "3", " ", "{", "}", "\\boxed{", "\\boxed{1", "}."]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        gold = "".join(rng.choice("123") for _ in range(rng.randrange(1, 3)))
+        assert motif_grade(text, gold, "boxed").correct == ("\\boxed{" + gold + "}" in text), (seed, text, gold)
+        assert motif_grade(text, gold, "contains").correct == (gold in text), (seed, text, gold)
+    with pytest.raises(ValueError, match="unknown MOTIF rule"):
+        motif_grade("x", "1", "last_box")
 
 
 def test_string_match_is_strict_and_separate():
@@ -381,6 +432,9 @@ def test_every_grading_entry_point_is_fast_on_adversarial_text(name, monkeypatch
         "parse_number": lambda: parse_number(answer),
         "string_match": lambda: string_match(answer, "12"),
         "answers_match": lambda: answers_match(answer, r"\sqrt{2}"),
+        # a gold that repeats the text's own start and then misses: the worst case of a naive search
+        "motif_grade[boxed]": lambda: motif_grade(answer, answer[:200] + "#", "boxed"),
+        "motif_grade[contains]": lambda: motif_grade(answer, answer[:200] + "#", "contains"),
     }
     for grader in grading.GRADERS:
         for wrapped in (answer, r"\boxed{" + answer + "}"):
