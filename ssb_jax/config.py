@@ -227,9 +227,14 @@ SETTING_HELP: dict[str, str] = {
     "curate.shuffle": "visit the questions in a seeded random order",
     "curate.seed": "seed of the question order and the rollouts",
     "curate.correct_choice": "which correct rollout becomes the hint: first, shortest or random",
-    "curate.no_answer_is_wrong": "a rollout without a \\boxed answer counts as wrong for mixing",
+    "curate.no_answer_is_wrong": "a rollout without a \\boxed answer counts as wrong for mixing (and may be the "
+                                 "wrong hint when no wrong rollout has an answer); False: such groups are skipped, "
+                                 "as in the reference code",
+    "curate.solution_must_stop": "keep a teacher solution only if it ended with a stop token (False: a truncated "
+                                 "solution with the right last box is kept, as in the reference code)",
     "curate.questions_per_batch": "records are appended (and survive a crash) per this many questions",
-    "curate.grader": "answer grader: math_verify (lenient) or string_match (strict: normalized string equality)",
+    "curate.grader": "answer grader: math_verify (lenient), string_match (strict: normalized string equality) or "
+                     "exact (the reference code's: the last \\boxed{} verbatim equal to the gold string)",
     # train (TrainConfig)
     "train.learning_rate": "peak learning rate of AdamW",
     "train.schedule": "learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant",
@@ -258,6 +263,10 @@ SETTING_HELP: dict[str, str] = {
     "train.length_buckets": "comma-separated padded sequence lengths (empty: powers of two >= min_bucket)",
     "train.min_bucket": "smallest padded sequence length",
     "train.max_seq_len": "> 0: solutions are truncated so both sequences fit in this many tokens",
+    "train.student_format": "student input: chat (the chat-rendered question) or plain (system prompt and question "
+                            "joined as plain text with the solution right after, as the reference code trains)",
+    "train.stop_token_target": "the solution's final stop token is a training target (False: left out, as in the "
+                               "reference code)",
     "train.checkpoint_every": "steps between checkpoints (a killed run resumes from the last)",
     "train.keep_checkpoints": "checkpoints kept on disk",
     "train.log_every": "steps between TensorBoard scalar writes",

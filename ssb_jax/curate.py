@@ -4,7 +4,7 @@ For each question (in a seeded shuffled order): sample K rollouts under the tuto
 them; keep the question only when at least one rollout is right and one wrong; show the model the
 question with a correct trace and the trace of the most common wrong answer (the hinted prompt),
 sample one solution, and keep the pair only if that solution is still right and ended with a stop
-token. Each processed question becomes one JSONL record, appended batch by batch, so a killed run
+token (`solution_must_stop`). Each processed question becomes one JSONL record, appended batch by batch, so a killed run
 resumes where it stopped.
 
 The sampler is anything with `generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`
@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 from ssb_jax import validate
 from ssb_jax.data.datasets import Problem
 from ssb_jax.data.records import RecordStore, ShardedRecordStore, write_json_atomic
-from ssb_jax.grading import LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response, normalize_answer
-from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
+from ssb_jax.grading import EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response, normalize_answer
+from ssb_jax.model.tokenizer import encode_chat, encode_plain, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.sampler import SamplingParams
 
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "curation_summary.json"
-VERDICTS = ("all_correct", "all_wrong", "teacher_failed", "kept", "prompt_too_long")
+# no_wrong_answer: right rollouts beside rollouts without a boxed answer, under no_answer_is_wrong=False
+VERDICTS = ("all_correct", "all_wrong", "no_wrong_answer", "teacher_failed", "kept", "prompt_too_long")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,9 @@ class CurationConfig:
     seed: int = 0
     correct_choice: str = "first"    # "first" | "shortest" | "random": which correct rollout is the hint
     no_answer_is_wrong: bool = True  # a rollout without a \boxed answer counts as wrong for mixing
+    solution_must_stop: bool = True  # keep a teacher solution only if it ended with a stop token
     questions_per_batch: int = 32    # records are appended (and survive a crash) per batch
-    grader: str = "math_verify"
+    grader: str = "math_verify"      # a name in grading.GRADERS
 
     def __post_init__(self):
         validate.non_negative(self, "rollout_temperature", "solution_temperature", "rollout_top_k", "solution_top_k",
@@ -65,6 +67,8 @@ class CurationConfig:
         validate.probability(self, "rollout_top_p", "solution_top_p")
         if self.correct_choice not in ("first", "shortest", "random"):
             raise ValueError(f"correct_choice must be first, shortest or random, got {self.correct_choice!r}")
+        if self.grader not in GRADERS:
+            raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
         if self.num_rollouts < 2:
             raise ValueError(f"num_rollouts must be >= 2 to see both a right and a wrong answer, got {self.num_rollouts}")
 
@@ -87,8 +91,9 @@ def select_traces(rollouts: Sequence[dict], config: CurationConfig, rng: random.
     """Pick (correct rollout, wrong rollout) from graded rollouts, or None when the group is not mixed.
 
     Each rollout is a dict with "text", "answer" (or None), "label", "num_tokens". The wrong trace
-    carries the most common wrong answer (ties broken by rng); a trace with no answer is chosen only
-    when no wrong trace has one.
+    carries the most common wrong answer (answers compared as the grader compares strings: normalized,
+    or verbatim under the "exact" grader; ties broken by rng); a trace with no answer is chosen only
+    when no wrong trace has one and `no_answer_is_wrong` (else such a group is not mixed).
     """
     correct = [r for r in rollouts if r["label"] == LABEL_CORRECT]
     wrong = [r for r in rollouts if r["label"] == LABEL_WRONG]
@@ -105,7 +110,8 @@ def select_traces(rollouts: Sequence[dict], config: CurationConfig, rng: random.
         chosen_correct = rng.choice(correct)
     groups: dict[str, list[dict]] = collections.defaultdict(list)
     for r in wrong:  # dicts keep insertion order: the first trace of each answer represents it
-        groups[normalize_answer(r["answer"]) if r["answer"] is not None else ""].append(r)
+        answer = r["answer"]
+        groups[("" if answer is None else answer if config.grader == EXACT else normalize_answer(answer))].append(r)
     most = max(len(g) for g in groups.values())
     tied = [key for key, g in groups.items() if len(g) == most]
     chosen_key = tied[0] if len(tied) == 1 else rng.choice(sorted(tied))
@@ -124,6 +130,7 @@ def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: Cura
     limit = getattr(sampler, "max_prompt_tokens", None) or float("inf")
     original_order = {p.id: i for i, p in enumerate(problems)}
     student_ids = [encode_chat(tokenizer, prompts.student_messages(p.question)) for p in problems]
+    plain_ids = {p.id: encode_plain(tokenizer, prompts.student_messages(p.question)) for p in problems}
     # a prompt longer than the sampler takes is recorded (and counted), not fatal to the run
     too_long = [{"id": p.id, "question": p.question, "gold": p.answer, "source": p.source, "rollouts": [],
                  "prompt_tokens": len(ids), "verdict": "prompt_too_long"}
@@ -141,11 +148,13 @@ def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: Cura
         graded = [_grade(c, problem.answer, config) for c in completions]
         record = {"id": problem.id, "question": problem.question, "gold": problem.answer,
                   "source": problem.source, "student_prompt_ids": prompt_ids,
+                  "student_plain_prompt_ids": plain_ids[problem.id],
                   "rollouts": [{k: g[k] for k in ("answer", "label", "num_tokens", "finish_reason")} for g in graded]}
         labels = {g["label"] for g in graded}
         picked = select_traces(graded, config, _question_rng(config, problem.id))
         if picked is None:
-            record["verdict"] = "all_correct" if labels == {LABEL_CORRECT} else "all_wrong"
+            record["verdict"] = ("all_wrong" if LABEL_CORRECT not in labels else "all_correct"
+                                 if labels == {LABEL_CORRECT} else "no_wrong_answer")
         else:
             correct, wrong = picked
             messages = prompts.hinted_messages(problem.question, correct["text"], wrong["text"])
@@ -168,7 +177,8 @@ def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: Cura
             # ids as sampled (no re-tokenization drift), ending with the stop token when there is one
             record.update(solution_text=completion.text, solution_ids=list(completion.token_ids),
                           solution_answer=graded["answer"], solution_finish_reason=completion.finish_reason)
-            ok = graded["label"] == LABEL_CORRECT and completion.finish_reason == "stop"
+            ok = graded["label"] == LABEL_CORRECT and (completion.finish_reason == "stop"
+                                                       or not config.solution_must_stop)
             record["verdict"] = "kept" if ok else "teacher_failed"
     return sorted(records + too_long, key=lambda r: original_order[r["id"]])
 
@@ -321,6 +331,7 @@ def import_reference_format(teacher_path: str | Path, student_path: str | Path, 
             "id": f"reference-{line - 1}", "question": question, "hinted_messages": prompt,
             "teacher_prompt_ids": encode_chat(tokenizer, prompt),
             "student_prompt_ids": encode_chat(tokenizer, s_msgs),
+            "student_plain_prompt_ids": encode_plain(tokenizer, s_msgs),
             "solution_text": solution,
             "solution_ids": tokenizer.encode(solution, add_special_tokens=False) + [end_of_turn],
             "verdict": "kept",

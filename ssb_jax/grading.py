@@ -7,6 +7,9 @@ answer with the gold answer:
   equality, then `math_verify` for LaTeX (fractions, radicals, intervals, tuples).
 * "string_match" (`string_match`): normalized string equality only; ssb_jax's strict
   grader (it is not the MOTIF papers' rule, which `motif_grade` implements).
+* "exact" (`exact_match`): the SSB reference code's rule: the last `\\boxed{...}` taken
+  verbatim (`extract_boxed_verbatim`: no `\\fbox`, no `\\boxed 5`, no spaces stripped, an
+  empty box is an answer) and compared with the gold string as it is.
 
 `motif_grade` grades a whole response as the MOTIF / SSB authors' evaluation code does
 (greedy responses; no extraction, no normalization): correct when the response contains
@@ -66,15 +69,20 @@ _LEADING_SPACE = re.compile(r"\s*")
 _ESCAPE_OR_BRACE = re.compile(r"\\.|[{}]", re.S)
 
 
-def _closing_braces(text: str) -> dict[int, int]:
-    """Index of the matching `}` for every closed `{` group, found in one pass.
+_BRACE = re.compile(r"[{}]")
+_VERBATIM_BOX_OPEN = re.compile(r"\\boxed\{")
+
+
+def _closing_braces(text: str, escapes: bool = True) -> dict[int, int]:
+    """Index of the matching `}` for every closed `{` group, found in one pass; with `escapes`
+    a backslash escapes the next character, else every brace counts.
 
     One pass for the whole text (not one scan per box) keeps extraction linear even
     for thousands of unclosed boxes.
     """
     closing: dict[int, int] = {}
     open_indices: list[int] = []
-    for match in _ESCAPE_OR_BRACE.finditer(text):
+    for match in (_ESCAPE_OR_BRACE if escapes else _BRACE).finditer(text):
         char = match.group()
         if char == "{":
             open_indices.append(match.start())
@@ -107,6 +115,23 @@ def extract_boxed(text: str) -> str | None:
             value = token.group(1).rstrip(".,;")
             if value:
                 return value
+    return None
+
+
+def extract_boxed_verbatim(text: str) -> str | None:
+    """The last closed `\\boxed{...}` exactly as written, as the SSB reference code reads it: only
+    `\\boxed{` with no space before the brace, every brace counted (a backslash escapes nothing),
+    the content not stripped; "" for an empty box; None when no box is closed. Linear time."""
+    if not text:
+        return None
+    opens = [match.end() - 1 for match in _VERBATIM_BOX_OPEN.finditer(text)]
+    if not opens:
+        return None
+    closing = _closing_braces(text, escapes=False)
+    for brace_index in reversed(opens):
+        close_index = closing.get(brace_index)
+        if close_index is not None:
+            return text[brace_index + 1:close_index]
     return None
 
 
@@ -512,6 +537,11 @@ def string_match(prediction: object, gold: object) -> bool:
         return False
 
 
+def exact_match(prediction: object, gold: object) -> bool:
+    """The reference code's grader: the answer string equals the gold string, character for character."""
+    return prediction is not None and gold is not None and str(prediction) == str(gold)
+
+
 def answers_match(prediction: object, gold: object, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Lenient grader: numbers within relative 1e-6, normalized strings, then math_verify.
 
@@ -546,7 +576,9 @@ def _answers_match_by(prediction: object, gold: object, deadline: float) -> bool
 GRADERS: dict[str, Callable[[object, object], bool]] = {
     "math_verify": answers_match,
     "string_match": string_match,
+    "exact": exact_match,
 }
+EXACT = "exact"  # the grader that reads boxes verbatim (extract_boxed_verbatim)
 
 
 def get_grader(name: str) -> Callable[[object, object], bool]:
@@ -568,15 +600,17 @@ def grade_response(response_text: str, gold: object, *, grader: str = "math_veri
                    timeout_s: float = DEFAULT_TIMEOUT_S) -> GradeResult:
     """Grade a full model response against a gold answer.
 
-    The answer is the last `\\boxed{}`; with `allow_unboxed` a response without a box
-    falls back to its last number. Extraction and normalization take linear time; the
-    whole grade (math_verify included) is bounded by `timeout_s`.
+    The answer is the last `\\boxed{}` (grader "exact": `extract_boxed_verbatim`, where an empty
+    box is an answer); with `allow_unboxed` a response without a box falls back to its last
+    number. Extraction and normalization take linear time; the whole grade (math_verify
+    included) is bounded by `timeout_s`.
     """
     deadline = time.monotonic() + timeout_s
-    answer = extract_boxed(response_text or "")
+    verbatim = grader == EXACT
+    answer = (extract_boxed_verbatim if verbatim else extract_boxed)(response_text or "")
     if answer is None and allow_unboxed:
         answer = extract_last_number(response_text or "")
-    if answer is None or not answer.strip():
+    if answer is None or not (verbatim or answer.strip()):
         return GradeResult(answer=None, correct=False, label=LABEL_NO_ANSWER)
     if grader == "math_verify":
         correct = _answers_match_by(answer, gold, deadline)

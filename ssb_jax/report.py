@@ -21,9 +21,11 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
         if summary:
             v = summary["verdicts"]
             lines += ["### Curation", "",
-                      "| questions | all correct | all wrong | mixed | teacher failed | kept | prompt too long | rollout accuracy |",
-                      "|---|---|---|---|---|---|---|---|",
-                      f"| {summary['questions']} | {v['all_correct']} | {v['all_wrong']} | {summary['mixed']} | "
+                      "| questions | all correct | all wrong | no wrong answer | mixed | teacher failed | kept "
+                      "| prompt too long | rollout accuracy |",
+                      "|---|---|---|---|---|---|---|---|---|",
+                      f"| {summary['questions']} | {v['all_correct']} | {v['all_wrong']} | {v.get('no_wrong_answer', 0)} "
+                      f"| {summary['mixed']} | "
                       f"{v['teacher_failed']} | {v['kept']} | {v.get('prompt_too_long', 0)} | "
                       f"{summary['rollout_accuracy']:.3f} |", ""]
             rt, st = summary["rollout_tokens"], summary["solution_tokens"]

@@ -58,6 +58,48 @@ def test_none_answers_and_unmixed_groups():
     assert select_traces([rollout("wrong", "1")] * 4, config, random.Random(0)) is None
 
 
+def test_exact_grader_groups_wrong_answers_verbatim():
+    rollouts = [rollout("correct", "8"), rollout("wrong", "7"), rollout("wrong", " 7"), rollout("wrong", "8.0"),
+                rollout("wrong", "8.0")]
+    # normalized, " 7" and "7" are one answer seen twice, like "8.0"; the tie goes to the seeded rng
+    assert {select_traces(rollouts, CurationConfig(), random.Random(s))[1]["answer"] for s in range(30)} == {"7", "8.0"}
+    # verbatim, "8.0" is the only answer seen twice
+    assert {select_traces(rollouts, CurationConfig(grader="exact"), random.Random(s))[1]["answer"]
+            for s in range(30)} == {"8.0"}
+    with pytest.raises(ValueError, match="grader must be one of"):
+        CurationConfig(grader="exactly")
+
+
+def test_reference_switches_in_a_curation_run(tokenizer, tmp_path):
+    """exact grading, groups without a boxed wrong answer skipped, truncated solutions accepted: verdicts
+    under the defaults and under the reference code's settings, for the same scripted model."""
+    problems = [Problem(id=f"q{i}", question=f"What is {i}+{i}?", answer=str(2 * i), source="t") for i in range(1, 4)]
+    box = lambda x: f"The answer is \\boxed{{{x}}}."  # noqa: E731
+    rollouts = {
+        "q1": [box(2), "Let me think for a long time", "no box", box(2)],  # right + no answer only
+        "q2": [box(4), box(" 4"), box("4.0"), box("4.0")],                  # right only once read normalized
+        "q3": [box(6), box(5), box(6), box(6)],                             # mixed either way
+    }
+    solutions = {"q1": box(2), "q2": "Fine: " + box(4), "q3": "So far " + box(6) + " and then <truncated>"}
+    defaults = ScriptedSampler(tokenizer, rollouts=rollouts, solutions=solutions)
+    run(problems, defaults, tokenizer, CurationConfig(shuffle=False, target_pairs=0), tmp_path / "defaults")
+    records = {r["id"]: r for r in RecordStore(tmp_path / "defaults" / "records.jsonl").read_all()}
+    assert [records[p.id]["verdict"] for p in problems] == ["kept", "all_correct", "teacher_failed"]
+    assert records["q1"]["wrong_answer"] is None  # the teacher was shown an answerless trace as "the wrong one"
+
+    reference = ScriptedSampler(tokenizer, rollouts=rollouts, solutions=solutions)
+    config = CurationConfig(shuffle=False, target_pairs=0, grader="exact", no_answer_is_wrong=False,
+                            solution_must_stop=False)
+    summary = run(problems, reference, tokenizer, config, tmp_path / "reference")
+    records = {r["id"]: r for r in RecordStore(tmp_path / "reference" / "records.jsonl").read_all()}
+    assert [records[p.id]["verdict"] for p in problems] == ["no_wrong_answer", "kept", "kept"]
+    assert records["q2"]["wrong_answer"] == "4.0"  # verbatim: "4.0" twice beats " 4" once
+    assert records["q3"]["solution_finish_reason"] == "length"
+    assert records["q3"]["solution_ids"][-1] != tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert reference.calls[1] == ("solution", ["q2", "q3"], 1)  # q1 never reached the teacher
+    assert summary["verdicts"]["no_wrong_answer"] == 1
+
+
 def test_correct_choice_options():
     rollouts = [rollout("correct", "3", "long", 50), rollout("wrong", "1"), rollout("correct", "3", "short", 5)]
     assert select_traces(rollouts, CurationConfig(correct_choice="first"), random.Random(0))[0]["text"] == "long"
@@ -78,8 +120,8 @@ def test_verdicts_with_scripted_sampler(tokenizer, tmp_path):
     records = {r["id"]: r for r in RecordStore(tmp_path / "records.jsonl").read_all()}
     assert [records[f"q{i}"]["verdict"] for i in range(5)] == [
         "all_correct", "all_wrong", "kept", "teacher_failed", "teacher_failed"]
-    assert summary["verdicts"] == {"all_correct": 1, "all_wrong": 1, "teacher_failed": 2, "kept": 1,
-                                   "prompt_too_long": 0}
+    assert summary["verdicts"] == {"all_correct": 1, "all_wrong": 1, "no_wrong_answer": 0, "teacher_failed": 2,
+                                   "kept": 1, "prompt_too_long": 0}
     kept = records["q2"]
     assert kept["wrong_answer"] == "5" and kept["correct_trace"] == box(4)
     # the hinted prompt holds the question and both traces; its ids are the chat template's
@@ -87,6 +129,9 @@ def test_verdicts_with_scripted_sampler(tokenizer, tmp_path):
     assert "What is 2+2?" in user and box(4) in user and box(5) in user
     assert kept["teacher_prompt_ids"] == encode_chat(tokenizer, kept["hinted_messages"])
     assert kept["student_prompt_ids"] == encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages("What is 2+2?"))
+    # the reference code's student input: system prompt, one space, question; no template, no special token
+    plain = tokenizer.decode(kept["student_plain_prompt_ids"])
+    assert plain == DEFAULT_PROMPTS.system_prompt + " What is 2+2?" and "<|im_start|>" not in plain
     assert kept["solution_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     # only mixed questions reached the teacher
     assert sampler.calls[1] == ("solution", ["q2", "q3", "q4"], 1)
@@ -191,8 +236,8 @@ def test_reference_format_round_trip(tokenizer, tmp_path):
     assert [m["role"] for m in first] == ["system", "user", "assistant"]
     back = import_reference_format(teacher, student, tokenizer)
     for original, restored in zip(records, back):
-        for key in ("question", "hinted_messages", "teacher_prompt_ids", "student_prompt_ids", "solution_text",
-                    "solution_ids"):
+        for key in ("question", "hinted_messages", "teacher_prompt_ids", "student_prompt_ids",
+                    "student_plain_prompt_ids", "solution_text", "solution_ids"):
             assert restored[key] == original[key], key
     export_reference_format(back, tmp_path / "t2.jsonl", tmp_path / "s2.jsonl")
     assert (tmp_path / "t2.jsonl").read_text() == teacher.read_text()

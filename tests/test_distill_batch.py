@@ -127,3 +127,66 @@ def test_teacher_cache_files_and_lookup(model, tmp_path):
     assert "teacher_tokens" not in cb and cb["teacher_topk_ids"].shape[-1] == k
     n0 = len(records[0]["solution_ids"])
     np.testing.assert_array_equal(cb["teacher_topk_ids"][0, :n0], cache(records[0]["id"])["ids"])
+
+
+def _reference_style_records(rng):
+    """Random records with a plain student prompt of its own length, solutions that stopped (last id is
+    the stop token) and one cut at the token cap (no stop token)."""
+    records = random_records(rng, 3, 50)
+    for i, r in enumerate(records):
+        r["student_plain_prompt_ids"] = rng.integers(0, 50, rng.integers(2, 12)).tolist()
+        r["solution_finish_reason"] = "length" if i == 1 else "stop"
+    return records
+
+
+@pytest.mark.parametrize("student_format, stop_token_target", [("plain", False), ("plain", True), ("chat", False)])
+def test_reference_student_input_and_targets(student_format, stop_token_target):
+    seed = np.random.randint(1 << 30)
+    rng = np.random.default_rng(seed)
+    records = _reference_style_records(rng)
+    b = build_batch(records, min_bucket=4, student_format=student_format, stop_token_target=stop_token_target)
+    student_key = "student_plain_prompt_ids" if student_format == "plain" else "student_prompt_ids"
+    for i, r in enumerate(records):
+        drop = not stop_token_target and r["solution_finish_reason"] == "stop"
+        target = r["solution_ids"][:-1] if drop else r["solution_ids"]
+        n = len(target)
+        assert b["answer_mask"][i].sum() == n and b["answer_tokens"][i, :n].tolist() == target, seed
+        for side, prompt in (("teacher", r["teacher_prompt_ids"]), ("student", r[student_key])):
+            seq = prompt + target  # the solution right after the prompt, nothing between
+            assert b[f"{side}_tokens"][i, :len(seq)].tolist() == seq and b[f"{side}_mask"][i].sum() == len(seq), seed
+            idx = b[f"{side}_index"][i, :n]
+            assert idx[0] == len(prompt) - 1 and b[f"{side}_tokens"][i, idx + 1].tolist() == target, seed
+
+
+def test_reference_switches_reach_the_training_batches_and_a_full_teacher_cache_serves_them():
+    from ssb_jax.distill.data import make_dataset
+    seed = np.random.randint(1 << 30)
+    records = _reference_style_records(np.random.default_rng(seed))
+    tc = TrainConfig(batch_size=3, epochs=1, min_bucket=4, student_format="plain", stop_token_target=False)
+    batch = make_dataset(records, tc)[0]
+    expected = build_batch(records, batch_size=3, min_bucket=4, student_format="plain", stop_token_target=False)
+    keys = ("student_tokens", "student_mask", "student_index", "answer_tokens", "answer_mask")
+    rows = lambda b: sorted(repr([b[k][i].tolist() for k in keys]) for i in range(3))  # noqa: E731 (any order)
+    assert rows(batch) == rows(expected), seed
+    # a cache made with the stop token (the teacher cache always is) holds every target of a run without it
+    cache = {r["id"]: {"logprobs": np.full((len(r["solution_ids"]), 2), -1.0, np.float32),
+                       "ids": np.tile(np.arange(len(r["solution_ids"]))[:, None], (1, 2)).astype(np.int32),
+                       "tail_logprob": np.zeros(len(r["solution_ids"]), np.float32),
+                       "target_logprob": np.arange(len(r["solution_ids"]), dtype=np.float32)} for r in records}
+    cached = build_batch(records, min_bucket=4, include_teacher=False, teacher_cache=cache.__getitem__,
+                         student_format="plain", stop_token_target=False)
+    for i, r in enumerate(records):
+        n = int(cached["answer_mask"][i].sum())
+        assert n == len(r["solution_ids"]) - (r["solution_finish_reason"] == "stop")
+        assert cached["teacher_target_logprob"][i, :n].tolist() == list(range(n))
+
+
+def test_reference_switch_errors_name_the_fix():
+    records = random_records(np.random.default_rng(0), 1, 50)
+    with pytest.raises(KeyError, match="student_plain_prompt_ids.*--config.overwrite=curate"):
+        build_batch(records, student_format="plain")
+    with pytest.raises(ValueError, match="student_format must be"):
+        TrainConfig(student_format="raw")
+    records[0]["solution_ids"] = records[0]["solution_ids"][:1]
+    with pytest.raises(ValueError, match="only its stop token"):
+        build_batch(records, stop_token_target=False)

@@ -12,7 +12,7 @@ import pytest
 from ssb_jax import grading
 from ssb_jax.grading import (
     GradeResult, answers_match, extract_boxed, get_grader, grade_response, gsm8k_gold,
-    motif_grade, normalize_answer, parse_number, string_match)
+    exact_match, extract_boxed_verbatim, motif_grade, normalize_answer, parse_number, string_match)
 from ssb_jax.paths import shared_data_dir
 
 # (response text, gold answer, expected correct) under the default math_verify grader.
@@ -207,6 +207,63 @@ def test_motif_rule_is_the_authors_substring_check():
         assert motif_grade(text, gold, "contains").correct == (gold in text), (seed, text, gold)
     with pytest.raises(ValueError, match="unknown MOTIF rule"):
         motif_grade("x", "1", "last_box")
+
+
+# (response, gold, exact label, verbatim answer, string_match label): the reference code's reading (the last
+# closed `\\boxed{` as written, every brace counted) and its equality, against the normalized grader.
+EXACT_CASES = [
+    (r"\boxed{12}", "12", "correct", "12", "correct"),
+    (r"\boxed{ 12 }", "12", "wrong", " 12 ", "correct"),
+    (r"\boxed{12.0}", "12", "wrong", "12.0", "correct"),
+    (r"\boxed{1,000}", "1000", "wrong", "1,000", "correct"),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", "wrong", r"\dfrac{1}{2}", "correct"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", "correct", r"\frac{1}{2}", "correct"),
+    # only the last box counts, as for the other graders
+    (r"First \boxed{12}, then \boxed{13}.", "12", "wrong", "13", "wrong"),
+    # forms the reference does not read: \fbox, a space before the brace, \boxed 5
+    (r"\fbox{12}", "12", "no_answer", None, "correct"),
+    (r"\boxed {12}", "12", "no_answer", None, "correct"),
+    (r"\boxed 12", "12", "no_answer", None, "correct"),
+    # an empty box is an answer, and a wrong one
+    (r"\boxed{}", "12", "wrong", "", "no_answer"),
+    # an escaped brace still counts as a brace: this box never closes for the reference
+    (r"\boxed{\{1}", r"\{1", "no_answer", None, "correct"),
+    # an unclosed last box: the previous closed one
+    (r"\boxed{7} and \boxed{12", "12", "wrong", "7", "wrong"),
+]
+
+
+@pytest.mark.parametrize("response, gold, exact_label, verbatim, string_label", EXACT_CASES)
+def test_exact_grader_reads_boxes_as_the_reference_code(response, gold, exact_label, verbatim, string_label):
+    assert extract_boxed_verbatim(response) == verbatim
+    graded = grade_response(response, gold, grader="exact")
+    assert (graded.answer, graded.label) == (verbatim, exact_label)
+    assert grade_response(response, gold, grader="string_match").label == string_label
+
+
+def test_verbatim_extraction_is_the_reference_scan():
+    """An independent restatement of the reference's brace-depth scan (every `\\boxed{`, depth counted
+    char by char, the last closed one wins) on seeded random strings of box parts."""
+    def reference_scan(text):
+        last = None
+        for match in re.finditer(r"\\boxed\{", text):
+            i = start = match.end()
+            depth = 1
+            while i < len(text) and depth > 0:
+                depth += {"{": 1, "}": -1}.get(text[i], 0)
+                i += 1
+            if depth == 0:
+                last = text[start:i - 1]
+        return last
+
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    parts = ["\\boxed{", "\\boxed {", "{", "}", "\\", "1", " ", "\\{", "x"]
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randrange(14)))
+        assert extract_boxed_verbatim(text) == reference_scan(text), (seed, text)
+    assert exact_match("12", "12") and not exact_match(" 12", "12") and not exact_match(None, "12")
+    assert get_grader("exact") is exact_match
 
 
 def test_string_match_is_strict_and_separate():
@@ -428,6 +485,7 @@ def test_every_grading_entry_point_is_fast_on_adversarial_text(name, monkeypatch
     calls = {
         "normalize_answer": lambda: normalize_answer(answer),
         "extract_boxed": lambda: extract_boxed(answer),
+        "extract_boxed_verbatim": lambda: extract_boxed_verbatim(answer),
         "extract_last_number": lambda: grading.extract_last_number(answer),
         "parse_number": lambda: parse_number(answer),
         "string_match": lambda: string_match(answer, "12"),

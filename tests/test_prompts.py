@@ -52,3 +52,21 @@ def test_prompt_set_overrides():
         QUESTION, CORRECT, WRONG)
     with pytest.raises(dataclasses.FrozenInstanceError):
         custom.system_prompt = "other"
+
+
+def test_plain_student_input_is_system_space_question_without_the_template():
+    """The reference code's student input (train.student_format=plain): the system and user contents
+    joined by one space, tokenized as plain text; the solution's ids follow with nothing between."""
+    from ssb_jax.model.tokenizer import encode_chat, encode_plain, load_tokenizer, plain_text
+    from ssb_jax.paths import shared_data_path
+    tokenizer = load_tokenizer(shared_data_path("qwen2.5_tokenizer"))
+    prompts = PromptSet(system_prompt="Solve it. Box the answer: \\boxed{}.", student_template="Q: {question}")
+    messages = prompts.student_messages(f"  {QUESTION}\n")
+    assert plain_text(messages) == "Solve it. Box the answer: \\boxed{}. Q: " + QUESTION
+    ids = encode_plain(tokenizer, messages)
+    assert tokenizer.decode(ids) == plain_text(messages)  # no special token added (Qwen2 has no BOS)
+    assert ids == tokenizer.encode("Solve it. Box the answer: \\boxed{}. Q: " + QUESTION, add_special_tokens=False)
+    chat = encode_chat(tokenizer, messages)
+    assert len(ids) < len(chat) and "<|im_start|>" in tokenizer.decode(chat)
+    # a string is one user turn, as for the chat form; an empty system prompt leaves no leading space
+    assert plain_text("  1+1?") == "1+1?" and plain_text(tutor_messages("1+1?", system_prompt="")) == "1+1?"

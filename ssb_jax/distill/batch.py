@@ -1,9 +1,13 @@
 """Aligned teacher/student batches.
 
 A record is a plain dict with "id", "teacher_prompt_ids" (hinted prompt, chat-rendered),
-"student_prompt_ids" (plain prompt) and "solution_ids" (the sampled solution, ending with the
-stop token). The teacher sequence is teacher_prompt ‖ solution, the student sequence is
-student_prompt ‖ solution; both are right padded to a bucketed length.
+"student_prompt_ids" (the bare question, chat-rendered), "student_plain_prompt_ids" (the SSB
+reference code's student input: system prompt and question as plain text, no chat template;
+used with student_format="plain") and "solution_ids" (the sampled solution, ending with the stop
+token when "solution_finish_reason" is "stop" or absent). The teacher sequence is
+teacher_prompt ‖ solution, the student sequence is student_prompt ‖ solution; both are right
+padded to a bucketed length. With stop_token_target=False (the reference code's targets) a
+solution's final stop token is left out of both sequences.
 
 The logit at position p predicts token p + 1, so solution token j is predicted at position
 prompt_len - 1 + j of each sequence: `teacher_index` / `student_index` [B, A] hold those
@@ -17,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-RECORD_KEYS = ("teacher_prompt_ids", "student_prompt_ids", "solution_ids")
+STUDENT_PROMPT_KEYS = {"chat": "student_prompt_ids", "plain": "student_plain_prompt_ids"}
 
 
 def bucket_length(n: int, buckets: Sequence[int] = (), min_bucket: int = 16) -> int:
@@ -31,22 +35,44 @@ def bucket_length(n: int, buckets: Sequence[int] = (), min_bucket: int = 16) -> 
     return 1 << (n - 1).bit_length()
 
 
-def check_record(record: Mapping) -> None:
-    missing = [k for k in RECORD_KEYS if k not in record]
+def _prompt_keys(student_format: str) -> dict[str, str]:
+    try:
+        return {"teacher": "teacher_prompt_ids", "student": STUDENT_PROMPT_KEYS[student_format]}
+    except KeyError:
+        raise ValueError(f"student_format must be one of {sorted(STUDENT_PROMPT_KEYS)}, got {student_format!r}") from None
+
+
+def check_record(record: Mapping, student_format: str = "chat") -> None:
+    keys = _prompt_keys(student_format)
+    missing = [k for k in (*keys.values(), "solution_ids") if k not in record]
     if missing:
-        raise KeyError(f"record {record.get('id')!r} lacks {missing}")
+        hint = (" (curated before student_format 'plain' existed: redo the curation, --config.overwrite=curate)"
+                if missing == [STUDENT_PROMPT_KEYS["plain"]] else "")
+        raise KeyError(f"record {record.get('id')!r} lacks {missing}{hint}")
     if len(record["solution_ids"]) == 0:
         raise ValueError(f"record {record.get('id')!r} has an empty solution")
-    for k in ("teacher_prompt_ids", "student_prompt_ids"):
+    for k in keys.values():
         if len(record[k]) == 0:
             raise ValueError(f"record {record.get('id')!r} has an empty {k}")
 
 
-def truncated_solution(record: Mapping, max_seq_len: int = 0) -> list[int]:
-    """The solution, cut so that both sequences fit in max_seq_len (0: no limit)."""
+def ends_with_stop(record: Mapping) -> bool:
+    """Whether the solution's last id is its stop token: sampled solutions that stopped, and imported
+    ones (which have no finish reason and end with the end-of-turn token)."""
+    return record.get("solution_finish_reason", "stop") == "stop"
+
+
+def truncated_solution(record: Mapping, max_seq_len: int = 0, student_format: str = "chat",
+                       stop_token_target: bool = True) -> list[int]:
+    """The solution (without its stop token unless stop_token_target), cut so that both sequences
+    fit in max_seq_len (0: no limit)."""
     solution = list(record["solution_ids"])
+    if not stop_token_target and ends_with_stop(record):
+        solution = solution[:-1]
+        if not solution:
+            raise ValueError(f"record {record.get('id')!r}: the solution is only its stop token")
     if max_seq_len > 0:
-        longest_prompt = max(len(record["teacher_prompt_ids"]), len(record["student_prompt_ids"]))
+        longest_prompt = max(len(record[key]) for key in _prompt_keys(student_format).values())
         room = max_seq_len - longest_prompt
         if room < 1:
             raise ValueError(f"record {record.get('id')!r}: prompt of {longest_prompt} tokens leaves no room "
@@ -55,12 +81,12 @@ def truncated_solution(record: Mapping, max_seq_len: int = 0) -> list[int]:
     return solution
 
 
-def _sequences(records, side, solutions, length):
+def _sequences(records, prompt_key, solutions, length):
     B = len(solutions)
     tokens = np.zeros((B, length), np.int32)
     mask = np.zeros((B, length), bool)
     for i, (rec, sol) in enumerate(zip(records, solutions)):
-        seq = list(rec[f"{side}_prompt_ids"]) + sol
+        seq = list(rec[prompt_key]) + sol
         tokens[i, :len(seq)] = seq
         mask[i, :len(seq)] = True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
@@ -69,7 +95,8 @@ def _sequences(records, side, solutions, length):
 
 def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, buckets: Sequence[int] = (),
                 min_bucket: int = 16, max_seq_len: int = 0, include_teacher: bool = True,
-                teacher_cache: Callable[[object], Mapping[str, np.ndarray]] | None = None) -> dict:
+                teacher_cache: Callable[[object], Mapping[str, np.ndarray]] | None = None,
+                student_format: str = "chat", stop_token_target: bool = True) -> dict:
     """Numpy batch dict (see module docstring). `teacher_cache(id)` (cached mode) returns that
     example's per-answer-token arrays "logprobs" [n, k], "ids" [n, k], "tail_logprob" [n],
     "target_logprob" [n], which are added as teacher_topk_logprobs / teacher_topk_ids /
@@ -78,18 +105,19 @@ def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, bu
     if not records:
         raise ValueError("build_batch needs at least one record")
     for r in records:
-        check_record(r)
+        check_record(r, student_format)
     B = batch_size or len(records)
     if len(records) > B:
         raise ValueError(f"{len(records)} records do not fit a batch of {B}")
-    solutions = [truncated_solution(r, max_seq_len) for r in records]
+    prompt_keys = _prompt_keys(student_format)
+    solutions = [truncated_solution(r, max_seq_len, student_format, stop_token_target) for r in records]
     A = bucket_length(max(len(s) for s in solutions), buckets, min_bucket)
     out = {}
     sides = ("teacher", "student") if include_teacher else ("student",)
     for side in sides:
-        longest = max(len(r[f"{side}_prompt_ids"]) + len(s) for r, s in zip(records, solutions))
+        longest = max(len(r[prompt_keys[side]]) + len(s) for r, s in zip(records, solutions))
         length = bucket_length(longest, buckets, min_bucket)
-        tokens, mask, positions = _sequences(records, side, solutions, length)
+        tokens, mask, positions = _sequences(records, prompt_keys[side], solutions, length)
         pad = B - len(records)
         if pad:
             tokens, mask, positions = (np.concatenate([x, np.zeros((pad, length), x.dtype)]) for x in (tokens, mask, positions))
@@ -102,7 +130,7 @@ def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, bu
         answer_tokens[i, :n] = sol
         answer_mask[i, :n] = True
         for side in ("teacher", "student"):
-            indices[side][i, :n] = len(rec[f"{side}_prompt_ids"]) - 1 + np.arange(n)
+            indices[side][i, :n] = len(rec[prompt_keys[side]]) - 1 + np.arange(n)
     out["answer_tokens"], out["answer_mask"] = answer_tokens, answer_mask
     out["student_index"] = indices["student"]
     if include_teacher:

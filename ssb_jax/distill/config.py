@@ -46,6 +46,9 @@ class TrainConfig:
     length_buckets: tuple[int, ...] = ()   # empty: powers of two >= min_bucket
     min_bucket: int = 16
     max_seq_len: int = 0              # > 0: solutions are truncated so both sequences fit
+    # the student's input and targets (the SSB reference code: "plain", False; see docs/reference_differences.md)
+    student_format: str = "chat"      # "chat": the chat-rendered question; "plain": system + question as plain text
+    stop_token_target: bool = True    # the solution's final stop token is a target (the student learns to stop)
     # bookkeeping
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -54,6 +57,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.teacher_mode not in ("online", "cached"):
             raise ValueError(f"teacher_mode must be 'online' or 'cached', got {self.teacher_mode!r}")
+        if self.student_format not in ("chat", "plain"):
+            raise ValueError(f"student_format must be 'chat' or 'plain', got {self.student_format!r}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}")
         validate.positive(self, "learning_rate", "temperature", "batch_size", "epochs", "lora_alpha", "topk",

@@ -28,12 +28,13 @@ def make_dataset(examples: Sequence[Mapping], tc: TrainConfig, *,
     if not examples:
         raise ValueError("no training examples")
     for r in examples:
-        check_record(r)
+        check_record(r, tc.student_format)
     ds = grain.MapDataset.source(examples).shuffle(seed=tc.seed).repeat(tc.epochs)
     batch_fn = functools.partial(build_batch, batch_size=tc.batch_size, buckets=tc.length_buckets,
                                  min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len,
                                  include_teacher=tc.teacher_mode == "online",
-                                 teacher_cache=teacher_cache if tc.teacher_mode == "cached" else None)
+                                 teacher_cache=teacher_cache if tc.teacher_mode == "cached" else None,
+                                 student_format=tc.student_format, stop_token_target=tc.stop_token_target)
     ds = ds.batch(tc.batch_size, drop_remainder=False, batch_fn=batch_fn)
     if tc.max_steps > 0:
         ds = ds[:tc.max_steps]

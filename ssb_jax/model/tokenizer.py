@@ -1,4 +1,5 @@
-"""Tokenizer loading and chat rendering, through transformers.AutoTokenizer."""
+"""Tokenizer loading, chat rendering and the reference code's plain student input, through
+transformers.AutoTokenizer."""
 from __future__ import annotations
 
 import logging
@@ -61,6 +62,21 @@ def render_chat(tokenizer, chat: Chat, *, add_generation_prompt: bool = True,
 def encode_chat(tokenizer, chat: Chat, **kwargs) -> list[int]:
     """Token ids of the rendered prompt (the template already holds the special tokens)."""
     return tokenizer.encode(render_chat(tokenizer, chat, **kwargs), add_special_tokens=False)
+
+
+def plain_text(chat: Chat) -> str:
+    """The SSB reference code's student input: the system and user contents joined by one space, with
+    no chat template (no role markers, no assistant turn opened), outer whitespace stripped."""
+    messages = as_messages(chat)
+    parts = [m["content"] for m in messages if m["role"] == "system"]
+    parts += [m["content"] for m in messages if m["role"] == "user"]
+    return " ".join(parts).strip()
+
+
+def encode_plain(tokenizer, chat: Chat) -> list[int]:
+    """Token ids of `plain_text(chat)`, with the tokenizer's own special tokens (Qwen2 adds none), as
+    the reference tokenizes its student prompt; the solution then follows directly."""
+    return tokenizer.encode(plain_text(chat))
 
 
 def stop_token_ids(tokenizer, extra: Sequence[str] = ("<|im_end|>", "<|endoftext|>")) -> list[int]:
