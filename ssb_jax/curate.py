@@ -4,8 +4,8 @@ For each question (in a seeded shuffled order): sample K rollouts under the tuto
 them; keep the question only when at least one rollout is right and one wrong; show the model the
 question with a correct trace and the trace of the most common wrong answer (the hinted prompt),
 sample one solution, and keep the pair only if that solution is still right and ended with a stop
-token (`solution_must_stop`). Each processed question becomes one JSONL record, appended batch by batch, so a killed run
-resumes where it stopped.
+token (`solution_must_stop`). Each processed question becomes one JSONL record, appended batch by
+batch, so a killed run resumes where it stopped.
 
 The sampler is anything with `generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`
 (ssb_jax.sampling.driver.Sampler, or a scripted fake in tests).
@@ -25,7 +25,8 @@ from typing import Any, Iterable, Sequence
 from ssb_jax import validate
 from ssb_jax.data.datasets import Problem
 from ssb_jax.data.records import RecordStore, ShardedRecordStore, write_json_atomic
-from ssb_jax.grading import EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response, normalize_answer
+from ssb_jax.grading import (EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response,
+                             normalize_answer)
 from ssb_jax.model.tokenizer import encode_chat, encode_plain, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.sampler import SamplingParams

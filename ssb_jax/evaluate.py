@@ -539,7 +539,8 @@ def format_markdown(results: dict) -> str:
               f"top-p {s['top_p']} (seed {s['seed']}); `correct` counts responses and the SE is across problems of "
               "the per-problem mean. maj@n: majority vote over the n extracted answers (numeric equality, else "
               "normalized strings; ties to the earliest answer). SE for pass@1 and maj@n: sqrt(p(1-p)/N). "
-              "No answer: no \\boxed{} answer (for maj@n: none of the n responses had one; for motif: and not correct). "
+              "No answer: no \\boxed{} answer (for maj@n: none of the n responses had one; for motif: and not "
+              "correct). "
               "Truncated: stopped at the token budget. Mean tokens: generated tokens, stop token included.",
               "", "Accuracy, SE and `correct / all` are over all problems of the dataset (avg@n: n responses per "
               "problem); a problem whose prompt is longer than the sampler's max_prompt_tokens gets no response "

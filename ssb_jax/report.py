@@ -24,7 +24,8 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
                       "| questions | all correct | all wrong | no wrong answer | mixed | teacher failed | kept "
                       "| prompt too long | rollout accuracy |",
                       "|---|---|---|---|---|---|---|---|---|",
-                      f"| {summary['questions']} | {v['all_correct']} | {v['all_wrong']} | {v.get('no_wrong_answer', 0)} "
+                      f"| {summary['questions']} | {v['all_correct']} | {v['all_wrong']} "
+                      f"| {v.get('no_wrong_answer', 0)} "
                       f"| {summary['mixed']} | "
                       f"{v['teacher_failed']} | {v['kept']} | {v.get('prompt_too_long', 0)} | "
                       f"{summary['rollout_accuracy']:.3f} |", ""]

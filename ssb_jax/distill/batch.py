@@ -39,7 +39,8 @@ def _prompt_keys(student_format: str) -> dict[str, str]:
     try:
         return {"teacher": "teacher_prompt_ids", "student": STUDENT_PROMPT_KEYS[student_format]}
     except KeyError:
-        raise ValueError(f"student_format must be one of {sorted(STUDENT_PROMPT_KEYS)}, got {student_format!r}") from None
+        raise ValueError(f"student_format must be one of {sorted(STUDENT_PROMPT_KEYS)}, "
+                         f"got {student_format!r}") from None
 
 
 def check_record(record: Mapping, student_format: str = "chat") -> None:
