@@ -6,7 +6,9 @@ different and why the defaults differ are in docs/reference_differences.md.
 
 The prompts stay ssb_jax's own; docs/reference_differences.md says how to pass the reference's
 through --config.prompts.*. The 8192-token caps make the hinted prompt (two traces) and the training
-sequences far longer than configs/qwen3b.py's: check memory with `python -m ssb_jax.plan` first.
+sequences far longer than configs/qwen3b.py's (~25K-token sampling rows, ~17K-token training
+sequences): `python -m ssb_jax.plan --config configs/qwen3b_reference.py --devices 4` fits on four
+80 GB devices, while one does not hold training at batch 4.
 """
 import importlib.util
 from pathlib import Path
@@ -30,6 +32,8 @@ def get_config():
     c.curate.solution_max_new_tokens = REFERENCE_MAX_NEW_TOKENS
     # the hinted prompt holds two rollouts of up to 8192 tokens each, plus the question and instructions
     c.sampler.max_prompt_tokens = 2 * REFERENCE_MAX_NEW_TOKENS + 1024
+    # rows that long: fewer at a time, so the KV cache fits (the samples do not depend on the batch)
+    c.sampler.batch_size = 16
     # questions in dataset order, from the first
     c.curate.shuffle = False
     # (d) the last \boxed{...} verbatim, equal to the gold string
