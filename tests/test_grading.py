@@ -278,7 +278,7 @@ def test_string_match_is_strict_and_separate():
     assert get_grader("string_match") is string_match
     assert get_grader("math_verify") is answers_match
     with pytest.raises(ValueError, match="unknown grader"):
-        get_grader("exact")
+        get_grader("verbatim")
 
 
 @pytest.mark.parametrize("text, value", [
