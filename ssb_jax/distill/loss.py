@@ -104,16 +104,7 @@ def _chunked_terms_fwd(student_hidden, teacher, targets, head, temperature, chun
 
 def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad_terms):
     """(terms, grads): the per-token terms and, for each index in grad_terms, d term / d student_hidden."""
-    B, A = targets.shape
-    n = -(-A // chunk)
-    pad = n * chunk - A
-
-    def split(x):  # [B, A, ...] -> [n, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
-
-    def merge(x):  # [n, B, chunk, ...] -> [B, A, ...]
-        return jnp.moveaxis(x, 0, 1).reshape((B, n * chunk) + x.shape[3:])[:, :A]
+    split, merge = _chunking(targets.shape[1], chunk)
 
     def one_chunk(args):
         s_h, t, y = args
@@ -135,6 +126,23 @@ def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad
     return tuple(merge(t) for t in terms), tuple(merge(g) for g in grads)
 
 
+def _chunking(A: int, chunk: int):
+    """(split, merge) for chunks of `chunk` positions along axis 1: split [B, A, ...] -> [n, B, chunk, ...]
+    (zero padded), merge back. lax.map over the leading axis keeps one chunk's vocabulary projection alive."""
+    n = -(-A // chunk)
+    pad = n * chunk - A
+
+    def split(x):
+        B = x.shape[0]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
+
+    def merge(x):
+        return jnp.moveaxis(x, 0, 1).reshape((x.shape[1], n * chunk) + x.shape[3:])[:, :A]
+
+    return split, merge
+
+
 def _chunked_terms_bwd(temperature, chunk, ce_grad, grads, cotangents):
     d_hidden = cotangents[0][..., None] * grads[0]
     if ce_grad:
@@ -143,6 +151,57 @@ def _chunked_terms_bwd(temperature, chunk, ce_grad, grads, cotangents):
 
 
 _chunked_terms.defvjp(_chunked_terms_fwd, _chunked_terms_bwd)
+
+
+def target_logprobs(hidden, targets, head, chunk: int = 0):
+    """log softmax(hidden @ head)[target] per position [B, A], float32 (at least), differentiable in hidden.
+
+    hidden [B, A, D] (positions already gathered), targets [B, A], head [D, V] (frozen). With
+    0 < chunk < A the projection runs chunk by chunk and each chunk's gradient with respect to hidden,
+    (onehot(target) - softmax) @ headᵀ, is formed in the same pass, as `token_terms` does for the
+    distillation terms: at most one [B, chunk, V] block of logits is alive, forward or backward."""
+    if chunk and chunk < targets.shape[1]:
+        return _chunked_target_logprobs(hidden, targets, head, int(chunk))
+    return _target_logprob_of_logits(_project(hidden, head), targets)
+
+
+def _target_logprob_of_logits(logits, targets):
+    return (jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            - jax.nn.logsumexp(logits, axis=-1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_target_logprobs(hidden, targets, head, chunk):
+    return _map_target_logprobs(hidden, targets, head, chunk, with_grad=False)[0]
+
+
+def _chunked_target_logprobs_fwd(hidden, targets, head, chunk):
+    return _map_target_logprobs(hidden, targets, head, chunk, with_grad=True)
+
+
+def _map_target_logprobs(hidden, targets, head, chunk, with_grad):
+    """(log-probs [B, A], d log-prob / d hidden [B, A, D] when with_grad)."""
+    split, merge = _chunking(targets.shape[1], chunk)
+
+    def one_chunk(args):
+        h, y = args
+        logits = _project(h, head)
+        logp = _target_logprob_of_logits(logits, y)
+        if not with_grad:
+            return logp, ()
+        d_logits = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype) - jax.nn.softmax(logits, axis=-1)
+        d_hidden = jnp.einsum("...v,dv->...d", d_logits, head, preferred_element_type=d_logits.dtype)
+        return logp, d_hidden.astype(h.dtype)
+
+    logp, d_hidden = jax.lax.map(one_chunk, (split(hidden), split(targets)))
+    return merge(logp), (merge(d_hidden) if with_grad else ())
+
+
+def _chunked_target_logprobs_bwd(chunk, d_hidden, cotangent):
+    return (cotangent[..., None] * d_hidden).astype(d_hidden.dtype), None, None
+
+
+_chunked_target_logprobs.defvjp(_chunked_target_logprobs_fwd, _chunked_target_logprobs_bwd)
 
 
 def masked_mean(x, mask, per_sequence: bool = False):

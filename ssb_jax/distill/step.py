@@ -138,6 +138,19 @@ def batch_shardings(keys, batch_size: int, mesh: Mesh) -> dict:
     return {k: batch_sharding(mesh, (batch_size,)) for k in keys}
 
 
+def place_batch(batch: Mapping, mesh: Mesh | None) -> dict:
+    """Global host batch (numpy) -> device arrays, split over the mesh's data axes when there is one.
+    Under several processes each copies only the rows of its own devices."""
+    if mesh is None:
+        return jax.device_put(dict(batch))
+    B = next(iter(batch.values())).shape[0]
+    shardings = batch_shardings(tuple(batch), B, mesh)
+    if jax.process_count() > 1:
+        return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
+                for k, v in batch.items()}
+    return jax.device_put(dict(batch), shardings)
+
+
 def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
                           mesh: Mesh) -> dict:
     """Shardings of the train state (pure dicts): adapters by their logical axes, moments as their adapters."""
@@ -179,15 +192,7 @@ class TrainStep:
     def place_batch(self, batch: Mapping) -> dict:
         """Global host batch (numpy) -> device arrays, sharded over the mesh when there is one.
         Under several processes each copies only the rows of its own devices."""
-        batch = {k: batch[k] for k in batch_keys(self.tc)}
-        if self.mesh is None:
-            return jax.device_put(batch)
-        B = next(iter(batch.values())).shape[0]
-        shardings = batch_shardings(tuple(batch), B, self.mesh)
-        if jax.process_count() > 1:
-            return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
-                    for k, v in batch.items()}
-        return jax.device_put(batch, shardings)
+        return place_batch({k: batch[k] for k in batch_keys(self.tc)}, self.mesh)
 
     def __call__(self, state, base_state, batch):
         batch = self.place_batch(batch)

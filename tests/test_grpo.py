@@ -1,0 +1,133 @@
+"""GRPO: the objective and its gradient against a float64 NumPy formula, chunked completion log-probs,
+group advantages, one update on a tiny model (the one right sample gains probability, the others lose
+it; a group of equal rewards moves nothing), the sampler's in-place adapters, and the pipeline stage."""
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssb_jax.distill.loss import target_logprobs
+from ssb_jax.grpo.config import NORMALIZATIONS, GRPOConfig
+from ssb_jax.grpo.loss import group_advantages, grpo_objective
+
+
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    print(f"seed {seed}")  # pytest shows it when the test fails
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+def numpy_objective(logp, old, ref, adv, mask, *, eps, beta, normalization, max_len):
+    """(loss, d loss / d logp) in float64, the derivative written out by hand."""
+    logp, old, ref, adv = (np.asarray(x, np.float64) for x in (logp, old, ref, adv))
+    m = np.asarray(mask, np.float64)
+    ratio = np.exp(logp - old)
+    a = adv[:, None]
+    unclipped, clipped = ratio * a, np.clip(ratio, 1 - eps, 1 + eps) * a
+    per_token = -np.minimum(unclipped, clipped)
+    # the unclipped branch is the min (or both agree inside the band): d/dlogp of -ρA is -ρA
+    d_per_token = np.where(unclipped <= clipped, -a * ratio, 0.0)
+    if beta:
+        d = ref - logp
+        per_token = per_token + beta * (np.exp(d) - d - 1)
+        d_per_token = d_per_token + beta * (1 - np.exp(d))
+    lengths = m.sum(1, keepdims=True)
+    samples = max((lengths[:, 0] > 0).sum(), 1)
+    if normalization == "token_mean":
+        w = m / m.sum()
+    elif normalization == "sequence_mean":
+        w = m / np.maximum(lengths, 1) / samples
+    else:
+        w = m / (samples * max_len)
+    return float((w * per_token).sum()), w * d_per_token, ratio, unclipped, clipped
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_objective_and_gradient_match_numpy(rng, normalization, beta):
+    B, A, eps, max_len = 6, 9, 0.2, 12
+    old = rng.normal(-2.0, 1.0, (B, A)).astype(np.float32)
+    logp = (old + rng.normal(0.0, 0.3, (B, A))).astype(np.float32)  # ratios on both sides of the band
+    ref = (old + rng.normal(0.0, 0.5, (B, A))).astype(np.float32)
+    adv = rng.normal(0.0, 1.0, B).astype(np.float32)
+    lengths = rng.integers(1, A + 1, B)
+    lengths[-1] = 0  # a padding row: no tokens, not a sample
+    mask = np.arange(A)[None, :] < lengths[:, None]
+
+    def loss_of(lp):
+        return grpo_objective(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), clip_epsilon=eps,
+                              normalization=normalization, max_len=max_len, kl_beta=beta, ref_logprobs=jnp.asarray(ref))
+
+    (loss, metrics), grad = jax.value_and_grad(loss_of, has_aux=True)(jnp.asarray(logp))
+    want, want_grad, ratio, unclipped, clipped = numpy_objective(logp, old, ref, adv, mask, eps=eps, beta=beta,
+                                                                 normalization=normalization, max_len=max_len)
+    active = mask & (clipped < unclipped)
+    assert active.any() and (mask & ~active).any(), "the draw should clip some tokens and not others"
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5, atol=1e-7)
+    assert float(metrics["clip_fraction"]) == pytest.approx(active.sum() / mask.sum(), rel=1e-6)
+    if beta:
+        d = (ref - logp).astype(np.float64)
+        assert float(metrics["kl"]) == pytest.approx(((np.exp(d) - d - 1) * mask).sum() / mask.sum(), rel=1e-5)
+
+
+def test_normalizations_differ_as_documented(rng):
+    """A long and a short completion with equal per-token loss: token_mean weighs the long one by its
+    length, sequence_mean weighs both alike, dr_grpo divides by the constant max_len."""
+    mask = np.zeros((2, 8), bool)
+    mask[0, :8], mask[1, :2] = True, True
+    logp = jnp.zeros((2, 8))
+    adv = jnp.asarray([1.0, -1.0])
+    loss = {n: float(grpo_objective(logp, logp, adv, jnp.asarray(mask), clip_epsilon=0.2, normalization=n,
+                                    max_len=16)[0]) for n in NORMALIZATIONS}
+    assert loss["token_mean"] == pytest.approx((-8 + 2) / 10)
+    assert loss["sequence_mean"] == pytest.approx(0.0, abs=1e-7)
+    assert loss["dr_grpo"] == pytest.approx((-8 + 2) / (2 * 16))
+
+
+def test_group_advantages(rng):
+    rewards = rng.integers(0, 2, 12).astype(float)
+    rewards[4:8] = 1.0  # a group of equal rewards
+    adv = group_advantages(rewards, 4, eps=1e-4)
+    for g in range(3):
+        r = rewards[4 * g:4 * g + 4]
+        want = [(x - statistics.fmean(r)) / (statistics.pstdev(r) + 1e-4) for x in r]
+        np.testing.assert_allclose(adv[4 * g:4 * g + 4], want, rtol=1e-6, atol=1e-6)
+    assert not adv[4:8].any()
+    centred = group_advantages(rewards, 4, scale_by_std=False)
+    np.testing.assert_allclose(centred, rewards - np.repeat(rewards.reshape(3, 4).mean(1), 4), atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_chunked_target_logprobs_and_gradient_match_numpy(rng, chunk):
+    B, A, D, V = 2, 7, 5, 23
+    hidden = rng.normal(0, 1, (B, A, D)).astype(np.float32)
+    head = rng.normal(0, 1, (D, V)).astype(np.float32)
+    targets = rng.integers(0, V, (B, A))
+    cotangent = rng.normal(0, 1, (B, A)).astype(np.float32)
+    logp, pullback = jax.vjp(lambda h: target_logprobs(h, jnp.asarray(targets), jnp.asarray(head), chunk),
+                             jnp.asarray(hidden))
+    logits = hidden.astype(np.float64) @ head.astype(np.float64)
+    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(logp), want, rtol=1e-5, atol=1e-5)
+    softmax = np.exp(log_softmax)
+    want_grad = cotangent[..., None] * (head.T.astype(np.float64)[targets] - softmax @ head.T.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(cotangent))[0]), want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_settings_are_range_checked():
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="loss_normalization"):
+        GRPOConfig(loss_normalization="mean")
+    with pytest.raises(ValueError, match="clip_epsilon"):
+        GRPOConfig(clip_epsilon=-0.1)
+    with pytest.raises(ValueError, match="minibatches"):
+        GRPOConfig(prompts_per_step=3, group_size=3, minibatches=2)
