@@ -131,3 +131,77 @@ def test_settings_are_range_checked():
         GRPOConfig(clip_epsilon=-0.1)
     with pytest.raises(ValueError, match="minibatches"):
         GRPOConfig(prompts_per_step=3, group_size=3, minibatches=2)
+
+
+# ----------------------------------------------------------------------------- one update on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny():
+    from ssb_jax.distill.synthetic import tiny_model_config
+    from ssb_jax.model.lora import LoraConfig
+    from ssb_jax.model.qwen2 import init_model
+    config = tiny_model_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+    return config, init_model(config, 0, std=0.2), LoraConfig(rank=4, alpha=8.0)
+
+
+def _one_group_update(tiny, rng, rewards, **settings):
+    """One GRPO update on one group of random completions of one prompt; (log-probs per sample before,
+    after, the update's metrics, adapters before, after)."""
+    from ssb_jax.distill.step import base_state_for_training
+    from ssb_jax.grpo.step import GRPOStep, rollout_batch
+    config, model, lora_config = tiny
+    G = len(rewards)
+    gc = GRPOConfig(group_size=G, prompts_per_step=1, max_new_tokens=8, logits_chunk=3, grad_clip=0.0,
+                    learning_rate=1e-3, steps=1, **settings)
+    prompt = rng.integers(0, 64, 5).tolist()
+    completions = [rng.integers(0, 64, rng.integers(4, 9)).tolist() for _ in range(G)]
+    batch = rollout_batch([prompt] * G, completions, max_len=gc.max_new_tokens, length_buckets=[16])
+    step = GRPOStep(config, lora_config, gc)
+    base = base_state_for_training(model)
+    state = step.init_state(jax.random.key(int(rng.integers(1 << 30))))
+    before = step.logprobs(state["lora"], base, batch)
+    lora_before = jax.tree_util.tree_map(np.asarray, state["lora"])
+    batch.update(old_logprobs=before, advantages=group_advantages(rewards, G))
+    state, metrics = step.update(state, base, batch)
+    after = step.logprobs(state["lora"], base, batch)
+    per_sample = lambda lp: (lp * batch["completion_mask"]).sum(1)
+    return per_sample(before), per_sample(after), metrics, lora_before, state["lora"]
+
+
+def test_the_one_right_sample_gains_probability_and_the_others_lose_it(tiny, rng):
+    rewards = np.zeros(4)
+    rewards[rng.integers(4)] = 1.0
+    before, after, metrics, _, _ = _one_group_update(tiny, rng, rewards)
+    assert float(metrics["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)  # old log-probs in the update's numerics
+    assert float(metrics["clip_fraction"]) == 0.0
+    change = after - before
+    right = int(np.argmax(rewards))
+    assert change[right] > 0, change
+    assert (np.delete(change, right) < 0).all(), change
+
+
+def test_a_group_of_equal_rewards_moves_nothing(tiny, rng):
+    _, _, metrics, lora_before, lora_after = _one_group_update(tiny, rng, np.ones(4))
+    assert float(metrics["grad_norm"]) == 0.0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), lora_before, lora_after)
+
+
+def test_sampler_takes_new_adapters_in_place_without_recompiling(tiny, rng):
+    from ssb_jax.model.lora import init_lora, with_adapters
+    from ssb_jax.sampling.driver import Sampler
+    from ssb_jax.sampling.sampler import SamplingParams
+    config, model, lora_config = tiny
+    first = init_lora(config, lora_config, jax.random.key(1))
+    second = jax.tree_util.tree_map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), first)
+    prompts = [rng.integers(0, 64, 6).tolist() for _ in range(3)]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    sampler = Sampler(with_adapters(model, first, lora_config), batch_size=4, max_prompt_tokens=16,
+                      show_progress=False)
+    sampler.generate_ids(prompts, params, n=2, seed=3)
+    compiled = sampler.num_compilations
+    sampler.set_adapters(second)
+    updated = sampler.generate_ids(prompts, params, n=2, seed=3)
+    assert sampler.num_compilations == compiled
+    fresh = Sampler(with_adapters(model, second, lora_config), batch_size=4, max_prompt_tokens=16,
+                    show_progress=False).generate_ids(prompts, params, n=2, seed=3)
+    assert [[c.token_ids for c in row] for row in updated] == [[c.token_ids for c in row] for row in fresh]

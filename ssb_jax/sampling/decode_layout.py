@@ -121,6 +121,15 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
         return out
 
 
+def unstacked_layers(pure_adapters: dict, num_layers: int) -> dict:
+    """A training-layout pure dict of adapters ({"layers": {...: [L, ...]}}) in the decode layout's
+    places ({"layers": {i: {...: [...]}}}): the same arrays sliced per layer, nothing transposed (only
+    kernels are)."""
+    stacked = pure_adapters["layers"]
+    return {**pure_adapters, "layers": {i: jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+                                        for i in range(num_layers)}}
+
+
 def to_decode_layout(model: Qwen2ForCausalLM, copies: dict | None = None) -> DecodeLayoutModel:
     """The same weights (and adapters) in the decode layout; `model` itself is left as it is."""
     if isinstance(model, DecodeLayoutModel):

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssb_jax.model.tokenizer import Chat, encode_chat
-from ssb_jax.sampling.decode_layout import to_decode_layout
+from ssb_jax.sampling.decode_layout import to_decode_layout, unstacked_layers
 from ssb_jax.sampling.sampler import FINISH_STOP, SamplingParams, generate, row_keys_for
 from ssb_jax.sharding import BATCH_AXES
 
@@ -101,6 +101,15 @@ class Sampler:
                                    # shape (SamplingParams.program), whatever the temperature or top-p
         self._generate = jax.jit(functools.partial(self._traced_generate, graphdef), static_argnames=("sampling", "n"))
 
+    def set_adapters(self, lora_state) -> None:
+        """Sample with these adapters from now on, in place of the model's own (same targets and ranks):
+        each array is written into the state the compiled programs take, placed as the array it
+        replaces, so nothing is rebuilt or recompiled (an RL loop updates its policy this way)."""
+        pure = lora_state.to_pure_dict() if isinstance(lora_state, nnx.State) else lora_state
+        if isinstance(self.state.get("layers"), dict) and 0 in self.state["layers"]:  # the decode layout
+            pure = unstacked_layers(pure, self.config.num_layers)
+        self.state = _with_replaced(self.state, pure, ())
+
     def _traced_generate(self, graphdef, state, tokens, mask, keys, knobs, *, sampling, n):
         self.num_compilations += 1
         return generate(graphdef, state, tokens, mask, keys, sampling=sampling, n=n, mesh=self.mesh, knobs=knobs)
@@ -175,6 +184,25 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(array)
         return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(BATCH_AXES)))
+
+
+def _with_replaced(state: dict, new: dict, path: tuple) -> dict:
+    """state with the leaves of `new` (a subtree of the same keys) put in place, each moved to the
+    placement of the leaf it replaces; a key, shape or dtype that does not match is an error."""
+    out = dict(state)
+    for key, value in new.items():
+        where = path + (key,)
+        if key not in state:
+            raise KeyError(f"the sampled model has no parameter {'/'.join(map(str, where))}")
+        if isinstance(value, dict):
+            out[key] = _with_replaced(state[key], value, where)
+            continue
+        old = state[key]
+        if tuple(value.shape) != tuple(old.shape) or value.dtype != old.dtype:
+            raise ValueError(f"{'/'.join(map(str, where))}: new {value.dtype}{list(value.shape)}, "
+                             f"sampled model has {old.dtype}{list(old.shape)}")
+        out[key] = jax.device_put(value, old.sharding)
+    return out
 
 
 def _progress(total: int, enabled: bool):
