@@ -41,6 +41,16 @@ def get_config():
     c.train.checkpoint_every = 20
     c.train.logits_chunk = 0
 
+    # the GRPO baseline (only with --config.stages naming grpo), on the same questions and LoRA shape
+    c.grpo.steps = 30
+    c.grpo.prompts_per_step = 16
+    c.grpo.group_size = 4
+    c.grpo.max_new_tokens = 96
+    c.grpo.temperature = 0.8
+    c.grpo.learning_rate = 2e-4
+    c.grpo.logits_chunk = 0
+    c.grpo.checkpoint_every = 5
+
     c.eval.datasets = "world_test"   # the world's held-out split
     c.eval.protocols = "math_verify"
     c.eval.n_samples = 4

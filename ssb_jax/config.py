@@ -18,8 +18,11 @@ import ml_collections
 from ssb_jax.curate import CurationConfig
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.evaluate import EvalConfig
+from ssb_jax.grpo.config import GRPOConfig
 
-STAGES = ("curate", "teacher_cache", "train", "eval", "export", "report")
+STAGES = ("curate", "teacher_cache", "train", "grpo", "eval", "export", "report")
+# what runs unless config.stages says otherwise: SSB; the GRPO baseline is asked for by name
+DEFAULT_STAGES = tuple(s for s in STAGES if s != "grpo")
 
 
 def dataclass_section(cls) -> ml_collections.ConfigDict:
@@ -55,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Every setting with its default; the files in configs/ start from this."""
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"
-    c.stages = ",".join(STAGES)
+    c.stages = ",".join(DEFAULT_STAGES)
     c.overwrite = ""  # stages whose stale outputs may be deleted and redone (with every stage after them)
     c.num_rounds = 1
     c.log_level = "INFO"
@@ -80,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.curate = dataclass_section(CurationConfig)
     c.train = dataclass_section(TrainConfig)
     c.eval = dataclass_section(EvalConfig)
+    c.grpo = dataclass_section(GRPOConfig)
     c.export = ml_collections.ConfigDict(dict(peft_adapter=True, merged_model=True, merged_dtype=""))
     c.world = ml_collections.ConfigDict(dict(enabled=False))  # configs/tiny.py fills this
     return c
@@ -109,12 +113,14 @@ def check_values(config) -> None:
 
 def overwrite_stages(config) -> set[str]:
     """The stages --config.overwrite allows to redo: those named and every stage after the first of
-    them, since their inputs change with it."""
+    them, since their inputs change with it (grpo, which depends on none of them, only when named)."""
     named = stage_list(config, key="overwrite")
     if not named:
         return set()
     first = min(STAGES.index(s) for s in named)
-    return set(STAGES[first:]) - {"report"}
+    # grpo reads none of the SSB stages' outputs: only naming it redoes it
+    independent = {"report"} | ({"grpo"} - set(named))
+    return set(STAGES[first:]) - independent
 
 
 def writable_directory(path: str, setting: str) -> Path:
@@ -175,7 +181,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 # One line per setting: --print_config shows it, and tests/test_cli.py fails on a setting without one.
 SETTING_HELP: dict[str, str] = {
     "workdir": "run directory: every stage's outputs, checkpoints and the report go here",
-    "stages": "comma-separated stages to run, in pipeline order: curate, teacher_cache, train, eval, export, report",
+    "stages": "comma-separated stages to run, in pipeline order: curate, teacher_cache, train, grpo, eval, export, "
+              "report (grpo, the RL baseline, runs only when named)",
     "overwrite": "stages whose outputs from other settings may be deleted and redone (with every stage after them)",
     "num_rounds": "SSB rounds; each round's student is the next round's teacher and base",
     "log_level": "Python logging level of the run: DEBUG, INFO, WARNING or ERROR",
@@ -287,6 +294,40 @@ SETTING_HELP: dict[str, str] = {
     "eval.max_problems": "evaluate the first this many problems of each dataset (0: all)",
     "eval.seed": "seed of the sampled responses",
     "eval.problems_per_batch": "outputs are appended (and survive a crash) per this many problems",
+    # grpo (GRPOConfig): the RL baseline, LoRA of the train section's shape on the round-1 base
+    "grpo.steps": "GRPO iterations: sample groups for prompts_per_step questions, then update on them",
+    "grpo.prompts_per_step": "questions per iteration (from data.train, seeded shuffles, one per pass)",
+    "grpo.group_size": "samples per question (G >= 2); advantages compare a question's samples",
+    "grpo.max_new_tokens": "token budget of each sample (also Dr. GRPO's constant normaliser)",
+    "grpo.temperature": "sampling temperature of the policy's samples (> 0)",
+    "grpo.top_k": "top-k of the samples (0: off)",
+    "grpo.top_p": "top-p of the samples (1.0: off)",
+    "grpo.format_reward": "reward added for having a \\boxed answer at all (a correct answer earns 1)",
+    "grpo.grader": "answer grader of the reward: math_verify (lenient) or string_match (strict)",
+    "grpo.clip_epsilon": "PPO clip: ratios outside [1-eps, 1+eps] stop pushing",
+    "grpo.kl_beta": "weight of the k3 KL estimate to the base (LoRA off) in the loss (0: none)",
+    "grpo.loss_normalization": "token_mean (all tokens of the batch, as DAPO), sequence_mean (per sample, then "
+                               "over samples: original GRPO) or dr_grpo (sum / (samples * max_new_tokens))",
+    "grpo.scale_by_std": "divide advantages by the group's reward std (False: Dr. GRPO, mean-centred only)",
+    "grpo.advantage_eps": "added to the group std before dividing",
+    "grpo.updates_per_batch": "passes over each iteration's samples",
+    "grpo.minibatches": "optimiser steps per pass (must divide prompts_per_step * group_size)",
+    "grpo.logits_chunk": "completion positions per sequence projected to the vocabulary at once (0: all)",
+    "grpo.learning_rate": "peak learning rate of AdamW on the adapters",
+    "grpo.schedule": "learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant",
+    "grpo.warmup_steps": "linear warmup in optimiser steps",
+    "grpo.warmup_ratio": "warmup as a fraction of all optimiser steps, used when warmup_steps is 0",
+    "grpo.weight_decay": "AdamW weight decay",
+    "grpo.adam_b1": "AdamW beta1",
+    "grpo.adam_b2": "AdamW beta2",
+    "grpo.adam_eps": "AdamW epsilon",
+    "grpo.grad_clip": "global-norm gradient clip (<= 0: off)",
+    "grpo.seed": "seed of the LoRA initialisation, the question order, the samples and the minibatch order",
+    "grpo.checkpoint_every": "iterations between checkpoints (a killed run resumes from the last)",
+    "grpo.keep_checkpoints": "checkpoints kept on disk",
+    "grpo.log_every": "iterations between TensorBoard scalar writes",
+    "grpo.eval_every": "> 0: held-out evaluation every this many iterations (learning curves; a hook)",
+    "grpo.eval_problems": "held-out problems per such evaluation (0: all)",
     # export
     "export.peft_adapter": "write the student's LoRA as a PEFT adapter directory",
     "export.merged_model": "write a Hugging Face model with the LoRA merged into the weights",

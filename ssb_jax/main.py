@@ -1,7 +1,7 @@
 """`python -m ssb_jax.main --config configs/qwen3b.py [--config.key=value ...]`
 
 Runs the stages in order: (world, for the offline tiny config) curate -> teacher_cache -> train per
-round, then eval, export, report. Each stage is skipped when its outputs are complete, so rerunning
+round, then (when named in config.stages) the GRPO baseline, then eval, export, report. Each stage is skipped when its outputs are complete, so rerunning
 the same command after a crash continues where it stopped; `--config.stages=eval` runs a subset.
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ CURATION_RESUMABLE = ("target_pairs", "max_questions", "questions_per_batch", "m
 # train settings that change how the run is kept or reported, not what it computes
 TRAIN_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk")
 TEACHER_CACHE_SETTINGS = ("topk", "temperature", "length_buckets", "min_bucket", "max_seq_len")
+# grpo settings that change how the run is kept or reported, not what it computes
+GRPO_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk", "eval_every", "eval_problems")
 
 
 def _done(directory: Path) -> bool:
@@ -72,6 +74,7 @@ class Pipeline:
         self.curation = config_lib.section_to(_curation_cls(), config.curate, "config.curate")
         self.train_config = config_lib.section_to(_train_cls(), config.train, "config.train")
         self.eval_config = config_lib.section_to(_eval_cls(), config.eval, "config.eval")
+        self.grpo_config = config_lib.section_to(_grpo_cls(), config.grpo, "config.grpo")
         self.prompts = _prompts(config)
         from ssb_jax.sharding import local_mesh, make_mesh
         self.mesh = make_mesh(dict(config.mesh))
@@ -291,6 +294,76 @@ class Pipeline:
         _mark_done(out)
         log.info("export: PEFT adapter and merged model in %s", out)
 
+    def grpo_fingerprint(self) -> dict:
+        """The GRPO baseline: the round-1 base, the training questions, the prompt, its settings and the
+        adapters' shape (the train section's)."""
+        from ssb_jax import fingerprint as fp
+        d = self.config.data
+        return {"base": self.base_identity(1), "prompts": dataclasses.asdict(self.prompts),
+                "max_prompt_tokens": self.config.sampler.max_prompt_tokens,
+                "lora": self.train_config.lora_config().to_dict(),
+                "settings": {k: v for k, v in self.grpo_config.to_dict().items() if k not in GRPO_OPERATIONAL},
+                "data": {"train": fp.dataset_identity(d.train), "question_field": d.question_field,
+                         "answer_field": d.answer_field, "on_bad_line": d.on_bad_line}}
+
+    def grpo(self, base):
+        """The GRPO baseline on data.train from the round-1 base, with LoRA of the SSB student's shape;
+        its adapters are exported to grpo/export (PEFT, and merged when export.merged_model).
+        base: a function giving the base on the global mesh."""
+        from ssb_jax.data.datasets import load_problems
+        from ssb_jax.grpo import run as grpo_run
+        out = self.workdir / "grpo"
+        self._check_fingerprint(out, "grpo", self.grpo_fingerprint())
+        if _done(out):
+            log.info("grpo: complete, skipped")
+            return
+        d = self.config.data
+        problems = load_problems(d.train, question_field=d.question_field or None,
+                                 answer_field=d.answer_field or None, on_bad_line=d.on_bad_line)
+        lora_config = self.train_config.lora_config()
+        from ssb_jax.model.lora import init_lora
+        sampler = self.sampler(self.base_model, init_lora(self.model_config, lora_config, jax.random.key(0)),
+                               lora_config)
+        log.info("grpo: %d questions from %s, %d iterations of %d x %d samples", len(problems), d.train,
+                 self.grpo_config.steps, self.grpo_config.prompts_per_step, self.grpo_config.group_size)
+        result = grpo_run.run(self.grpo_config, self.model_config, lora_config, base(), sampler, problems,
+                              self.tokenizer, out, prompts=self.prompts, mesh=self.mesh, held_out=self._grpo_held_out())
+        if result["interrupted"]:
+            return
+        if jax.process_index() == 0:
+            from ssb_jax.distributed import to_host
+            from ssb_jax.export import export_merged_model, export_peft_adapter
+            lora = result["lora"] if jax.process_count() == 1 else to_host(result["lora"])
+            export_peft_adapter(lora, lora_config, out / "export" / "peft_adapter", self.config.model.path,
+                                tokenizer=self.tokenizer)
+            if self.config.export.merged_model:
+                export_merged_model(self.base_model, lora, lora_config, self.model_config, out / "export" / "merged",
+                                    tokenizer=self.tokenizer, dtype=self.config.export.merged_dtype or None)
+        last = result["history"][-1] if result["history"] else {}
+        _mark_done(out, iterations=result["iterations"], final_metrics=last)
+
+    def _grpo_held_out(self):
+        """Held-out learning curves during GRPO (grpo.eval_every): the hook for the periodic evaluation
+        module once it exists; until then none is run."""
+        if self.grpo_config.eval_every:
+            log.warning("grpo.eval_every=%d: periodic held-out evaluation is not available yet; skipped",
+                        self.grpo_config.eval_every)
+        return None
+
+    def grpo_student(self):
+        """The GRPO baseline's adapters on the sampling mesh (from its exported PEFT adapter) and their
+        LoraConfig."""
+        from safetensors.numpy import load_file
+        from ssb_jax.export import ADAPTER_WEIGHTS
+        from ssb_jax.model.lora import lora_from_peft
+        lora_config = self.train_config.lora_config()
+        tensors = load_file(str(self.workdir / "grpo" / "export" / "peft_adapter" / ADAPTER_WEIGHTS))
+        lora = lora_from_peft(tensors, self.model_config, lora_config)
+        if self.sample_mesh.size > 1:
+            from ssb_jax.sharding import shard_state
+            lora = shard_state(lora, self.sample_mesh)
+        return lora, lora_config
+
     def report(self, warnings=()):
         from ssb_jax.report import write_report
         if jax.process_index() == 0:
@@ -325,6 +398,8 @@ class Pipeline:
                                  "include the train stage")
             if trained and (r < last or {"eval", "export"} & set(self.stages)):
                 _, sample_lora, lora_config = self.student(r)
+        if "grpo" in self.stages:
+            self.grpo(lambda: self.global_base())
         if "eval" in self.stages:
             from ssb_jax.fingerprint import digest
             models = {"base": (self.base_model,)}
@@ -332,6 +407,10 @@ class Pipeline:
             if sample_lora is not None:
                 models["student"] = (model, sample_lora, lora_config)
                 identities["student"] = digest({"base": self.base_identity(last), "student": self._student_digest(last)})
+            if _done(self.workdir / "grpo"):  # the RL baseline, when its stage ran
+                from ssb_jax.fingerprint import read
+                models["grpo"] = (self.base_model, *self.grpo_student())
+                identities["grpo"] = digest({"base": self.base_identity(1), "grpo": digest(read(self.workdir / "grpo"))})
             self._evaluate_or_overwrite(models, identities)
         if "export" in self.stages and sample_lora is not None:
             self._check_fingerprint(self.workdir / "export", "export", {
@@ -399,6 +478,11 @@ def _curation_cls():
 def _train_cls():
     from ssb_jax.distill.config import TrainConfig
     return TrainConfig
+
+
+def _grpo_cls():
+    from ssb_jax.grpo.config import GRPOConfig
+    return GRPOConfig
 
 
 def _eval_cls():

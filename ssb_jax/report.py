@@ -48,6 +48,15 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
             plot = rdir / "train" / "training.png"
             if plot.exists():
                 lines += [f"![training dynamics]({plot.relative_to(workdir)})", ""]
+    grpo = _json(workdir / "grpo" / "DONE.json")
+    if grpo:
+        m = grpo.get("final_metrics", {})
+        lines += ["## GRPO baseline", "", f"{grpo.get('iterations')} iterations; last iteration: mean reward "
+                  f"{m.get('reward_mean', float('nan')):.3f}, sample accuracy {m.get('accuracy', float('nan')):.3f}, "
+                  f"mean completion length {m.get('completion_len_mean', float('nan')):.1f} tokens, "
+                  f"{m.get('sampled_tokens', 0)} tokens sampled in all.", ""]
+        if (workdir / "grpo" / "grpo.png").exists():
+            lines += ["![GRPO dynamics](grpo/grpo.png)", ""]
     table = workdir / "eval" / "results.md"
     if table.exists():
         lines += ["## Evaluation", "", table.read_text().strip(), ""]

@@ -64,6 +64,26 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def resume_metrics(workdir: Path, start: int) -> Path:
+    """metrics.jsonl holding the records of steps <= start only (none when starting afresh); its path."""
+    path = workdir / METRICS_FILE
+    if start:
+        _truncate_metrics(path, start)
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+def write_record(record: dict, metrics_path: Path, writer, tag: str) -> None:
+    """Append one step's record to metrics.jsonl and, given a TensorBoard writer, its scalars under `tag`/."""
+    with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step":
+                writer.add_scalar(f"{tag}/{k}", v, record["step"])
+
+
 def plot_metrics(workdir, out: str | Path | None = None) -> Path | None:
     """PNG of loss (and T²-free KL), gradient norm and mean answer length per step."""
     history = read_metrics(workdir)
@@ -138,11 +158,7 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
         state = restored.state
         iterator.set_state(restored.data)
         log.info("resumed from step %d", start)
-    metrics_path = workdir / METRICS_FILE
-    if start:
-        _truncate_metrics(metrics_path, start)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    metrics_path = resume_metrics(workdir, start)
     if jax.process_index() == 0:
         (workdir / "train_config.json").write_text(tc.to_json())
         (workdir / "lora_config.json").write_text(json.dumps(lora_config.to_dict(), indent=2))
@@ -175,12 +191,7 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
                       "answer_tokens_per_s": metrics["answer_tokens"] / elapsed}
             history.append(record)
             if jax.process_index() == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None and (step + 1) % tc.log_every == 0:
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step + 1)
+                write_record(record, metrics_path, writer if (step + 1) % tc.log_every == 0 else None, "train")
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", kl=f"{metrics['kl']:.3g}", gnorm=f"{metrics['grad_norm']:.3g}")
             if stop_after is not None and step + 1 - start >= stop_after and step + 1 < total:

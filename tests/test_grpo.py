@@ -205,3 +205,56 @@ def test_sampler_takes_new_adapters_in_place_without_recompiling(tiny, rng):
     fresh = Sampler(with_adapters(model, second, lora_config), batch_size=4, max_prompt_tokens=16,
                     show_progress=False).generate_ids(prompts, params, n=2, seed=3)
     assert [[c.token_ids for c in row] for row in updated] == [[c.token_ids for c in row] for row in fresh]
+
+
+# ----------------------------------------------------------------------------- the pipeline stage
+
+# On top of tests/test_main.py's reduced world: a smaller, shorter-trained one (GRPO only has to run).
+GRPO_RUN = ["--config.world.num_train=48", "--config.world.num_test=8", "--config.world.pretrain_steps=200",
+            "--config.world.pretrain_pool=1000", "--config.sampler.batch_size=8",
+            "--config.grpo.steps=4", "--config.grpo.prompts_per_step=4", "--config.grpo.group_size=4",
+            "--config.grpo.max_new_tokens=48", "--config.grpo.checkpoint_every=1", "--config.grpo.kl_beta=0.04",
+            "--config.grpo.learning_rate=1e-3", "--config.export.merged_model=False",
+            "--config.eval.n_samples=0", "--config.eval.max_problems=4", "--config.eval.max_new_tokens=48"]
+
+
+def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+    from tests.test_main import _check, pipeline
+    workdir = tmp_path / "run"
+    metrics = workdir / "grpo" / "metrics.jsonl"
+    proc = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "grpo finished (or failed) before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "grpo" / "DONE.json").exists()
+
+    log = _check(pipeline(workdir, *GRPO_RUN, "--config.stages=grpo,eval,report"))
+    assert "grpo: resumed after iteration" in log
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # none twice, none missing
+    for key in ("reward_mean", "accuracy", "completion_len_mean", "truncated_share", "kl", "clip_fraction", "loss",
+                "grad_norm", "sampled_tokens"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    tokens = [r["sampled_tokens"] for r in records]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    for relative in ("grpo/DONE.json", "grpo/grpo.png", "grpo/FINGERPRINT.json",
+                     "grpo/export/peft_adapter/adapter_model.safetensors", "grpo/export/peft_adapter/adapter_config.json"):
+        assert (workdir / relative).exists(), relative
+    assert list((workdir / "grpo" / "tb").iterdir())
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    assert {row["model"] for row in results["rows"]} == {"base", "grpo"}
+    assert "GRPO baseline" in (workdir / "report.md").read_text()
+
+    # a changed GRPO setting stops the stage rather than mixing runs
+    stale = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", "--config.grpo.clip_epsilon=0.3")
+    assert stale.returncode != 0 and "config.overwrite=grpo" in stale.stderr, stale.stderr[-2000:]

@@ -1,0 +1,274 @@
+"""The GRPO stage: per iteration, sample a group of completions per question from the current policy
+(base + LoRA), grade them, and update the adapters on the group-normalised advantages.
+
+    result = run(gc, model_config, lora_config, model, sampler, problems, tokenizer, workdir, mesh=mesh)
+
+`sampler` is a Sampler of the student (the base with adapters of `lora_config`'s shape); each iteration
+writes the current adapters into it (`Sampler.set_adapters`), so its compiled programs are reused.
+Iteration i reads questions [i·P, (i+1)·P) of a sequence of seeded shuffles of `problems` (one per
+pass) and samples with a seed derived from i, so the data position is the iteration count and a
+resumed run redoes an interrupted iteration's rollouts from the same adapters and keys.
+
+workdir gets: checkpoints/ (orbax: adapters, optimiser state, update count; JSON: iteration and
+sampled tokens so far), metrics.jsonl (one record per iteration), tb/ (TensorBoard), grpo.png,
+grpo_config.json, lora_config.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ssb_jax.data.datasets import Problem
+from ssb_jax.distill.step import base_state_for_training
+from ssb_jax.grading import grade_response
+from ssb_jax.grpo.config import GRPOConfig
+from ssb_jax.grpo.loss import group_advantages
+from ssb_jax.grpo.step import GRPOStep, rollout_batch
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.lora import LoraConfig, as_lora_state
+from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
+from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
+from ssb_jax.sampling.driver import power_of_two_buckets
+from ssb_jax.sampling.sampler import SamplingParams
+from ssb_jax.train import _abstract, read_metrics, resume_metrics, write_record
+
+log = logging.getLogger(__name__)
+
+PLOT_FILE = "grpo.png"
+# Plotted, one panel each (a key missing from the records is skipped).
+PLOTTED = (("reward_mean", "mean reward"), ("accuracy", "accuracy of the samples"),
+           ("completion_len_mean", "mean completion length (tokens)"), ("truncated_share", "share cut at max_new_tokens"),
+           ("kl", "KL to the base (k3, per token)"), ("clip_fraction", "clipped share of tokens"),
+           ("loss", "loss"), ("grad_norm", "gradient norm (before clipping)"))
+
+
+def questions_for(iteration: int, problems: Sequence[Problem], gc: GRPOConfig) -> list[Problem]:
+    """The questions of an iteration: consecutive slices of seeded shuffles of `problems`, one shuffle
+    per pass, so any iteration's questions follow from its number alone."""
+    P, N = gc.prompts_per_step, len(problems)
+    out = []
+    for position in range(iteration * P, (iteration + 1) * P):
+        epoch, index = divmod(position, N)
+        order = list(range(N))
+        random.Random(f"{gc.seed}:{epoch}").shuffle(order)
+        out.append(problems[order[index]])
+    return out
+
+
+def reward(text: str, gold: str, gc: GRPOConfig) -> tuple[float, bool, bool]:
+    """(reward, correct, has a \\boxed answer): 1 for a correct answer, plus format_reward for any answer."""
+    graded = grade_response(text, gold, grader=gc.grader)
+    has_answer = graded.answer is not None
+    return float(graded.correct) + gc.format_reward * has_answer, graded.correct, has_answer
+
+
+def _checkpoint_manager(workdir: Path, gc: GRPOConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=gc.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=("state", "progress"),
+                                 options=options)
+
+
+def _data_parallel(mesh) -> int:
+    from ssb_jax.sharding import BATCH_AXES
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, model, sampler, problems: Sequence[Problem],
+        tokenizer, workdir, *, prompts: PromptSet = DEFAULT_PROMPTS, mesh=None, resume: bool = True,
+        stop_after: int | None = None, progress: bool = True, tensorboard: bool = True, plot: bool = True,
+        held_out: Callable[[int, object], dict] | None = None) -> dict:
+    """Run (or resume) GRPO; returns {"state", "lora", "history", "iterations", "interrupted"}.
+
+    model: the frozen base on `mesh` (the training mesh). stop_after: stop after this many iterations
+    of this call without a final checkpoint (simulates a kill). held_out: called as
+    held_out(iteration, sampler) every gc.eval_every iterations (the sampler holds the current
+    adapters); the numbers it returns join that iteration's metrics record.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    limit = getattr(sampler, "max_prompt_tokens", None) or float("inf")
+    encoded = [(p, encode_chat(tokenizer, prompts.student_messages(p.question))) for p in problems]
+    usable = [(p, ids) for p, ids in encoded if len(ids) <= limit]
+    if len(usable) < len(encoded):
+        log.warning("grpo: %d of %d questions have prompts longer than %s tokens; left out",
+                    len(encoded) - len(usable), len(encoded), limit)
+    if not usable:
+        raise ValueError("grpo: no question has a prompt short enough to sample")
+    prompt_ids = {p.id: ids for p, ids in usable}
+    problems = [p for p, _ in usable]
+    sampling = SamplingParams(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature, top_k=gc.top_k,
+                              top_p=gc.top_p, stop_ids=tuple(stop_token_ids(tokenizer)))
+    longest_prompt = max(len(ids) for ids in prompt_ids.values())
+    length_buckets = power_of_two_buckets(16, longest_prompt + gc.max_new_tokens)
+
+    step = GRPOStep(model_config, lora_config, gc, mesh)
+    base_state = base_state_for_training(model, mesh)
+    state = step.init_state(jax.random.key(gc.seed))
+    manager = _checkpoint_manager(workdir, gc)
+    start, sampled_tokens = 0, 0
+    if resume and manager.latest_step() is not None:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state)), progress=ocp.args.JsonRestore()))
+        state = restored.state
+        start, sampled_tokens = int(restored.progress["iteration"]), int(restored.progress["sampled_tokens"])
+        log.info("grpo: resumed after iteration %d", start)
+    metrics_path = resume_metrics(workdir, start)
+    main_process = jax.process_index() == 0
+    if main_process:
+        (workdir / "grpo_config.json").write_text(gc.to_json())
+        (workdir / "lora_config.json").write_text(json.dumps(lora_config.to_dict(), indent=2))
+    writer = None
+    if tensorboard and main_process:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(workdir / "tb"), purge_step=start + 1 if start else None)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=gc.steps, initial=start, disable=not progress or not main_process, desc="grpo")
+    rows_multiple = _data_parallel(mesh)
+
+    def save(iteration):
+        manager.save(iteration, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave({"iteration": iteration, "sampled_tokens": sampled_tokens})), force=True)
+
+    history, interrupted = [], False
+    try:
+        for iteration in range(start, gc.steps):
+            t0 = time.perf_counter()
+            chosen = questions_for(iteration, problems, gc)
+            sampler.set_adapters(_for_sampler(state["lora"]))
+            groups = sampler.generate_ids([prompt_ids[p.id] for p in chosen], sampling, n=gc.group_size,
+                                          seed=(gc.seed * 1_000_003 + iteration) % (1 << 31),
+                                          ids=[p.id for p in chosen])
+            sample_time = time.perf_counter() - t0
+            graded = [reward(c.text, p.answer, gc) for p, group in zip(chosen, groups) for c in group]
+            completions = [c for group in groups for c in group]
+            rewards = np.array([g[0] for g in graded])
+            advantages = group_advantages(rewards, gc.group_size, scale_by_std=gc.scale_by_std, eps=gc.advantage_eps)
+            sampled_tokens += sum(len(c.token_ids) for c in completions)
+
+            t1 = time.perf_counter()
+            samples = [prompt_ids[p.id] for p in chosen for _ in range(gc.group_size)]
+            state, update_metrics = _update(step, state, base_state, samples, [c.token_ids for c in completions],
+                                            advantages, gc, length_buckets, rows_multiple, iteration)
+            update_time = time.perf_counter() - t1
+            lengths = np.array([len(c.token_ids) for c in completions])
+            record = {"step": iteration + 1, "reward_mean": float(rewards.mean()),
+                      "accuracy": float(np.mean([g[1] for g in graded])),
+                      "answer_rate": float(np.mean([g[2] for g in graded])),
+                      "groups_with_signal": float(np.mean(rewards.reshape(-1, gc.group_size).std(1) > 0)),
+                      "completion_len_mean": float(lengths.mean()),
+                      "truncated_share": float(np.mean([c.finish_reason == "length" for c in completions])),
+                      **update_metrics, "sampled_tokens": sampled_tokens,
+                      "sample_time_s": sample_time, "update_time_s": update_time}
+            if held_out is not None and gc.eval_every and (iteration + 1) % gc.eval_every == 0:
+                sampler.set_adapters(_for_sampler(state["lora"]))
+                record.update(held_out(iteration + 1, sampler))
+            history.append(record)
+            if main_process:
+                write_record(record, metrics_path, writer if (iteration + 1) % gc.log_every == 0 else None, "grpo")
+            bar.update(1)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3g}")
+            if stop_after is not None and iteration + 1 - start >= stop_after and iteration + 1 < gc.steps:
+                interrupted = True
+                break
+            if (iteration + 1) % gc.checkpoint_every == 0 or iteration + 1 == gc.steps:
+                save(iteration + 1)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        manager.close()
+    if plot and main_process:
+        plot_metrics(workdir)
+    return {"state": state, "lora": as_lora_state(state["lora"], model_config, lora_config), "history": history,
+            "iterations": gc.steps, "interrupted": interrupted, "start": start}
+
+
+def _for_sampler(lora):
+    """The adapters as the sampler (on this process's devices) can take them: a copy, since the
+    update donates the training state's arrays."""
+    if jax.process_count() == 1:
+        return jax.tree_util.tree_map(lambda x: x.copy(), lora)
+    from ssb_jax.distributed import to_host
+    return to_host(lora)
+
+
+def _update(step: GRPOStep, state, base_state, prompts, completions, advantages, gc: GRPOConfig, length_buckets,
+            rows_multiple: int, iteration: int):
+    """Old (and reference) log-probs in fixed minibatches, then updates_per_batch shuffled passes of
+    `minibatches` optimiser steps; returns (state, metrics averaged over the steps)."""
+    N = len(completions)
+    # one padding row at index N; every minibatch is padded with it to a multiple of the data-parallel size
+    full = rollout_batch(list(prompts) + [[0]], list(completions) + [[]], max_len=gc.max_new_tokens,
+                         length_buckets=length_buckets)
+    size = N // gc.minibatches
+    padded = -(-size // rows_multiple) * rows_multiple
+
+    def rows(index):
+        index = np.concatenate([index, np.full(padded - len(index), N)])
+        return {k: v[index] for k, v in full.items()}
+
+    old = np.zeros((N + 1, gc.max_new_tokens), np.float32)
+    ref = np.zeros_like(old)
+    for begin in range(0, N, size):
+        index = np.arange(begin, begin + size)
+        minibatch = rows(index)
+        old[index] = step.logprobs(state["lora"], base_state, minibatch)[:size]
+        ref[index] = step.logprobs(None, base_state, minibatch)[:size]
+    full.update(old_logprobs=old, ref_logprobs=ref, advantages=np.append(advantages, 0.0).astype(np.float32))
+    mask = full["completion_mask"][:N]
+    k3 = np.exp(ref[:N] - old[:N]) - (ref[:N] - old[:N]) - 1
+    totals, count = {}, 0
+    order_rng = np.random.default_rng([gc.seed, iteration])
+    for _ in range(gc.updates_per_batch):
+        permutation = order_rng.permutation(N)
+        for begin in range(0, N, size):
+            state, metrics = step.update(state, base_state, rows(permutation[begin:begin + size]))
+            for k, v in jax.device_get(metrics).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+    out = {k: v / count for k, v in totals.items() if k != "completion_tokens"}
+    # the sampling policy's KL to the base, whether or not the loss holds a KL term
+    out["kl"] = float((k3 * mask).sum() / max(mask.sum(), 1))
+    out["updates"] = int(jax.device_get(state["step"]))
+    return state, out
+
+
+def plot_metrics(workdir, out=None) -> Path | None:
+    """PNG of the GRPO metrics per iteration, plus reward against sampled tokens."""
+    history = read_metrics(workdir)
+    if not history:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(k, title) for k, title in PLOTTED if k in history[0]]
+    fig, axes = plt.subplots(2, (len(panels) + 2) // 2, figsize=(4 * ((len(panels) + 2) // 2), 7))
+    axes = axes.ravel()
+    steps = [h["step"] for h in history]
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    ax = axes[len(panels)]
+    ax.plot([h["sampled_tokens"] for h in history], [h["reward_mean"] for h in history])
+    ax.set_title("mean reward vs sampled tokens")
+    ax.set_xlabel("sampled tokens")
+    for ax in axes[len(panels) + 1:]:
+        ax.axis("off")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else Path(workdir) / PLOT_FILE
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
