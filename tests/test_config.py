@@ -52,6 +52,16 @@ def test_configs_load():
     assert config_lib.load_config_file(str(CONFIGS / "qwen3b.py")).curate.target_pairs == 256
 
 
+def test_grpo_baseline_config_has_the_students_lora_shape():
+    from ssb_jax.grpo.config import GRPOConfig
+    ssb, grpo = (config_lib.load_config_file(str(CONFIGS / f"{name}.py")) for name in ("qwen3b", "qwen3b_grpo"))
+    assert "grpo" in config_lib.stage_list(grpo) and "grpo" not in config_lib.stage_list(ssb)
+    assert dict(grpo.train) == dict(ssb.train) and dict(grpo.data) == dict(ssb.data)
+    lora = config_lib.section_to(TrainConfig, grpo.train, "config.train").lora_config()
+    assert (lora.rank, lora.alpha, len(lora.targets)) == (32, 32.0, 7)
+    config_lib.section_to(GRPOConfig, grpo.grpo, "config.grpo")
+
+
 def test_distributed_switch(monkeypatch):
     settings = types.SimpleNamespace(initialize="auto", coordinator_address="", num_processes=0, process_id=-1)
     for name in ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS",
@@ -83,10 +93,17 @@ def test_distributed_switch(monkeypatch):
     ("eval", "temperature", -1.0, "config.eval: temperature must be >= 0"),
     ("eval", "top_p", 0.0, "config.eval: top_p must be in (0, 1]"),
     ("eval", "top_p", 1.01, "config.eval: top_p must be in (0, 1]"),
+    ("grpo", "group_size", 1, "config.grpo: group_size must be >= 2"),
+    ("grpo", "clip_epsilon", -0.2, "config.grpo: clip_epsilon must be >= 0"),
+    ("grpo", "kl_beta", -1.0, "config.grpo: kl_beta must be >= 0"),
+    ("grpo", "loss_normalization", "mean", "config.grpo: loss_normalization must be one of"),
+    ("grpo", "temperature", 0.0, "config.grpo: temperature must be > 0"),
+    ("grpo", "top_p", 0.0, "config.grpo: top_p must be in (0, 1]"),
 ])
 def test_absurd_values_are_refused_by_name(section, key, value, expected):
     from ssb_jax.evaluate import EvalConfig
-    classes = {"train": TrainConfig, "curate": CurationConfig, "eval": EvalConfig}
+    from ssb_jax.grpo.config import GRPOConfig
+    classes = {"train": TrainConfig, "curate": CurationConfig, "eval": EvalConfig, "grpo": GRPOConfig}
     c = config_lib.base_config()
     c[section][key] = value
     with pytest.raises(ValueError) as error:
@@ -112,7 +129,9 @@ def test_overwrite_allows_the_named_stage_and_every_later_one():
     c = config_lib.base_config()
     assert config_lib.overwrite_stages(c) == set()
     c.overwrite = "teacher_cache"
-    assert config_lib.overwrite_stages(c) == {"teacher_cache", "train", "eval", "export"}
+    assert config_lib.overwrite_stages(c) == {"teacher_cache", "train", "eval", "export"}  # grpo reads none of them
+    c.overwrite = "grpo"
+    assert config_lib.overwrite_stages(c) == {"grpo", "eval", "export"}
     c.overwrite = "trian"
     with pytest.raises(ValueError, match=r"unknown stage 'trian' in config.overwrite.*did you mean 'train'"):
         config_lib.overwrite_stages(c)
