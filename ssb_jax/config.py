@@ -326,8 +326,6 @@ SETTING_HELP: dict[str, str] = {
     "grpo.checkpoint_every": "iterations between checkpoints (a killed run resumes from the last)",
     "grpo.keep_checkpoints": "checkpoints kept on disk",
     "grpo.log_every": "iterations between TensorBoard scalar writes",
-    "grpo.eval_every": "> 0: held-out evaluation every this many iterations (learning curves; a hook)",
-    "grpo.eval_problems": "held-out problems per such evaluation (0: all)",
     # export
     "export.peft_adapter": "write the student's LoRA as a PEFT adapter directory",
     "export.merged_model": "write a Hugging Face model with the LoRA merged into the weights",

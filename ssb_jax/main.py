@@ -27,7 +27,7 @@ CURATION_RESUMABLE = ("target_pairs", "max_questions", "questions_per_batch", "m
 TRAIN_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk")
 TEACHER_CACHE_SETTINGS = ("topk", "temperature", "length_buckets", "min_bucket", "max_seq_len")
 # grpo settings that change how the run is kept or reported, not what it computes
-GRPO_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk", "eval_every", "eval_problems")
+GRPO_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk")
 
 
 def _done(directory: Path) -> bool:
@@ -327,7 +327,7 @@ class Pipeline:
         log.info("grpo: %d questions from %s, %d iterations of %d x %d samples", len(problems), d.train,
                  self.grpo_config.steps, self.grpo_config.prompts_per_step, self.grpo_config.group_size)
         result = grpo_run.run(self.grpo_config, self.model_config, lora_config, base(), sampler, problems,
-                              self.tokenizer, out, prompts=self.prompts, mesh=self.mesh, held_out=self._grpo_held_out())
+                              self.tokenizer, out, prompts=self.prompts, mesh=self.mesh, curve=self._grpo_curve(out))
         if result["interrupted"]:
             return
         if jax.process_index() == 0:
@@ -342,12 +342,11 @@ class Pipeline:
         last = result["history"][-1] if result["history"] else {}
         _mark_done(out, iterations=result["iterations"], final_metrics=last)
 
-    def _grpo_held_out(self):
-        """Held-out learning curves during GRPO (grpo.eval_every): the hook for the periodic evaluation
-        module once it exists; until then none is run."""
-        if self.grpo_config.eval_every:
-            log.warning("grpo.eval_every=%d: periodic held-out evaluation is not available yet; skipped",
-                        self.grpo_config.eval_every)
+    def _grpo_curve(self, out: Path):
+        """The GRPO baseline's learning curve (held-out greedy accuracy and length per iteration), or None.
+        The hook for the curves branch's LearningCurve: once it is merged this returns
+        `self.learning_curve(self.base_model, self.train_config, out / "metrics.jsonl", "grpo")`
+        (the GRPO adapters have the train section's LoRA shape; curves.eval_every counts iterations)."""
         return None
 
     def grpo_student(self):

@@ -50,15 +50,12 @@ class GRPOConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     log_every: int = 1
-    eval_every: int = 0              # > 0: held-out greedy accuracy every this many iterations (learning curves)
-    eval_problems: int = 0           # held-out problems per such evaluation (0: all)
 
     def __post_init__(self):
         validate.positive(self, "steps", "prompts_per_step", "max_new_tokens", "learning_rate", "updates_per_batch",
                           "minibatches", "checkpoint_every", "keep_checkpoints", "log_every", "advantage_eps")
         validate.non_negative(self, "temperature", "top_k", "format_reward", "clip_epsilon", "kl_beta",
-                              "logits_chunk", "warmup_steps", "warmup_ratio", "weight_decay", "adam_eps",
-                              "eval_every", "eval_problems")
+                              "logits_chunk", "warmup_steps", "warmup_ratio", "weight_decay", "adam_eps")
         validate.probability(self, "top_p")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples of a question), "

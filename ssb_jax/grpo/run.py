@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -85,13 +85,15 @@ def _data_parallel(mesh) -> int:
 def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, model, sampler, problems: Sequence[Problem],
         tokenizer, workdir, *, prompts: PromptSet = DEFAULT_PROMPTS, mesh=None, resume: bool = True,
         stop_after: int | None = None, progress: bool = True, tensorboard: bool = True, plot: bool = True,
-        held_out: Callable[[int, object], dict] | None = None) -> dict:
+        curve=None) -> dict:
     """Run (or resume) GRPO; returns {"state", "lora", "history", "iterations", "interrupted"}.
 
     model: the frozen base on `mesh` (the training mesh). stop_after: stop after this many iterations
-    of this call without a final checkpoint (simulates a kill). held_out: called as
-    held_out(iteration, sampler) every gc.eval_every iterations (the sampler holds the current
-    adapters); the numbers it returns join that iteration's metrics record.
+    of this call without a final checkpoint (simulates a kill). curve: a learning curve of held-out
+    greedy accuracy (the curves branch's `LearningCurve`, or anything with its
+    `maybe_record(step, total_steps, lora, sampled_tokens, writer)`), called with the iteration as the
+    step, before the first iteration and after each one, before that iteration's checkpoint; its
+    points go to metrics.jsonl with "kind": "curve".
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,8 @@ def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, mode
 
     history, interrupted = [], False
     try:
+        if curve is not None:
+            curve.maybe_record(0, gc.steps, state["lora"], sampled_tokens, writer=writer)
         for iteration in range(start, gc.steps):
             t0 = time.perf_counter()
             chosen = questions_for(iteration, problems, gc)
@@ -169,9 +173,6 @@ def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, mode
                       "truncated_share": float(np.mean([c.finish_reason == "length" for c in completions])),
                       **update_metrics, "sampled_tokens": sampled_tokens,
                       "sample_time_s": sample_time, "update_time_s": update_time}
-            if held_out is not None and gc.eval_every and (iteration + 1) % gc.eval_every == 0:
-                sampler.set_adapters(_for_sampler(state["lora"]))
-                record.update(held_out(iteration + 1, sampler))
             history.append(record)
             if main_process:
                 write_record(record, metrics_path, writer if (iteration + 1) % gc.log_every == 0 else None, "grpo")
@@ -180,6 +181,8 @@ def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, mode
             if stop_after is not None and iteration + 1 - start >= stop_after and iteration + 1 < gc.steps:
                 interrupted = True
                 break
+            if curve is not None:
+                curve.maybe_record(iteration + 1, gc.steps, state["lora"], sampled_tokens, writer=writer)
             if (iteration + 1) % gc.checkpoint_every == 0 or iteration + 1 == gc.steps:
                 save(iteration + 1)
     finally:
@@ -245,7 +248,7 @@ def _update(step: GRPOStep, state, base_state, prompts, completions, advantages,
 
 def plot_metrics(workdir, out=None) -> Path | None:
     """PNG of the GRPO metrics per iteration, plus reward against sampled tokens."""
-    history = read_metrics(workdir)
+    history = [h for h in read_metrics(workdir) if "kind" not in h]  # learning-curve points have a kind
     if not history:
         return None
     import matplotlib
