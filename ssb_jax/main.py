@@ -322,8 +322,10 @@ class Pipeline:
                                  answer_field=d.answer_field or None, on_bad_line=d.on_bad_line)
         lora_config = self.train_config.lora_config()
         from ssb_jax.model.lora import init_lora
-        sampler = self.sampler(self.base_model, init_lora(self.model_config, lora_config, jax.random.key(0)),
-                               lora_config)
+        # adapters placed as the trained ones will be: set_adapters keeps this placement
+        placed = init_lora(self.model_config, lora_config, jax.random.key(0),
+                           mesh=self.sample_mesh if self.sample_mesh.size > 1 else None)
+        sampler = self.sampler(self.base_model, placed, lora_config)
         log.info("grpo: %d questions from %s, %d iterations of %d x %d samples", len(problems), d.train,
                  self.grpo_config.steps, self.grpo_config.prompts_per_step, self.grpo_config.group_size)
         result = grpo_run.run(self.grpo_config, self.model_config, lora_config, base(), sampler, problems,

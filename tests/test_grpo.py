@@ -122,6 +122,17 @@ def test_chunked_target_logprobs_and_gradient_match_numpy(rng, chunk):
     np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(cotangent))[0]), want_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_questions_follow_from_the_iteration_number_and_cover_each_pass():
+    from ssb_jax.data.datasets import Problem
+    from ssb_jax.grpo.run import questions_for
+    problems = [Problem(id=f"q{i}", question=str(i), answer=str(i), source="test") for i in range(10)]
+    gc = GRPOConfig(prompts_per_step=4, group_size=2)
+    seen = [p.id for i in range(5) for p in questions_for(i, problems, gc)]  # two passes
+    assert sorted(seen[:10]) == sorted(seen[10:]) == sorted(p.id for p in problems)
+    assert seen[:10] != seen[10:]  # each pass its own shuffle
+    assert [p.id for p in questions_for(3, problems, gc)] == seen[12:16]  # no state: a resumed run agrees
+
+
 def test_settings_are_range_checked():
     with pytest.raises(ValueError, match="group_size"):
         GRPOConfig(group_size=1)
