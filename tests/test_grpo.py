@@ -179,6 +179,27 @@ def _one_group_update(tiny, rng, rewards, **settings):
     return per_sample(before), per_sample(after), metrics, lora_before, state["lora"]
 
 
+def test_completion_logprobs_are_the_models_at_the_completion_positions_and_temperature(tiny, rng):
+    """Against the model's own full logits (float64 log-softmax of logits / T), read where each
+    completion token was predicted: position prompt_len - 1 + j."""
+    from flax import nnx
+    from ssb_jax.grpo.step import completion_logprobs, rollout_batch
+    config, model, _ = tiny
+    prompts = [rng.integers(0, 64, rng.integers(2, 7)).tolist() for _ in range(3)]
+    completions = [rng.integers(0, 64, rng.integers(1, 6)).tolist() for _ in range(3)]
+    batch = rollout_batch(prompts, completions, max_len=6, length_buckets=[16], rows=4)
+    graphdef, state = nnx.split(model)
+    got = np.asarray(completion_logprobs(graphdef, (state,), batch, chunk=4, temperature=0.7))
+    logits, _ = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]), jnp.asarray(batch["mask"]))
+    scaled = np.asarray(logits, np.float64) / 0.7
+    log_softmax = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - scaled.max(-1, keepdims=True)
+    for r, (prompt, completion) in enumerate(zip(prompts, completions)):
+        want = [log_softmax[r, len(prompt) - 1 + j, token] for j, token in enumerate(completion)]
+        np.testing.assert_allclose(got[r, :len(completion)], want, rtol=1e-5, atol=1e-5)
+    assert not batch["completion_mask"][3].any()  # the padding row has no completion
+
+
 def test_the_one_right_sample_gains_probability_and_the_others_lose_it(tiny, rng):
     rewards = np.zeros(4)
     rewards[rng.integers(4)] = 1.0

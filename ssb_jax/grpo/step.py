@@ -6,7 +6,9 @@ are gathered and projected to the vocabulary, chunk by chunk (distill.loss.targe
 [B, T, V] logits exist. The sampling-time log-probs that the ratio divides by are recomputed here, by
 the same program shape as the update's forward pass (`GRPOStep.logprobs`), not taken from the sampler:
 its decode runs in another layout and, for bf16 models, another precision, and a ratio of two
-numerics would not be 1 for an unchanged policy.
+numerics would not be 1 for an unchanged policy. The policy is the model at the sampling temperature
+(logits / T, as the samples were drawn; top-k / top-p truncation is not modelled), and so is the
+reference the KL term compares it with.
 
 Like distill.step, the update is a pure function of the graph definitions, the adapter/optimizer state
 (donated), the frozen base state and the batch, optimises the adapters only and is sharded by the
@@ -69,17 +71,20 @@ def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
             "completion_ids": ids, "completion_mask": completion_mask}
 
 
-def completion_logprobs(graphdef, states, batch: Mapping, chunk: int):
-    """Log-probs [B, A] of the completion tokens under the model (graphdef merged with `states`)."""
+def completion_logprobs(graphdef, states, batch: Mapping, chunk: int, temperature: float = 1.0):
+    """Log-probs [B, A] of the completion tokens under the model (graphdef merged with `states`) at the
+    sampling temperature: logits / T, formed as (hidden / T) @ head (the projection is linear)."""
     model = nnx.merge(graphdef, *states)
     hidden, _ = model(batch["tokens"], batch["positions"], batch["mask"], return_hidden=True)
     hidden = gather_positions(hidden, batch["completion_index"])
+    if temperature != 1.0:
+        hidden = hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32)) / temperature
     return target_logprobs(hidden, batch["completion_ids"], model.head_matrix(), chunk)
 
 
 def grpo_loss(lora_state, base_state, batch: Mapping, *, graphdef, gc: GRPOConfig):
     base_state = jax.lax.stop_gradient(base_state)
-    logprobs = completion_logprobs(graphdef, (lora_state, base_state), batch, gc.logits_chunk)
+    logprobs = completion_logprobs(graphdef, (lora_state, base_state), batch, gc.logits_chunk, gc.temperature)
     loss, metrics = grpo_objective(logprobs, batch["old_logprobs"], batch["advantages"], batch["completion_mask"],
                                    clip_epsilon=gc.clip_epsilon, normalization=gc.loss_normalization,
                                    max_len=gc.max_new_tokens, kl_beta=gc.kl_beta,
@@ -135,15 +140,15 @@ def _jitted(model_config: ModelConfig, lora_config: LoraConfig, gc: GRPOConfig, 
             keys: tuple[str, ...], batch_size: int):
     student_graphdef, base_graphdef = graph_definitions(model_config, lora_config)
     optimizer, schedule = make_optimizer(gc, total_updates(gc))
-    chunk = gc.logits_chunk
+    chunk, temperature = gc.logits_chunk, gc.temperature
     if which == "update":
         fn = functools.partial(grpo_update, student_graphdef, optimizer, schedule, gc)
     elif which == "policy":
         def fn(lora, base, batch):
-            return completion_logprobs(student_graphdef, (lora, base), batch, chunk)
+            return completion_logprobs(student_graphdef, (lora, base), batch, chunk, temperature)
     else:
         def fn(base, batch):
-            return completion_logprobs(base_graphdef, (base,), batch, chunk)
+            return completion_logprobs(base_graphdef, (base,), batch, chunk, temperature)
     options = vocab_program_options()
     if mesh is None:
         return jax.jit(fn, donate_argnums=0 if which == "update" else (), compiler_options=options)
