@@ -46,3 +46,20 @@ def hf_logits(directory_or_model, tokens: np.ndarray, mask: np.ndarray, position
                     attention_mask=torch.as_tensor(mask, dtype=torch.long),
                     position_ids=torch.as_tensor(positions, dtype=torch.long))
     return out.logits.float().numpy()
+
+
+def hf_greedy(directory, prompts, max_new_tokens, stop_ids, pad_id):
+    """HF generate's greedy continuations of left-padded prompts (lists of ids), the rows padded after a stop."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+    model = Qwen2ForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=list(stop_ids), pad_token_id=pad_id)
+    return out[:, width:].tolist()

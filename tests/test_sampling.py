@@ -13,6 +13,7 @@ from ssb_jax.model.weights import load_params
 from ssb_jax.sampling.driver import Sampler
 from ssb_jax.sampling.sampler import (SamplingParams, choose_tokens, filter_logits, generate, row_keys_for,
                                       top_k_mask, top_p_mask)
+from tests.hf_models import hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +23,6 @@ def tiny(tiny_checkpoint):
 
 def random_prompts(rng, vocab, lengths):
     return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
-
-
-def hf_greedy(directory, prompts, max_new_tokens, stop_ids, pad_id):
-    import torch
-    from transformers import Qwen2ForCausalLM
-    model = Qwen2ForCausalLM.from_pretrained(str(directory), attn_implementation="eager").eval()
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=list(stop_ids), pad_token_id=pad_id)
-    return out[:, width:].tolist()
 
 
 @pytest.mark.parametrize("unstack", [False, True], ids=["scan", "unrolled"])

@@ -37,6 +37,9 @@ class ModelConfig:
     # "xla": plain einsum softmax attention, exact on every backend.
     # "dot_product_attention": jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU.
     attention_impl: str = "xla"
+    # Slots per block of the KV cache that a cached call attends over: it visits only the blocks
+    # holding filled slots (see qwen2.LayerCache.attend), so decode time follows the filled length.
+    cache_block: int = 256
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
@@ -49,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.cache_block < 1:
+            raise ValueError(f"ModelConfig.cache_block must be >= 1, got {self.cache_block}")
         if self.attention_impl not in ("xla", "dot_product_attention"):
             raise ValueError(f"attention_impl must be 'xla' or 'dot_product_attention', got {self.attention_impl!r}")
 

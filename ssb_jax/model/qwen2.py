@@ -23,10 +23,14 @@ Parameters (every one names its dimensions' logical axes in `out_sharding`, see 
 
 KV cache: {"k", "v": [L, B, S, kv_heads, head_dim], "valid": [B, S] bool, "index": int32 scalar}.
 All rows share the write slot `index` (prompts are left-padded to a common length), while each
-row carries its own positions, so left padding changes nothing in the math.
+row carries its own positions, so left padding changes nothing in the math. A cached call writes
+only its own slots of each layer (`dynamic_update_slice` into the cache, which XLA does in place when
+the cache is a loop carry or a donated argument: jit a decode step with `donate_argnames="cache"`)
+and attends only over the blocks of `config.cache_block` slots that hold filled slots.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -152,6 +156,87 @@ def attention(q, k, v, visible, impl: str = "xla"):
     return out.reshape(B, T, N, H)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's view of the KV cache during a cached call (a trace-time helper, not a pytree).
+
+    k, v: the whole stacked cache [L, B, S, G, H] with `layer` the (traced) layer index (the scan
+    layout carries the stack through its layer loop), or one layer's [B, S, G, H] with layer None
+    (the decode layout's per-layer list). Either way a call writes and reads slices of the one
+    buffer, never a layer's whole slab, so XLA updates the cache in place. valid [B, S]: the
+    filled slots, this call's included; index: the first slot this call writes; block: the slots
+    per attended block (ModelConfig.cache_block).
+    """
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array | None
+    valid: jax.Array
+    index: jax.Array
+    block: int
+
+    def _start(self, slot) -> tuple:
+        return ((self.layer,) if self.layer is not None else ()) + (0, slot, 0, 0)
+
+    def _slice(self, cache, slot, size):
+        """[B, size, G, H] of this layer from `slot` on."""
+        shape = (cache.shape[-4], size) + cache.shape[-2:]
+        lead = (1,) if self.layer is not None else ()
+        return jax.lax.dynamic_slice(cache, self._start(slot), lead + shape).reshape(shape)
+
+    def write(self, k, v) -> "LayerCache":
+        """These tokens' keys and values [b, T, G, H] at slots [index, index + T). A cache of n * b rows
+        takes each row n times in a row (prompt-major): one prefill serves n samples per prompt."""
+        def put(cache, new):
+            new = jnp.repeat(new.astype(cache.dtype), cache.shape[-4] // new.shape[0], axis=0)
+            lead = (1,) if self.layer is not None else ()
+            return jax.lax.dynamic_update_slice(cache, new.reshape(lead + new.shape), self._start(self.index))
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
+
+    def attend(self, q) -> jax.Array:
+        """q [B, T, N, H] at slots [index, index + T) over the filled slots before and among them -> [B, T, N, H].
+
+        A loop over only the blocks that hold slots below index + T, with a running max and sum
+        (online softmax), so a step's cost follows the filled length, not the allocated one. Chosen
+        over decoding in phases of statically sliced caches: one compiled program, exact (the same
+        scores and normalisation as `attention`, summed in another order), and plain XLA ops that
+        every backend runs. Masked scores are the same finite -1e30: a block with no visible slot
+        contributes weight exp(-1e30 - max) = 0 once a visible one has been seen.
+        """
+        B, T, N, H = q.shape
+        S, G = self.k.shape[-3], self.k.shape[-2]
+        size = min(self.block, S)
+        acc_dtype = _at_least_f32(q.dtype)
+        grouped = q.reshape(B, T, G, N // G, H)
+        query_slots = self.index + jnp.arange(T)
+        within = jnp.arange(size)
+
+        def add_block(j, carry):
+            running_max, total, acc = carry  # [B, G, n, T], [B, G, n, T], [B, G, n, T, H]
+            first = j * size
+            start = jnp.minimum(first, S - size)  # a last partial block overlaps its predecessor: mask those
+            slots = start + within
+            keys = self._slice(self.k, start, size).astype(q.dtype)
+            values = self._slice(self.v, start, size).astype(q.dtype)
+            visible = (jax.lax.dynamic_slice_in_dim(self.valid, start, size, axis=1)[:, None, :]
+                       & (slots[None, None, :] <= query_slots[None, :, None]) & (slots >= first)[None, None, :])
+            scores = jnp.einsum("btgnh,bsgh->bgnts", grouped, keys, preferred_element_type=acc_dtype)
+            scores = jnp.where(visible[:, None, None], scores * (1.0 / np.sqrt(H)), _MASKED)
+            new_max = jnp.maximum(running_max, scores.max(axis=-1))
+            rescale = jnp.exp(running_max - new_max)
+            weights = jnp.exp(scores - new_max[..., None])
+            total = total * rescale + weights.sum(axis=-1)
+            acc = acc * rescale[..., None] + jnp.einsum("bgnts,bsgh->bgnth", weights.astype(values.dtype), values,
+                                                        preferred_element_type=acc_dtype)
+            return new_max, total, acc
+
+        stats = jnp.full((B, G, N // G, T), _MASKED, acc_dtype)
+        init = (stats, jnp.zeros_like(stats), jnp.zeros((B, G, N // G, T, H), acc_dtype))
+        blocks = (self.index + T + size - 1) // size
+        _, total, acc = jax.lax.fori_loop(0, blocks, add_block, init)
+        out = (acc / total[..., None]).astype(q.dtype)
+        return jnp.moveaxis(out, 3, 1).reshape(B, T, N, H)
+
+
 def _lora_for(lora_config: LoraConfig | None, target: str):
     if lora_config is None or target not in lora_config.targets:
         return None
@@ -172,22 +257,23 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.rope_theta, self.impl = config.rope_theta, config.attention_impl
 
-    def __call__(self, x, positions, visible, cache_index, layer_cache):
-        """x [B, T, D]. With a layer cache (k, v [B, S, G, H]) the new keys and values are written at
-        slot `cache_index`; returns (output [B, T, D], updated layer cache or None)."""
+    def __call__(self, x, positions, visible, layer_cache):
+        """x [B, T, D]; visible [B, T, T] (these tokens among themselves) or None. With a layer cache the
+        new keys and values are written into it, and the queries attend over its filled slots, or, with
+        `visible` given (the cache held nothing before), over these tokens alone. Returns
+        (output [B, T, D], the updated layer cache or None)."""
         B, T, _ = x.shape
         N, G, H = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, self.rope_theta)
         k = apply_rope(self.k_proj(x).reshape(B, T, G, H), positions, self.rope_theta)
         v = self.v_proj(x).reshape(B, T, G, H)
-        new_cache = None
         if layer_cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[0], k.astype(layer_cache[0].dtype), cache_index, 1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache[1], v.astype(layer_cache[1].dtype), cache_index, 1)
-            new_cache = (k_all, v_all)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attention(q, k, v, visible, self.impl)
-        return self.o_proj(out.reshape(B, T, N * H)), new_cache
+            layer_cache = layer_cache.write(k, v)
+        if visible is None:
+            out = layer_cache.attend(q)
+        else:
+            out = attention(q, k, v, visible, self.impl)
+        return self.o_proj(out.reshape(B, T, N * H)), layer_cache
 
 
 class MLP(nnx.Module):
@@ -213,9 +299,9 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.jnp_dtype)
         self.mlp = MLP(config, lora_config, rngs, init_std)
 
-    def __call__(self, hidden, positions, visible, cache_index, layer_cache):
+    def __call__(self, hidden, positions, visible, layer_cache):
         """One pre-norm block; returns (hidden, this layer's updated cache or None)."""
-        attn, new_cache = self.attn(self.attn_norm(hidden), positions, visible, cache_index, layer_cache)
+        attn, new_cache = self.attn(self.attn_norm(hidden), positions, visible, layer_cache)
         hidden = hidden + attn
         return hidden + self.mlp(self.mlp_norm(hidden)), new_cache
 
@@ -250,52 +336,67 @@ class Qwen2ForCausalLM(nnx.Module):
     # ------------------------------------------------------------------ forward
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: dict | None = None, *, return_hidden: bool = False):
+                 cache: dict | None = None, *, return_hidden: bool = False, cache_is_empty: bool = False):
         """tokens, positions [B, T] int; mask [B, T] bool (False marks padding; default all True;
         positions default to counting the unmasked tokens).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T
         tokens are written at slots [index, index+T) and attend to every valid earlier slot: prefill
-        (T = prompt length) and decode (T = 1) alike.
+        (T = prompt length) and decode (T = 1) alike. `cache_is_empty` (static) promises that the cache
+        holds no filled slot yet: the tokens then attend among themselves only, by the same attention
+        as without a cache, and the cache may have n * B rows, each row written n times in a row.
 
         Returns (float32 logits [B, T, V], or with return_hidden the final-normed hidden states
         [B, T, D]; the updated cache or None).
         """
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
         positions = positions_from_mask(mask) if positions is None else positions
-        T = tokens.shape[1]
+        B, T = tokens.shape
         hidden = self.embed(tokens)
-        query_slots = jnp.arange(T)
-        if cache is None:
-            key_valid, key_slots, cache_index, layer_caches = mask, query_slots, 0, None
-        else:
-            cache_index = cache["index"]
-            key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, cache_index, axis=1)
-            key_slots = jnp.arange(key_valid.shape[1])
-            query_slots = query_slots + cache_index
-            layer_caches = (cache["k"], cache["v"])
-        # visible[b, t, s]: key slot s is real and not in the future of query slot t.
-        visible = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
-        hidden, new_layer_caches = self.run_layers(hidden, positions, visible, cache_index, layer_caches)
-        hidden = self.final_norm(hidden)
+        # visible[b, t, s]: token s is real and not after token t (None: attend over the cache)
+        slots = jnp.arange(T)
+        visible = mask[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_layer_caches[0], "v": new_layer_caches[1], "valid": key_valid,
-                         "index": cache["index"] + T}
+            rows = cache["valid"].shape[0]
+            if rows != B and not (cache_is_empty and rows % B == 0):
+                raise ValueError(f"a cache of {rows} rows for {B} rows of tokens (only an empty cache may hold "
+                                 "a multiple)")
+            valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], jnp.repeat(mask, rows // B, axis=0),
+                                                        cache["index"], axis=1)
+            new_cache = {"k": cache["k"], "v": cache["v"], "valid": valid, "index": cache["index"]}
+            visible = visible if cache_is_empty else None
+        hidden, new_cache = self.run_layers(hidden, positions, visible, new_cache)
+        hidden = self.final_norm(hidden)
+        if new_cache is not None:
+            new_cache["index"] = new_cache["index"] + T
         return (hidden if return_hidden else self.logits(hidden)), new_cache
 
-    def run_layers(self, hidden, positions, visible, cache_index, layer_caches):
-        """The stacked layers under lax.scan (each step merges one layer's slice of the state), with the
-        configured remat policy. Returns (hidden, (k, v) stacked caches or None)."""
+    def run_layers(self, hidden, positions, visible, cache):
+        """The stacked layers under lax.scan (each step merges one layer's slice of the state). Without a
+        cache, with the configured remat policy. With one ({"k", "v", "valid", "index"}, this call's
+        slots already marked valid), the whole stacked k and v ride in the scan carry and each layer
+        writes its own slots of them (passed through as scan outputs they would be copied, layer by
+        layer, every call). Returns (hidden, the cache with k and v updated, or None)."""
         graphdef, state = nnx.split(self.layers)
+        if cache is None:
+            def body(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, positions, visible, None)[0], None
 
-        def body(h, xs):
-            layer_state, layer_cache = xs
-            return nnx.merge(graphdef, layer_state)(h, positions, visible, cache_index, layer_cache)
+            if self.config.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT[self.config.remat])
+            return jax.lax.scan(body, hidden, state)[0], None
 
-        if self.config.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT[self.config.remat])
-        return jax.lax.scan(body, hidden, (state, layer_caches))
+        def cached_body(carry, xs):
+            h, k, v = carry
+            layer_state, layer = xs
+            layer_cache = LayerCache(k, v, layer, cache["valid"], cache["index"], self.config.cache_block)
+            h, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, visible, layer_cache)
+            return (h, layer_cache.k, layer_cache.v), None
+
+        layers = jnp.arange(self.config.num_layers)
+        (hidden, k, v), _ = jax.lax.scan(cached_body, (hidden, cache["k"], cache["v"]), (state, layers))
+        return hidden, dict(cache, k=k, v=v)
 
     def head_matrix(self) -> jax.Array:
         """[D, V] output projection (the transposed embedding when tied)."""
@@ -314,11 +415,6 @@ class Qwen2ForCausalLM(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, length), bool),
                 "index": jnp.zeros((), jnp.int32)}
 
-    def repeat_cache(self, cache: dict, n: int) -> dict:
-        """Each row's cache n times in a row (prompt-major), for n samples of one prefill."""
-        return {"k": jnp.repeat(cache["k"], n, axis=1), "v": jnp.repeat(cache["v"], n, axis=1),
-                "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
-
     def cache_shardings(self, cache: dict, mesh) -> dict:
         from ssb_jax.sharding import named_sharding
         return {name: named_sharding(CACHE_AXES[name], cache[name].shape, mesh) for name in cache}
@@ -326,7 +422,8 @@ class Qwen2ForCausalLM(nnx.Module):
 
 # ----------------------------------------------------------------------------- functional use
 
-def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cache=None, *, return_hidden=False):
+def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cache=None, *, return_hidden=False,
+          cache_is_empty=False):
     """The model as a pure function of (graph definition, state(s), inputs), for use under jit.
     `state` is one nnx.State or a tuple of them (base and LoRA, split apart), or their pure dicts
     (`state.to_pure_dict()`: the graph definition restores the variable types and metadata). Jit it
@@ -334,7 +431,8 @@ def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cach
     dicts: per call that skips hashing the graph definition and flattening Variables (tiny-model
     decode step 635 -> 247 us of host time, `python -m benchmarks.overhead`)."""
     states = state if isinstance(state, tuple) else (state,)
-    return nnx.merge(graphdef, *states)(tokens, positions, mask, cache, return_hidden=return_hidden)
+    return nnx.merge(graphdef, *states)(tokens, positions, mask, cache, return_hidden=return_hidden,
+                                        cache_is_empty=cache_is_empty)
 
 
 def init_model(config: ModelConfig, key: jax.Array | int = 0, *, lora_config: LoraConfig | None = None,

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssb_jax.model.qwen2 import CACHE_AXES, Linear, Qwen2ForCausalLM, param
+from ssb_jax.model.qwen2 import CACHE_AXES, LayerCache, Linear, Qwen2ForCausalLM, param
 
 
 class RowsFirstLinear(Linear):
@@ -74,15 +74,17 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
             layers.append(layer)
         self.layers = nnx.List(layers)
 
-    def run_layers(self, hidden, positions, visible, cache_index, layer_caches):
+    def run_layers(self, hidden, positions, visible, cache):
+        """The unrolled layer loop; a cache holds one [B, S, G, H] array per layer, each written in place."""
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if layer_caches is None else (layer_caches[0][i], layer_caches[1][i])
-            hidden, new_cache = layer(hidden, positions, visible, cache_index, layer_cache)
-            if new_cache is not None:
-                new_k.append(new_cache[0])
-                new_v.append(new_cache[1])
-        return hidden, (None if layer_caches is None else (new_k, new_v))
+            layer_cache = None if cache is None else LayerCache(cache["k"][i], cache["v"][i], None, cache["valid"],
+                                                                cache["index"], self.config.cache_block)
+            hidden, layer_cache = layer(hidden, positions, visible, layer_cache)
+            if layer_cache is not None:
+                new_k.append(layer_cache.k)
+                new_v.append(layer_cache.v)
+        return hidden, (None if cache is None else dict(cache, k=new_k, v=new_v))
 
     def _head_rows(self) -> jax.Array:
         """The LM head as [V, D]: the tied embedding itself, or the untied head stored transposed."""
@@ -108,10 +110,6 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
         return {"k": [jnp.zeros(shape, dtype) for _ in range(c.num_layers)],
                 "v": [jnp.zeros(shape, dtype) for _ in range(c.num_layers)],
                 "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
-
-    def repeat_cache(self, cache: dict, n: int) -> dict:
-        return {"k": [jnp.repeat(x, n, axis=0) for x in cache["k"]], "v": [jnp.repeat(x, n, axis=0) for x in cache["v"]],
-                "valid": jnp.repeat(cache["valid"], n, axis=0), "index": cache["index"]}
 
     def cache_shardings(self, cache: dict, mesh) -> dict:
         from ssb_jax.sharding import named_sharding

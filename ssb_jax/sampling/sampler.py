@@ -3,7 +3,9 @@
 `generate` takes a left-padded prompt batch and per-row PRNG keys and returns the completions.
 Each output row draws its randomness only from its own key (folded with the step number), so a
 row's samples do not depend on what else shares its batch. With n > 1 the prompt is prefilled
-once and its KV cache replicated n times (rows are prompt-major: prompt0 sample0..n-1, prompt1 ...).
+once and its keys and values written n times (rows are prompt-major: prompt0 sample0..n-1, prompt1 ...).
+The cache lives in the decode loop's carry and each step writes one slot per layer into it in place;
+a step attends only over the cache blocks filled so far (see qwen2.LayerCache).
 """
 from __future__ import annotations
 
@@ -148,14 +150,11 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
     prompt_mask = prompt_mask.astype(bool)
     positions = positions_from_mask(prompt_mask)
     model = nnx.merge(graphdef, state)
-    cache = model.init_cache(B, P + M)
-    hidden, cache = model(prompt_tokens, positions, prompt_mask, cache, return_hidden=True)
-    last_logits = model.logits(hidden[:, -1])
-    next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-    if n > 1:  # one prefill, replicated
-        cache = model.repeat_cache(cache, n)
-        last_logits = jnp.repeat(last_logits, n, axis=0)
-        next_position = jnp.repeat(next_position, n, axis=0)
+    # One prefill of the B prompts, among themselves only, written n times into the R-row cache.
+    cache = model.init_cache(R, P + M)
+    hidden, cache = model(prompt_tokens, positions, prompt_mask, cache, return_hidden=True, cache_is_empty=True)
+    last_logits = jnp.repeat(model.logits(hidden[:, -1]), n, axis=0)
+    next_position = jnp.repeat(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32), n, axis=0)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, model.cache_shardings(cache, mesh))
     stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
