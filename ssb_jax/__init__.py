@@ -23,7 +23,7 @@ from ssb_jax.model.weights import CheckpointError, load_params, save_params
 def load_model(path_or_id, *, dtype=None, mesh=None, **config_overrides):
     """(ModelConfig, Qwen2ForCausalLM) from a local HF checkpoint directory or a hub id; each weight is
     placed on `mesh` by its logical axes if a mesh is given. config_overrides: ModelConfig fields that
-    are not in config.json (attention_impl="dot_product_attention", remat="full")."""
+    are not in config.json (attention_impl="chunked", remat="full")."""
     return load_params(path_or_id, dtype=dtype, mesh=mesh, overrides=config_overrides)
 
 

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
         path="Qwen/Qwen2.5-3B-Instruct",  # hub id or local HF directory
         tokenizer="",                     # empty: the model's own
         dtype="bfloat16",
-        attention_impl="xla",
+        attention_impl="auto",
         remat="none",  # per-layer rematerialisation: none, full, dots, dots_no_batch
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -192,7 +192,8 @@ SETTING_HELP: dict[str, str] = {
     "model.path": "Hugging Face hub id or local HF directory of the base model (tiny config: set by the world)",
     "model.tokenizer": "tokenizer hub id or directory; empty: the model's own",
     "model.dtype": "parameter and activation dtype: bfloat16 or float32",
-    "model.attention_impl": "attention kernel: xla or dot_product_attention (jax.nn.dot_product_attention)",
+    "model.attention_impl": "full-sequence attention kernel: auto (cudnn on GPU, splash on TPU, else chunked from "
+                            "1024 tokens, xla below), xla, chunked, cudnn or splash",
     "model.remat": "per-layer rematerialisation in training: none, full, dots or dots_no_batch",
     # mesh
     "mesh.data": "devices on the data-parallel mesh axis (-1: whatever the other axes leave)",

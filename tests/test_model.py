@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import ssb_jax
+from ssb_jax.model import attention
 from ssb_jax.model.config import REMAT_POLICIES, ModelConfig
 from ssb_jax.model.qwen2 import Qwen2ForCausalLM, apply, positions_from_mask
 from ssb_jax.sampling.decode_layout import DecodeLayoutModel, RowsFirstLinear, to_decode_layout
@@ -262,8 +263,10 @@ def test_positions_from_mask():
     np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]])
 
 
-def test_remat_policies_and_dpa_agree(tiny_checkpoint):
-    """Every remat policy and the dot_product_attention path give the same logits and the same gradients."""
+def test_remat_policies_and_attention_kernels_agree(tiny_checkpoint, monkeypatch):
+    """Every remat policy, and the chunked attention kernel (2-token blocks) under several of them, give
+    the XLA kernel's logits and gradients."""
+    monkeypatch.setattr(attention, "CHUNK_SIZE", 2)
     tokens, mask, positions = padded_batch(np.random.default_rng(), 97, (6, 4), 6, left=True)
 
     def loss(state, graphdef):
@@ -271,13 +274,15 @@ def test_remat_policies_and_dpa_agree(tiny_checkpoint):
         return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0) ** 2)
 
     results = {}
-    for variant in [{"remat": r} for r in REMAT_POLICIES] + [{"attention_impl": "dot_product_attention"}]:
+    variants = [{"remat": r, "attention_impl": "xla"} for r in REMAT_POLICIES]
+    variants += [{"remat": r, "attention_impl": "chunked"} for r in ("none", "full", "dots")]
+    for variant in variants:
         config, model = ssb_jax.load_model(tiny_checkpoint, **variant)
         assert model.config == config and all(getattr(config, k) == v for k, v in variant.items())
         graphdef, state = nnx.split(model)
         value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, graphdef)
         results[str(variant)] = (float(value), jax.tree.leaves(grads))
-    reference_value, reference_grads = results["{'remat': 'none'}"]
+    reference_value, reference_grads = results[str(variants[0])]
     for name, (value, grads) in results.items():
         np.testing.assert_allclose(value, reference_value, rtol=1e-5, err_msg=name)
         for g, ref in zip(grads, reference_grads, strict=True):

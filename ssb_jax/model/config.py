@@ -8,6 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ssb_jax.model.attention import check_impl
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The seven linear maps of a decoder layer, in HF order (LoRA targets name these).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,9 +36,10 @@ class ModelConfig:
     dtype: str = "float32"
     # Rematerialisation policy per decoder layer, one of REMAT_POLICIES (True/False mean "full"/"none").
     remat: str = "none"
-    # "xla": plain einsum softmax attention, exact on every backend.
-    # "dot_product_attention": jax.nn.dot_product_attention, which picks cuDNN flash attention on GPU.
-    attention_impl: str = "xla"
+    # Full-sequence attention kernel, one of attention.IMPLEMENTATIONS: "auto" (cuDNN on GPU, splash on
+    # TPU, else chunked for long sequences and the XLA einsum for short), "xla", "chunked", "cudnn",
+    # "splash" (see ssb_jax/model/attention.py).
+    attention_impl: str = "auto"
     # Slots per block of the KV cache that a cached call attends over: it visits only the blocks
     # holding filled slots (see qwen2.LayerCache.attend), so decode time follows the filled length.
     cache_block: int = 256
@@ -54,8 +57,7 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.cache_block < 1:
             raise ValueError(f"ModelConfig.cache_block must be >= 1, got {self.cache_block}")
-        if self.attention_impl not in ("xla", "dot_product_attention"):
-            raise ValueError(f"attention_impl must be 'xla' or 'dot_product_attention', got {self.attention_impl!r}")
+        check_impl(self.attention_impl)
 
     @property
     def jnp_dtype(self):

@@ -39,10 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ssb_jax.model.attention import at_least_f32 as _at_least_f32
+from ssb_jax.model.attention import MASKED, causal_attention
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoRAParam, LoraConfig
 
-_MASKED = -1e30  # finite, so a query with no visible key (a pad) softmaxes to uniform, not NaN
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -51,11 +52,6 @@ REMAT = {
 CACHE_AXES = {"k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
               "v": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
               "valid": ("batch", "cache_slots"), "index": ()}
-
-
-def _at_least_f32(dtype):
-    """Norms, softmax and logits run in float32, or float64 under x64 with float64 weights (the gradient tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def param(value, axes) -> nnx.Param:
@@ -141,21 +137,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def attention(q, k, v, visible, impl: str = "xla"):
-    """Grouped-query attention. q [B,T,N,H]; k, v [B,S,G,H]; visible [B,T,S] bool -> [B,T,N,H]."""
-    B, T, N, H = q.shape
-    G = k.shape[2]
-    if impl == "dot_product_attention":
-        return jax.nn.dot_product_attention(q, k, v, mask=visible[:, None, :, :])
-    q = q.reshape(B, T, G, N // G, H)
-    scores = jnp.einsum("btgnh,bsgh->bgnts", q, k, preferred_element_type=_at_least_f32(q.dtype))
-    scores = scores * (1.0 / np.sqrt(H))
-    scores = jnp.where(visible[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgnts,bsgh->btgnh", probs, v)
-    return out.reshape(B, T, N, H)
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerCache:
     """One layer's view of the KV cache during a cached call (a trace-time helper, not a pytree).
@@ -198,7 +179,7 @@ class LayerCache:
         A loop over only the blocks that hold slots below index + T, with a running max and sum
         (online softmax), so a step's cost follows the filled length, not the allocated one. Chosen
         over decoding in phases of statically sliced caches: one compiled program, exact (the same
-        scores and normalisation as `attention`, summed in another order), and plain XLA ops that
+        scores and normalisation as `attention.dense_attention`, summed in another order), and plain XLA ops that
         every backend runs. Masked scores are the same finite -1e30: a block with no visible slot
         contributes weight exp(-1e30 - max) = 0 once a visible one has been seen.
         """
@@ -220,7 +201,7 @@ class LayerCache:
             visible = (jax.lax.dynamic_slice_in_dim(self.valid, start, size, axis=1)[:, None, :]
                        & (slots[None, None, :] <= query_slots[None, :, None]) & (slots >= first)[None, None, :])
             scores = jnp.einsum("btgnh,bsgh->bgnts", grouped, keys, preferred_element_type=acc_dtype)
-            scores = jnp.where(visible[:, None, None], scores * (1.0 / np.sqrt(H)), _MASKED)
+            scores = jnp.where(visible[:, None, None], scores * (1.0 / np.sqrt(H)), MASKED)
             new_max = jnp.maximum(running_max, scores.max(axis=-1))
             rescale = jnp.exp(running_max - new_max)
             weights = jnp.exp(scores - new_max[..., None])
@@ -229,7 +210,7 @@ class LayerCache:
                                                         preferred_element_type=acc_dtype)
             return new_max, total, acc
 
-        stats = jnp.full((B, G, N // G, T), _MASKED, acc_dtype)
+        stats = jnp.full((B, G, N // G, T), MASKED, acc_dtype)
         init = (stats, jnp.zeros_like(stats), jnp.zeros((B, G, N // G, T, H), acc_dtype))
         blocks = (self.index + T + size - 1) // size
         _, total, acc = jax.lax.fori_loop(0, blocks, add_block, init)
@@ -258,10 +239,11 @@ class Attention(nnx.Module):
         self.rope_theta, self.impl = config.rope_theta, config.attention_impl
 
     def __call__(self, x, positions, visible, layer_cache):
-        """x [B, T, D]; visible [B, T, T] (these tokens among themselves) or None. With a layer cache the
-        new keys and values are written into it, and the queries attend over its filled slots, or, with
-        `visible` given (the cache held nothing before), over these tokens alone. Returns
-        (output [B, T, D], the updated layer cache or None)."""
+        """x [B, T, D]; visible: the key mask [B, T] of causal self-attention among these tokens (the
+        configured kernel, ssb_jax.model.attention), or None to attend over the layer cache's filled
+        slots. With a layer cache the new keys and values are written into it first (a prefill into an
+        empty cache passes `visible`: the prompt attends to itself alone). Returns (output [B, T, D],
+        the updated layer cache or None)."""
         B, T, _ = x.shape
         N, G, H = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, self.rope_theta)
@@ -272,7 +254,7 @@ class Attention(nnx.Module):
         if visible is None:
             out = layer_cache.attend(q)
         else:
-            out = attention(q, k, v, visible, self.impl)
+            out = causal_attention(q, k, v, visible, self.impl)
         return self.o_proj(out.reshape(B, T, N * H)), layer_cache
 
 
@@ -353,9 +335,9 @@ class Qwen2ForCausalLM(nnx.Module):
         positions = positions_from_mask(mask) if positions is None else positions
         B, T = tokens.shape
         hidden = self.embed(tokens)
-        # visible[b, t, s]: token s is real and not after token t (None: attend over the cache)
-        slots = jnp.arange(T)
-        visible = mask[:, None, :] & (slots[None, None, :] <= slots[None, :, None])
+        # Full sequences (and a prefill into an empty cache) pass only the key mask [B, T]: the attention
+        # kernels apply causality themselves, without a [T, T] mask. None: attend over the cache.
+        visible = mask
         new_cache = None
         if cache is not None:
             rows = cache["valid"].shape[0]

@@ -1,0 +1,302 @@
+"""Full-sequence attention kernels: the one home of how a causal, padded batch attends.
+
+Every kernel computes the same thing (grouped-query, causal, padding-aware):
+
+    causal_attention(q, k, v, key_valid, impl)     q [B,T,N,H]; k, v [B,T,G,H]; key_valid [B,T] bool
+    out[b, t] = softmax_s(q[b,t] . k[b,s] / sqrt(H)  over s <= t with key_valid[b, s]) @ v[b, s]
+
+Query head i uses key/value head i // (N // G) (HF's repeat_kv order). Rows may be padded on either
+side (prompts are left padded, training sequences right padded); every row has its own positions, so
+the mask is per row: causal AND the key is real. The outputs at padding queries are finite but
+unspecified (each kernel fills them its own way); nothing downstream reads them, and their keys are
+never visible to a real query, so they cannot leak into real tokens or their gradients.
+
+Implementations (`ModelConfig.attention_impl`):
+  xla      the reference: float32 scores [B,G,n,T,T] materialised by einsum (`dense_attention`).
+  chunked  pure JAX, blocked over queries and keys with an online softmax and a flash-style custom
+           VJP (the backward recomputes each block's probabilities from the saved log-sum-exp), so
+           neither pass holds more than one [B,G,n,block,block] tile of scores; key blocks after a
+           query block (the causal future) are skipped. Runs on every backend.
+  cudnn    `jax.nn.dot_product_attention(implementation="cudnn")` on GPU: cuDNN flash attention,
+           is_causal plus the key-padding mask (a [B,1,T,T] boolean that JAX turns into a bias;
+           cuDNN's own seq-length padding assumes right padding, which our prompts are not).
+           bf16/fp16 only, head_dim a multiple of 8 and <= 128 (256 on Hopper), even T when training.
+  splash   the Pallas TPU splash-attention kernel that ships with JAX: a causal mask and segment
+           ids (1 real, 0 padding; a query sees only keys of its own segment), T padded to a
+           multiple of 128, grouped-query heads as one MQA kernel per key/value head.
+  auto     (default) cudnn on GPU where it can run, splash on TPU, else the portable choice:
+           chunked for sequences of at least CHUNKED_MIN_LENGTH tokens, xla below (measured on CPU,
+           see benchmarks/attention.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
+MASKED = -1e30  # finite, so a query with no visible key (a pad) softmaxes to uniform, not NaN
+# Query/key block of the chunked kernel (a sequence is cut into equal blocks of at most this many).
+CHUNK_SIZE = 512
+# Below this length "auto" keeps the XLA einsum where no fused kernel runs (the [T,T] scores are
+# small and one fused einsum is faster); from it on the chunked kernel (less memory, and faster on
+# CPU from about this length, see benchmarks/attention.py).
+CHUNKED_MIN_LENGTH = 1024
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention_impl must be one of {', '.join(IMPLEMENTATIONS)}; got {impl!r}")
+    return impl
+
+
+def at_least_f32(dtype):
+    """Norms, scores, softmax and logits run in float32, or float64 under x64 with float64 weights (the
+    gradient tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def dense_attention(q, k, v, visible):
+    """Grouped-query attention under any boolean mask. q [B,T,N,H]; k, v [B,S,G,H]; visible [B,T,S]
+    -> [B,T,N,H]. Materialises the float32 scores [B,G,n,T,S]: the reference, and the KV-cache path."""
+    B, T, N, H = q.shape
+    G = k.shape[2]
+    q = q.reshape(B, T, G, N // G, H)
+    scores = jnp.einsum("btgnh,bsgh->bgnts", q, k, preferred_element_type=at_least_f32(q.dtype))
+    scores = scores * (1.0 / np.sqrt(H))
+    scores = jnp.where(visible[:, None, None, :, :], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgnts,bsgh->btgnh", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+def causal_visible(key_valid):
+    """[B,T] key mask -> [B,T,T] visible: key s is real and s <= t."""
+    T = key_valid.shape[1]
+    return key_valid[:, None, :] & jnp.tril(jnp.ones((T, T), bool))[None]
+
+
+def xla_attention(q, k, v, key_valid):
+    return dense_attention(q, k, v, causal_visible(key_valid))
+
+
+# ----------------------------------------------------------------------------- chunked (pure JAX)
+
+def chunk_layout(length: int, chunk: int | None = None) -> tuple[int, int]:
+    """(number of blocks, block size): equal blocks of at most `chunk` (default CHUNK_SIZE), padding at
+    most blocks - 1 slots."""
+    blocks = max(1, -(-length // (chunk or CHUNK_SIZE)))
+    return blocks, -(-length // blocks)
+
+
+def chunked_attention(q, k, v, key_valid, chunk: int | None = None):
+    """Causal padded attention that never forms more than a [B,G,n,block,block] tile of scores."""
+    B, T, N, H = q.shape
+    G = k.shape[2]
+    blocks, size = chunk_layout(T, chunk)
+    pad = blocks * size - T
+    if pad:  # padded keys are invalid; padded queries are sliced off
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
+        key_valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
+    grouped_q = q.reshape(B, blocks * size, G, N // G, H).transpose(0, 2, 3, 1, 4)  # [B,G,n,T,H]
+    out = _flash(size, grouped_q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), key_valid)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, blocks * size, N, H)[:, :T]
+
+
+def _block(x, index, size, axis):
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+
+def _block_scores(q_block, k_block, valid_block, i, j, size):
+    """Scaled, masked scores of query block i against key block j: [B,G,n,size,size] in float32."""
+    scores = jnp.einsum("bgnqh,bgkh->bgnqk", q_block, k_block, preferred_element_type=at_least_f32(q_block.dtype))
+    scores = scores * (1.0 / np.sqrt(q_block.shape[-1]))
+    query_slot = i * size + jnp.arange(size)
+    key_slot = j * size + jnp.arange(size)
+    visible = (key_slot[None, :] <= query_slot[:, None])[None, None, None] & valid_block[:, None, None, None, :]
+    return jnp.where(visible, scores, MASKED)
+
+
+def _flash_forward(size, q, k, v, valid):
+    """q [B,G,n,T,H], k, v [B,G,T,H] -> (out [B,G,n,T,H] in q's dtype, log-sum-exp [B,G,n,T] float32)."""
+    B, G, n, T, H = q.shape
+    wide = at_least_f32(q.dtype)
+
+    def query_block(i):
+        q_i = _block(q, i, size, 3)
+
+        def key_block(j, carry):
+            running_max, total, acc = carry
+            scores = _block_scores(q_i, _block(k, j, size, 2), _block(valid, j, size, 1), i, j, size)
+            new_max = jnp.maximum(running_max, scores.max(-1))
+            probs = jnp.exp(scores - new_max[..., None])
+            rescale = jnp.exp(running_max - new_max)
+            values = jnp.einsum("bgnqk,bgkh->bgnqh", probs.astype(v.dtype), _block(v, j, size, 2),
+                                preferred_element_type=wide)
+            acc = acc * rescale[..., None] + values
+            return new_max, total * rescale + probs.sum(-1), acc
+
+        init = (jnp.full((B, G, n, size), MASKED, wide), jnp.zeros((B, G, n, size), wide),
+                jnp.zeros((B, G, n, size, H), wide))
+        running_max, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)  # causal: key blocks 0..i
+        return (acc / total[..., None]).astype(q.dtype), running_max + jnp.log(total)
+
+    out, lse = jax.lax.map(query_block, jnp.arange(T // size))   # [blocks, B,G,n,size,(H)]
+    return (jnp.moveaxis(out, 0, 3).reshape(B, G, n, T, H), jnp.moveaxis(lse, 0, 3).reshape(B, G, n, T))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(size, q, k, v, valid):
+    return _flash_forward(size, q, k, v, valid)[0]
+
+
+def _flash_fwd(size, q, k, v, valid):
+    out, lse = _flash_forward(size, q, k, v, valid)
+    return out, (q, k, v, valid, out, lse)
+
+
+def _flash_bwd(size, residuals, d_out):
+    """FlashAttention-2's backward: per tile, probs = exp(scores - lse) and
+    d_scores = probs * (d_probs - rowsum(d_out * out)); one pass over query blocks for dq, one over key
+    blocks for dk and dv (each pass accumulates in its loop carry, no scatter-adds)."""
+    q, k, v, valid, out, lse = residuals
+    B, G, n, T, H = q.shape
+    blocks = T // size
+    wide = at_least_f32(q.dtype)
+    scale = 1.0 / np.sqrt(H)
+    d_out = d_out.astype(q.dtype)
+    out_dot = jnp.sum(d_out.astype(wide) * out.astype(wide), axis=-1)  # [B,G,n,T]
+
+    def tile(i, j):
+        """(probs, d_scores) of query block i against key block j, float32 [B,G,n,size,size]."""
+        k_j, v_j = _block(k, j, size, 2), _block(v, j, size, 2)
+        scores = _block_scores(_block(q, i, size, 3), k_j, _block(valid, j, size, 1), i, j, size)
+        probs = jnp.exp(scores - _block(lse, i, size, 3)[..., None])
+        d_probs = jnp.einsum("bgnqh,bgkh->bgnqk", _block(d_out, i, size, 3), v_j, preferred_element_type=wide)
+        return probs, probs * (d_probs - _block(out_dot, i, size, 3)[..., None])
+
+    def dq_block(i):
+        def step(j, acc):
+            _, d_scores = tile(i, j)
+            return acc + jnp.einsum("bgnqk,bgkh->bgnqh", d_scores.astype(q.dtype), _block(k, j, size, 2),
+                                    preferred_element_type=wide)
+        return (jax.lax.fori_loop(0, i + 1, step, jnp.zeros((B, G, n, size, H), wide)) * scale).astype(q.dtype)
+
+    def dkv_block(j):
+        def step(i, acc):
+            d_k, d_v = acc
+            probs, d_scores = tile(i, j)
+            d_v = d_v + jnp.einsum("bgnqk,bgnqh->bgkh", probs.astype(v.dtype), _block(d_out, i, size, 3),
+                                   preferred_element_type=wide)
+            d_k = d_k + jnp.einsum("bgnqk,bgnqh->bgkh", d_scores.astype(q.dtype), _block(q, i, size, 3),
+                                   preferred_element_type=wide)
+            return d_k, d_v
+        zeros = jnp.zeros((B, G, size, H), wide)
+        d_k, d_v = jax.lax.fori_loop(j, blocks, step, (zeros, zeros))  # causal: query blocks j..end
+        return (d_k * scale).astype(k.dtype), d_v.astype(v.dtype)
+
+    d_q = jnp.moveaxis(jax.lax.map(dq_block, jnp.arange(blocks)), 0, 3).reshape(q.shape)
+    d_k, d_v = jax.lax.map(dkv_block, jnp.arange(blocks))
+    d_k, d_v = (jnp.moveaxis(d, 0, 2).reshape(k.shape) for d in (d_k, d_v))
+    return d_q, d_k, d_v, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- cuDNN (GPU)
+
+def cudnn_arguments(q, k, v, key_valid):
+    """Keyword arguments for jax.nn.dot_product_attention: causal, plus the key-padding mask broadcast
+    to [B,1,T,S] (cuDNN takes a bias of the full [T,S] extent; one head row shared by all heads)."""
+    B, T = key_valid.shape[0], q.shape[1]
+    mask = jnp.broadcast_to(key_valid[:, None, None, :], (B, 1, T, key_valid.shape[1]))
+    return {"mask": mask, "is_causal": True}
+
+
+def cudnn_attention(q, k, v, key_valid, implementation: str = "cudnn"):
+    """`implementation="xla"` runs the same call through JAX's XLA version (what the CPU tests check)."""
+    return jax.nn.dot_product_attention(q, k, v, **cudnn_arguments(q, k, v, key_valid), implementation=implementation)
+
+
+def cudnn_supports(dtype, head_dim: int, length: int) -> bool:
+    """Whether cuDNN flash attention can run this (checked by JAX's cuDNN wrapper, which raises instead)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    return head_dim % 8 == 0 and head_dim <= 128 and length % 2 == 0
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+SPLASH_LANES = 128  # splash blocks are multiples of the TPU lane width
+
+
+def splash_segment_ids(key_valid, length: int):
+    """Segment ids [B, length] int32: 1 for real tokens, 0 for padding (also the slots added to reach
+    `length`). Under a causal mask a real query then sees exactly the real keys at or before it, and
+    every query sees at least itself (splash needs no all-masked row)."""
+    segments = key_valid.astype(jnp.int32)
+    return jnp.pad(segments, ((0, 0), (0, length - key_valid.shape[1])))
+
+
+def splash_block(length: int) -> int:
+    return next(b for b in (512, 256, SPLASH_LANES) if length % b == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(length: int, heads_per_kv: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    block = splash_block(length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads_per_kv)
+    with jax.ensure_compile_time_eval():  # its block tables are constants, not tracers of the first caller's trace
+        return splash.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q, k, v, key_valid, interpret: bool = False):
+    """One MQA splash kernel per (row, key/value head); `interpret=True` runs it on CPU (tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+    B, T, N, H = q.shape
+    G = k.shape[2]
+    length = -(-T // SPLASH_LANES) * SPLASH_LANES
+    widths = ((0, 0), (0, length - T), (0, 0), (0, 0))
+    scaled = (q.astype(at_least_f32(q.dtype)) * (1.0 / np.sqrt(H))).astype(q.dtype)  # splash does not scale
+    grouped_q = jnp.pad(scaled, widths).reshape(B, length, G, N // G, H).transpose(0, 2, 3, 1, 4)  # [B,G,n,T,H]
+    k, v = (jnp.pad(x, widths).transpose(0, 2, 1, 3) for x in (k, v))                            # [B,G,T,H]
+    segments = splash_segment_ids(key_valid, length)
+    kernel = _splash_kernel(length, N // G, interpret)
+
+    def one(q_g, k_g, v_g, segment):
+        return kernel(q_g, k_g, v_g, segment_ids=SegmentIds(q=segment, kv=segment))
+
+    out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(grouped_q, k, v, segments)   # [B,G,n,T,H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, length, N, H)[:, :T]
+
+
+# ----------------------------------------------------------------------------- choice
+
+_KERNELS = {"xla": xla_attention, "chunked": chunked_attention, "cudnn": cudnn_attention, "splash": splash_attention}
+
+
+def resolve(impl: str, dtype, head_dim: int, length: int, backend: str | None = None) -> str:
+    """The kernel `impl` names; "auto" picks by backend, dtype and length (see the module docstring)."""
+    if check_impl(impl) != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and cudnn_supports(dtype, head_dim, length):
+        return "cudnn"
+    if backend == "tpu":
+        return "splash"
+    return "chunked" if length >= CHUNKED_MIN_LENGTH else "xla"
+
+
+def causal_attention(q, k, v, key_valid, impl: str = "auto"):
+    """Causal self-attention of a padded batch (module docstring). q [B,T,N,H]; k, v [B,T,G,H];
+    key_valid [B,T] bool (False marks padding) -> [B,T,N,H] in q's dtype."""
+    return _KERNELS[resolve(impl, q.dtype, q.shape[-1], q.shape[1])](q, k, v, key_valid)

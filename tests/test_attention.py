@@ -1,0 +1,153 @@
+"""Full-sequence attention kernels (ssb_jax.model.attention) against the XLA einsum reference.
+
+Inputs are random from a printed seed: a batch with left-padded, right-padded and unpadded rows,
+grouped-query heads (4 query / 2 key-value), lengths that are not a multiple of the block size.
+Outputs are compared at real query rows only (padding queries are unspecified), gradients of a loss
+over the real rows with respect to q, k and v everywhere.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssb_jax
+from ssb_jax.model import attention
+from ssb_jax.model.config import ModelConfig
+from tests.hf_models import hf_logits
+from tests.test_model import padded_batch
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
+# Error allowed, relative to the reference's largest magnitude: float32 sums reorder, bfloat16 rounds
+# the probabilities (and, in the kernels, per-block partial sums) to 8 bits of mantissa.
+TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
+
+
+def random_inputs(seed, batch_lengths, total, dtype):
+    """q, k, v, key_valid, and loss weights that are zero on padding queries."""
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    key_valid = np.zeros((len(batch_lengths), total), bool)
+    for row, (start, stop) in enumerate(batch_lengths):
+        key_valid[row, start:stop] = True
+    shape_q, shape_kv = (len(batch_lengths), total, HEADS, HEAD_DIM), (len(batch_lengths), total, KV_HEADS, HEAD_DIM)
+    q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in (shape_q, shape_kv, shape_kv))
+    weights = jnp.asarray(rng.normal(size=shape_q) * key_valid[:, :, None, None], dtype)
+    return q, k, v, jnp.asarray(key_valid), weights
+
+
+def assert_matches_reference(kernel, q, k, v, key_valid, weights):
+    def loss(fn):
+        return lambda q, k, v: jnp.sum((fn(q, k, v, key_valid) * weights).astype(jnp.float32))
+
+    tol = TOLERANCE[jnp.dtype(q.dtype).name]
+    real = np.asarray(key_valid)[:, :, None, None]
+    reference = np.asarray(attention.xla_attention(q, k, v, key_valid), np.float32)
+    out = np.asarray(jax.jit(kernel)(q, k, v, key_valid), np.float32)
+    assert np.isfinite(out).all(), "padding queries must stay finite"
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, reference, 0), atol=tol * scale, rtol=0)
+    ref_grads = jax.grad(loss(attention.xla_attention), argnums=(0, 1, 2))(q, k, v)
+    grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2)))(q, k, v)
+    for name, g, ref in zip("qkv", grads, ref_grads, strict=True):
+        ref = np.asarray(ref, np.float32)
+        assert g.dtype == q.dtype, name
+        np.testing.assert_allclose(np.asarray(g, np.float32), ref, atol=tol * np.abs(ref).max(), rtol=0,
+                                   err_msg=f"d{name}")
+
+
+# (start, stop) of the real tokens per row: left padded, right padded, unpadded, one real token.
+ROWS = [(9, 37), (0, 23), (0, 37), (36, 37)]
+
+
+@pytest.mark.parametrize("dtype, chunk", [("float32", 8), ("bfloat16", 8), ("float32", 64)],
+                         ids=["float32-5_blocks", "bfloat16-5_blocks", "float32-one_block"])
+def test_chunked_equals_reference(dtype, chunk):
+    inputs = random_inputs(np.random.randint(1 << 30), ROWS, 37, jnp.dtype(dtype))
+    assert_matches_reference(lambda q, k, v, m: attention.chunked_attention(q, k, v, m, chunk=chunk), *inputs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cudnn_arguments_equal_reference(dtype):
+    """The call the cuDNN path makes (causal + key-padding mask), run by JAX's XLA implementation."""
+    inputs = random_inputs(np.random.randint(1 << 30), ROWS, 37, jnp.dtype(dtype))
+    assert_matches_reference(lambda q, k, v, m: attention.cudnn_attention(q, k, v, m, implementation="xla"), *inputs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_splash_interpreted_equals_reference(dtype):
+    """The Pallas TPU splash kernel in interpret mode (the CPU runs the kernel body as plain JAX)."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention",
+                        reason="this jax has no Pallas TPU splash-attention kernel")
+    rows = [(40, 100), (0, 70), (0, 100)]  # 100 tokens: padded to one 128-lane tile inside
+    inputs = random_inputs(np.random.randint(1 << 30), rows, 100, jnp.dtype(dtype))
+    assert_matches_reference(lambda q, k, v, m: attention.splash_attention(q, k, v, m, interpret=True), *inputs)
+
+
+def test_splash_segment_ids_give_the_causal_padding_mask():
+    """Same segment and causal is exactly "key real and not in the future" for every real query, and
+    leaves no query without a visible key (splash's requirement)."""
+    rng = np.random.default_rng(np.random.randint(1 << 30))
+    key_valid = jnp.asarray(rng.random((5, 50)) < 0.7)
+    segments = np.asarray(attention.splash_segment_ids(key_valid, 128))
+    assert segments.shape == (5, 128) and (segments[:, 50:] == 0).all()
+    causal = np.tril(np.ones((128, 128), bool))
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+    visible = np.asarray(attention.causal_visible(key_valid))
+    real = np.asarray(key_valid)
+    np.testing.assert_array_equal(allowed[:, :50, :50][real], visible[real])
+    assert allowed.any(-1).all()
+
+
+def test_chunked_never_forms_the_whole_score_matrix():
+    """At T = 1024 the chunked gradient needs a fraction of the reference's temporary memory."""
+    q, k, v, key_valid, weights = random_inputs(0, [(100, 1024)], 1024, jnp.float32)
+
+    def temp_bytes(fn):
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, key_valid) * weights), argnums=(0, 1, 2)))
+        return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    scores = HEADS * 1024 * 1024 * 4  # one float32 [B=1, N, T, T]
+    chunked = temp_bytes(lambda q, k, v, m: attention.chunked_attention(q, k, v, m, chunk=128))
+    assert temp_bytes(attention.xla_attention) > scores
+    assert chunked < scores / 4, (chunked, scores)
+
+
+def test_auto_picks_by_backend_dtype_and_length():
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert attention.resolve("auto", bf16, 64, 2048, backend="gpu") == "cudnn"
+    assert attention.resolve("auto", jnp.float16, 128, 512, backend="gpu") == "cudnn"
+    long, short = attention.CHUNKED_MIN_LENGTH, attention.CHUNKED_MIN_LENGTH - 2
+    # float32, an odd length (training with cuDNN's bias) or a too-wide head: no cuDNN
+    assert attention.resolve("auto", f32, 64, long, backend="gpu") == "chunked"
+    assert attention.resolve("auto", f32, 64, short, backend="gpu") == "xla"
+    assert attention.resolve("auto", bf16, 64, long + 1, backend="gpu") == "chunked"
+    assert attention.resolve("auto", bf16, 512, long, backend="gpu") == "chunked"
+    assert attention.resolve("auto", bf16, 64, 100, backend="tpu") == "splash"
+    assert attention.resolve("auto", f32, 64, long, backend="cpu") == "chunked"
+    assert attention.resolve("auto", f32, 64, short, backend="cpu") == "xla"
+    assert attention.resolve("xla", bf16, 64, 2048, backend="gpu") == "xla"
+
+
+def test_unknown_kernel_is_a_one_line_error_listing_the_choices():
+    with pytest.raises(ValueError) as error:
+        ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                    head_dim=4, attention_impl="flash")
+    message = str(error.value)
+    assert "\n" not in message and "'flash'" in message
+    assert all(name in message for name in attention.IMPLEMENTATIONS)
+    assert ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                       head_dim=4).attention_impl == "auto"
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunked"])
+def test_model_matches_transformers_left_padded(tiny_checkpoint, monkeypatch, impl):
+    """The whole model with the default kernel choice and with the chunked kernel (3-token blocks, so a
+    sequence spans several) equals HF transformers' logits on a left-padded batch."""
+    monkeypatch.setattr(attention, "CHUNK_SIZE", 3)
+    seed = np.random.randint(1 << 30)
+    print("seed", seed)
+    config, model = ssb_jax.load_model(tiny_checkpoint, attention_impl=impl)
+    tokens, mask, positions = padded_batch(np.random.default_rng(seed), config.vocab_size, (11, 6, 1), 11, left=True)
+    ours = np.asarray(ssb_jax.compute_logits(model, config, tokens, mask, positions))
+    reference = hf_logits(tiny_checkpoint, tokens, mask, positions)
+    assert np.abs(ours - reference)[mask].max() < 1e-4
