@@ -28,14 +28,15 @@ def measure(impl, batch, seq, heads, kv_heads, head_dim, dtype, repeats, forward
     key_valid = jnp.asarray(np.arange(seq)[None, :] >= pads[:, None])
     weights = jnp.asarray(rng.normal(size=q.shape), dtype) * key_valid[:, :, None, None]
 
-    def loss(q, k, v):
+    def loss(q, k, v, key_valid, weights):  # every array an argument: XLA would constant-fold closed-over ones
         return jnp.sum(causal_attention(q, k, v, key_valid, impl).astype(jnp.float32) * weights)
 
     program = jax.jit(loss if forward_only else jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    compiled = program.lower(q, k, v).compile()
+    arrays = (q, k, v, key_valid, weights)
+    compiled = program.lower(*arrays).compile()
     memory = compiled.memory_analysis()
-    jax.block_until_ready(compiled(q, k, v))
-    seconds = best_of(lambda: jax.block_until_ready(compiled(q, k, v)), repeats)
+    jax.block_until_ready(compiled(*arrays))
+    seconds = best_of(lambda: jax.block_until_ready(compiled(*arrays)), repeats)
     return {"impl": impl, "batch": batch, "seq": seq, "dtype": jnp.dtype(dtype).name,
             "pass": "forward" if forward_only else "forward+backward", "seconds": round(seconds, 4),
             "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory is not None else None}
