@@ -193,7 +193,7 @@ SETTING_HELP: dict[str, str] = {
     "model.tokenizer": "tokenizer hub id or directory; empty: the model's own",
     "model.dtype": "parameter and activation dtype: bfloat16 or float32",
     "model.attention_impl": "full-sequence attention kernel: auto (cudnn on GPU, splash on TPU, else chunked from "
-                            "1024 tokens, xla below), xla, chunked, cudnn or splash",
+                            "128 tokens, xla below), xla, chunked, cudnn or splash",
     "model.remat": "per-layer rematerialisation in training: none, full, dots or dots_no_batch",
     # mesh
     "mesh.data": "devices on the data-parallel mesh axis (-1: whatever the other axes leave)",

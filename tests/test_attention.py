@@ -141,9 +141,11 @@ def test_unknown_kernel_is_a_one_line_error_listing_the_choices():
 
 @pytest.mark.parametrize("impl", ["auto", "chunked"])
 def test_model_matches_transformers_left_padded(tiny_checkpoint, monkeypatch, impl):
-    """The whole model with the default kernel choice and with the chunked kernel (3-token blocks, so a
-    sequence spans several) equals HF transformers' logits on a left-padded batch."""
+    """The whole model with the default kernel choice (which on CPU is the chunked kernel from 8 tokens
+    here) and with the chunked kernel forced, in 3-token blocks so a sequence spans several, equals HF
+    transformers' logits on a left-padded batch."""
     monkeypatch.setattr(attention, "CHUNK_SIZE", 3)
+    monkeypatch.setattr(attention, "CHUNKED_MIN_LENGTH", 8)
     seed = np.random.randint(1 << 30)
     print("seed", seed)
     config, model = ssb_jax.load_model(tiny_checkpoint, attention_impl=impl)
