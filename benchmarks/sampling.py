@@ -9,10 +9,18 @@ Roofline: each decode step must read every weight once (the tied embedding is th
 KV cache; tokens/s <= batch * bandwidth / bytes per step. Each side is also timed with one new token
 (prefill alone), which splits the run into prefill and decode: decode_tokens_per_s is what the
 roofline bounds, tokens_per_s (the whole run, prefill included) is what a user waits for.
+
+Ceilings (benchmarks.common.device_peaks): on an accelerator its datasheet row (dense bf16 peak, HBM
+bandwidth; SSB_PEAK_TFLOPS / SSB_HBM_GBS override), on a CPU measured (numpy copy bandwidth, a jitted
+matrix product). decode_fraction_of_roofline = bytes a decode step must read (weights + the KV cache
+filled so far, at the mean context prompt + new_tokens / 2) / decode step time / bandwidth;
+prefill_mfu = model FLOPs of the prompt's forward / prefill time / peak. transformers is the peer on a
+CPU; on an accelerator only with --peer.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -20,20 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import best_of, copy_bandwidth_gbs, hf_config, machine_info, model_config, write_results
+from benchmarks.common import (best_of, decode_bytes_per_step, device_memory, device_peaks, hf_config, machine_info,
+                               model_config, prefill_flops, write_results)
 from ssb_jax.model.qwen2 import init_model
 from ssb_jax.sampling.decode_layout import to_decode_layout
 from ssb_jax.sampling.driver import decode_layout_by_default
 from ssb_jax.sampling.sampler import SamplingParams, generate, row_keys_for
 
 MODES = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.8, top_k=50)}
-
-
-def bytes_per_step(config, batch: int, context: int) -> int:
-    itemsize = jnp.dtype(config.jnp_dtype).itemsize
-    weights = config.param_count() * itemsize
-    kv = 2 * config.num_layers * batch * context * config.kv_size * itemsize
-    return weights + kv
 
 
 def _with_decode_split(total_s, prefill_s, batch, new_tokens):
@@ -88,22 +90,41 @@ def transformers_side(model, config, batch, prompt_len, new_tokens, mode, repeat
     return _with_decode_split(timed(new_tokens), timed(1), batch, new_tokens)
 
 
-def main():
+def ceilings(config, peaks, batch, prompt_len, new_tokens, timing) -> dict:
+    """The decode roofline and prefill MFU of one row's timing (see the module docstring)."""
+    step_bytes = decode_bytes_per_step(config, batch, prompt_len + new_tokens / 2)
+    flops = prefill_flops(config, batch, prompt_len)
+    row = {"decode_bytes_per_step": step_bytes, "prefill_flops": flops,
+           "prefill_tflops_per_s": flops / timing["prefill_s"] / 1e12,
+           "prefill_mfu": peaks.mfu(flops, timing["prefill_s"])}
+    if peaks.bandwidth_gbs:
+        roofline = batch * peaks.bandwidth_gbs * 1e9 / step_bytes
+        row.update(roofline_tokens_per_s=roofline, fraction_of_roofline=timing["tokens_per_s"] / roofline,
+                   decode_fraction_of_roofline=peaks.roofline_fraction(step_bytes, timing["decode_step_ms"] / 1e3))
+    return row
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="0.5b")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--shape", default="0.5b", help="0.5b, 3b or tiny (benchmarks.common.SHAPES)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-peer", action="store_true", help="skip transformers")
+    peer = parser.add_mutually_exclusive_group()
+    peer.add_argument("--peer", dest="peer", action="store_true", default=None,
+                      help="time transformers generate too (default: on a CPU only)")
+    peer.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers")
     parser.add_argument("--layers-layout", choices=["auto", "scan", "unrolled"], default="auto",
                         help="scan over stacked layer weights, or an unrolled loop over unstacked ones "
                              "(auto: unrolled on CPU, as the Sampler does)")
+    parser.add_argument("--copy-mb", type=int, default=512, help="array size of the CPU copy-bandwidth measurement")
     parser.add_argument("--name", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
+    args = parser.parse_args(argv)
 
     config = model_config(args.shape, args.dtype, args.layers)
     params = init_model(config, 0)
@@ -112,9 +133,10 @@ def main():
         layout = "unrolled" if decode_layout_by_default() else "scan"
     if layout == "unrolled":
         params = to_decode_layout(params)
-    bandwidth = copy_bandwidth_gbs() if jax.default_backend() == "cpu" else None
+    backend = jax.default_backend()
+    peaks = device_peaks(dtype=args.dtype, copy_megabytes=args.copy_mb)
     model = None
-    if not args.no_peer:
+    if args.peer if args.peer is not None else backend == "cpu":
         import torch
         from transformers import Qwen2ForCausalLM
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -131,17 +153,14 @@ def main():
                 row["speedup"] = row["ssb_jax"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
                 row["decode_speedup"] = (row["ssb_jax"]["decode_tokens_per_s"]
                                          / row["transformers"]["decode_tokens_per_s"])
-            if bandwidth:
-                mean_context = args.prompt + args.new_tokens / 2
-                roofline = batch * bandwidth * 1e9 / bytes_per_step(config, batch, mean_context)
-                row["roofline_tokens_per_s"] = roofline
-                row["fraction_of_roofline"] = row["ssb_jax"]["tokens_per_s"] / roofline
-                row["decode_fraction_of_roofline"] = row["ssb_jax"]["decode_tokens_per_s"] / roofline
+            row.update(ceilings(config, peaks, batch, args.prompt, args.new_tokens, row["ssb_jax"]))
+            row["device_memory_after"] = device_memory()
             rows.append(row)
             print(row, flush=True)
-    name = args.name or f"sampling_{jax.default_backend()}_{args.shape}_{args.dtype}"
-    write_results(name, {"config": vars(args), "layers_layout": layout, "copy_bandwidth_gbs": bandwidth, "machine": machine_info(),
-                         "rows": rows})
+    name = args.name or f"sampling_{backend}_{args.shape}_{args.dtype}"
+    write_results(name, {"config": vars(args), "backend": backend, "layers_layout": layout,
+                         "peaks": dataclasses.asdict(peaks), "machine": machine_info(), "rows": rows},
+                  args.out_dir)
 
 
 if __name__ == "__main__":

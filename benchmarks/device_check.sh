@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The accelerator check of ssb_jax, as one prepared run (about 8 minutes on one H200, offline):
+#   1. environment: versions, the GPU, which modules the image lacks (aborts if JAX sees no GPU);
+#   2. parity_tests: the HF-parity tests (tests/test_model.py, test_sampling.py, ...) on the GPU;
+#      skipped, with the reason, where torch / transformers / peft / pytest are missing;
+#   3. sampling at the Qwen2.5 0.5B and 3B shapes, bf16, batch 1 and 64, random weights, EOS
+#      suppressed: tokens/s, decode HBM-roofline fraction, prefill MFU, peak device memory;
+#   4. the distillation train step at the 3B shape, bf16, sequence 1024, batch 1 and 8, remat:
+#      step time, tokens/s, MFU, peak device memory, XLA's memory analysis.
+# Each step has its own timeout inside one total budget; a step the budget cannot fit is skipped.
+#
+#   bash benchmarks/device_check.sh             # on the GPU machine, from the repo root
+#   bash benchmarks/device_check.sh --dry-run   # print the steps and their commands, run nothing
+#   SMOKE=1 bash benchmarks/device_check.sh     # the same steps at tiny shapes on the CPU (a minute or two)
+#
+# Uses the image's own jax (nothing is installed: the checkout goes on PYTHONPATH).
+# Writes under $OUT (default ./device_check_out), at most 7 files: summary.txt, log.txt, parity_junit.xml,
+# sampling_<shape>_<dtype>.json (2), train_step_<shape>_b<batch>.json (2).
+# Knobs (environment): PY (python3), TOTAL_S (470: the whole budget, seconds), ONLY (comma-separated step
+# names to run), PEER=1 (time transformers generate on the GPU too), REMAT (full), MODES (sampling),
+# SSB_PEAK_TFLOPS / SSB_HBM_GBS (override the device table: dense bf16 TFLOP/s, HBM GB/s).
+set -uo pipefail
+
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
+DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+[[ -f setup.py && -d ssb_jax && -d benchmarks ]] || { echo "not an ssb_jax checkout: $ROOT" >&2; exit 2; }
+
+PY=${PY:-python3}
+OUT=${OUT:-$ROOT/device_check_out}
+TOTAL_S=${TOTAL_S:-470}
+ONLY=${ONLY:-}
+PEER=${PEER:-0}
+MODES=${MODES:-sampling}
+REMAT=${REMAT:-full}
+RESERVE_S=15     # kept back for the summary at the end
+MIN_STEP_S=20    # a step with less time than this left is skipped
+
+if [[ ${SMOKE:-0} == 1 ]]; then
+  PLATFORM=cpu BACKEND=cpu DTYPE=float32
+  SAMPLE_SHAPES=(tiny) SAMPLE_BATCHES=(2) PROMPT=8 NEW_TOKENS=8 REPEATS=1 COPY_MB=16
+  TRAIN_SHAPE=tiny TRAIN_BATCHES=(1 2) SEQ=32 TEACHER_PROMPT=8 STUDENT_PROMPT=4 RANK=4 CHUNK=8 STEPS=1
+  PARITY_SELECT="logits_match_transformers and not untied and right_padded"
+  T_ENV=120 T_PARITY=300 T_SAMPLING=(300) T_TRAIN=(300 300)  # generous: a shared CPU can be slow
+else
+  PLATFORM=cuda BACKEND=gpu DTYPE=bfloat16
+  SAMPLE_SHAPES=(0.5b 3b) SAMPLE_BATCHES=(1 64) PROMPT=128 NEW_TOKENS=256 REPEATS=2 COPY_MB=512
+  TRAIN_SHAPE=3b TRAIN_BATCHES=(1 8) SEQ=1024 TEACHER_PROMPT=256 STUDENT_PROMPT=128 RANK=32 CHUNK=128 STEPS=3
+  PARITY_SELECT="logits_match_transformers or prefill_then_decode or decode_layout_matches or bf16_params_close"
+  PARITY_SELECT+=" or remat_policies_and_dpa or eager_call_equals or greedy_matches_transformers"
+  PARITY_SELECT+=" or shared_prefill or top_k_one_is_greedy or merge_equals_forward or peft_roundtrip"
+  PARITY_SELECT+=" or loss_matches_torch or chunked_equals_unchunked or lora_grads_match_finite"
+  PARITY_SELECT+=" or online_teacher_and_student"
+  T_ENV=60 T_PARITY=110 T_SAMPLING=(75 100) T_TRAIN=(80 100)
+fi
+PARITY_FILES=(tests/test_model.py tests/test_sampling.py tests/test_lora.py tests/test_distill_loss.py
+              tests/test_distill_grad.py tests/test_distill_batch.py)
+PEER_FLAG=--no-peer
+[[ $PEER == 1 ]] && PEER_FLAG=--peer
+
+# tests/conftest.py only sets these when unset: the real backend, and no fake CPU devices
+export JAX_PLATFORMS=$PLATFORM
+read -ra xla_flags <<<"${XLA_FLAGS:-}"
+kept_flags=()
+for flag in "${xla_flags[@]}"; do
+  [[ $flag == --xla_force_host_platform_device_count* ]] || kept_flags+=("$flag")
+done
+export XLA_FLAGS="${kept_flags[*]}"
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+SUMMARY=$OUT/summary.txt LOG=$OUT/log.txt
+START=$SECONDS
+
+# note VERDICT NAME SECONDS [DETAIL]: one line of the summary
+note() { printf '%-7s %-18s %4ss  %s\n' "$1" "$2" "$3" "${4:-}" | tee -a "$SUMMARY"; }
+
+selected() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
+
+# step NAME TIMEOUT_S COMMAND...: runs COMMAND (its output to the log) within its own timeout and what
+# is left of the total budget; timeout signals the whole process group, worker subprocesses included
+step() {
+  local name=$1 limit=$2
+  shift 2
+  selected "$name" || return 0
+  if (( DRY_RUN )); then
+    printf '%-18s %4ss  ' "$name" "$limit"; printf '%q ' "$@"; printf '\n'
+    return 0
+  fi
+  local left=$(( TOTAL_S - (SECONDS - START) - RESERVE_S ))
+  (( left < limit )) && limit=$left
+  if (( limit < MIN_STEP_S )); then note SKIP "$name" 0 "the total budget of ${TOTAL_S}s is spent"; return 0; fi
+  printf '\n===== %s (timeout %ss): %s\n' "$name" "$limit" "$*" >>"$LOG"
+  local began=$SECONDS rc=0
+  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1 || rc=$?
+  local took=$(( SECONDS - began ))
+  case $rc in
+    0) note ok "$name" "$took" ;;
+    124|137) note TIMEOUT "$name" "$took" "after ${limit}s" ;;
+    *) note FAIL "$name" "$took" "exit status $rc (see log.txt)" ;;
+  esac
+  return "$rc"
+}
+
+# skip NAME REASON: a step that cannot run here, said so in the summary
+skip() {
+  selected "$1" || return 0
+  if (( DRY_RUN )); then printf '%-18s  skipped: %s\n' "$1" "$2"; else note SKIP "$1" 0 "$2"; fi
+}
+
+if (( ! DRY_RUN )); then
+  mkdir -p "$OUT"
+  : >"$SUMMARY"
+  : >"$LOG"
+  echo "ssb_jax device check $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?')," \
+       "SMOKE=${SMOKE:-0}, budget ${TOTAL_S}s" | tee -a "$SUMMARY"
+fi
+
+# ---------------------------------------------------------------- 1. environment
+if ! step environment "$T_ENV" "$PY" -m benchmarks.device_report environment --expect-backend "$BACKEND"; then
+  if (( ! DRY_RUN )) && selected environment; then
+    grep -E '^(JAX|benchmarks|parity_tests|jax backend)' "$LOG" | sed 's/^/    /' | tee -a "$SUMMARY"
+    echo "stopping: the benchmarks need JAX on $BACKEND" | tee -a "$SUMMARY"
+    exit 1
+  fi
+fi
+(( DRY_RUN )) || grep -E '^(nvidia-smi|versions|benchmarks|parity_tests|jax backend)' "$LOG" | sed 's/^/    /' >>"$SUMMARY"
+
+# ---------------------------------------------------------------- 2. HF-parity tests
+missing=$( (( DRY_RUN )) || "$PY" -m benchmarks.device_report environment --need parity_tests 2>/dev/null)
+if [[ -n $missing ]]; then
+  skip parity_tests "missing on this image: $missing (the tests compare with transformers on torch)"
+else
+  timeout_flag=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=90)
+  step parity_tests "$T_PARITY" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${timeout_flag[@]}" \
+    --junitxml="$OUT/parity_junit.xml" "${PARITY_FILES[@]}" -k "$PARITY_SELECT"
+  (( DRY_RUN )) || grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|deselected)' "$LOG" | tail -n 12 \
+    | sed 's/^/    /' >>"$SUMMARY"
+fi
+
+# ---------------------------------------------------------------- 3. sampling
+for i in "${!SAMPLE_SHAPES[@]}"; do
+  shape=${SAMPLE_SHAPES[$i]}
+  # shellcheck disable=SC2086  # MODES is a list of words
+  step "sampling_$shape" "${T_SAMPLING[$i]}" "$PY" -m benchmarks.sampling --shape "$shape" --dtype "$DTYPE" \
+    --batches "${SAMPLE_BATCHES[@]}" --modes $MODES --prompt "$PROMPT" --new-tokens "$NEW_TOKENS" \
+    --repeats "$REPEATS" --copy-mb "$COPY_MB" "$PEER_FLAG" --out-dir "$OUT" --name "sampling_${shape}_$DTYPE"
+done
+
+# ---------------------------------------------------------------- 4. distillation train step
+for i in "${!TRAIN_BATCHES[@]}"; do
+  batch=${TRAIN_BATCHES[$i]}
+  step "train_${TRAIN_SHAPE}_b$batch" "${T_TRAIN[$i]}" "$PY" benchmarks/train_step.py --shape "$TRAIN_SHAPE" \
+    --dtype "$DTYPE" --seq "$SEQ" --teacher-prompt "$TEACHER_PROMPT" --student-prompt "$STUDENT_PROMPT" \
+    --batch "$batch" --rank "$RANK" --chunk "$CHUNK" --remat "$REMAT" --steps "$STEPS" --variants jax_chunked \
+    --out "$OUT/train_step_${TRAIN_SHAPE}_b$batch.json"
+done
+
+# ---------------------------------------------------------------- summary
+(( DRY_RUN )) && exit 0
+{
+  echo
+  "$PY" -m benchmarks.device_report summary "$OUT" 2>>"$LOG" || echo "(no results table: see log.txt)"
+  echo "total $(( SECONDS - START ))s"
+} | tee -a "$SUMMARY"
+# the log must come back: at most 16 MiB per file (keep its head and tail)
+if (( $(wc -c <"$LOG") > 15 * 2**20 )); then
+  { head -c $(( 4 * 2**20 )) "$LOG"; printf '\n[... log cut to fit ...]\n'; tail -c $(( 10 * 2**20 )) "$LOG"; } >"$LOG.cut"
+  mv "$LOG.cut" "$LOG"
+fi
+grep -qE '^(FAIL|TIMEOUT) ' "$SUMMARY" && exit 1
+exit 0

@@ -1,0 +1,192 @@
+"""The benchmarks' MFU / roofline arithmetic against hand counts, and benchmarks/device_check.sh:
+shellcheck, --dry-run, and its CPU smoke mode end to end (tiny shapes, results checked for sanity)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from benchmarks import common
+from benchmarks.device_report import summary_lines
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.lora import LoraConfig, student_split
+from ssb_jax.model.qwen2 import init_model
+from ssb_jax.plan import ACCELERATORS
+from tests.test_launch import _shellcheck
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+
+
+def random_config(seed: int, dtype: str = "float32") -> ModelConfig:
+    """Widths drawn at random; head_dim is not hidden / heads, so q_size and hidden_size differ."""
+    rng = np.random.default_rng(seed)
+    kv_heads = int(rng.integers(1, 4))
+    return ModelConfig(vocab_size=int(rng.integers(50, 300)), hidden_size=int(rng.integers(8, 40)),
+                       intermediate_size=int(rng.integers(8, 60)), num_layers=int(rng.integers(1, 4)),
+                       num_heads=kv_heads * int(rng.integers(1, 4)), num_kv_heads=kv_heads,
+                       head_dim=int(rng.integers(2, 12)), dtype=dtype)
+
+
+def leaves(state) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path): tuple(v.shape)
+            for path, v in jax.tree_util.tree_leaves_with_path(state.to_pure_dict())}
+
+
+def test_train_step_and_prefill_flops_match_a_count_over_the_model_arrays():
+    """Hand count in float64 from the shapes of the model's own arrays (not the config's formulas):
+    2 FLOPs per multiply-add; frozen kernels once forward and once backward, LoRA factors once forward
+    and twice backward; attention QK^T and PV over all query-key pairs, twice in the backward pass."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    config = random_config(seed)
+    rank = int(rng.integers(1, 6))
+    _, lora, base = student_split(config, LoraConfig(rank=rank, alpha=float(rank)))
+    base_shapes, lora_shapes = leaves(base), leaves(lora)
+    kernels = np.float64(sum(np.prod(s, dtype=np.float64) for k, s in base_shapes.items() if k.endswith("['kernel']")))
+    adapters = np.float64(sum(np.prod(s, dtype=np.float64) for s in lora_shapes.values()))
+    vocab, hidden = base_shapes["['embed']['embedding']"]
+    q_width = base_shapes["['layers']['attn']['q_proj']['kernel']"][2]
+    layers = base_shapes["['layers']['attn']['q_proj']['kernel']"][0]
+    batch, answer = int(rng.integers(1, 5)), int(rng.integers(1, 30))
+    student = answer + int(rng.integers(1, 30))
+    teacher = student + int(rng.integers(0, 30))
+
+    def attention(T):
+        return np.float64(4.0) * layers * T * T * q_width
+
+    logits = np.float64(2.0) * answer * hidden * vocab
+    expected = {
+        "teacher_forward": batch * (2 * kernels * teacher + attention(teacher) + logits),
+        "student_forward": batch * ((2 * kernels + 2 * adapters) * student + attention(student) + logits),
+        "student_backward": batch * ((2 * kernels + 4 * adapters) * student + 2 * attention(student) + logits),
+    }
+    expected["total"] = sum(expected.values())
+    got = common.train_step_flops(config, batch, teacher, student, answer, rank)
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-12, err_msg=key)
+    prompt = int(rng.integers(1, 40))
+    np.testing.assert_allclose(common.prefill_flops(config, batch, prompt),
+                               batch * (2 * kernels * prompt + attention(prompt) + 2.0 * hidden * vocab), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_bytes_equal_the_bytes_of_real_weights_and_cache(dtype):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    config = random_config(seed, dtype)
+    model = init_model(config, 0)
+    batch, context = int(rng.integers(1, 5)), int(rng.integers(1, 50))
+    cache = model.init_cache(batch, context)
+    weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert common.decode_bytes_per_step(config, batch, context) == weights + cache["k"].nbytes + cache["v"].nbytes
+
+
+def test_peaks_come_from_the_table_or_the_environment(monkeypatch):
+    assert common.accelerator_for("NVIDIA H200") == "H200"
+    assert common.accelerator_for("NVIDIA H100 80GB HBM3") == "H100-80G"
+    assert common.accelerator_for("NVIDIA A100-SXM4-40GB") == "A100-40G"
+    assert common.accelerator_for("NVIDIA A100-SXM4-80GB") == "A100-80G"
+    assert common.accelerator_for("TPU v5 lite") == "v5e-8" and common.accelerator_for("TPU v5") == "v5p-8"
+    assert common.accelerator_for("cpu") is None
+    assert (ACCELERATORS["H200"].bf16_tflops, ACCELERATORS["H200"].bandwidth_gbs) == (989, 4800)
+    peaks = common.DevicePeaks("x", 500.0, 2000.0, "test")
+    assert peaks.mfu(250e12, 2.0) == pytest.approx(0.25)
+    assert peaks.roofline_fraction(1e9, 1e-3) == pytest.approx(0.5)
+    assert common.DevicePeaks("x", None, None, "unknown").mfu(1.0, 1.0) is None
+    monkeypatch.setenv(common.PEAK_TFLOPS_ENV, "123.5")
+    monkeypatch.setenv(common.BANDWIDTH_ENV, "456")
+    overridden = common.device_peaks()
+    assert (overridden.bf16_tflops, overridden.bandwidth_gbs) == (123.5, 456.0) and "overridden" in overridden.source
+    monkeypatch.delenv(common.PEAK_TFLOPS_ENV)
+    monkeypatch.delenv(common.BANDWIDTH_ENV)
+    measured = common.device_peaks(copy_megabytes=8)  # the tests run on the CPU: measured there
+    assert measured.bf16_tflops > 0 and measured.bandwidth_gbs > 0 and "measured" in measured.source
+
+
+@pytest.mark.parametrize("shape,name", [("0.5b", "Qwen2.5-0.5B-Instruct"), ("3b", "Qwen2.5-3B-Instruct")])
+def test_shape_presets_are_the_real_configs(shape, name):
+    from ssb_jax.paths import shared_data_dir
+    path = shared_data_dir() / "qwen2.5_configs" / name / "config.json"
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    real = ModelConfig.from_json(path)
+    assert common.model_config(shape).param_count() == real.param_count()
+    assert all(getattr(real, k) == v for k, v in common.SHAPES[shape].items())
+
+
+def test_device_check_script_is_shellcheck_clean():
+    done = subprocess.run([_shellcheck(), "--shell=bash", str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+def test_dry_run_prints_the_device_steps_and_runs_nothing(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"))
+    env.pop("SMOKE", None)
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    steps = {line.split()[0]: line for line in done.stdout.splitlines()}
+    assert list(steps) == ["environment", "parity_tests", "sampling_0.5b", "sampling_3b", "train_3b_b1", "train_3b_b8"]
+    assert "--expect-backend gpu" in steps["environment"]
+    for shape in ("0.5b", "3b"):
+        assert "--dtype bfloat16 --batches 1 64" in steps[f"sampling_{shape}"]
+    for batch in (1, 8):
+        assert all(flag in steps[f"train_3b_b{batch}"] for flag in
+                   ("--dtype bfloat16", "--seq 1024", f"--batch {batch}", "--remat full", "--variants jax_chunked"))
+    assert not (tmp_path / "out").exists()
+    bad = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def test_smoke_run_writes_sane_results(tmp_path):
+    """SMOKE=1 on this CPU: environment, sampling and one train step at tiny shapes (the parity step is
+    the test suite itself here). The peaks are set through the environment, so the ratios are checked
+    against known ceilings; every ratio is recomputed from the timings in the JSON."""
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", OUT=str(out), PY=sys.executable, TOTAL_S="900",
+               ONLY="environment,sampling_tiny,train_tiny_b2", SSB_PEAK_TFLOPS="2.0", SSB_HBM_GBS="200")
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+    summary = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+    log = (out / "log.txt").read_text()[-4000:] if (out / "log.txt").exists() else ""
+    assert done.returncode == 0, done.stdout + done.stderr + log
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["log.txt", "sampling_tiny_float32.json", "summary.txt", "train_step_tiny_b2.json"], files
+    assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+
+    sampling = json.loads((out / "sampling_tiny_float32.json").read_text())
+    assert sampling["peaks"]["bf16_tflops"] == 2.0 and sampling["peaks"]["bandwidth_gbs"] == 200.0
+    config = common.model_config("tiny")
+    for row in sampling["rows"]:
+        ours, batch = row["ssb_jax"], row["batch"]
+        assert ours["tokens_per_s"] > 0 and ours["decode_tokens_per_s"] > 0
+        step_bytes = common.decode_bytes_per_step(config, batch, 8 + 8 / 2)
+        assert row["decode_bytes_per_step"] == step_bytes
+        fraction = step_bytes / (ours["decode_step_ms"] / 1e3) / 200e9
+        assert row["decode_fraction_of_roofline"] == pytest.approx(fraction)
+        assert 0 < fraction < 1.5
+        mfu = common.prefill_flops(config, batch, 8) / ours["prefill_s"] / 2e12
+        assert row["prefill_mfu"] == pytest.approx(mfu) and 0 < mfu <= 1
+
+    train = json.loads((out / "train_step_tiny_b2.json").read_text())
+    result = train["results"]["jax_chunked"]
+    assert "error" not in result, result.get("error")
+    assert result["backend"] == "cpu" and result["dtype"] == "float32" and np.isfinite(result["loss"])
+    teacher, student, answer = 32, 28, 24  # --seq 32 --teacher-prompt 8 --student-prompt 4
+    assert result["computed_shapes"] == {"teacher_tokens": [2, teacher], "student_tokens": [2, student],
+                                         "answer_tokens": [2, answer]}
+    flops = common.train_step_flops(config, 2, teacher, student, answer, 4)["total"]
+    assert result["model_flops"]["total"] == flops
+    assert result["mfu"] == pytest.approx(flops / result["step_s"] / 2e12) and 0 < result["mfu"] <= 1
+    assert result["tokens_per_s"] == pytest.approx(2 * (teacher + student) / result["step_s"])
+    assert result["xla_memory"]["temp_size_in_bytes"] > 0
+
+    assert [line.split()[:2] for line in summary.splitlines() if line.startswith(("ok", "FAIL", "TIMEOUT", "SKIP"))] \
+        == [["ok", "environment"], ["ok", "sampling_tiny"], ["ok", "train_tiny_b2"]], summary
+    assert summary_lines(out)[0].startswith("sampling tiny float32") and "MFU" in summary
