@@ -157,22 +157,18 @@ def device_peaks(*, dtype: str = "float32", copy_megabytes: int = 512) -> Device
     import jax
     from ssb_jax.plan import ACCELERATORS
     device = jax.devices()[0]
-    tflops = bandwidth = None
+    tflops, bandwidth = (float(os.environ[k]) if os.environ.get(k) else None for k in (PEAK_TFLOPS_ENV, BANDWIDTH_ENV))
+    overrides = [k for k in (PEAK_TFLOPS_ENV, BANDWIDTH_ENV) if os.environ.get(k)]
     source = "unknown device kind (set SSB_PEAK_TFLOPS and SSB_HBM_GBS)"
     name = accelerator_for(device.device_kind)
     if name:
-        tflops, bandwidth = ACCELERATORS[name].bf16_tflops, ACCELERATORS[name].bandwidth_gbs
+        tflops = tflops or ACCELERATORS[name].bf16_tflops
+        bandwidth = bandwidth or ACCELERATORS[name].bandwidth_gbs
         source = f"ssb_jax.plan.ACCELERATORS[{name!r}] (datasheet: dense bf16, HBM)"
-    elif device.platform == "cpu":
-        tflops, bandwidth = matmul_tflops(dtype), copy_bandwidth_gbs(copy_megabytes)
+    elif device.platform == "cpu":  # measure only what the environment does not give
+        tflops = tflops or matmul_tflops(dtype)
+        bandwidth = bandwidth or copy_bandwidth_gbs(copy_megabytes)
         source = f"measured on this CPU: jitted {dtype} 1024x1024 matrix product; numpy copy, read + write"
-    overrides = []
-    if os.environ.get(PEAK_TFLOPS_ENV):
-        tflops = float(os.environ[PEAK_TFLOPS_ENV])
-        overrides.append(PEAK_TFLOPS_ENV)
-    if os.environ.get(BANDWIDTH_ENV):
-        bandwidth = float(os.environ[BANDWIDTH_ENV])
-        overrides.append(BANDWIDTH_ENV)
     if overrides:
         source += "; overridden by " + ", ".join(overrides)
     return DevicePeaks(device.device_kind, tflops, bandwidth, source)

@@ -14,8 +14,9 @@ Ceilings (benchmarks.common.device_peaks): on an accelerator its datasheet row (
 bandwidth; SSB_PEAK_TFLOPS / SSB_HBM_GBS override), on a CPU measured (numpy copy bandwidth, a jitted
 matrix product). decode_fraction_of_roofline = bytes a decode step must read (weights + the KV cache
 filled so far, at the mean context prompt + new_tokens / 2) / decode step time / bandwidth;
-prefill_mfu = model FLOPs of the prompt's forward / prefill time / peak. transformers is the peer on a
-CPU; on an accelerator only with --peer.
+prefill_mfu = model FLOPs of the prompt's forward / prefill time / peak; device_memory_after = the
+device allocator's statistics after the row (peak_bytes_in_use: the process's peak so far, rows run in
+the order given). transformers is the peer on a CPU; on an accelerator only with --peer.
 """
 from __future__ import annotations
 
