@@ -146,8 +146,12 @@ class DevicePeaks:
     def mfu(self, flops: float, seconds: float) -> float | None:
         return flops / seconds / (self.bf16_tflops * 1e12) if self.bf16_tflops and seconds > 0 else None
 
+    def transfer_seconds(self, bytes_moved: float) -> float | None:
+        """The least time moving these bytes through memory takes."""
+        return bytes_moved / (self.bandwidth_gbs * 1e9) if self.bandwidth_gbs else None
+
     def roofline_fraction(self, bytes_moved: float, seconds: float) -> float | None:
-        return bytes_moved / seconds / (self.bandwidth_gbs * 1e9) if self.bandwidth_gbs and seconds > 0 else None
+        return self.transfer_seconds(bytes_moved) / seconds if self.bandwidth_gbs and seconds > 0 else None
 
 
 def device_peaks(*, dtype: str = "float32", copy_megabytes: int = 512) -> DevicePeaks:

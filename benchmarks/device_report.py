@@ -74,6 +74,9 @@ def summary_lines(directory: Path) -> list[str]:
     lines = []
     for path in sorted(directory.glob("sampling_*.json")):
         data = json.loads(path.read_text())
+        if "peaks" not in data:
+            lines.append(f"{path.name}: written before the device-aware benchmarks (no peaks); left out")
+            continue
         config, peaks = data["config"], data["peaks"]
         lines.append(f"sampling {config['shape']} {config['dtype']} prompt {config['prompt']} + {config['new_tokens']}"
                      f" new ({data['backend']}, {peaks['device_kind']}; ceilings: {_fmt(peaks['bandwidth_gbs'], '.0f')}"
@@ -89,6 +92,9 @@ def summary_lines(directory: Path) -> list[str]:
     for path in sorted(directory.glob("train_step_*.json")):
         data = json.loads(path.read_text())
         shape = data["shape"]
+        if "preset" not in shape:
+            lines.append(f"{path.name}: written before the device-aware benchmarks (no shape preset); left out")
+            continue
         lines.append(f"train step {shape['preset']} {shape['dtype']} batch {shape['batch']} teacher {shape['teacher_seq']}"
                      f" / student {shape['student_seq']} tokens, remat {shape['remat']} ({data['backend']})")
         for name, r in data["results"].items():

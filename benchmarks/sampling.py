@@ -99,7 +99,7 @@ def ceilings(config, peaks, batch, prompt_len, new_tokens, timing) -> dict:
            "prefill_tflops_per_s": flops / timing["prefill_s"] / 1e12,
            "prefill_mfu": peaks.mfu(flops, timing["prefill_s"])}
     if peaks.bandwidth_gbs:
-        roofline = batch * peaks.bandwidth_gbs * 1e9 / step_bytes
+        roofline = batch / peaks.transfer_seconds(step_bytes)
         row.update(roofline_tokens_per_s=roofline, fraction_of_roofline=timing["tokens_per_s"] / roofline,
                    decode_fraction_of_roofline=peaks.roofline_fraction(step_bytes, timing["decode_step_ms"] / 1e3))
     return row
