@@ -142,10 +142,18 @@ if [[ -n $missing ]]; then
 else
   timeout_flag=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=90)
-  step parity_tests "$T_PARITY" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${timeout_flag[@]}" \
+  # -v: one line per test as it ends, so a timed-out run still says how far it got
+  step parity_tests "$T_PARITY" "$PY" -m pytest -v -p no:cacheprovider -rfEs "${timeout_flag[@]}" \
     --junitxml="$OUT/parity_junit.xml" "${PARITY_FILES[@]}" -k "$PARITY_SELECT"
-  (( DRY_RUN )) || grep -E '^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|deselected)' "$LOG" | tail -n 12 \
-    | sed 's/^/    /' >>"$SUMMARY"
+  if (( ! DRY_RUN )) && selected parity_tests; then
+    {
+      for verdict in PASSED FAILED ERROR SKIPPED; do
+        printf '    %s %s' "$(grep -cE "^tests/.* $verdict" "$LOG")" "$verdict"
+      done
+      echo
+      grep -E '^(FAILED|ERROR) ' "$LOG" | head -n 12 | sed 's/^/    /'
+    } >>"$SUMMARY"
+  fi
 fi
 
 # ---------------------------------------------------------------- 3. sampling
