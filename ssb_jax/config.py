@@ -16,13 +16,16 @@ from typing import Any
 import ml_collections
 
 from ssb_jax.curate import CurationConfig
+from ssb_jax.curves import CurveConfig
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.evaluate import EvalConfig
 from ssb_jax.grpo.config import GRPOConfig
 
-STAGES = ("curate", "teacher_cache", "train", "grpo", "eval", "export", "report")
-# what runs unless config.stages says otherwise: SSB; the GRPO baseline is asked for by name
-DEFAULT_STAGES = tuple(s for s in STAGES if s != "grpo")
+STAGES = ("curate", "teacher_cache", "train", "sft", "grpo", "eval", "export", "report")
+# comparisons (plain SFT on the same pairs, the GRPO baseline), run only when named in config.stages
+BASELINE_STAGES = ("sft", "grpo")
+# what runs unless config.stages says otherwise: SSB
+DEFAULT_STAGES = tuple(s for s in STAGES if s not in BASELINE_STAGES)
 
 
 def dataclass_section(cls) -> ml_collections.ConfigDict:
@@ -84,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = dataclass_section(TrainConfig)
     c.eval = dataclass_section(EvalConfig)
     c.grpo = dataclass_section(GRPOConfig)
+    c.curves = dataclass_section(CurveConfig)
     c.export = ml_collections.ConfigDict(dict(peft_adapter=True, merged_model=True, merged_dtype=""))
     c.world = ml_collections.ConfigDict(dict(enabled=False))  # configs/tiny.py fills this
     return c
@@ -181,8 +185,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 # One line per setting: --print_config shows it, and tests/test_cli.py fails on a setting without one.
 SETTING_HELP: dict[str, str] = {
     "workdir": "run directory: every stage's outputs, checkpoints and the report go here",
-    "stages": "comma-separated stages to run, in pipeline order: curate, teacher_cache, train, grpo, eval, export, "
-              "report (grpo, the RL baseline, runs only when named)",
+    "stages": "comma-separated stages to run, in pipeline order: curate, teacher_cache, train, sft (the plain SFT "
+              "baseline on the same curated pairs), grpo (the RL baseline), eval, export, report (sft and grpo "
+              "run only when named)",
     "overwrite": "stages whose outputs from other settings may be deleted and redone (with every stage after them)",
     "num_rounds": "SSB rounds; each round's student is the next round's teacher and base",
     "log_level": "Python logging level of the run: DEBUG, INFO, WARNING or ERROR",
@@ -258,6 +263,7 @@ SETTING_HELP: dict[str, str] = {
     "train.max_steps": "> 0: stop after this many steps",
     "train.seed": "seed of the LoRA initialisation and the data order",
     "train.temperature": "softmax temperature of teacher and student in the KL term",
+    "train.kl_weight": "weight of the T²·KL term (the sft stage trains with 0 and ce_weight 1)",
     "train.ce_weight": "weight of the cross-entropy term on the teacher's solution (0: KL only)",
     "train.per_sequence_mean": "average KL/CE per sequence first, then over sequences",
     "train.logits_chunk": "answer positions per sequence projected to the vocabulary at once (0: all)",
@@ -327,6 +333,12 @@ SETTING_HELP: dict[str, str] = {
     "grpo.checkpoint_every": "iterations between checkpoints (a killed run resumes from the last)",
     "grpo.keep_checkpoints": "checkpoints kept on disk",
     "grpo.log_every": "iterations between TensorBoard scalar writes",
+    # curves (CurveConfig)
+    "curves.eval_every": "optimiser steps between learning-curve points (greedy accuracy and length on a "
+                         "held-out subset; also at step 0 and the end); 0: off",
+    "curves.eval_size": "held-out problems per learning-curve point (the first ones of curves.dataset)",
+    "curves.max_new_tokens": "token budget of each learning-curve answer (0: eval.max_new_tokens)",
+    "curves.dataset": "learning-curve problems: one eval dataset spec (empty: the first of eval.datasets)",
     # export
     "export.peft_adapter": "write the student's LoRA as a PEFT adapter directory",
     "export.merged_model": "write a Hugging Face model with the LoRA merged into the weights",

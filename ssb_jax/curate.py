@@ -272,7 +272,17 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
                              / max(1, sum(len(r["rollouts"]) for r in records))),
         "rollout_tokens": _length_stats(x["num_tokens"] for r in records for x in r["rollouts"]),
         "solution_tokens": _length_stats(len(r["solution_ids"]) for r in records if "solution_ids" in r),
+        "sampled_tokens": sampled_tokens(records),
     }
+
+
+def sampled_tokens(records: Iterable[dict]) -> dict[str, int]:
+    """Tokens the curation sampled: every rollout of every question looked at, plus every hinted teacher
+    solution (kept or not); the x-axis "sampled tokens" of learning curves (ssb_jax.curves)."""
+    records = list(records)
+    rollouts = sum(x["num_tokens"] for r in records for x in r["rollouts"])
+    solutions = sum(len(r["solution_ids"]) for r in records if "solution_ids" in r)
+    return {"rollouts": rollouts, "solutions": solutions, "total": rollouts + solutions}
 
 
 def kept_pairs(records: Iterable[dict], limit: int = 0) -> list[dict]:

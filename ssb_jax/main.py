@@ -75,6 +75,8 @@ class Pipeline:
         self.train_config = config_lib.section_to(_train_cls(), config.train, "config.train")
         self.eval_config = config_lib.section_to(_eval_cls(), config.eval, "config.eval")
         self.grpo_config = config_lib.section_to(_grpo_cls(), config.grpo, "config.grpo")
+        from ssb_jax.curves import CurveConfig
+        self.curve_config = config_lib.section_to(CurveConfig, config.curves, "config.curves")
         self.prompts = _prompts(config)
         from ssb_jax.sharding import local_mesh, make_mesh
         self.mesh = make_mesh(dict(config.mesh))
@@ -205,10 +207,11 @@ class Pipeline:
                 "data": {"train": fp.dataset_identity(d.train), "question_field": d.question_field,
                          "answer_field": d.answer_field, "on_bad_line": d.on_bad_line}}
 
-    def trainer_fingerprint(self, r: int, stage: str) -> dict:
-        """teacher_cache and train: the round's base, its training examples, the settings they read."""
+    def trainer_fingerprint(self, r: int, stage: str, train_config=None) -> dict:
+        """teacher_cache and train (or sft, with its train_config): the round's base, its training
+        examples, the settings they read."""
         from ssb_jax import fingerprint as fp
-        tc = self.train_config.to_dict()
+        tc = (train_config or self.train_config).to_dict()
         keys = TEACHER_CACHE_SETTINGS if stage == "teacher_cache" else [k for k in tc if k not in TRAIN_OPERATIONAL]
         # the teacher cache is a function of exactly these (its settings are among train's), so train
         # needs no digest of it
@@ -238,25 +241,72 @@ class Pipeline:
                                     temperature=tc.temperature, batch_size=tc.batch_size, chunk=tc.logits_chunk,
                                     buckets=tc.length_buckets, min_bucket=tc.min_bucket, max_seq_len=tc.max_seq_len)
 
-    def train(self, r: int, base):
-        """base: a function giving the round's base on the global mesh (loaded only when training runs)."""
+    def train(self, r: int, base, model):
+        """SSB. base: a function giving the round's base on the global mesh (loaded only when training
+        runs); model: the round's base on the sampling mesh (for the learning curve)."""
+        self._train_adapters(r, base, model, "train", self.train_config, label="ssb")
+
+    def sft(self, r: int, base, model):
+        """The plain SFT baseline: its own adapters, trained by cross-entropy on the same curated pairs
+        (TrainConfig.as_sft), in round_r/sft with its own fingerprint; evaluated as "sft"."""
+        self._train_adapters(r, base, model, "sft", self.train_config.as_sft(), label="sft")
+
+    def _train_adapters(self, r: int, base, model, stage: str, tc, label: str):
         from ssb_jax import train
-        out = self.round_dir(r) / "train"
-        self._check_fingerprint(out, "train", self.trainer_fingerprint(r, "train"))
+        out = self.round_dir(r) / stage
+        self._check_fingerprint(out, stage, self.trainer_fingerprint(r, "train", tc))
         if _done(out):
-            log.info("round %d train: complete, skipped", r)
+            log.info("round %d %s: complete, skipped", r, stage)
             return
-        result = train.run(self.train_config, self.model_config, base(), self.examples(r), out, mesh=self.mesh,
-                           resume=True, teacher_cache_dir=self.round_dir(r) / "teacher_cache")
+        curve = self.learning_curve(model, tc, out / train.METRICS_FILE, label)
+        result = train.run(tc, self.model_config, base(), self.examples(r), out, mesh=self.mesh,
+                           resume=True, teacher_cache_dir=self.round_dir(r) / "teacher_cache", curve=curve,
+                           sampled_tokens=self.curation_tokens(r) if curve is not None else 0)
         if not result.get("interrupted"):
             last = result["history"][-1] if result["history"] else {}
             _mark_done(out, steps=result["total_steps"], final_metrics=last)
 
-    def student(self, r: int):
-        """Round r's trained student: (adapters on the global mesh, the same adapters on the sampling
-        mesh, its LoraConfig)."""
+    def curation_tokens(self, r: int) -> int:
+        """Tokens round r's curation sampled (rollouts and teacher solutions): SSB's and SFT's training cost
+        in samples, the learning curves' x-axis."""
+        from ssb_jax import curate
+        return curate.sampled_tokens(RecordStore(self.round_dir(r) / "curate" / curate.RECORDS_FILE).read_all())["total"]
+
+    def learning_curve(self, model, tc, metrics_path: Path, label: str):
+        """A curves.LearningCurve of adapters on `model` (the round's base on the sampling mesh), or None
+        when curves.eval_every is 0. Its problems: curves.dataset, else the first of eval.datasets."""
+        cc = self.curve_config
+        if not cc.enabled:
+            return None
+        from ssb_jax import curves, evaluate
+        spec = evaluate.parse_datasets(cc.dataset or self.config.eval.datasets)[0]
+        source = spec.source
+        if source == WORLD_TEST:  # the world stage resolves it only for the eval stage
+            from ssb_jax.toyworld import world_paths
+            source = str(world_paths(self.workdir / "world")["test"])
+        d = self.config.data
+        problems = evaluate.load_datasets(
+            evaluate.EvalConfig(datasets=f"{spec.label}={source}", max_problems=cc.eval_size),
+            on_bad_line=d.on_bad_line, question_field=d.question_field or None,
+            answer_field=d.answer_field or None)[spec.label]
+        protocol = evaluate.PROTOCOLS[self.eval_config.protocols[0]]
+        place = None
+        if jax.process_count() > 1:  # trained on the global mesh, sampled on this process's devices
+            from ssb_jax.distributed import to_host
+            from ssb_jax.sharding import shard_state
+            place = lambda lora: shard_state(to_host(lora), self.sample_mesh)  # noqa: E731
+        log.info("learning curve %s: every %d steps on %d problems of %s", label, cc.eval_every, len(problems),
+                 spec.label)
+        return curves.LearningCurve(cc, problems, self.tokenizer, model, tc.lora_config(), metrics_path, label=label,
+                                    make_sampler=self.sampler, prompts=self.prompts, grader=protocol.grader,
+                                    max_new_tokens=protocol.max_new_tokens or self.eval_config.max_new_tokens,
+                                    place=place)
+
+    def student(self, r: int, stage: str = "train"):
+        """Round r's trained student (stage "sft": the SFT baseline's): (adapters on the global mesh, the
+        same adapters on the sampling mesh, its LoraConfig)."""
         from ssb_jax import train
-        lora, lora_config = train.load_lora(self.round_dir(r) / "train", self.model_config, self.train_config,
+        lora, lora_config = train.load_lora(self.round_dir(r) / stage, self.model_config, self.train_config,
                                             mesh=self.mesh if self.mesh.size > 1 else None)
         if jax.process_count() == 1:
             return lora, lora, lora_config
@@ -345,11 +395,9 @@ class Pipeline:
         _mark_done(out, iterations=result["iterations"], final_metrics=last)
 
     def _grpo_curve(self, out: Path):
-        """The GRPO baseline's learning curve (held-out greedy accuracy and length per iteration), or None.
-        The hook for the curves branch's LearningCurve: once it is merged this returns
-        `self.learning_curve(self.base_model, self.train_config, out / "metrics.jsonl", "grpo")`
-        (the GRPO adapters have the train section's LoRA shape; curves.eval_every counts iterations)."""
-        return None
+        """The GRPO baseline's learning curve (held-out greedy accuracy and length; curves.eval_every counts
+        iterations), or None when curves are off. Its adapters have the train section's LoRA shape."""
+        return self.learning_curve(self.base_model, self.train_config, out / "metrics.jsonl", "grpo")
 
     def grpo_student(self):
         """The GRPO baseline's adapters on the sampling mesh (from its exported PEFT adapter) and their
@@ -391,8 +439,11 @@ class Pipeline:
                 self.curate(r, model)
             if "teacher_cache" in self.stages:
                 self.teacher_cache(r, model)
+            training_base = lambda: model if jax.process_count() == 1 else self._global_model_for_round(r)  # noqa: E731
             if "train" in self.stages:
-                self.train(r, lambda: model if jax.process_count() == 1 else self._global_model_for_round(r))
+                self.train(r, training_base, model)
+            if "sft" in self.stages:
+                self.sft(r, training_base, model)
             trained = _done(self.round_dir(r) / "train")
             if r < last and not trained:
                 raise RunStopped(f"round {r} has no trained student, so round {r + 1} has no base; "
@@ -412,6 +463,10 @@ class Pipeline:
                 from ssb_jax.fingerprint import read
                 models["grpo"] = (self.base_model, *self.grpo_student())
                 identities["grpo"] = digest({"base": self.base_identity(1), "grpo": digest(read(self.workdir / "grpo"))})
+            if _done(self.round_dir(last) / "sft"):  # the SFT baseline, on the same base as the last round's student
+                _, sft_lora, sft_lora_config = self.student(last, "sft")
+                models["sft"] = (model, sft_lora, sft_lora_config)
+                identities["sft"] = digest({"base": self.base_identity(last), "sft": self._student_digest(last, "sft")})
             self._evaluate_or_overwrite(models, identities)
         if "export" in self.stages and sample_lora is not None:
             self._check_fingerprint(self.workdir / "export", "export", {
@@ -433,9 +488,9 @@ class Pipeline:
         short = curate.shortfall(json.loads(path.read_text()), self._round_curation(r)) if path.exists() else None
         return f"round {r} curation: {short}" if short else ""
 
-    def _student_digest(self, r: int) -> str:
+    def _student_digest(self, r: int, stage: str = "train") -> str:
         from ssb_jax import fingerprint as fp
-        return fp.digest(fp.read(self.round_dir(r) / "train") or {})
+        return fp.digest(fp.read(self.round_dir(r) / stage) or {})
 
     def _evaluate_or_overwrite(self, models: dict, identities: dict):
         """Evaluate; outputs made from other inputs are deleted and redone only under --config.overwrite=eval."""

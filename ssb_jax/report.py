@@ -1,4 +1,5 @@
-"""The run report: curation counts, training dynamics and the evaluation table, in one Markdown file."""
+"""The run report: curation counts, training dynamics, learning curves and the evaluation table, in one
+Markdown file."""
 from __future__ import annotations
 
 import json
@@ -48,6 +49,13 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
             plot = rdir / "train" / "training.png"
             if plot.exists():
                 lines += [f"![training dynamics]({plot.relative_to(workdir)})", ""]
+        sft = _json(rdir / "sft" / "DONE.json")
+        if sft:
+            m = sft.get("final_metrics", {})
+            lines += ["### SFT baseline", "", f"{sft.get('steps')} steps of cross-entropy on the same pairs (no KL); "
+                      f"final CE {m.get('ce', float('nan')):.4g}, KL to the teacher {m.get('kl', float('nan')):.4g}.",
+                      ""]
+        lines += _learning_curves(workdir, rdir)
     grpo = _json(workdir / "grpo" / "DONE.json")
     if grpo:
         m = grpo.get("final_metrics", {})
@@ -66,8 +74,44 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
 
 
 def _first_metrics(path: Path) -> dict | None:
+    """The first training record (learning-curve points share the file)."""
     if not path.exists():
         return None
     with path.open() as f:
-        line = f.readline()
-    return json.loads(line) if line.strip() else None
+        for line in f:
+            if line.strip() and "kind" not in (record := json.loads(line)):
+                return record
+    return None
+
+
+def round_curves(rdir: Path) -> dict[str, list[dict]]:
+    """{method label: its learning-curve points} from every method's metrics.jsonl in a round directory
+    (SSB's train/, sft/, and any other trainer using ssb_jax.curves)."""
+    from ssb_jax.curves import read_curve
+    by_method: dict[str, list[dict]] = {}
+    for path in sorted(rdir.glob("*/metrics.jsonl")):
+        for point in read_curve(path):
+            by_method.setdefault(point.get("method", path.parent.name), []).append(point)
+    return by_method
+
+
+def _learning_curves(workdir: Path, rdir: Path) -> list[str]:
+    """The methods' curves in one figure and each one's first and last point."""
+    from ssb_jax.curves import plot_curves
+    curves = round_curves(rdir)
+    if not curves:
+        return []
+    figure = plot_curves(curves, rdir / "learning_curves.png")
+    lines = ["### Learning curves", "",
+             "Greedy accuracy and completion length on a fixed held-out subset during training; x-axes: optimiser "
+             "steps and tokens sampled for training (SSB and SFT sample everything during curation, before step 0).",
+             "", "| method | points | problems | step | sampled tokens | accuracy | mean tokens | truncated |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, points in curves.items():
+        for p in (points[0], points[-1]):
+            accuracy = "–" if p["accuracy"] is None else f"{p['accuracy']:.3f}"
+            tokens = "–" if p["mean_tokens"] is None else f"{p['mean_tokens']:.1f}"
+            cut = "–" if p["truncated_rate"] is None else f"{100 * p['truncated_rate']:.0f}%"
+            lines.append(f"| {label} | {len(points)} | {p['problems']} | {p['step']} | {p['sampled_tokens']} | "
+                         f"{accuracy} | {tokens} | {cut} |")
+    return lines + ["", f"![learning curves]({figure.relative_to(workdir)})", ""]

@@ -6,7 +6,8 @@
 
 `records` are dicts with "id", "teacher_prompt_ids", "student_prompt_ids", "solution_ids".
 workdir gets: checkpoints/ (orbax: LoRA, optimizer state, step, grain iterator state),
-metrics.jsonl, tb/ (TensorBoard), training.png, train_config.json, lora_config.json.
+metrics.jsonl, tb/ (TensorBoard), training.png, train_config.json, lora_config.json; with a learning
+curve (ssb_jax.curves) also its points in metrics.jsonl ("kind": "curve") and curves.png.
 """
 from __future__ import annotations
 
@@ -50,10 +51,12 @@ def _abstract(tree):
 
 
 def read_metrics(workdir) -> list[dict]:
+    """The per-step training records (learning-curve points, which share the file, left out)."""
     path = Path(workdir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "kind" not in r]
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -115,7 +118,8 @@ def plot_metrics(workdir, out: str | Path | None = None) -> Path | None:
 
 def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Mapping], workdir, *,
         mesh: Mesh | None = None, resume: bool = True, teacher_cache_dir=None, progress: bool = True,
-        stop_after: int | None = None, tensorboard: bool = True, plot: bool = True) -> dict:
+        stop_after: int | None = None, tensorboard: bool = True, plot: bool = True, curve=None,
+        sampled_tokens: int = 0) -> dict:
     """Train LoRA by distillation; returns {"state", "lora", "history", "total_steps", "workdir"}.
 
     model: the frozen base, a Qwen2ForCausalLM (its parameters placed on `mesh` by their logical axes
@@ -123,6 +127,8 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
     resume: continue from the latest checkpoint in workdir (LoRA, optimizer, step, data position).
     teacher_cache_dir: cached teacher mode (tc.teacher_mode == "cached"); built first if it has no index.
     stop_after: stop after this many steps of this call without a final checkpoint (simulates a kill).
+    curve: a curves.LearningCurve writing to this run's metrics.jsonl, evaluated at its steps (each point
+    before that step's checkpoint); sampled_tokens: its x-axis, the tokens sampled to make `examples`.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +184,8 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
     history = []
     interrupted = False
     try:
+        if curve is not None:
+            curve.maybe_record(start, total, state["lora"], sampled_tokens, writer)  # step 0 (or a missing point)
         for step in range(start, total):
             batch = next(iterator)
             t0 = time.perf_counter()
@@ -197,6 +205,8 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
             if stop_after is not None and step + 1 - start >= stop_after and step + 1 < total:
                 interrupted = True
                 break
+            if curve is not None:  # before the checkpoint, so a resumed run neither loses nor repeats a point
+                curve.maybe_record(step + 1, total, state["lora"], sampled_tokens, writer)
             if (step + 1) % tc.checkpoint_every == 0 or step + 1 == total:
                 save(step + 1)
     finally:
@@ -206,6 +216,9 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
         manager.close()
     if plot and jax.process_index() == 0:
         plot_metrics(workdir)
+        if curve is not None:
+            from ssb_jax.curves import PLOT_FILE as CURVE_PLOT, plot_curves, read_curve
+            plot_curves({curve.label: read_curve(workdir / METRICS_FILE)}, workdir / CURVE_PLOT)
     return {"state": state, "lora": as_lora_state(state["lora"], model_config, lora_config), "history": history,
             "total_steps": total,
             "workdir": workdir, "interrupted": interrupted, "start_step": start}

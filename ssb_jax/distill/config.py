@@ -14,7 +14,7 @@ from ssb_jax.model.config import PROJECTIONS
 class TrainConfig:
     """Frozen and hashable, so it can be a jit static argument. Paper defaults: lr 2e-4 with linear
     decay and no warmup, AdamW without weight decay, clip 1.0, batch 4, 3 epochs, T = 2,
-    LoRA r = alpha = 32 on all seven projections, no CE term."""
+    LoRA r = alpha = 32 on all seven projections, no CE term. `as_sft()`: the plain SFT baseline."""
     # optimisation
     learning_rate: float = 2e-4
     schedule: str = "linear"          # "linear" (to 0), "cosine" (to 0) or "constant"
@@ -31,6 +31,7 @@ class TrainConfig:
     seed: int = 0
     # loss
     temperature: float = 2.0
+    kl_weight: float = 1.0            # weight of the T²·KL term (0 with ce_weight > 0: plain SFT)
     ce_weight: float = 0.0
     per_sequence_mean: bool = False   # average KL/CE per sequence first, then over sequences
     logits_chunk: int = 128           # answer positions per sequence projected to the vocab at once; 0 = all
@@ -63,8 +64,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'linear', 'cosine' or 'constant', got {self.schedule!r}")
         validate.positive(self, "learning_rate", "temperature", "batch_size", "epochs", "lora_alpha", "topk",
                           "min_bucket", "checkpoint_every", "keep_checkpoints", "log_every")
-        validate.non_negative(self, "warmup_steps", "warmup_ratio", "weight_decay", "ce_weight", "max_steps",
-                              "logits_chunk", "max_seq_len", "adam_eps")
+        validate.non_negative(self, "warmup_steps", "warmup_ratio", "weight_decay", "kl_weight", "ce_weight",
+                              "max_steps", "logits_chunk", "max_seq_len", "adam_eps")
+        if not self.kl_weight and not self.ce_weight:
+            raise ValueError("kl_weight and ce_weight are both 0: the loss would be 0")
         for rank in (dict(self.lora_rank).values() if isinstance(self.lora_rank, (dict, tuple)) else [self.lora_rank]):
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ValueError(f"lora_rank must be a positive integer (or one per target), got {self.lora_rank!r}")
@@ -76,6 +79,12 @@ class TrainConfig:
     def lora_config(self) -> LoraConfig:
         return LoraConfig(targets=self.lora_targets, rank=self.lora_rank, alpha=self.lora_alpha,
                           use_rslora=self.use_rslora, dtype=self.lora_dtype)
+
+    def as_sft(self) -> "TrainConfig":
+        """The plain SFT baseline on the same curated pairs: cross-entropy on the teacher's solution tokens
+        under the student's plain prompt and no KL term, so comparing it with SSB isolates what the
+        teacher's soft logits add. Everything else (LoRA, optimiser, data order) is SSB's."""
+        return self.replace(kl_weight=0.0, ce_weight=1.0)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -1,6 +1,8 @@
 """Distillation loss at answer positions, projected to the vocabulary in chunks.
 
-    loss = T² · KL(softmax(t/T) ‖ softmax(s/T)) + λ_CE · CE(student, solution token)
+    loss = λ_KL · T² · KL(softmax(t/T) ‖ softmax(s/T)) + λ_CE · CE(student, solution token)
+
+(λ_KL = 1 for SSB; λ_KL = 0, λ_CE = 1 is plain SFT on the teacher's solution.)
 
 averaged over answer tokens (or per sequence, then over sequences). Only the hidden states at
 answer positions are gathered ([B, A, D]); the vocabulary projection then runs over chunks of
@@ -216,13 +218,15 @@ def masked_mean(x, mask, per_sequence: bool = False):
 
 
 def distill_objective(student_hidden, teacher, targets, mask, head, *, temperature: float, ce_weight: float = 0.0,
-                      per_sequence_mean: bool = False, chunk: int = 0):
+                      per_sequence_mean: bool = False, chunk: int = 0, kl_weight: float = 1.0):
     """(loss, metrics) from answer-position hidden states; see the module docstring."""
     kl, ce, teacher_ce, agree = token_terms(student_hidden, teacher, targets, head, temperature, chunk,
                                             ce_grad=bool(ce_weight))
     kl_mean = masked_mean(kl, mask, per_sequence_mean)
     ce_mean = masked_mean(ce, mask, per_sequence_mean)
-    loss = temperature ** 2 * kl_mean
+    loss = jnp.zeros((), kl_mean.dtype)
+    if kl_weight:  # left out of the graph when 0, so no gradient flows through the KL
+        loss = loss + kl_weight * temperature ** 2 * kl_mean
     if ce_weight:
         loss = loss + ce_weight * ce_mean
     metrics = {

@@ -110,7 +110,7 @@ def distill_loss(lora_state, base_state, batch: Mapping[str, jax.Array], *, grap
                    "tail_logprob": batch["teacher_tail_logprob"], "target_logprob": batch["teacher_target_logprob"]}
     head = nnx.merge(base_graphdef, base_state).head_matrix()
     return distill_objective(student, teacher, batch["answer_tokens"], batch["answer_mask"], head,
-                             temperature=tc.temperature, ce_weight=tc.ce_weight,
+                             temperature=tc.temperature, kl_weight=tc.kl_weight, ce_weight=tc.ce_weight,
                              per_sequence_mean=tc.per_sequence_mean, chunk=tc.logits_chunk)
 
 

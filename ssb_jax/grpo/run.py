@@ -248,7 +248,7 @@ def _update(step: GRPOStep, state, base_state, prompts, completions, advantages,
 
 def plot_metrics(workdir, out=None) -> Path | None:
     """PNG of the GRPO metrics per iteration, plus reward against sampled tokens."""
-    history = [h for h in read_metrics(workdir) if "kind" not in h]  # learning-curve points have a kind
+    history = read_metrics(workdir)  # training records only (learning-curve points left out)
     if not history:
         return None
     import matplotlib

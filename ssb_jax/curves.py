@@ -1,0 +1,212 @@
+"""Learning curves: greedy accuracy and completion length on a fixed held-out subset while a method trains.
+
+Every `CurveConfig.eval_every` optimiser steps, and at step 0 and at the last step, the current adapters
+answer the same `eval_size` held-out problems greedily (the student's plain prompt, as the eval stage
+asks it). Each point records accuracy (with its binomial SE), the mean completion length in tokens,
+the share of completions cut at the token budget, and two x-axes: the optimiser step and the tokens
+sampled *for training* so far (SSB and SFT: everything curation sampled, rollouts plus hinted teacher
+solutions, all spent before step 0, so their points stand on one vertical line; GRPO: its own running
+count of rollout tokens). Tokens sampled for the curve itself are not counted.
+
+The held-out subset: the first `eval_size` problems, in file order, of `CurveConfig.dataset` (default:
+the first dataset of eval.datasets; on the toy world its held-out test split). The eval stage grades the
+same problems with the same greedy decoding, so the last point's accuracy is that of the final greedy
+pass@1 on those problems; the curve only monitors training and selects nothing, so nothing leaks.
+
+One Sampler is built at the first point, from the student (base + adapters); every later point swaps
+the new adapter values in (`Sampler.set_adapters`), so nothing is compiled again.
+
+Interface (SSB and SFT through ssb_jax.train.run; a GRPO loop calls the same two things):
+
+    curve = LearningCurve(config, problems, tokenizer, base_model, lora_config, workdir / "metrics.jsonl",
+                          label="grpo", make_sampler=pipeline.sampler, prompts=..., grader="math_verify",
+                          place=None)
+    # after truncating metrics.jsonl to the checkpoint the run resumes from:
+    curve.maybe_record(0, total_steps, lora, sampled_tokens=0, writer=tb)        # before the first step
+    for step in range(start, total_steps):
+        ...one optimiser step...
+        curve.maybe_record(step + 1, total_steps, lora, sampled_tokens, writer=tb)  # before saving a checkpoint
+
+`lora`: the adapters as a pure dict (a train state's "lora") or an nnx.State; `place` (optional) puts
+them where the sampler's mesh wants them (several processes: gathered, then placed on the local mesh).
+Points go to the caller's metrics.jsonl as records with "kind": "curve" (training records have no kind),
+only from the main process; TensorBoard gets curve/* scalars at the optimiser step. A point whose step
+is already in the file is not redone, and a run that truncates its metrics to its last checkpoint
+(ssb_jax.train) drops later points, so a killed run neither loses nor repeats points as long as each
+point is written before the checkpoint of its step. `plot_curves` draws several methods' points (by
+label) in one figure; report.py uses it to put SSB, SFT and GRPO side by side.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from ssb_jax import validate
+
+log = logging.getLogger(__name__)
+
+KIND = "curve"
+PLOT_FILE = "curves.png"
+PLOTTED = (("accuracy", "greedy accuracy"), ("mean_tokens", "mean completion length (tokens)"),
+           ("truncated_rate", "share cut at the token budget"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    eval_every: int = 0        # optimiser steps between points; 0: no curve
+    eval_size: int = 64        # held-out problems per point
+    max_new_tokens: int = 0    # token budget of each answer (0: eval.max_new_tokens)
+    dataset: str = ""          # one eval dataset spec (name, label=path, path); empty: the first of eval.datasets
+
+    def __post_init__(self):
+        validate.non_negative(self, "eval_every", "max_new_tokens")
+        validate.positive(self, "eval_size")
+
+    @property
+    def enabled(self) -> bool:
+        return self.eval_every > 0
+
+
+def is_curve(record: Mapping) -> bool:
+    return record.get("kind") == KIND
+
+
+def read_curve(metrics_path) -> list[dict]:
+    """The curve points in a metrics.jsonl, in step order."""
+    path = Path(metrics_path)
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted((r for r in records if is_curve(r)), key=lambda r: r["step"])
+
+
+class LearningCurve:
+    """Greedy evaluation of the adapters on a fixed subset, every few steps; see the module docstring."""
+
+    def __init__(self, config: CurveConfig, problems: Sequence, tokenizer, base_model, lora_config, metrics_path,
+                 *, label: str, make_sampler: Callable | None = None, prompts=None, grader: str = "math_verify",
+                 max_new_tokens: int = 1024, place: Callable | None = None):
+        """problems: the held-out problems (the first config.eval_size whose prompts fit are used);
+        make_sampler(model) -> Sampler (default: a plain Sampler); max_new_tokens: used when
+        config.max_new_tokens is 0."""
+        from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
+        from ssb_jax.prompts import DEFAULT_PROMPTS
+        from ssb_jax.sampling.sampler import SamplingParams
+        self.config, self.tokenizer, self.label, self.grader = config, tokenizer, label, grader
+        self.base_model, self.lora_config, self.place = base_model, lora_config, place
+        self.metrics_path = Path(metrics_path)
+        self.make_sampler = make_sampler or self._plain_sampler
+        self.sampler = None
+        self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens or max_new_tokens, temperature=0.0,
+                                       stop_ids=tuple(stop_token_ids(tokenizer)))
+        prompts = prompts or DEFAULT_PROMPTS
+        self._problems = list(problems)[:config.eval_size]
+        self._prompt_ids = [encode_chat(tokenizer, prompts.student_messages(p.question)) for p in self._problems]
+        self._recorded: set[int] | None = None  # read at the first point, after the caller's truncation
+
+    def _plain_sampler(self, model):
+        from ssb_jax.sampling.driver import Sampler
+        return Sampler(model, self.tokenizer, batch_size=max(1, min(64, len(self._problems))), show_progress=False)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        every = self.config.eval_every
+        return every > 0 and (step == 0 or step == total_steps or step % every == 0)
+
+    def maybe_record(self, step: int, total_steps: int, lora, sampled_tokens: int, writer=None) -> dict | None:
+        """The point at `step` when one is due and not yet recorded (written and returned), else None."""
+        if not self.due(step, total_steps):
+            return None
+        if self._recorded is None:
+            self._recorded = {r["step"] for r in read_curve(self.metrics_path)}
+        if step in self._recorded:
+            return None
+        point = self.evaluate(lora)
+        point = {"kind": KIND, "method": self.label, "step": int(step), "sampled_tokens": int(sampled_tokens), **point}
+        import jax
+        if jax.process_index() == 0:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(point) + "\n")
+            if writer is not None:
+                for key in ("accuracy", "mean_tokens", "truncated_rate", "sampled_tokens"):
+                    if point[key] is not None:
+                        writer.add_scalar(f"curve/{key}", point[key], step)
+        self._recorded.add(step)
+        log.info("curve %s step %d: accuracy %.3f on %d problems, mean %.1f tokens, %.0f%% cut (%.1f s)",
+                 self.label, step, point["accuracy"] or 0.0, point["problems"], point["mean_tokens"] or 0.0,
+                 100 * (point["truncated_rate"] or 0.0), point["eval_time_s"])
+        return point
+
+    def evaluate(self, lora) -> dict:
+        """Greedy accuracy (and SE), mean tokens, truncated and no-answer rates of base + `lora`."""
+        from flax import nnx
+        from ssb_jax.evaluate import metric_rows
+        from ssb_jax.grading import grade_response
+        from ssb_jax.model.lora import as_lora_state, with_adapters
+        started = time.perf_counter()
+        if not isinstance(lora, nnx.State):
+            lora = as_lora_state(lora, self.base_model.config, self.lora_config)
+        if self.place is not None:
+            lora = self.place(lora)
+        if self.sampler is None:
+            self.sampler = self.make_sampler(with_adapters(self.base_model, lora, self.lora_config))
+            self._drop_over_long_prompts()
+        else:
+            self.sampler.set_adapters(lora)
+        ids = [p.id for p in self._problems]
+        completions = self.sampler.generate_ids(self._prompt_ids, self.sampling, n=1, ids=ids) if ids else []
+        records = []
+        for problem, (completion,) in zip(self._problems, completions):
+            graded = grade_response(completion.text, problem.answer, grader=self.grader)
+            records.append({"greedy": {"label": graded.label, "num_tokens": len(completion.token_ids),
+                                       "finish_reason": completion.finish_reason}})
+        row = metric_rows(records, 0)[0]
+        return {**{k: row[k] for k in ("accuracy", "se", "correct", "problems", "mean_tokens", "truncated_rate",
+                                        "no_answer_rate")},
+                "eval_time_s": time.perf_counter() - started}
+
+    def _drop_over_long_prompts(self) -> None:
+        limit = getattr(self.sampler, "max_prompt_tokens", None)
+        if limit is None:
+            return
+        fits = [i for i, ids in enumerate(self._prompt_ids) if len(ids) <= limit]
+        if len(fits) < len(self._prompt_ids):
+            log.warning("curve %s: %d of %d problems have prompts over max_prompt_tokens=%d and are left out",
+                        self.label, len(self._prompt_ids) - len(fits), len(self._prompt_ids), limit)
+        self._problems = [self._problems[i] for i in fits]
+        self._prompt_ids = [self._prompt_ids[i] for i in fits]
+
+
+def plot_curves(curves: Mapping[str, Sequence[Mapping]], out) -> Path | None:
+    """One figure of several methods' points ({label: curve records}): accuracy, mean length and the
+    truncated share (rows) against optimiser steps and against sampled tokens (columns)."""
+    curves = {label: sorted(points, key=lambda p: p["step"]) for label, points in curves.items() if points}
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(PLOTTED), 2, figsize=(12, 3.2 * len(PLOTTED)), squeeze=False)
+    for label, points in curves.items():
+        for row, (key, title) in enumerate(PLOTTED):
+            shown = [p for p in points if p.get(key) is not None]
+            for column, x in enumerate(("step", "sampled_tokens")):
+                axes[row][column].plot([p[x] for p in shown], [p[key] for p in shown], marker="o", markersize=3,
+                                       label=label)
+                axes[row][column].set_title(title)
+    for row in axes:
+        row[0].set_xlabel("optimiser step")
+        row[1].set_xlabel("tokens sampled for training")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

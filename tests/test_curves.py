@@ -1,0 +1,165 @@
+"""Learning curves: adapters swapped into one Sampler sample like a fresh one (no recompilation), the
+points' statistics, and a killed training run that neither loses nor repeats a point."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssb_jax.curves import CurveConfig, LearningCurve, plot_curves, read_curve
+from ssb_jax.data.datasets import Problem
+from ssb_jax.distill.config import TrainConfig
+from ssb_jax.distill.synthetic import random_records, tiny_model_config
+from ssb_jax.model.lora import LoraConfig, init_lora, with_adapters
+from ssb_jax.model.qwen2 import init_model
+from ssb_jax.model.tokenizer import encode_chat, load_tokenizer, stop_token_ids
+from ssb_jax.paths import shared_data_path
+from ssb_jax.prompts import DEFAULT_PROMPTS
+from ssb_jax.sampling.driver import Completion, Sampler
+from ssb_jax.sampling.sampler import SamplingParams
+from ssb_jax.train import read_metrics, run
+
+VOCAB = 151936  # the real tokenizer's ids, so prompts are chat-rendered as in the pipeline
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(shared_data_path("qwen2.5_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def base():
+    seed = np.random.randint(1 << 30)
+    print("model seed", seed)
+    config = tiny_model_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64)
+    return init_model(config, seed, std=0.3)
+
+
+def problems(n):
+    return [Problem(id=f"p{i}", question=f"Tom has {i} apples and finds {i + 2} more. How many now?",
+                    answer=str(2 * i + 2), source="test") for i in range(n)]
+
+
+def random_adapters(model, lora_config, key):
+    """Adapters with both factors random (fresh ones have B = 0, so they would not change the model)."""
+    lora = init_lora(model.config, lora_config, key)
+    return jax.tree.map(lambda x: 0.5 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape, x.dtype), lora)
+
+
+def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, tokenizer):
+    lora_config = LoraConfig(rank=4, alpha=8.0)
+    seed = np.random.randint(1 << 30)
+    print("adapter seed", seed)
+    loras = [random_adapters(base, lora_config, jax.random.key(seed + i)) for i in range(2)]
+    curve = LearningCurve(CurveConfig(eval_every=1, eval_size=5, max_new_tokens=12), problems(7), tokenizer, base,
+                          lora_config, "unused.jsonl", label="test",
+                          make_sampler=lambda m: Sampler(m, tokenizer, batch_size=8, show_progress=False))
+    prompts = [encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(p.question)) for p in problems(5)]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, stop_ids=tuple(stop_token_ids(tokenizer)))
+    outputs, compilations = [], []
+    for lora in loras:
+        point = curve.evaluate(lora.to_pure_dict())  # as a train state holds them
+        compilations.append(curve.sampler.num_compilations)
+        swapped = curve.sampler.generate_ids(prompts, greedy, ids=[f"p{i}" for i in range(5)])
+        fresh = Sampler(with_adapters(base, lora, lora_config), tokenizer, batch_size=8,
+                        show_progress=False).generate_ids(prompts, greedy, ids=[f"p{i}" for i in range(5)])
+        assert [c[0].token_ids for c in swapped] == [c[0].token_ids for c in fresh]
+        lengths = [len(c[0].token_ids) for c in fresh]
+        assert point["problems"] == 5 and point["mean_tokens"] == pytest.approx(np.mean(lengths))
+        assert point["truncated_rate"] == pytest.approx(np.mean([c[0].finish_reason == "length" for c in fresh]))
+        outputs.append([c[0].token_ids for c in fresh])
+    assert compilations[0] >= 1 and compilations == [compilations[0]] * 2, compilations
+    assert outputs[0] != outputs[1]  # the adapters change the answers, so the swap is tested
+
+
+class ScriptedSampler:
+    """Answers from a table; counts weight swaps."""
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.swaps, self.max_prompt_tokens = tokenizer, texts, 0, 10_000
+
+    def set_adapters(self, lora):
+        self.swaps += 1
+
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None):
+        out = []
+        for key in ids:
+            text, finish = self.texts[key]
+            out.append([Completion(token_ids=self.tokenizer.encode(text), finish_reason=finish, text=text)])
+        return out
+
+
+def test_points_statistics_resume_and_plot(base, tokenizer, tmp_path):
+    rng = np.random.default_rng()
+    chosen = problems(9)
+    texts, correct, lengths, cut = {}, [], [], []
+    for p in chosen:
+        kind = rng.integers(3)
+        text = {0: f"so \\boxed{{{p.answer}}}", 1: "so \\boxed{1000}", 2: "no answer " * rng.integers(1, 5)}[kind]
+        finish = "length" if kind == 2 and rng.random() < 0.7 else "stop"
+        texts[p.id] = (text, finish)
+        correct.append(kind == 0)
+        lengths.append(len(tokenizer.encode(text)))
+        cut.append(finish == "length")
+    metrics = tmp_path / "metrics.jsonl"
+    lora_config = LoraConfig(rank=2, alpha=2.0)
+    lora = init_lora(base.config, lora_config, jax.random.key(0))
+    scripted = ScriptedSampler(tokenizer, texts)
+
+    def curve():
+        return LearningCurve(CurveConfig(eval_every=3, eval_size=9), chosen + problems(12)[9:], tokenizer, base,
+                             lora_config, metrics, label="ssb", make_sampler=lambda m: scripted)
+
+    first = curve()
+    assert [s for s in range(11) if first.due(s, 10)] == [0, 3, 6, 9, 10]
+    assert first.maybe_record(1, 10, lora, 77) is None
+    point = first.maybe_record(0, 10, lora, 77)
+    n = len(chosen)
+    assert point["problems"] == n and point["correct"] == sum(correct) and point["sampled_tokens"] == 77
+    assert point["accuracy"] == pytest.approx(np.mean(correct))
+    assert point["se"] == pytest.approx(np.sqrt(np.mean(correct) * (1 - np.mean(correct)) / n))
+    assert point["mean_tokens"] == pytest.approx(np.mean(lengths))
+    assert point["truncated_rate"] == pytest.approx(np.mean(cut))
+    first.maybe_record(3, 10, lora, 77)
+    assert first.maybe_record(3, 10, lora, 77) is None  # recorded once
+    again = curve()  # a resumed run: what is in the file is not redone
+    assert again.maybe_record(3, 10, lora, 77) is None and again.maybe_record(6, 10, lora, 77) is not None
+    assert [p["step"] for p in read_curve(metrics)] == [0, 3, 6]
+    assert scripted.swaps == 1  # each curve builds its sampler once (make_sampler), then swaps weights in
+    assert read_metrics(tmp_path) == []  # curve points are not training records
+    out = plot_curves({"ssb": read_curve(metrics), "grpo": [{**p, "sampled_tokens": 10 * p["step"], "method": "grpo"}
+                                                           for p in read_curve(metrics)]}, tmp_path / "c.png")
+    assert out.exists() and out.stat().st_size > 1000
+
+
+def test_killed_training_neither_loses_nor_repeats_points(base, tokenizer, tmp_path):
+    records = random_records(np.random.default_rng(), 10, 4000)
+    tc = TrainConfig(lora_rank=4, lora_alpha=8.0, learning_rate=5e-2, batch_size=4, epochs=3, min_bucket=8,
+                     checkpoint_every=3, seed=3, logits_chunk=0)  # 8 steps, checkpoints at 3, 6, 8
+    cc = CurveConfig(eval_every=2, eval_size=3, max_new_tokens=8)
+
+    def train(workdir, **kw):
+        sampler = []
+
+        def make(model):
+            sampler.append(Sampler(model, tokenizer, batch_size=4, show_progress=False))
+            return sampler[-1]
+        curve = LearningCurve(cc, problems(3), tokenizer, base, tc.lora_config(), workdir / "metrics.jsonl",
+                              label="ssb", make_sampler=make)
+        result = run(tc, base.config, base, records, workdir, progress=False, plot=False, curve=curve,
+                     sampled_tokens=1234, **kw)
+        return result, sampler
+
+    full, sampler = train(tmp_path / "full")
+    assert len(sampler) == 1 and sampler[0].num_compilations == 1
+    part, _ = train(tmp_path / "resumed", stop_after=5)  # "killed" after step 5; the last checkpoint is step 3
+    assert [p["step"] for p in read_curve(tmp_path / "resumed" / "metrics.jsonl")] == [0, 2, 4]
+    train(tmp_path / "resumed")
+    a, b = (read_curve(tmp_path / d / "metrics.jsonl") for d in ("full", "resumed"))
+    assert [p["step"] for p in b] == [0, 2, 4, 6, 8] == [p["step"] for p in a]
+    assert [p["sampled_tokens"] for p in b] == [1234] * 5
+    for x, y in zip(a, b):
+        assert (x["mean_tokens"], x["truncated_rate"], x["accuracy"]) == (y["mean_tokens"], y["truncated_rate"],
+                                                                          y["accuracy"])
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == list(range(1, 9)), json.dumps(b)
