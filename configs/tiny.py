@@ -57,4 +57,8 @@ def get_config():
     c.eval.temperature = 0.8
     c.eval.top_p = 1.0
     c.eval.max_new_tokens = 96
+
+    # learning curves: greedy accuracy and length on the first 32 held-out problems every 12 of the 48 steps
+    c.curves.eval_every = 12
+    c.curves.eval_size = 32
     return c

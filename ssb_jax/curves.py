@@ -91,7 +91,8 @@ class LearningCurve:
                  *, label: str, make_sampler: Callable | None = None, prompts=None, grader: str = "math_verify",
                  max_new_tokens: int = 1024, place: Callable | None = None):
         """problems: the held-out problems (the first config.eval_size whose prompts fit are used);
-        make_sampler(model) -> Sampler (default: a plain Sampler); max_new_tokens: used when
+        make_sampler(base_model, lora_state, lora_config) -> a Sampler of the student (as
+        ssb_jax.main.Pipeline.sampler; default: a plain Sampler), called once; max_new_tokens: used when
         config.max_new_tokens is 0."""
         from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
         from ssb_jax.prompts import DEFAULT_PROMPTS
@@ -108,9 +109,11 @@ class LearningCurve:
         self._prompt_ids = [encode_chat(tokenizer, prompts.student_messages(p.question)) for p in self._problems]
         self._recorded: set[int] | None = None  # read at the first point, after the caller's truncation
 
-    def _plain_sampler(self, model):
+    def _plain_sampler(self, base_model, lora, lora_config):
+        from ssb_jax.model.lora import with_adapters
         from ssb_jax.sampling.driver import Sampler
-        return Sampler(model, self.tokenizer, batch_size=max(1, min(64, len(self._problems))), show_progress=False)
+        return Sampler(with_adapters(base_model, lora, lora_config), self.tokenizer,
+                       batch_size=max(1, min(64, len(self._problems))), show_progress=False)
 
     def due(self, step: int, total_steps: int) -> bool:
         every = self.config.eval_every
@@ -146,14 +149,14 @@ class LearningCurve:
         from flax import nnx
         from ssb_jax.evaluate import metric_rows
         from ssb_jax.grading import grade_response
-        from ssb_jax.model.lora import as_lora_state, with_adapters
+        from ssb_jax.model.lora import as_lora_state
         started = time.perf_counter()
         if not isinstance(lora, nnx.State):
             lora = as_lora_state(lora, self.base_model.config, self.lora_config)
         if self.place is not None:
             lora = self.place(lora)
         if self.sampler is None:
-            self.sampler = self.make_sampler(with_adapters(self.base_model, lora, self.lora_config))
+            self.sampler = self.make_sampler(self.base_model, lora, self.lora_config)
             self._drop_over_long_prompts()
         else:
             self.sampler.set_adapters(lora)

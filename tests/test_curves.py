@@ -1,6 +1,5 @@
 """Learning curves: adapters swapped into one Sampler sample like a fresh one (no recompilation), the
 points' statistics, and a killed training run that neither loses nor repeats a point."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +53,8 @@ def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, to
     loras = [random_adapters(base, lora_config, jax.random.key(seed + i)) for i in range(2)]
     curve = LearningCurve(CurveConfig(eval_every=1, eval_size=5, max_new_tokens=12), problems(7), tokenizer, base,
                           lora_config, "unused.jsonl", label="test",
-                          make_sampler=lambda m: Sampler(m, tokenizer, batch_size=8, show_progress=False))
+                          make_sampler=lambda m, lora, c: Sampler(with_adapters(m, lora, c), tokenizer, batch_size=8,
+                                                                  show_progress=False))
     prompts = [encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(p.question)) for p in problems(5)]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0, stop_ids=tuple(stop_token_ids(tokenizer)))
     outputs, compilations = [], []
@@ -90,7 +90,13 @@ class ScriptedSampler:
         return out
 
 
-def test_points_statistics_resume_and_plot(base, tokenizer, tmp_path):
+def small_model():
+    return init_model(tiny_model_config(vocab_size=64, hidden_size=32, intermediate_size=64),
+                      np.random.randint(1 << 30), std=0.2)
+
+
+def test_points_statistics_resume_and_plot(tokenizer, tmp_path):
+    base = small_model()  # answers are scripted; the model only gives the adapters' shapes
     rng = np.random.default_rng()
     chosen = problems(9)
     texts, correct, lengths, cut = {}, [], [], []
@@ -109,7 +115,7 @@ def test_points_statistics_resume_and_plot(base, tokenizer, tmp_path):
 
     def curve():
         return LearningCurve(CurveConfig(eval_every=3, eval_size=9), chosen + problems(12)[9:], tokenizer, base,
-                             lora_config, metrics, label="ssb", make_sampler=lambda m: scripted)
+                             lora_config, metrics, label="ssb", make_sampler=lambda *_: scripted)
 
     first = curve()
     assert [s for s in range(11) if first.due(s, 10)] == [0, 3, 6, 9, 10]
@@ -133,33 +139,29 @@ def test_points_statistics_resume_and_plot(base, tokenizer, tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
-def test_killed_training_neither_loses_nor_repeats_points(base, tokenizer, tmp_path):
-    records = random_records(np.random.default_rng(), 10, 4000)
+def test_killed_training_neither_loses_nor_repeats_points(tokenizer, tmp_path):
+    """The bookkeeping of points around a kill (the sampling itself is tested above, so answers are scripted)."""
+    small = small_model()
+    config = small.config
+    records = random_records(np.random.default_rng(), 10, config.vocab_size)
     tc = TrainConfig(lora_rank=4, lora_alpha=8.0, learning_rate=5e-2, batch_size=4, epochs=3, min_bucket=8,
-                     checkpoint_every=3, seed=3, logits_chunk=0)  # 8 steps, checkpoints at 3, 6, 8
-    cc = CurveConfig(eval_every=2, eval_size=3, max_new_tokens=8)
+                     length_buckets=(32,), max_seq_len=32, checkpoint_every=3, seed=3,
+                     logits_chunk=0)  # 8 steps of one shape (one compile), checkpoints at 3, 6, 8
+    scripted = ScriptedSampler(tokenizer, {p.id: (f"\\boxed{{{p.answer}}}", "stop") for p in problems(3)})
+    built = []
 
-    def train(workdir, **kw):
-        sampler = []
+    def train(**kw):
+        curve = LearningCurve(CurveConfig(eval_every=2, eval_size=3), problems(3), tokenizer, small, tc.lora_config(),
+                              tmp_path / "metrics.jsonl", label="ssb",
+                              make_sampler=lambda *_: built.append(1) or scripted)
+        return run(tc, config, small, records, tmp_path, progress=False, curve=curve, sampled_tokens=1234, **kw)
 
-        def make(model):
-            sampler.append(Sampler(model, tokenizer, batch_size=4, show_progress=False))
-            return sampler[-1]
-        curve = LearningCurve(cc, problems(3), tokenizer, base, tc.lora_config(), workdir / "metrics.jsonl",
-                              label="ssb", make_sampler=make)
-        result = run(tc, base.config, base, records, workdir, progress=False, plot=False, curve=curve,
-                     sampled_tokens=1234, **kw)
-        return result, sampler
-
-    full, sampler = train(tmp_path / "full")
-    assert len(sampler) == 1 and sampler[0].num_compilations == 1
-    part, _ = train(tmp_path / "resumed", stop_after=5)  # "killed" after step 5; the last checkpoint is step 3
-    assert [p["step"] for p in read_curve(tmp_path / "resumed" / "metrics.jsonl")] == [0, 2, 4]
-    train(tmp_path / "resumed")
-    a, b = (read_curve(tmp_path / d / "metrics.jsonl") for d in ("full", "resumed"))
-    assert [p["step"] for p in b] == [0, 2, 4, 6, 8] == [p["step"] for p in a]
-    assert [p["sampled_tokens"] for p in b] == [1234] * 5
-    for x, y in zip(a, b):
-        assert (x["mean_tokens"], x["truncated_rate"], x["accuracy"]) == (y["mean_tokens"], y["truncated_rate"],
-                                                                          y["accuracy"])
-    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == list(range(1, 9)), json.dumps(b)
+    train(stop_after=5)  # "killed" after step 5; the last checkpoint is step 3
+    assert [p["step"] for p in read_curve(tmp_path / "metrics.jsonl")] == [0, 2, 4]
+    train()
+    points = read_curve(tmp_path / "metrics.jsonl")
+    assert [p["step"] for p in points] == [0, 2, 4, 6, 8]  # 4 was dropped with the steps after the checkpoint
+    assert {p["sampled_tokens"] for p in points} == {1234} and {p["accuracy"] for p in points} == {1.0}
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+    assert built == [1, 1] and scripted.swaps == 4  # built once per run, then swapped (2, 4; then 6, 8)
+    assert (tmp_path / "curves.png").exists() and (tmp_path / "training.png").exists()

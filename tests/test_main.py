@@ -98,14 +98,18 @@ def test_killed_during_training_resumes(finished_run, tmp_path):
     proc.wait()
     log = _check(pipeline(workdir, "--config.stages=train"))
     assert "resumed from step" in log
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    from ssb_jax.curves import read_curve
+    from ssb_jax.train import read_metrics
+    steps = [record["step"] for record in read_metrics(metrics.parent)]
     assert steps == list(range(1, len(steps) + 1))  # no step twice, none missing
     done = json.loads((workdir / "round_1/train/DONE.json").read_text())
     assert done["steps"] == len(steps)
-    reference = [json.loads(line)["loss"] for line in
-                 (finished_run[0] / "round_1/train/metrics.jsonl").read_text().splitlines()]
-    resumed = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    reference = [record["loss"] for record in read_metrics(finished_run[0] / "round_1/train")]
+    resumed = [record["loss"] for record in read_metrics(metrics.parent)]
     assert resumed == pytest.approx(reference, rel=1e-5)
+    # learning-curve points: none lost, none repeated
+    curve, reference_curve = read_curve(metrics), read_curve(finished_run[0] / "round_1/train/metrics.jsonl")
+    assert [p["step"] for p in curve] == [p["step"] for p in reference_curve] and len(curve) >= 2
 
 
 def _as_overrides(flags):
