@@ -129,7 +129,8 @@ def test_overwrite_allows_the_named_stage_and_every_later_one():
     c = config_lib.base_config()
     assert config_lib.overwrite_stages(c) == set()
     c.overwrite = "teacher_cache"
-    assert config_lib.overwrite_stages(c) == {"teacher_cache", "train", "eval", "export"}  # grpo reads none of them
+    assert config_lib.overwrite_stages(c) == {"teacher_cache", "train", "sft", "eval", "export"}  # grpo reads none
+    assert "sft" not in config_lib.stage_list(c) and "grpo" not in config_lib.stage_list(c)  # baselines: only when named
     c.overwrite = "grpo"
     assert config_lib.overwrite_stages(c) == {"grpo", "eval", "export"}
     c.overwrite = "trian"

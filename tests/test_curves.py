@@ -165,3 +165,14 @@ def test_killed_training_neither_loses_nor_repeats_points(tokenizer, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
     assert built == [1, 1] and scripted.swaps == 4  # built once per run, then swapped (2, 4; then 6, 8)
     assert (tmp_path / "curves.png").exists() and (tmp_path / "training.png").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [("eval_every", -1, ">= 0"), ("eval_size", 0, "> 0"),
+                                               ("max_new_tokens", -5, ">= 0")])
+def test_curve_settings_are_range_checked(key, value, message):
+    from ssb_jax.config import base_config, section_to
+    section = base_config().curves
+    assert CurveConfig(**section).enabled is False  # off unless a config turns it on
+    section[key] = value
+    with pytest.raises(ValueError, match=f"config.curves: {key} must be {message}"):
+        section_to(CurveConfig, section, "config.curves")
