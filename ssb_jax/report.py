@@ -55,7 +55,7 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
             lines += ["### SFT baseline", "", f"{sft.get('steps')} steps of cross-entropy on the same pairs (no KL); "
                       f"final CE {m.get('ce', float('nan')):.4g}, KL to the teacher {m.get('kl', float('nan')):.4g}.",
                       ""]
-        lines += _learning_curves(workdir, rdir)
+        lines += _learning_curves(workdir, r)
     grpo = _json(workdir / "grpo" / "DONE.json")
     if grpo:
         m = grpo.get("final_metrics", {})
@@ -84,24 +84,28 @@ def _first_metrics(path: Path) -> dict | None:
     return None
 
 
-def round_curves(rdir: Path) -> dict[str, list[dict]]:
-    """{method label: its learning-curve points} from every method's metrics.jsonl in a round directory
-    (SSB's train/, sft/, and any other trainer using ssb_jax.curves)."""
+def round_curves(workdir: Path, r: int) -> dict[str, list[dict]]:
+    """{method label: its learning-curve points} from every method's metrics.jsonl in round r's directory
+    (SSB's train/, sft/) and, for round 1, in the run directory's own method folders (grpo/, which
+    trains from the round-1 base): any trainer using ssb_jax.curves."""
     from ssb_jax.curves import read_curve
+    paths = sorted((workdir / f"round_{r}").glob("*/metrics.jsonl"))
+    if r == 1:
+        paths += sorted(workdir.glob("*/metrics.jsonl"))
     by_method: dict[str, list[dict]] = {}
-    for path in sorted(rdir.glob("*/metrics.jsonl")):
+    for path in paths:
         for point in read_curve(path):
             by_method.setdefault(point.get("method", path.parent.name), []).append(point)
     return by_method
 
 
-def _learning_curves(workdir: Path, rdir: Path) -> list[str]:
+def _learning_curves(workdir: Path, r: int) -> list[str]:
     """The methods' curves in one figure and each one's first and last point."""
     from ssb_jax.curves import plot_curves
-    curves = round_curves(rdir)
+    curves = round_curves(workdir, r)
     if not curves:
         return []
-    figure = plot_curves(curves, rdir / "learning_curves.png")
+    figure = plot_curves(curves, workdir / f"round_{r}" / "learning_curves.png")
     lines = ["### Learning curves", "",
              "Greedy accuracy and completion length on a fixed held-out subset during training; x-axes: optimiser "
              "steps and tokens sampled for training (SSB and SFT sample everything during curation, before step 0).",
