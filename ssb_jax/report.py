@@ -96,7 +96,8 @@ def round_curves(workdir: Path, r: int) -> dict[str, list[dict]]:
     for path in paths:
         for point in read_curve(path):
             by_method.setdefault(point.get("method", path.parent.name), []).append(point)
-    return by_method
+    first = ("ssb", "sft", "grpo")  # the method, then its baselines; others after them
+    return dict(sorted(by_method.items(), key=lambda item: (first.index(item[0]) if item[0] in first else 3, item[0])))
 
 
 def _learning_curves(workdir: Path, r: int) -> list[str]:

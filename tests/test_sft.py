@@ -1,6 +1,7 @@
 """The plain SFT baseline: its loss is the cross-entropy alone (float64 NumPy reference, value and
 gradient); the sft stage trains its own adapters on a reduced toy world beside SSB, with learning curves."""
 import json
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,11 @@ def test_sft_stage_beside_ssb_with_learning_curves(tmp_path):
     from tests.test_main import _check, pipeline
 
     workdir = tmp_path / "run"
-    log = _check(pipeline(workdir, "--config.stages=curate,train,sft,eval,report", "--config.curves.eval_every=4",
-                          "--config.curves.eval_size=6", "--config.eval.n_samples=0"))
+    run = pipeline(workdir, "--config.stages=curate,train,sft,eval,report", "--config.curves.eval_every=4",
+                   "--config.curves.eval_size=6", "--config.eval.n_samples=0", stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True)
+    stdout, stderr = run.communicate(timeout=3600)  # two trainings after the world: slow on a loaded machine
+    log = _check(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
     rdir = workdir / "round_1"
     assert (rdir / "sft" / "DONE.json").exists() and "learning curve sft" in log
     ssb_fp, sft_fp = (json.loads((rdir / d / "FINGERPRINT.json").read_text()) for d in ("train", "sft"))
