@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
         initialize="auto",  # "auto" (TPU VMs, SLURM, env vars), "yes" or "no"
         coordinator_address="", num_processes=0, process_id=-1,
     ))
-    c.sampler = ml_collections.ConfigDict(dict(batch_size=64, max_prompt_tokens=2048, min_prompt_bucket=64))
+    c.sampler = ml_collections.ConfigDict(dict(batch_size=64, max_prompt_tokens=2048, min_prompt_bucket=64,
+                                               mesh="auto", memory_per_device_gib=0.0))
     c.prompts = ml_collections.ConfigDict(dict(system_prompt="", student_template="", hinted_template=""))
     c.data = ml_collections.ConfigDict(dict(
         train="gsm8k_train", question_field="", answer_field="", on_bad_line="error"))
@@ -111,6 +112,11 @@ def check_values(config) -> None:
         value = (config[section] if section else config)[name]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    from ssb_jax.sharding import parse_mesh_setting
+    parse_mesh_setting(config.sampler.mesh)
+    memory = config.sampler.memory_per_device_gib
+    if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 <= memory < float("inf"):
+        raise ValueError(f"config.sampler.memory_per_device_gib must be a number >= 0 (0: ask the device), got {memory!r}")
     if config.data.on_bad_line not in ("error", "skip"):
         raise ValueError(f"config.data.on_bad_line must be 'error' or 'skip', got {config.data.on_bad_line!r}")
 
@@ -213,6 +219,11 @@ SETTING_HELP: dict[str, str] = {
     "sampler.batch_size": "prompts decoded together per sampling step",
     "sampler.max_prompt_tokens": "longest prompt accepted; a longer one is an error naming it",
     "sampler.min_prompt_bucket": "smallest padded prompt length (prompts are padded to power-of-two buckets)",
+    "sampler.mesh": "sampling mesh over each process's devices: auto (weights replicated and rows data parallel "
+                    "when they fit one device, else tensor parallel over as few devices as hold them) or sizes "
+                    "like data=4,tensor=2 (axes data, fsdp, tensor; one may be -1)",
+    "sampler.memory_per_device_gib": "device memory the auto sampling mesh plans with (the weights may take half); "
+                                     "0: the backend's own figure (CPU: host memory / CPU devices)",
     # prompts
     "prompts.system_prompt": "system message of student and teacher prompts (empty: the built-in tutor prompt)",
     "prompts.student_template": "student user message with {question} (empty: the built-in template)",

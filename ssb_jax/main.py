@@ -50,10 +50,11 @@ def _prompts(config):
 class Pipeline:
     """Holds what the stages share (config, meshes, model, tokenizer); each stage is one method.
 
-    Under several JAX processes (one per host) the sampling stages (curate, teacher_cache, eval)
-    run on each process's local devices over its share of the questions, with the base weights
-    placed on a process-local mesh; training is one program over the global mesh, with a second
-    copy of the base placed there. With one process both meshes are the same and so are the weights.
+    The sampling stages (curate, teacher_cache, eval) run on a sampling mesh of each process's own
+    devices (sharding.sampling_mesh: weights replicated and rows data parallel when they fit one
+    device), each process over its share of the questions; training is one program over the global
+    (training) mesh, config.mesh, with a second copy of the base placed there (with one process
+    train.run places it from the sampling copy; under several, global_base loads it again).
     """
 
     def __init__(self, config):
@@ -78,9 +79,12 @@ class Pipeline:
         from ssb_jax.curves import CurveConfig
         self.curve_config = config_lib.section_to(CurveConfig, config.curves, "config.curves")
         self.prompts = _prompts(config)
-        from ssb_jax.sharding import local_mesh, make_mesh
+        from ssb_jax.sharding import check_batch_divides, make_mesh, parse_mesh_setting
         self.mesh = make_mesh(dict(config.mesh))
-        self.sample_mesh = self.mesh if jax.process_count() == 1 else local_mesh(dict(config.mesh))
+        if "train" in self.stages:  # before any stage runs, not at the first training step
+            check_batch_divides(self.train_config.batch_size, self.mesh, "config.train.batch_size")
+        self.sample_mesh_setting = parse_mesh_setting(config.sampler.mesh)
+        self.sample_mesh = None  # sharding.sampling_mesh, chosen in load_base once the model's size is known
         self._decode_copies = (None, {})  # (base model, its decode-layout arrays) shared by CPU samplers
         self._model_identity = None  # fingerprint.model_identity of model.path, read once per run
 
@@ -121,12 +125,22 @@ class Pipeline:
     def load_base(self):
         import ssb_jax
         from ssb_jax.model.tokenizer import load_tokenizer
-        m = self.config.model
+        from ssb_jax.model.config import ModelConfig
+        from ssb_jax.model.weights import resolve_checkpoint
+        from ssb_jax.sharding import sampling_mesh
+        m, s = self.config.model, self.config.sampler
+        model_config = ModelConfig.from_json(resolve_checkpoint(m.path) / "config.json").replace(dtype=m.dtype)
+        try:
+            self.sample_mesh = sampling_mesh(model_config, jax.local_devices(), shape=self.sample_mesh_setting,
+                                             memory_per_device=s.memory_per_device_gib * 2**30 or None)
+        except ValueError as error:  # an explicit shape this process's devices cannot fill
+            raise ValueError(f"config.sampler.mesh={s.mesh!r}: {error}") from None
         self.model_config, self.base_model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh,
                                                                 attention_impl=m.attention_impl, remat=m.remat)
         self.tokenizer = load_tokenizer(m.tokenizer or m.path)
-        log.info("model %s: %.1fM parameters, %s, mesh %s", m.path, self.model_config.param_count() / 1e6,
-                 self.model_config.dtype, dict(self.mesh.shape))
+        log.info("model %s: %.1fM parameters, %s, training mesh %s, sampling mesh %s", m.path,
+                 self.model_config.param_count() / 1e6, self.model_config.dtype, dict(self.mesh.shape),
+                 dict(self.sample_mesh.shape))
 
     def sampler(self, model, lora_state=None, lora_config=None):
         """A Sampler of `model`, or of its student with these adapters."""
@@ -142,8 +156,8 @@ class Pipeline:
                        decode_copies=self._decode_copies[1])
 
     def global_base(self):
-        """The base weights on the global (training) mesh: the sampling copy itself with one process,
-        loaded a second time onto the global mesh under several."""
+        """The base weights for training: the sampling copy itself with one process (train.run places
+        it on the training mesh), loaded a second time onto the global mesh under several."""
         if jax.process_count() == 1:
             return self.base_model
         import ssb_jax
@@ -308,10 +322,10 @@ class Pipeline:
         from ssb_jax import train
         lora, lora_config = train.load_lora(self.round_dir(r) / stage, self.model_config, self.train_config,
                                             mesh=self.mesh if self.mesh.size > 1 else None)
-        if jax.process_count() == 1:
-            return lora, lora, lora_config
-        from ssb_jax.distributed import to_host
         from ssb_jax.sharding import shard_state
+        if jax.process_count() == 1:  # placed again on the sampling mesh (a device-to-device copy)
+            return lora, shard_state(lora, self.sample_mesh), lora_config
+        from ssb_jax.distributed import to_host
         return lora, shard_state(to_host(lora), self.sample_mesh), lora_config
 
     def evaluate(self, models: dict, identities: dict | None = None):

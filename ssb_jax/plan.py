@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from types import SimpleNamespace
 
 import numpy as np
 
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import student_split
 from ssb_jax.model.qwen2 import CACHE_AXES
-from ssb_jax.sharding import MESH_AXES, logical_to_spec, variable_axes
+from ssb_jax.sharding import (MESH_AXES, array_bytes_per_device, check_batch_divides, data_parallel_size,
+                              parse_mesh_setting, sampling_mesh_shape, state_bytes_per_device)
 
 GIB = 2**30
 
@@ -78,32 +78,14 @@ def mesh_shape(mesh: dict, devices: int) -> dict[str, int]:
     return sizes
 
 
-def array_bytes_per_device(logical_axes, shape, axes: dict[str, int], itemsize: int) -> int:
-    """Bytes on one device of an array with these logical axes, placed by the logical-axis table."""
-    split = 1
-    for entry in logical_to_spec(logical_axes, shape, SimpleNamespace(shape=axes)):
-        for a in ((entry,) if isinstance(entry, str) else (entry or ())):
-            split *= axes[a]
-    return int(np.prod(shape)) * itemsize // split
-
-
-def state_bytes_per_device(state, axes: dict[str, int], itemsize: int | None = None) -> int:
-    """Bytes on one device of an (abstract) model state; itemsize None: each variable's own dtype."""
-    import jax
-    from flax import nnx
-    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return sum(array_bytes_per_device(variable_axes(v), v.shape, axes, itemsize or np.dtype(v.dtype).itemsize)
-               for v in variables)
-
-
 def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
     """The shape of the K (or V) cache; its logical axes are qwen2.CACHE_AXES["k"]."""
     return (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
 
 
 def rows_per_device(rows: int, axes: dict[str, int]) -> int:
-    """Rows of a batch on one device: split over the data-parallel axes when they divide it, else all
-    of them (the logical-axis table replicates a dimension its mesh axes do not divide)."""
+    """Rows of a batch on one device: split over the data-parallel axes (which must divide it; the
+    Sampler pads its batches, and training refuses a batch they do not divide)."""
     return array_bytes_per_device(("batch",), (rows,), axes, 1)
 
 
@@ -272,14 +254,19 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
 
 # ----------------------------------------------------------------------------- the plan
 
-def sampling_shapes(config) -> dict[str, SamplingShape]:
+def padded_sampler_batch(config, data_parallel: int) -> int:
+    """sampler.batch_size with the filler rows the Sampler adds: a multiple of the data-parallel size."""
+    return math.ceil(config.sampler.batch_size / data_parallel) * data_parallel
+
+
+def sampling_shapes(config, data_parallel: int = 1) -> dict[str, SamplingShape]:
     """Curation's two generate programs at their largest: rollouts (n per question) and the hinted
     teacher's solutions, both at the longest prompt the sampler accepts (hinted prompts carry two
-    traces; worst case)."""
+    traces; worst case); the batch padded to the sampling mesh's data-parallel size."""
     from ssb_jax.config import section_to
     from ssb_jax.curate import CurationConfig
     cur = section_to(CurationConfig, config.curate, "config.curate")
-    batch, prompt = config.sampler.batch_size, config.sampler.max_prompt_tokens
+    batch, prompt = padded_sampler_batch(config, data_parallel), config.sampler.max_prompt_tokens
     return {"rollouts": SamplingShape(batch, prompt, cur.rollout_max_new_tokens, cur.num_rollouts),
             "solutions": SamplingShape(batch, prompt, cur.solution_max_new_tokens, 1)}
 
@@ -301,7 +288,7 @@ def training_shape(config) -> TrainingShape:
     return TrainingShape(tc.batch_size, bucket(longest), bucket(longest), bucket(answer))
 
 
-def eval_shapes(config) -> dict[str, tuple[list[SamplingShape], int, bool]]:
+def eval_shapes(config, data_parallel: int = 1) -> dict[str, tuple[list[SamplingShape], int, bool]]:
     """{dataset label: (the generate programs of one batch, the problem count, whether the prompts were
     tokenized)} for the eval stage.
     Each distinct generation (protocols that decode alike share one: greedy at a token budget, and the
@@ -325,7 +312,7 @@ def eval_shapes(config) -> dict[str, tuple[list[SamplingShape], int, bool]]:
             prompt = bucket_for(min(max(lengths[:count]), s.max_prompt_tokens), buckets)
         else:
             count, prompt = ec.max_problems or 500, s.max_prompt_tokens
-        shapes[spec.label] = ([SamplingShape(s.batch_size, prompt, new, n) for new, n in sorted(generations)], count,
+        shapes[spec.label] = ([SamplingShape(padded_sampler_batch(config, data_parallel), prompt, new, n) for new, n in sorted(generations)], count,
                               bool(lengths))
     return shapes
 
@@ -373,14 +360,26 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     model_config = _model_config(config)
     tc = section_to(TrainConfig, config.train, "config.train")
     cur = section_to(CurationConfig, config.curate, "config.curate")
+    check_batch_divides(tc.batch_size, axes, "config.train.batch_size")
     lora_config = tc.lora_config()
+    capacity = acc.memory_gib * GIB
+    # sampling runs on its own mesh, chosen as sharding.sampling_mesh chooses it (over the planned
+    # devices, as one process sees them)
+    sample_axes = mesh_shape(sampling_mesh_shape(model_config, devices, parse_mesh_setting(config.sampler.mesh),
+                                                 config.sampler.memory_per_device_gib * GIB or capacity), devices)
+    sample_parallel = data_parallel_size(sample_axes)
 
     _, lora_state, base_state = student_split(model_config, lora_config)  # abstract: nothing allocated
     weights = state_bytes_per_device(base_state, axes)
+    sampling_weights = state_bytes_per_device(base_state, sample_axes)
+    # the run keeps its sampling copy while it trains (it samples again afterwards); one copy when
+    # both meshes place the weights alike
+    held_sampling_copy = sampling_weights if sample_axes != axes else 0
     lora = state_bytes_per_device(lora_state, axes)
     optimizer = 2 * state_bytes_per_device(lora_state, axes, 4)  # Adam's two moments, f32
-    shapes = sampling_shapes(config)
-    curation = {name: sampling_memory(model_config, axes, shape, weights) for name, shape in shapes.items()}
+    shapes = sampling_shapes(config, sample_parallel)
+    curation = {name: sampling_memory(model_config, sample_axes, shape, sampling_weights)
+                for name, shape in shapes.items()}
     sampling = max(curation.values(), key=lambda t: t["total"])
     tshape = training_shape(config)
     training = training_memory(model_config, axes, tshape, lora_config, weights=weights, lora=lora, optimizer=optimizer,
@@ -391,18 +390,19 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     bandwidth = acc.bandwidth_gbs * 1e9 * BANDWIDTH_FRACTION
 
     def generate_s(shape: SamplingShape, terms: dict, calls: int) -> float:
-        decode_step = (weights + terms["kv_cache"] / 2) / bandwidth
+        decode_step = (sampling_weights + terms["kv_cache"] / 2) / bandwidth
         prefill = 2 * n_params * shape.prompts * shape.prompt_len / (devices * acc.bf16_tflops * 1e12 * MFU_PREFILL)
         return calls * (shape.new_tokens * decode_step + prefill)
 
     evaluation = {}  # label: (terms of its largest program, that program's shape, problems)
     eval_s, eval_prompts = 0.0, {}
-    for label, (shapes_of_batch, count, tokenized) in (eval_shapes(config).items() if include_eval else ()):
+    for label, (shapes_of_batch, count, tokenized) in (eval_shapes(config, sample_parallel).items()
+                                                       if include_eval else ()):
         eval_prompts[label] = "longest tokenized prompt" if tokenized else "not on this machine: max_prompt_tokens"
-        programs = [(sampling_memory(model_config, axes, shape, weights), shape) for shape in shapes_of_batch]
+        programs = [(sampling_memory(model_config, sample_axes, shape, sampling_weights), shape)
+                    for shape in shapes_of_batch]
         eval_s += sum(generate_s(shape, terms, math.ceil(count / shape.prompts)) for terms, shape in programs)
         evaluation[label] = (*max(programs, key=lambda program: program[0]["total"]), count)
-    capacity = acc.memory_gib * GIB
 
     questions = math.ceil(cur.target_pairs / keep_rate) if cur.target_pairs else 7473
     curate_s = (generate_s(shapes["rollouts"], curation["rollouts"], math.ceil(questions / shapes["rollouts"].prompts))
@@ -417,17 +417,22 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
                / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN))
     eval_peak = max((t["total"] for t, _, _ in evaluation.values()), default=0)
     totals = {"sampling": sampling["total"], "training": training["total"], "eval": eval_peak}
+    # training_total is the train step's own peak (what the compiler check compares); the verdict
+    # also counts the sampling copy the run holds meanwhile
+    held = {"training": held_sampling_copy}
     return {
-        "accelerator": accelerator, "devices": devices, "mesh": axes, "model_parameters": n_params,
+        "accelerator": accelerator, "devices": devices, "mesh": axes, "sampling_mesh": sample_axes,
+        "model_parameters": n_params,
         "memory_gib_per_device": {
             "base_weights": weights / GIB, "lora": lora / GIB, "optimizer_state": optimizer / GIB,
-            "sampling_kv_cache": sampling["kv_cache"] / GIB,
+            "sampling_weights": sampling_weights / GIB, "sampling_kv_cache": sampling["kv_cache"] / GIB,
+            "sampling_copy_while_training": held_sampling_copy / GIB,
             "training_activations": (training["total"] - weights - 2 * lora - optimizer) / GIB,
             "sampling_total": totals["sampling"] / GIB, "training_total": totals["training"] / GIB,
             "eval_total": totals["eval"] / GIB, "capacity": acc.memory_gib},
         "terms_gib": {**{f"curate {name}": _gib(t) for name, t in curation.items()}, "training": _gib(training),
                       **{f"eval {label}": _gib(t) for label, (t, _, _) in evaluation.items()}},
-        "fits": {stage: total < 0.9 * capacity for stage, total in totals.items()},
+        "fits": {stage: total + held.get(stage, 0) < 0.9 * capacity for stage, total in totals.items()},
         "time_estimate_s": {"curate": curate_s, "train": train_s, "eval": eval_s},
         "shapes": {**{f"curate {name}": shape for name, shape in shapes.items()}, "training": tshape,
                    **{f"eval {label}": shape for label, (_, shape, _) in evaluation.items()}},
@@ -559,19 +564,21 @@ def check_against_compiler(config, devices: int) -> dict[str, dict]:
     model_config = _model_config(config)
     tc = section_to(TrainConfig, config.train, "config.train")
     mesh = check_mesh(p["mesh"])
-    rollouts = sampling_shapes(config)["rollouts"]
+    rollouts = p["shapes"]["curate rollouts"]
     cur = config.curate
     sampling = SamplingParams(max_new_tokens=rollouts.new_tokens, temperature=cur.rollout_temperature,
                               top_k=cur.rollout_top_k, top_p=cur.rollout_top_p)
     return {"backend": jax.default_backend(),
             "curate rollouts": {"planned": p["terms_gib"]["curate rollouts"]["total"] * GIB,
-                                "compiled": compiled_bytes(compile_sampling(model_config, rollouts, mesh, sampling))},
+                                "compiled": compiled_bytes(compile_sampling(model_config, rollouts,
+                                                                            check_mesh(p["sampling_mesh"]), sampling))},
             "training": {"planned": p["memory_gib_per_device"]["training_total"] * GIB,
                          "compiled": compiled_bytes(compile_training(model_config, tc, p["shapes"]["training"], mesh))}}
 
 
 def _any_accelerator(devices: int) -> str:
-    """Any accelerator name: the memory figures do not depend on it, only the fit verdicts and times."""
+    """Any accelerator name: the training figures do not depend on it; its memory decides the sampling
+    mesh, which the check compiles on as planned."""
     return "H100-80G" if devices == 1 else "v5e-8"
 
 
@@ -602,25 +609,27 @@ def format_check(results: dict) -> str:
 
 def format_plan(p: dict) -> str:
     m = p["memory_gib_per_device"]
-    lines = [f"{p['accelerator']}: {p['devices']} devices, mesh {p['mesh']}, {p['model_parameters'] / 1e9:.2f}B parameters",
+    lines = [f"{p['accelerator']}: {p['devices']} devices, mesh {p['mesh']}, sampling mesh {p['sampling_mesh']}, "
+             f"{p['model_parameters'] / 1e9:.2f}B parameters",
              "memory per device (GiB):"]
-    for key in ("base_weights", "lora", "optimizer_state", "sampling_kv_cache", "training_activations"):
+    for key in ("base_weights", "lora", "optimizer_state", "training_activations", "sampling_weights",
+                "sampling_kv_cache", "sampling_copy_while_training"):
         lines.append(f"  {key:32s}{m[key]:10.3f}")
     for stage in ("sampling", "training", "eval"):
         if stage == "eval" and not m["eval_total"]:
             continue
-        verdict = "fits" if p["fits"][stage] else "DOES NOT FIT: shard more (mesh.fsdp/tensor), lower the batch, or remat"
-        lines.append(f"  {stage + ' total':32s}{m[stage + '_total']:10.3f} of {m['capacity']} -> {verdict}")
+        remedy = ("shard more (mesh.fsdp/tensor), lower the batch, or remat" if stage == "training" else
+                  "more tensor/fsdp in config.sampler.mesh, or a lower sampler.batch_size")
+        verdict = "fits" if p["fits"][stage] else f"DOES NOT FIT: {remedy}"
+        held = f" + {m['sampling_copy_while_training']:.3f} sampling copy" if stage == "training" and \
+            m["sampling_copy_while_training"] else ""
+        lines.append(f"  {stage + ' total':32s}{m[stage + '_total']:10.3f}{held} of {m['capacity']} -> {verdict}")
     lines.append("terms per stage (GiB; the total is the peak of the program's phases, not the sum):")
     for stage, terms in p["terms_gib"].items():
         shape = p["shapes"][stage]
         described = ", ".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
         lines.append(f"  {stage} ({described}): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in terms.items() if k != "total" and v))
-    rows = p["assumptions"]["training_rows_per_device"]
-    if rows == p["shapes"]["training"].batch and p["devices"] > 1:
-        lines.append(f"  note: train.batch_size={rows} does not split over the data-parallel devices: every "
-                     "device computes the whole batch")
     lines.append("activations and working sets are modelled per program phase and checked against XLA:CPU's buffer "
                  "assignment of the real programs (tests/test_plan.py, --check-compiled); a GPU/TPU compiler "
                  "schedules differently")
@@ -651,7 +660,10 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     args = parser.parse_args(rest + ["--config", "(parsed above)"])
-    result = plan(config, args.accelerator, args.devices, args.keep_rate)
+    try:
+        result = plan(config, args.accelerator, args.devices, args.keep_rate)
+    except ValueError as e:  # a setting that cannot work (a train batch the mesh does not divide): one line
+        parser.error(str(e))
     print(format_plan(result))
     if args.check_compiled:
         print(format_check(check_against_compiler(config, result["devices"])))

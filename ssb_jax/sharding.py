@@ -5,13 +5,21 @@ Mesh axes: "data" (pure data parallel), "fsdp" (data parallel that also shards p
 logical names of its dimensions in its `out_sharding` metadata (("layers", "embed", "mlp") for a
 stacked gate projection); LoRA factors, optimizer moments, the KV cache and batches are named the
 same way, and `LOGICAL_AXIS_RULES` alone turns names into placements. The same table serves 1 CPU,
-8 fake CPU devices, a GPU and a TPU slice. A dimension that its mesh axes do not divide is
-replicated, and that is logged once per (name, size, mesh).
+8 fake CPU devices, a GPU and a TPU slice. A parameter dimension that its mesh axes do not divide
+is replicated, and that is logged once per (name, size, mesh); a batch that does not divide its
+data-parallel axes is an error (replicating it would run every row on every device).
+
+Sampling has a mesh of its own (`sampling_mesh`), read through the same table: weights replicated
+and rows data parallel when they fit on one device, else tensor parallel over as few devices as
+hold them. Its fsdp axis is 1 unless set explicitly, so "embed" is not split and no decode step
+gathers weights.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -38,6 +46,10 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "cache_slots": None,
     "head_dim": None,
 }
+
+# The share of a device's memory the sampling copy of the weights may take; the rest is left to the
+# KV cache (rows x (prompt + new tokens)) and the decode step's activations.
+SAMPLING_WEIGHT_SHARE = 0.5
 
 _reported_fallbacks: set = set()
 
@@ -67,20 +79,6 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
-    """A mesh of this process's own devices with the axes of `shape` (a global mesh shape): an axis
-    of -1 takes the local devices left over; without one, "data" does. Sampling stages use it under
-    several processes, each on its own share of the prompts."""
-    devices = jax.local_devices()
-    shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
-    flexible = next((axis for axis, size in shape.items() if int(size) == -1), "data")
-    fixed = math.prod(int(size) for axis, size in shape.items() if axis != flexible)
-    if len(devices) % fixed:
-        raise ValueError(f"mesh {shape}: the {'x'.join(str(s) for a, s in shape.items() if a != flexible)} "
-                         f"non-{flexible} axes do not divide this process's {len(devices)} devices")
-    return make_mesh({**shape, flexible: -1}, devices)
-
-
 def _mesh_axes_for(name: str | None) -> tuple[str, ...]:
     if name is None:
         return ()
@@ -101,6 +99,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         axes = tuple(a for a in _mesh_axes_for(name) if mesh.shape[a] > 1 and a not in used)
         size = math.prod(mesh.shape[a] for a in axes)
         if axes and dim % size:
+            if name == "batch":
+                raise ValueError(f"a batch of {dim} rows does not divide the data-parallel mesh axes {axes} "
+                                 f"(size {size}); pad it to a multiple of {size}")
             key = (name, dim, tuple(sorted(mesh.shape.items())))
             if key not in _reported_fallbacks:
                 _reported_fallbacks.add(key)
@@ -139,3 +140,117 @@ def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
     """A batch array: its leading axis over the data-parallel axes, the rest replicated."""
     return named_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh)
+
+
+def data_parallel_size(mesh) -> int:
+    """Devices the rows of a batch are split over (the mesh axes of "batch"); mesh: a Mesh or a shape dict."""
+    shape = getattr(mesh, "shape", mesh)
+    return math.prod(int(shape[a]) for a in _mesh_axes_for("batch"))
+
+
+def check_batch_divides(rows: int, mesh, setting: str) -> None:
+    """A one-line error naming `setting` when `rows` cannot be split evenly over the data-parallel axes."""
+    size = data_parallel_size(mesh)
+    if rows % size:
+        shape = dict(getattr(mesh, "shape", mesh))
+        raise ValueError(f"{setting}={rows} is not a multiple of the data-parallel size {size} (data x fsdp of "
+                         f"mesh {shape}); change {setting} or config.mesh")
+
+
+# ----------------------------------------------------------------------------- bytes per device
+
+def array_bytes_per_device(logical_axes, shape, axes: Mapping[str, int], itemsize: int) -> int:
+    """Bytes on one device of an array with these logical axes on a mesh of this shape."""
+    split = 1
+    for entry in logical_to_spec(logical_axes, shape, SimpleNamespace(shape=dict(axes))):
+        for a in ((entry,) if isinstance(entry, str) else (entry or ())):
+            split *= axes[a]
+    return int(np.prod(shape)) * itemsize // split
+
+
+def state_bytes_per_device(state, axes: Mapping[str, int], itemsize: int | None = None) -> int:
+    """Bytes on one device of an (abstract) model state; itemsize None: each variable's own dtype."""
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return sum(array_bytes_per_device(variable_axes(v), v.shape, axes, itemsize or np.dtype(v.dtype).itemsize)
+               for v in variables)
+
+
+# ----------------------------------------------------------------------------- the sampling mesh
+
+def parse_mesh_setting(text: str):
+    """config.sampler.mesh: "auto", or a mesh shape "data=4,tensor=2" (axes left out are 1, one may
+    be -1) -> "auto" or {axis: size}; anything else is a ValueError naming the setting."""
+    text = str(text).strip()
+    if text == "auto":
+        return text
+    shape = {}
+    for part in text.split(","):
+        axis, equals, size = part.partition("=")
+        axis = axis.strip()
+        if not equals or axis not in MESH_AXES or axis in shape:
+            raise ValueError(f"config.sampler.mesh={text!r}: expected 'auto' or sizes of the axes {MESH_AXES} "
+                             "like 'data=4,tensor=2'")
+        try:
+            shape[axis] = int(size)
+        except ValueError:
+            raise ValueError(f"config.sampler.mesh={text!r}: {axis} size {size.strip()!r} is not an integer") from None
+        if shape[axis] == 0 or shape[axis] < -1:
+            raise ValueError(f"config.sampler.mesh={text!r}: {axis} must be a positive size or -1")
+    if list(shape.values()).count(-1) > 1:
+        raise ValueError(f"config.sampler.mesh={text!r}: at most one axis may be -1")
+    return {axis: shape.get(axis, 1) for axis in MESH_AXES}
+
+
+def device_memory_bytes(device) -> int | None:
+    """What one device can hold: the backend's own limit, else on CPU this host's memory shared by
+    its CPU devices; None when neither is known."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+        return host // max(1, sum(d.platform == "cpu" for d in jax.local_devices()))
+    return None
+
+
+def sampling_tensor_size(model_config, devices: int, memory_per_device: float | None) -> int:
+    """The fewest of `devices` (a divisor) to split the weights over on the tensor axis so that one
+    device's part takes at most SAMPLING_WEIGHT_SHARE of its memory; all of them when none does
+    (logged). Memory None (unknown): 1."""
+    if memory_per_device is None:
+        return 1
+    from ssb_jax.model.qwen2 import abstract_model
+    state = nnx.state(abstract_model(model_config))
+    sizes = [t for t in range(1, devices + 1) if devices % t == 0]
+    for tensor in sizes:
+        axes = {"data": devices // tensor, "fsdp": 1, "tensor": tensor}
+        if state_bytes_per_device(state, axes) <= SAMPLING_WEIGHT_SHARE * memory_per_device:
+            return tensor
+    log.warning("the weights take more than %.0f%% of each device's %.1f GiB even split over all %d devices; "
+                "sampling may run out of memory (set config.sampler.mesh, e.g. with fsdp)",
+                100 * SAMPLING_WEIGHT_SHARE, memory_per_device / 2**30, devices)
+    return devices
+
+
+def sampling_mesh_shape(model_config, devices: int, shape="auto", memory_per_device: float | None = None) -> dict:
+    """The sampling mesh's shape on `devices` devices: an explicit shape as given; "auto": weights
+    replicated and rows data parallel over every device when the weights fit one device (see
+    sampling_tensor_size), else tensor parallel over as few devices as hold them and data parallel
+    over the rest, with fsdp 1 so that no decode step gathers weights."""
+    if shape != "auto":
+        return dict(shape)
+    tensor = sampling_tensor_size(model_config, devices, memory_per_device)
+    return {"data": devices // tensor, "fsdp": 1, "tensor": tensor}
+
+
+def sampling_mesh(model_config, devices=None, *, shape="auto", memory_per_device: float | None = None) -> Mesh:
+    """The mesh sampling runs on (see sampling_mesh_shape), over `devices` (default: this process's
+    own, so that under several processes each samples its share of the prompts alone).
+    memory_per_device: bytes (None: device_memory_bytes of the first device)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if shape == "auto" and not memory_per_device:
+        memory_per_device = device_memory_bytes(devices[0])
+    return make_mesh(sampling_mesh_shape(model_config, len(devices), shape, memory_per_device), devices)

@@ -26,7 +26,7 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, init_lora, student_split
 from ssb_jax.model import qwen2
 from ssb_jax.model.qwen2 import abstract_model, apply
-from ssb_jax.sharding import batch_sharding, shard_state, state_shardings
+from ssb_jax.sharding import batch_sharding, check_batch_divides, shard_state, state_shardings
 
 CACHED_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob", "teacher_target_logprob")
 
@@ -185,6 +185,8 @@ class TrainStep:
     def __init__(self, model_config: ModelConfig, tc: TrainConfig, total_steps: int, mesh: Mesh | None = None,
                  lora_config: LoraConfig | None = None):
         self.model_config, self.tc, self.mesh = model_config, tc, mesh
+        if mesh is not None:  # a batch the mesh does not divide cannot be split over its devices
+            check_batch_divides(tc.batch_size, mesh, "train.batch_size")
         self.total_steps = int(total_steps)
         self.lora_config = lora_config or tc.lora_config()
         self.optimizer, self.schedule = make_optimizer(tc, self.total_steps)

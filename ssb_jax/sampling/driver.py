@@ -1,7 +1,8 @@
 """From chat prompts to text: template, sort by length, bucket, run `generate`, restore order.
 
 Prompt lengths and batch sizes are padded up to buckets so that a run over thousands of prompts
-compiles a handful of programs. A mesh, when given, shards each batch over its data axes.
+compiles a handful of programs. A mesh, when given, shards each batch over its data axes (the
+sampling mesh, sharding.sampling_mesh), batches padded with filler rows to a multiple of its size.
 """
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ssb_jax.model.tokenizer import Chat, encode_chat
 from ssb_jax.sampling.decode_layout import to_decode_layout, unstacked_layers
 from ssb_jax.sampling.sampler import FINISH_STOP, SamplingParams, generate, row_keys_for
-from ssb_jax.sharding import BATCH_AXES
+from ssb_jax.sharding import batch_sharding, data_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ class Sampler:
         self.graphdef = graphdef  # the graph the program runs (the decode layout on CPU)
         self.state = state.to_pure_dict()
         self.mesh = mesh
-        data_parallel = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
-        if batch_size % data_parallel:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data-parallel size {data_parallel}")
+        # Every batch is padded with filler rows to a multiple of the data-parallel size, so that each
+        # device decodes its own rows (a batch the mesh does not divide would run on every device).
+        data_parallel = 1 if mesh is None else data_parallel_size(mesh)
         self.batch_size = batch_size
-        self.batch_buckets = [b for b in power_of_two_buckets(data_parallel, batch_size) if b % data_parallel == 0]
+        self.batch_buckets = power_of_two_buckets(data_parallel, math.ceil(batch_size / data_parallel) * data_parallel)
         self.prompt_buckets = sorted(prompt_buckets) if prompt_buckets else power_of_two_buckets(
             min(min_prompt_bucket, max_prompt_tokens), max_prompt_tokens)
         self.max_prompt_tokens = self.prompt_buckets[-1]
@@ -183,7 +183,7 @@ class Sampler:
     def _place(self, array):
         if self.mesh is None:
             return jnp.asarray(array)
-        return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec(BATCH_AXES)))
+        return jax.device_put(array, batch_sharding(self.mesh, array.shape))
 
 
 def _with_replaced(state: dict, new: dict, path: tuple) -> dict:
