@@ -113,11 +113,19 @@ def test_absurd_values_are_refused_by_name(section, key, value, expected):
 
 
 @pytest.mark.parametrize("key, value", [("sampler.batch_size", 0), ("num_rounds", 0), ("sampler.max_prompt_tokens", -1),
-                                        ("data.on_bad_line", "ignore")])
+                                        ("data.on_bad_line", "ignore"), ("sampler.memory_per_device_gib", -1.0)])
 def test_absurd_run_settings_are_refused_by_name(key, value):
     c = config_lib.apply_overrides(config_lib.base_config(), {key: value})
     with pytest.raises(ValueError, match=f"config.{key} must be"):
         config_lib.check_values(c)
+
+
+@pytest.mark.parametrize("value", ["data=4,tensr=2", "tensor=two", "data=-1,fsdp=-1", "manual"])
+def test_a_sampling_mesh_that_is_not_auto_or_axis_sizes_is_refused_by_name(value):
+    c = config_lib.apply_overrides(config_lib.base_config(), {"sampler.mesh": value})
+    with pytest.raises(ValueError, match=rf"^config.sampler.mesh={value!r}: "):
+        config_lib.check_values(c)
+    config_lib.check_values(config_lib.apply_overrides(c, {"sampler.mesh": "data=-1,tensor=2"}))
 
 
 def test_missing_config_file_is_one_line():

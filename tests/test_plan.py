@@ -114,9 +114,11 @@ def test_planned_memory_of_3b_programs_is_within_15_percent_of_the_compilers(dev
     abstract sharded inputs and compiled by XLA:CPU (nothing allocated). float32: XLA:CPU upcasts
     bfloat16 matmul operands to float32 copies (hoisted out of the layer loop) that a GPU/TPU compiler
     does not make, so bfloat16 on CPU would measure the CPU, not the program. 1 device: ~30 s of
-    compiling; 8 devices (the config's mesh: everything on fsdp): ~60-100 s on 2 cores."""
+    compiling; 8 devices (the config's mesh: everything on fsdp, so batch 8; sampling on the mesh
+    sharding.sampling_mesh picks for the plan's accelerator): ~60-100 s on 2 cores."""
     c = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py"))
     c.model.dtype = "float32"
+    c.train.batch_size = max(4, devices)  # a batch the data-parallel devices divide (8: one row each)
     results = plan_module.check_against_compiler(c, devices)
     assert results["backend"] == "cpu"
     report = plan_module.format_check(results)
@@ -219,3 +221,50 @@ def test_plan_command_line_checks_against_the_compiler(tmp_path, capsys):
         compiled = line.split("compiled")[1].split()
         assert float(compiled[0]) > 0 and compiled[1] in ("KiB", "MiB"), line
         assert abs(float(line.split("(")[1].split("%")[0])) < 100, line  # planned vs compiled, in percent
+
+
+def test_sampling_memory_is_planned_on_the_sampling_mesh(tmp_path, monkeypatch):
+    """The planner picks the sampling mesh sharding.sampling_mesh picks, and its sampling figures are
+    the per-device sizes of real arrays placed there: replicated weights when they fit one device,
+    split over the tensor axis when the device is too small."""
+    from ssb_jax.sharding import SAMPLING_WEIGHT_SHARE, sampling_mesh
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    c = base_config()
+    c.model.path, c.model.dtype = str(directory), "float32"
+    c.sampler.batch_size, c.sampler.max_prompt_tokens = 6, 16  # on 4 data-parallel devices padded to 8 rows
+    c.curate.num_rollouts, c.curate.rollout_max_new_tokens, c.curate.solution_max_new_tokens = 2, 8, 8
+    params = nnx.state(init_model(TINY, 0))
+    tensor_two = state_bytes_per_device(nnx.state(abstract_model(TINY)), {"data": 2, "fsdp": 1, "tensor": 2})
+    for memory, expected in ((2**30, {"data": 4, "fsdp": 1, "tensor": 1}),
+                             (tensor_two / SAMPLING_WEIGHT_SHARE, {"data": 2, "fsdp": 1, "tensor": 2})):
+        monkeypatch.setitem(plan_module.ACCELERATORS, "tiny-4", Accelerator(4, memory / 2**30, 1.0, 1.0))
+        result = plan(c, "tiny-4")
+        m = result["memory_gib_per_device"]
+        assert result["sampling_mesh"] == expected
+        mesh = sampling_mesh(TINY, jax.devices()[:4], memory_per_device=memory)
+        assert dict(mesh.shape) == expected
+        assert m["sampling_weights"] * 2**30 == device0_bytes(shard_state(params, mesh))
+        rows = -(-6 // expected["data"]) * expected["data"]  # the Sampler's filler rows included
+        shape = cache_shape(TINY, rows * 2, 16 + 8)
+        k = jax.device_put(np.zeros(shape, np.float32), named_sharding(CACHE_AXES["k"], shape, mesh))
+        assert m["sampling_kv_cache"] * 2**30 == 2 * device0_bytes(k)
+        # the run keeps its sampling copy while it trains (the training mesh puts every device on fsdp)
+        assert m["sampling_copy_while_training"] == m["sampling_weights"]
+    assert result["memory_gib_per_device"]["sampling_weights"] * 2**30 < TINY.param_count() * 4
+
+
+def test_plan_refuses_a_train_batch_the_mesh_does_not_divide(tmp_path, capsys):
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
+    c = base_config()
+    c.model.path = str(directory)
+    c.train.batch_size = 6
+    with pytest.raises(ValueError, match=r"config.train.batch_size=6 is not a multiple of the data-parallel size 4"):
+        plan(c, "v4-8")
+    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    with pytest.raises(SystemExit):
+        plan_module.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8"])
+    assert "config.train.batch_size=4 is not a multiple of the data-parallel size 8" in capsys.readouterr().err

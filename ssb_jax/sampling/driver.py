@@ -76,7 +76,9 @@ class Sampler:
         unstack: sample with the decode layout of the weights (a copy: an unrolled layer loop and
         transposed matrices; see ssb_jax.sampling.decode_layout). Default: on the CPU backend, where
         its decode steps ran 2.3x (batch 1) and 2.1x (batch 8) faster than `scan`'s on the 0.5B shape.
-        decode_copies: shared by samplers of the same base, so they hold one decode-layout copy."""
+        decode_copies: shared by samplers of the same base, so they hold one decode-layout copy.
+        mesh: the mesh the model's weights are on (the sampling mesh, sharding.sampling_mesh); each
+        batch's rows are split over its data axes."""
         if unstack is None:
             unstack = decode_layout_by_default()
         if unstack:
