@@ -161,3 +161,36 @@ def test_explicit_sampling_mesh_setting():
             parse_mesh_setting(bad)
     mesh = sampling_mesh(None, jax.devices(), shape=parse_mesh_setting("tensor=2,data=-1"))
     assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+def test_pipeline_places_the_base_on_the_sampling_mesh(tmp_path, checkpoint, prompts_and_reference):
+    """main.Pipeline: the training mesh is config.mesh (all 8 devices on fsdp), the base is loaded onto
+    the sampling mesh (this toy fits a device: 8-way data parallel, weights whole on each device), and
+    its samplers give the single-device greedy tokens; an explicit sampler.mesh is used as given, one
+    the devices cannot fill is named."""
+    from ssb_jax import config as config_lib
+    from ssb_jax.main import Pipeline
+    from ssb_jax.paths import shared_data_path
+    c = config_lib.base_config()
+    c.workdir, c.compile_cache_dir = str(tmp_path / "run"), ""
+    c.model.path, c.model.dtype = str(checkpoint), "float32"
+    c.model.tokenizer = str(shared_data_path("qwen2.5_tokenizer"))
+    c.train.batch_size, c.sampler.batch_size = 8, 8
+    pipeline = Pipeline(c)
+    pipeline.load_base()
+    assert dict(pipeline.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(pipeline.sample_mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    embedding = pipeline.base_model.embed.embedding[...]
+    assert {s.data.shape for s in embedding.addressable_shards} == {embedding.shape}
+    prompts, reference = prompts_and_reference
+    sampler = pipeline.sampler(pipeline.base_model)
+    sampler.show_progress = False
+    assert [c[0].token_ids for c in sampler.generate_ids(prompts, GREEDY)] == reference
+
+    c.sampler.mesh = "data=2,tensor=4"
+    explicit = Pipeline(c)
+    explicit.load_base()
+    assert dict(explicit.sample_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    c.sampler.mesh = "data=3"
+    with pytest.raises(ValueError, match=r"^config.sampler.mesh='data=3': mesh .* needs 3 devices, 8 are available"):
+        Pipeline(c).load_base()
