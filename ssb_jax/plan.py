@@ -5,8 +5,9 @@
 
 Memory of parameters, LoRA, optimizer state and KV cache is exact: the same logical-axis table that
 places the arrays decides how they split (tests compare with real sharded arrays). The working sets
-(KV-cache copies, attention scores, MLP intermediates, vocabulary logits, what remat keeps) are
-modelled term by term from the programs' shapes, per stage phase, and checked against the compiler:
+(attention scores or tiles of the kernel attention_impl resolves to, MLP intermediates, vocabulary
+logits, what remat keeps) are modelled term by term from the programs' shapes, per stage phase, and
+checked against the compiler:
 `--check-compiled` lowers the real sampling and training programs with abstract inputs, compiles them
 for this machine's backend (nothing allocated) and prints `memory_analysis()` beside the plan
 (tests/test_plan.py does it for the 3B shape on 1 and 8 CPU devices). Times are estimates from FLOPs
@@ -20,6 +21,7 @@ import math
 
 import numpy as np
 
+from ssb_jax.model.attention import chunk_layout, resolve
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import student_split
 from ssb_jax.model.qwen2 import CACHE_AXES
@@ -35,13 +37,14 @@ class Accelerator:
     memory_gib: float     # per device
     bf16_tflops: float    # dense peak per device
     bandwidth_gbs: float  # memory bandwidth per device
+    backend: str = "gpu"  # the JAX backend it runs (decides which kernel attention_impl="auto" resolves to)
 
 
 ACCELERATORS = {
-    "v4-8": Accelerator(4, 32, 275, 1228),
-    "v5e-8": Accelerator(8, 16, 197, 819),
-    "v5p-8": Accelerator(4, 95, 459, 2765),
-    "v6e-8": Accelerator(8, 32, 918, 1640),
+    "v4-8": Accelerator(4, 32, 275, 1228, "tpu"),
+    "v5e-8": Accelerator(8, 16, 197, 819, "tpu"),
+    "v5p-8": Accelerator(4, 95, 459, 2765, "tpu"),
+    "v6e-8": Accelerator(8, 32, 918, 1640, "tpu"),
     "A100-40G": Accelerator(1, 40, 312, 1555),
     "A100-80G": Accelerator(1, 80, 312, 2039),
     "H100-80G": Accelerator(1, 80, 989, 3350),
@@ -52,15 +55,14 @@ ACCELERATORS = {
 # Realistic fractions of peak for the time estimates (not measured here; conservative guesses).
 MFU_TRAIN, MFU_PREFILL, BANDWIDTH_FRACTION = 0.35, 0.4, 0.6
 
-# How many extra copies of the whole KV cache a decode step holds. On main the layer scan takes the
-# stacked cache as its input and builds the updated cache as its stacked output, so the carried cache
-# and the rebuilt one are both alive (the compiler confirms: 2x the cache). An in-place cache update
-# makes this 0.
-KV_CACHE_COPIES_PER_DECODE_STEP = 1
-# float32 arrays of attention-score shape [rows, heads, queries, keys] alive at once. Forward (prefill,
-# the teacher): the scores and the masked/softmaxed copy. Backward of one layer under remat: the
+# How many extra copies of the whole KV cache a decode step holds: none. Each layer writes its slots
+# of the one stacked cache carried through the layer scan (qwen2.LayerCache), so XLA updates it in place.
+KV_CACHE_COPIES_PER_DECODE_STEP = 0
+# float32 arrays of attention-score shape alive at once: for the dense XLA kernel [rows, heads,
+# queries, keys], for a blocked kernel one [rows, heads, block, block] tile. Forward (prefill, the
+# teacher): the scores and the masked/softmaxed copy. Backward of one layer under remat: the
 # recomputed masked scores, the probabilities (kept for softmax's VJP), their gradient and the scores'
-# gradient. A fused/chunked attention kernel replaces these with a block-sized working set.
+# gradient (the chunked kernel's backward forms the same four per tile).
 ATTENTION_SCORE_COPIES_FORWARD = 2
 ATTENTION_SCORE_COPIES_BACKWARD = 4
 
@@ -108,9 +110,36 @@ def _itemsize(config: ModelConfig) -> int:
     return np.dtype(config.jnp_dtype).itemsize
 
 
-def _score_bytes(config: ModelConfig, rows: int, queries: int, keys: int, tensor: int) -> int:
-    """One float32 attention-score array [rows, heads, queries, keys] (heads split over tensor)."""
-    return rows * (config.num_heads // tensor) * queries * keys * 4
+def attention_kernel(config: ModelConfig, length: int, backend: str) -> str:
+    """The full-sequence attention kernel config.attention_impl resolves to for this length on `backend`."""
+    return resolve(config.attention_impl, config.jnp_dtype, config.head_dim, length, backend)
+
+
+def _score_bytes(config: ModelConfig, rows: int, queries: int, keys: int, tensor: int, kernel: str) -> int:
+    """One float32 attention-score array of `kernel` (heads split over tensor): the dense XLA kernel's
+    [rows, heads, queries, keys]; the chunked kernel's one [rows, heads, block, block] tile; 0 for the
+    fused kernels (cuDNN, splash), whose tiles stay in on-chip memory."""
+    heads = config.num_heads // tensor
+    if kernel == "xla":
+        return rows * heads * queries * keys * 4
+    if kernel == "chunked":
+        block = chunk_layout(keys)[1]
+        return rows * heads * block * block * 4
+    return 0
+
+
+def _lse_bytes(config: ModelConfig, rows: int, queries: int, tensor: int, kernel: str) -> int:
+    """The float32 log-sum-exp [rows, heads, queries] a blocked kernel keeps (the dense one has none)."""
+    return 0 if kernel == "xla" else rows * (config.num_heads // tensor) * queries * 4
+
+
+def attention_working_set(config: ModelConfig, rows: int, queries: int, keys: int, tensor: int, kernel: str,
+                          backward: bool = False) -> int:
+    """Bytes of one layer's attention beyond its inputs and output: the score copies (forward or
+    backward, see ATTENTION_SCORE_COPIES_*) of the kernel's score array or tile, plus its log-sum-exp."""
+    copies = ATTENTION_SCORE_COPIES_BACKWARD if backward else ATTENTION_SCORE_COPIES_FORWARD
+    return copies * _score_bytes(config, rows, queries, keys, tensor, kernel) + _lse_bytes(config, rows, queries,
+                                                                                          tensor, kernel)
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -144,43 +173,54 @@ class TrainingShape:
 
 # ----------------------------------------------------------------------------- memory models
 
-def sampling_memory(config: ModelConfig, axes: dict[str, int], shape: SamplingShape, weights: int) -> dict[str, int]:
-    """Bytes per device of one `generate` program, term by term, and its peak ("total").
+def sampling_memory(config: ModelConfig, axes: dict[str, int], shape: SamplingShape, weights: int,
+                    backend: str = "gpu") -> dict[str, int]:
+    """Bytes per device of one `generate` program on `backend`, term by term, and its peak ("total").
 
-    Two phases, never alive together: the prefill (prompt rows, the prompt-length cache it fills, one
-    layer's attention scores or MLP intermediates) and the decode loop (the n-times replicated cache,
-    its per-step copy, the per-step logits). The peak is the weights plus the larger phase.
+    The n-sample KV cache (rows x cache_len) is allocated before the prefill and updated in place
+    throughout. On top of it, two phases never alive together: the prefill (the prompts attend among
+    themselves with the full-sequence kernel; one layer's attention working set or MLP intermediates,
+    and that layer's keys and values repeated n times on their way into the cache) and the decode loop
+    (the per-step logits; its attention reads the cache block by block). The peak is the weights, the
+    cache and the larger phase.
     """
     b, tensor = _itemsize(config), axes["tensor"]
-    kv = lambda rows: 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(config, rows, shape.cache_len),  # noqa: E731
-                                                 axes, b)
+    kv = lambda rows, length: 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(config, rows, length),  # noqa: E731
+                                                         axes, b)
     prompt_rows = rows_per_device(shape.prompts, axes)
     # MLP of one layer in the prefill: gate, up and their product; with the hidden width split (see
     # activation_layout), gate and up as partial sums and all-reduced (the product reuses a partial's
     # buffer).
     mlp_rows, _, width_split = activation_layout(shape.prompts, config.hidden_size, axes)
     mlp_copies = 4 if width_split else 3
+    rows_here = rows_per_device(shape.rows, axes)
+    block = min(config.cache_block, shape.cache_len)
     terms = {
         "weights": weights,
-        # decode phase
-        "kv_cache": kv(shape.rows),
-        "kv_cache_decode_copy": KV_CACHE_COPIES_PER_DECODE_STEP * kv(shape.rows),
-        "decode_logits": 2 * rows_per_device(shape.rows, axes) * config.vocab_size // tensor * 4,  # f32, log-softmax
-        # prefill phase: the prompt rows' cache, carried into and rebuilt by the layer scan
-        "prefill_kv_cache": 2 * kv(shape.prompts),
-        "prefill_attention_scores": ATTENTION_SCORE_COPIES_FORWARD * _score_bytes(
-            config, prompt_rows, shape.prompt_len, shape.cache_len, tensor),
+        "kv_cache": kv(shape.rows, shape.cache_len),
+        "kv_cache_decode_copy": KV_CACHE_COPIES_PER_DECODE_STEP * kv(shape.rows, shape.cache_len),
+        # decode phase: float32 logits and their log-softmax; the attention's one block of keys and
+        # values (LayerCache.attend) and its scores, probabilities and float32 accumulator
+        "decode_logits": 2 * rows_here * config.vocab_size // tensor * 4,
+        "decode_attention_block": kv(shape.rows, block) // config.num_layers
+        + rows_here * (config.num_heads // tensor) * (2 * block + config.head_dim) * 4,
+        # prefill phase: one layer's keys and values of the prompts, repeated for the n samples of each
+        # (LayerCache.write) before they land in the cache
+        "prefill_kv_write": kv(shape.rows, shape.prompt_len) // config.num_layers,
+        "prefill_attention": attention_working_set(config, prompt_rows, shape.prompt_len, shape.prompt_len, tensor,
+                                                   attention_kernel(config, shape.prompt_len, backend)),
         "prefill_mlp": mlp_copies * mlp_rows * shape.prompt_len * (config.intermediate_size // tensor) * b,
         # a head split over fsdp on the hidden axis is gathered whole for the vocabulary projection
         "gathered_head": config.hidden_size * config.vocab_size // tensor * b if width_split else 0,
     }
-    decode = terms["kv_cache"] + terms["kv_cache_decode_copy"] + terms["decode_logits"]
-    prefill = terms["prefill_kv_cache"] + max(terms["prefill_attention_scores"], terms["prefill_mlp"])
-    terms["total"] = weights + terms["gathered_head"] + max(decode, prefill)
+    decode = terms["kv_cache_decode_copy"] + terms["decode_logits"] + terms["decode_attention_block"]
+    prefill = terms["prefill_kv_write"] + max(terms["prefill_attention"], terms["prefill_mlp"])
+    terms["total"] = weights + terms["gathered_head"] + terms["kv_cache"] + max(decode, prefill)
     return terms
 
 
-def _kept_per_layer(config: ModelConfig, lora_config, tokens: int, width: int, tensor: int, scores: int) -> int:
+def _kept_per_layer(config: ModelConfig, lora_config, tokens: int, width: int, tensor: int,
+                    attention_saved: int) -> int:
     """Bytes one decoder layer keeps for the backward pass under config.remat, for `tokens` rows x
     positions whose hidden width on this device is `width` (activation_layout); heads and the MLP
     width split over tensor. Compiler-checked for full, dots_no_batch and none on one device; dots is
@@ -188,8 +228,8 @@ def _kept_per_layer(config: ModelConfig, lora_config, tokens: int, width: int, t
 
     full: only the layer input. dots_no_batch: every matrix product without a batch dimension, i.e.
     each projection's output (model dtype) and, for a LoRA target, its x @ A and (x @ A) @ B outputs
-    (LoRA dtype). none: also softmax's input and output (float32 score arrays) and the MLP's silu(gate)
-    and product. dots: also attention's two batched products (the scores and probs @ v).
+    (LoRA dtype). none: also the MLP's silu(gate) and product. none and dots: also what the attention
+    kernel saves, `attention_saved` (attention_saved_bytes), plus the layer input for dots.
     """
     b, lb = _itemsize(config), np.dtype(lora_config.jnp_dtype).itemsize
     layer_input = tokens * width * b
@@ -204,19 +244,33 @@ def _kept_per_layer(config: ModelConfig, lora_config, tokens: int, width: int, t
     adapters = sum(tokens * (lora_config.rank_of(t) + out_width[t]) * lb for t in lora_config.targets)
     kept = projections + adapters
     if config.remat == "dots":
-        kept += scores + layer_input
+        kept += attention_saved + layer_input
     elif config.remat == "none":
-        kept += 2 * scores + 2 * tokens * out_width["gate_proj"] * b
+        kept += attention_saved + 2 * tokens * out_width["gate_proj"] * b
     return kept
 
 
+def attention_saved_bytes(config: ModelConfig, rows: int, length: int, tensor: int, kernel: str) -> int:
+    """What one layer's attention keeps for its backward beyond the q, k, v projections (remat none or
+    dots): the dense kernel its float32 scores (dots: the batched product) and, without remat, the
+    softmax's probabilities too; a blocked kernel's custom VJP only its output [rows, length, heads x
+    head_dim] (model dtype) and the log-sum-exp."""
+    if kernel == "xla":
+        return (2 if config.remat == "none" else 1) * _score_bytes(config, rows, length, length, tensor, kernel)
+    out = rows * length * config.q_size // tensor * _itemsize(config)
+    return out + _lse_bytes(config, rows, length, tensor, kernel)
+
+
 def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingShape, lora_config, *, weights: int,
-                    lora: int, optimizer: int, chunk: int, online_teacher: bool = True) -> dict[str, int]:
+                    lora: int, optimizer: int, chunk: int, online_teacher: bool = True,
+                    backend: str = "gpu") -> dict[str, int]:
     """Bytes per device of one distillation step, term by term, and its peak ("total").
 
     Alive throughout: frozen weights, adapters, Adam moments, the adapters' gradient, and what the
     student's layers keep for the backward pass. On top, the largest of: one layer's backward
-    (attention scores and MLP intermediates), the teacher's forward, one chunk of vocabulary logits.
+    (its recomputed forward, then the attention kernel's or the MLP's working set), the teacher's
+    forward, one chunk of vocabulary logits. The attention terms follow the kernel
+    config.attention_impl resolves to on `backend` (attention_working_set).
     Per-layer activations are float32 wherever the model computes in float32 (scores, softmax) and in
     the model's dtype otherwise.
     """
@@ -226,8 +280,9 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
     hidden_rows, width, width_split = activation_layout(shape.batch, D, axes)
     T, Tt = shape.student_len, shape.teacher_len
     mlp_one = hidden_rows * T * F * b                            # one [rows, T, F] intermediate
-    scores = _score_bytes(config, rows, T, T, tensor)
-    kept_per_layer = _kept_per_layer(config, lora_config, hidden_rows * T, width, tensor, scores)
+    student_kernel, teacher_kernel = attention_kernel(config, T, backend), attention_kernel(config, Tt, backend)
+    kept_per_layer = _kept_per_layer(config, lora_config, hidden_rows * T, width, tensor,
+                                     attention_saved_bytes(config, rows, T, tensor, student_kernel))
     answer_rows = hidden_rows * shape.answer_len
     terms = {
         "weights": weights, "lora": lora, "optimizer_state": optimizer,
@@ -236,9 +291,15 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
         # one layer's backward, attention or MLP (not alive together). MLP: the recomputed gate, up,
         # silu(gate) and product, and the gradients of product, gate and up (7); with the hidden width
         # split, also the partial sums of gate, up and the product's gradient before their all-reduce.
-        "layer_backward_attention": ATTENTION_SCORE_COPIES_BACKWARD * scores,
+        # under full remat, what a layer's recomputed forward leaves alive for the rest of its backward:
+        # the residual stream's incoming gradient, the mid-layer residual and both normed inputs, and
+        # attention's q, k, v and output (the kernel's residuals, the o_proj adapter's input)
+        "layer_backward_recomputed": hidden_rows * T * (4 * width + 2 * config.q_size // tensor
+                                                        + 2 * config.kv_size // tensor) * b
+        if config.remat == "full" else 0,
+        "layer_backward_attention": attention_working_set(config, rows, T, T, tensor, student_kernel, backward=True),
         "layer_backward_mlp": (10 if width_split else 7) * mlp_one,
-        "teacher_forward_attention": ATTENTION_SCORE_COPIES_FORWARD * _score_bytes(config, rows, Tt, Tt, tensor)
+        "teacher_forward_attention": attention_working_set(config, rows, Tt, Tt, tensor, teacher_kernel)
         if online_teacher else 0,
         # the chunked vocabulary loss (distill.loss: its custom VJP forms each chunk's gradient in the
         # forward pass): teacher and student logits of one chunk and the KL's gradient w.r.t. the
@@ -246,8 +307,9 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
         "loss_chunk": 3 * hidden_rows * min(chunk or shape.answer_len, shape.answer_len) * config.vocab_size // tensor * 4
         + 3 * answer_rows * D * b,
     }
-    working = max(terms["layer_backward_attention"], terms["layer_backward_mlp"], terms["teacher_forward_attention"],
-                  terms["loss_chunk"])
+    layer_backward = terms["layer_backward_recomputed"] + max(terms["layer_backward_attention"],
+                                                              terms["layer_backward_mlp"])
+    working = max(layer_backward, terms["teacher_forward_attention"], terms["loss_chunk"])
     terms["total"] = weights + 2 * lora + optimizer + terms["saved_for_backward"] + working
     return terms
 
@@ -350,12 +412,15 @@ def _local_tokenizer(config):
 
 
 def plan(config, accelerator: str, devices: int | None = None, keep_rate: float = 0.2,
-         include_eval: bool = True) -> dict:
+         include_eval: bool = True, backend: str | None = None) -> dict:
+    """The plan for `accelerator` (its device count unless `devices`); the attention kernels resolve for
+    `backend` (default: the accelerator's; the compiler check passes the backend it compiles on)."""
     from ssb_jax.config import section_to
     from ssb_jax.curate import CurationConfig
     from ssb_jax.distill.config import TrainConfig
     acc = ACCELERATORS[accelerator]
     devices = devices or acc.devices
+    backend = backend or acc.backend
     axes = mesh_shape(dict(config.mesh), devices)
     model_config = _model_config(config)
     tc = section_to(TrainConfig, config.train, "config.train")
@@ -378,12 +443,12 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     lora = state_bytes_per_device(lora_state, axes)
     optimizer = 2 * state_bytes_per_device(lora_state, axes, 4)  # Adam's two moments, f32
     shapes = sampling_shapes(config, sample_parallel)
-    curation = {name: sampling_memory(model_config, sample_axes, shape, sampling_weights)
+    curation = {name: sampling_memory(model_config, sample_axes, shape, sampling_weights, backend)
                 for name, shape in shapes.items()}
     sampling = max(curation.values(), key=lambda t: t["total"])
     tshape = training_shape(config)
     training = training_memory(model_config, axes, tshape, lora_config, weights=weights, lora=lora, optimizer=optimizer,
-                               chunk=tc.logits_chunk, online_teacher=tc.teacher_mode == "online")
+                               chunk=tc.logits_chunk, online_teacher=tc.teacher_mode == "online", backend=backend)
     # time: decode is bandwidth-bound (weights + on average half the cache per step), prefill and
     # training compute-bound
     n_params = model_config.param_count()
@@ -399,7 +464,7 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     for label, (shapes_of_batch, count, tokenized) in (eval_shapes(config, sample_parallel).items()
                                                        if include_eval else ()):
         eval_prompts[label] = "longest tokenized prompt" if tokenized else "not on this machine: max_prompt_tokens"
-        programs = [(sampling_memory(model_config, sample_axes, shape, sampling_weights), shape)
+        programs = [(sampling_memory(model_config, sample_axes, shape, sampling_weights, backend), shape)
                     for shape in shapes_of_batch]
         eval_s += sum(generate_s(shape, terms, math.ceil(count / shape.prompts)) for terms, shape in programs)
         evaluation[label] = (*max(programs, key=lambda program: program[0]["total"]), count)
@@ -560,7 +625,7 @@ def check_against_compiler(config, devices: int) -> dict[str, dict]:
     from ssb_jax.config import section_to
     from ssb_jax.distill.config import TrainConfig
     from ssb_jax.sampling.sampler import SamplingParams
-    p = plan(config, _any_accelerator(devices), devices, include_eval=False)
+    p = plan(config, _any_accelerator(devices), devices, include_eval=False, backend=jax.default_backend())
     model_config = _model_config(config)
     tc = section_to(TrainConfig, config.train, "config.train")
     mesh = check_mesh(p["mesh"])
