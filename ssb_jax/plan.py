@@ -185,8 +185,8 @@ def sampling_memory(config: ModelConfig, axes: dict[str, int], shape: SamplingSh
     cache and the larger phase.
     """
     b, tensor = _itemsize(config), axes["tensor"]
-    kv = lambda rows, length: 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(config, rows, length),  # noqa: E731
-                                                         axes, b)
+    def kv(rows: int, length: int) -> int:  # keys and values of every layer
+        return 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(config, rows, length), axes, b)
     prompt_rows = rows_per_device(shape.prompts, axes)
     # MLP of one layer in the prefill: gate, up and their product; with the hidden width split (see
     # activation_layout), gate and up as partial sums and all-reduced (the product reuses a partial's

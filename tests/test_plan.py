@@ -157,7 +157,10 @@ def test_eval_plan_uses_the_datasets_prompt_lengths(tmp_path):
     from ssb_jax.prompts import DEFAULT_PROMPTS
     seed = random.randrange(2**31)
     rng = random.Random(seed)
-    questions = [" ".join(f"word{rng.randrange(1000)}" for _ in range(rng.randint(5, 400))) for _ in range(rng.randint(3, 9))]
+    # the first question short and another long, so the first alone pads to a smaller prompt bucket
+    words = [5] + [rng.randint(5, 400) for _ in range(rng.randint(1, 7))]
+    words.insert(rng.randint(1, len(words)), 400)
+    questions = [" ".join(f"word{rng.randrange(1000)}" for _ in range(n)) for n in words]
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"question": q, "answer": "1"}) + "\n" for q in questions))
     tokenizer_dir = shared_data_path("qwen2.5_tokenizer")
@@ -268,3 +271,36 @@ def test_plan_refuses_a_train_batch_the_mesh_does_not_divide(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plan_module.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8"])
     assert "config.train.batch_size=4 is not a multiple of the data-parallel size 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
+def test_attention_terms_follow_the_kernel_the_config_resolves_to(impl):
+    """Dense XLA attention costs float32 [rows, heads, T, T] scores; the chunked kernel one
+    [rows, heads, block, block] tile plus the log-sum-exp; a fused kernel only the log-sum-exp in HBM.
+    The training terms (one layer's backward, the teacher forward, what remat none keeps) follow."""
+    from ssb_jax.config import section_to
+    from ssb_jax.distill.config import TrainConfig
+    from ssb_jax.model.attention import chunk_layout
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    config = TINY.replace(attention_impl=impl, remat=rng.choice(["full", "none"]))
+    rows, T, tensor = rng.randint(1, 4), rng.choice([640, 1024, 1536]), rng.choice([1, 2])
+    heads = config.num_heads // tensor
+    block = chunk_layout(T)[1]
+    score = {"xla": rows * heads * T * T * 4, "chunked": rows * heads * block * block * 4, "splash": 0}[impl]
+    lse = 0 if impl == "xla" else rows * heads * T * 4
+    assert plan_module.attention_kernel(config, T, "cpu" if impl != "splash" else "tpu") == impl
+    assert plan_module.attention_working_set(config, rows, T, T, tensor, impl) == 2 * score + lse, f"seed {seed}"
+    assert plan_module.attention_working_set(config, rows, T, T, tensor, impl, backward=True) == 4 * score + lse
+    saved = plan_module.attention_saved_bytes(config, rows, T, tensor, impl)
+    if impl == "xla":
+        assert saved == (2 if config.remat == "none" else 1) * score, f"seed {seed}"
+    else:  # the custom VJP keeps its output and the log-sum-exp, never a score array
+        assert saved == rows * T * config.q_size // tensor * 4 + lse, f"seed {seed}"
+    axes = {"data": 1, "fsdp": 1, "tensor": tensor}
+    lora_config = section_to(TrainConfig, base_config().train, "config.train").lora_config()
+    terms = plan_module.training_memory(config, axes, plan_module.TrainingShape(rows, T, T, 16), lora_config,
+                                        weights=0, lora=0, optimizer=0, chunk=8,
+                                        backend="cpu" if impl != "splash" else "tpu")
+    assert terms["layer_backward_attention"] == 4 * score + lse, f"seed {seed}"
+    assert terms["teacher_forward_attention"] == 2 * score + lse, f"seed {seed}"
