@@ -35,6 +35,8 @@ def _done(directory: Path) -> bool:
 
 
 def _mark_done(directory: Path, **info) -> None:
+    """DONE.json: when the stage finished and `info` (its wall_s: seconds of the session that finished it,
+    so a stage resumed after a kill reports its last session only)."""
     from ssb_jax.distributed import barrier, is_main_process
     if is_main_process():
         write_json_atomic(directory / DONE_FILE, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
@@ -185,7 +187,9 @@ class Pipeline:
         problems = load_problems(d.train, question_field=d.question_field or None,
                                  answer_field=d.answer_field or None, on_bad_line=d.on_bad_line)
         log.info("round %d curate: %d questions from %s", r, len(problems), d.train)
-        curate.run(problems, self.sampler(model), self.tokenizer, config, out, prompts=self.prompts)
+        started = time.perf_counter()
+        summary = curate.run(problems, self.sampler(model), self.tokenizer, config, out, prompts=self.prompts)
+        _mark_done(out, wall_s=time.perf_counter() - started, sampled_tokens=summary["sampled_tokens"]["total"])
 
     def _round_curation(self, r: int):
         return dataclasses.replace(self.curation, seed=self.curation.seed + 1000 * (r - 1))  # fresh rollouts per round
@@ -272,13 +276,14 @@ class Pipeline:
         if _done(out):
             log.info("round %d %s: complete, skipped", r, stage)
             return
+        started = time.perf_counter()
         curve = self.learning_curve(model, tc, out / train.METRICS_FILE, label)
         result = train.run(tc, self.model_config, base(), self.examples(r), out, mesh=self.mesh,
                            resume=True, teacher_cache_dir=self.round_dir(r) / "teacher_cache", curve=curve,
                            sampled_tokens=self.curation_tokens(r) if curve is not None else 0)
         if not result.get("interrupted"):
             last = result["history"][-1] if result["history"] else {}
-            _mark_done(out, steps=result["total_steps"], final_metrics=last)
+            _mark_done(out, steps=result["total_steps"], final_metrics=last, wall_s=time.perf_counter() - started)
 
     def curation_tokens(self, r: int) -> int:
         """Tokens round r's curation sampled (rollouts and teacher solutions): SSB's and SFT's training cost
@@ -381,6 +386,7 @@ class Pipeline:
         if _done(out):
             log.info("grpo: complete, skipped")
             return
+        started = time.perf_counter()
         d = self.config.data
         problems = load_problems(d.train, question_field=d.question_field or None,
                                  answer_field=d.answer_field or None, on_bad_line=d.on_bad_line)
@@ -406,7 +412,7 @@ class Pipeline:
                 export_merged_model(self.base_model, lora, lora_config, self.model_config, out / "export" / "merged",
                                     tokenizer=self.tokenizer, dtype=self.config.export.merged_dtype or None)
         last = result["history"][-1] if result["history"] else {}
-        _mark_done(out, iterations=result["iterations"], final_metrics=last)
+        _mark_done(out, iterations=result["iterations"], final_metrics=last, wall_s=time.perf_counter() - started)
 
     def _grpo_curve(self, out: Path):
         """The GRPO baseline's learning curve (held-out greedy accuracy and length; curves.eval_every counts

@@ -65,6 +65,7 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
                   f"{m.get('sampled_tokens', 0)} tokens sampled in all.", ""]
         if (workdir / "grpo" / "grpo.png").exists():
             lines += ["![GRPO dynamics](grpo/grpo.png)", ""]
+    lines += comparison_table(workdir, num_rounds)
     table = workdir / "eval" / "results.md"
     if table.exists():
         lines += ["## Evaluation", "", table.read_text().strip(), ""]
@@ -120,3 +121,79 @@ def _learning_curves(workdir: Path, r: int) -> list[str]:
             lines.append(f"| {label} | {len(points)} | {p['problems']} | {p['step']} | {p['sampled_tokens']} | "
                          f"{accuracy} | {tokens} | {cut} |")
     return lines + ["", f"![learning curves]({figure.relative_to(workdir)})", ""]
+
+
+# eval model name -> the method's name in the comparison, in the table's order
+METHODS = {"base": "base", "student": "SSB", "sft": "SFT", "grpo": "GRPO"}
+
+
+def training_costs(workdir: Path, num_rounds: int = 1) -> dict[str, dict]:
+    """{eval model: {"sampled_tokens", "optimizer_steps", "wall_s"}}: what training each method cost, from
+    the stages' DONE.json files (None where a stage did not record it). SSB: every round's curation
+    (rollouts and teacher solutions) and distillation; SFT: the rounds before the last as SSB (its base),
+    then the last round's curation (the same pairs) and its own training; GRPO: its own rollouts and
+    updates. Wall times are those of the sessions that finished each stage, learning-curve points included."""
+    def cost(curate_dir: Path, train_dir: Path) -> dict:
+        curated, trained = _json(curate_dir / "DONE.json") or {}, _json(train_dir / "DONE.json") or {}
+        summary = _json(curate_dir / "curation_summary.json") or {}
+        tokens = curated.get("sampled_tokens", summary.get("sampled_tokens", {}).get("total"))
+        wall = (curated["wall_s"] + trained["wall_s"]) if "wall_s" in curated and "wall_s" in trained else None
+        return {"sampled_tokens": tokens, "optimizer_steps": trained.get("steps"), "wall_s": wall}
+
+    def total(parts: list[dict]) -> dict:
+        return {k: sum(p[k] for p in parts) if all(p[k] is not None for p in parts) else None
+                for k in ("sampled_tokens", "optimizer_steps", "wall_s")}
+
+    rounds = [workdir / f"round_{r}" for r in range(1, num_rounds + 1)]
+    ssb = [cost(rdir / "curate", rdir / "train") for rdir in rounds]
+    costs = {"base": {"sampled_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0},
+             "student": total(ssb),
+             "sft": total(ssb[:-1] + [cost(rounds[-1] / "curate", rounds[-1] / "sft")])}
+    grpo = _json(workdir / "grpo" / "DONE.json")
+    if grpo:
+        m = grpo.get("final_metrics", {})
+        costs["grpo"] = {"sampled_tokens": m.get("sampled_tokens"), "optimizer_steps": m.get("updates"),
+                         "wall_s": grpo.get("wall_s")}
+    return costs
+
+
+def comparison_table(workdir: Path, num_rounds: int = 1) -> list[str]:
+    """One row per evaluated method (base, SSB, SFT, GRPO) and dataset/protocol: its accuracies with
+    standard errors, greedy completion length, and the training budget it spent."""
+    results = _json(workdir / "eval" / "results.json")
+    if not results:
+        return []
+    costs = training_costs(workdir, num_rounds)
+    by_key = {(row["model"], row["dataset"], row["protocol"], row["metric"].split("@")[0]): row
+              for row in results["rows"]}
+    n = max((p.get("n_samples") or 0 for p in results["protocols"].values()), default=0)
+    lines = ["## Comparison", "",
+             "Each method from the same base; SSB and SFT train on the same curated pairs. Sampled tokens: "
+             "tokens generated to train (SSB and SFT: curation's rollouts and teacher solutions, shared by the "
+             "two); wall time: curation plus training (SSB, SFT) or the GRPO stage, learning-curve points "
+             "included. Mean tokens: the greedy completions' mean length.", "",
+             f"| dataset | protocol | method | greedy pass@1 % ± SE | avg@{n} % ± SE | maj@{n} % ± SE | mean tokens "
+             "| sampled tokens | optimiser steps | wall time (s) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def accuracy(row) -> str:
+        return "–" if row is None else f"{100 * row['accuracy']:.1f} ± {100 * row['se']:.1f}"
+
+    def number(value, spec: str = "d") -> str:
+        return "–" if value is None else format(value, spec)
+
+    keys = sorted({(row["dataset"], row["protocol"]) for row in results["rows"]},
+                  key=lambda k: (list(results["datasets"]).index(k[0]), list(results["protocols"]).index(k[1])))
+    for dataset, protocol in keys:
+        for model in sorted({row["model"] for row in results["rows"]},
+                            key=lambda m: (list(METHODS).index(m) if m in METHODS else len(METHODS), m)):
+            greedy = by_key.get((model, dataset, protocol, "pass"))
+            if greedy is None:
+                continue
+            cost = costs.get(model, {})
+            lines.append(f"| {dataset} | {protocol} | {METHODS.get(model, model)} | {accuracy(greedy)} "
+                         f"| {accuracy(by_key.get((model, dataset, protocol, 'avg')))} "
+                         f"| {accuracy(by_key.get((model, dataset, protocol, 'maj')))} "
+                         f"| {number(greedy.get('mean_tokens'), '.1f')} | {number(cost.get('sampled_tokens'))} "
+                         f"| {number(cost.get('optimizer_steps'))} | {number(cost.get('wall_s'), '.0f')} |")
+    return lines + [""]
