@@ -8,6 +8,13 @@ from ssb_jax.curate import summarize
 from ssb_jax.report import comparison_table, training_costs, write_report
 
 
+@pytest.fixture
+def rng():
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    print(f"seed {seed}")  # pytest shows it when the test fails
+    return np.random.default_rng(seed)
+
+
 def _write(path, payload):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload))
@@ -51,10 +58,8 @@ def _table_rows(lines):
 
 
 @pytest.mark.parametrize("num_rounds", [1, 2])
-def test_costs_add_curation_to_training_and_sft_shares_ssb_s_earlier_rounds(tmp_path, num_rounds):
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print("seed", seed)
-    rounds, grpo, _ = _fabricate(tmp_path, np.random.default_rng(seed), num_rounds)
+def test_costs_add_curation_to_training_and_sft_shares_ssb_s_earlier_rounds(tmp_path, rng, num_rounds):
+    rounds, grpo, _ = _fabricate(tmp_path, rng, num_rounds)
     costs = training_costs(tmp_path, num_rounds)
     ssb_tokens = sum(r[0] for r in rounds)
     assert costs["student"]["sampled_tokens"] == ssb_tokens
@@ -70,10 +75,8 @@ def test_costs_add_curation_to_training_and_sft_shares_ssb_s_earlier_rounds(tmp_
     assert costs["base"]["sampled_tokens"] == costs["base"]["optimizer_steps"] == 0
 
 
-def test_table_rows_in_method_order_with_accuracies_and_costs(tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    print("seed", seed)
-    rounds, grpo, accuracy = _fabricate(tmp_path, np.random.default_rng(seed))
+def test_table_rows_in_method_order_with_accuracies_and_costs(tmp_path, rng):
+    rounds, grpo, accuracy = _fabricate(tmp_path, rng)
     rows = _table_rows(comparison_table(tmp_path))
     assert [row[2] for row in rows] == ["base", "SSB", "SFT", "GRPO"]
     tokens, curate_s, train_steps, train_s, sft_steps, sft_s = rounds[0]
@@ -89,8 +92,7 @@ def test_table_rows_in_method_order_with_accuracies_and_costs(tmp_path):
         assert tuple(row[7:]) == expected_costs[model]
 
 
-def test_missing_costs_show_a_dash_and_the_report_holds_the_table(tmp_path):
-    rng = np.random.default_rng(0)
+def test_missing_costs_show_a_dash_and_the_report_holds_the_table(tmp_path, rng):
     _fabricate(tmp_path, rng)
     (tmp_path / "round_1" / "sft" / "DONE.json").write_text(json.dumps({"steps": 7, "final_metrics": {}}))
     (tmp_path / "round_1" / "curate" / "DONE.json").unlink()  # a curation from before DONE.json existed
