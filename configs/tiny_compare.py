@@ -17,7 +17,8 @@ learning rate, so any gap is what each step's signal is worth; matching sampled 
 tie GRPO's length to how many questions curation had to try before it found 128 usable pairs, a number
 that depends on the base's accuracy rather than on the method. The report's comparison table states the
 other budgets side by side (tokens sampled for training, optimiser steps, wall time), so a reader can
-weigh them: SSB and SFT share curation's sampled tokens; GRPO's are its own rollouts.
+weigh them: SSB and SFT share curation's sampled tokens; GRPO's are its own rollouts. At this toy scale
+the wall times are mostly XLA compilation (each stage compiles its own step and sampler), not work.
 
 Learning curves (greedy accuracy and completion length on the first 32 held-out problems) are recorded
 every 12 optimiser steps for all three methods and drawn in one figure (curves.png) by the report.
