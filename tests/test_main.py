@@ -125,6 +125,53 @@ def _as_overrides(flags):
     return out
 
 
+def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
+    """The sft stage on the finished run's world and pairs: its own adapters and fingerprint, the CE alone
+    as its loss, learning-curve points at the configured cadence from the same base, evaluated as 'sft'."""
+    import shutil
+    from ssb_jax import curate
+    from ssb_jax.curves import read_curve
+    from ssb_jax.data.records import RecordStore
+    from ssb_jax.model.config import ModelConfig
+    from ssb_jax.train import load_lora, read_metrics
+    import jax
+    import jax.numpy as jnp
+
+    source, workdir = finished_run[0], tmp_path / "run"
+    for part in ("world", "round_1/curate", "round_1/train", "eval"):  # only sft and its evaluation are new
+        shutil.copytree(source / part, workdir / part)
+    log = _check(pipeline(workdir, "--config.stages=sft,eval,report"))
+    rdir = workdir / "round_1"
+    assert (rdir / "sft" / "DONE.json").exists() and "learning curve sft" in log
+    ssb_fp, sft_fp = (json.loads((rdir / d / "FINGERPRINT.json").read_text()) for d in ("train", "sft"))
+    assert ssb_fp != sft_fp
+    model_config = ModelConfig.from_json(workdir / "world" / "model" / "config.json")
+    ssb_lora, _ = load_lora(rdir / "train", model_config)
+    sft_lora, _ = load_lora(rdir / "sft", model_config)
+    gaps = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), ssb_lora, sft_lora))
+    assert max(gaps) > 1e-4
+    for record in read_metrics(rdir / "sft"):  # SFT trains on the CE alone
+        assert record["loss"] == pytest.approx(record["ce"], rel=1e-6)
+    for record in read_metrics(rdir / "train"):
+        assert record["loss"] == pytest.approx(4.0 * record["kl"], rel=1e-5)  # T = 2, no CE
+    tokens = curate.sampled_tokens(RecordStore(rdir / "curate" / curate.RECORDS_FILE).read_all())["total"]
+    total = len(read_metrics(rdir / "sft"))
+    every = json.loads((workdir / "config.json").read_text())["curves"]["eval_every"]
+    curves = {d: read_curve(rdir / d / "metrics.jsonl") for d in ("train", "sft")}
+    for d, points in curves.items():
+        assert [p["step"] for p in points] == sorted({*range(0, total, every), total}), d
+        assert {p["sampled_tokens"] for p in points} == {tokens} and tokens > 0
+    assert curves["train"][0]["method"] == "ssb" and curves["sft"][0]["method"] == "sft"
+    # step 0: both are the base (fresh adapters have B = 0), on the same problems
+    assert {k: curves["train"][0][k] for k in ("accuracy", "mean_tokens", "problems")} == \
+        {k: curves["sft"][0][k] for k in ("accuracy", "mean_tokens", "problems")}
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    assert {row["model"] for row in results["rows"]} == {"base", "student", "sft"}
+    report = (workdir / "report.md").read_text()
+    assert "SFT baseline" in report and "Learning curves" in report
+    assert (rdir / "learning_curves.png").exists() and (rdir / "sft" / "curves.png").exists()
+
+
 def test_notebook_runs_top_to_bottom(finished_run, tmp_path):
     """CI executes notebooks/ssb_colab.ipynb on the (reduced) tiny config, so it cannot rot."""
     import shutil
