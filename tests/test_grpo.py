@@ -262,7 +262,8 @@ def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
     proc = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if sum('"kind"' not in line for line in lines) >= 2:  # two iterations done (curve points apart)
             break
         time.sleep(0.05)
     assert proc.poll() is None, "grpo finished (or failed) before it could be killed"
@@ -272,8 +273,15 @@ def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
 
     log = _check(pipeline(workdir, *GRPO_RUN, "--config.stages=grpo,eval,report"))
     assert "grpo: resumed after iteration" in log
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    from ssb_jax.curves import read_curve
+    from ssb_jax.train import read_metrics
+    records = read_metrics(metrics.parent)  # the iterations' records (learning-curve points apart)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # none twice, none missing
+    # the learning curve (configs/tiny.py's cadence, in iterations): at 0 and the end, each once
+    every = json.loads((workdir / "config.json").read_text())["curves"]["eval_every"]
+    curve = read_curve(metrics)
+    assert [p["step"] for p in curve] == sorted({*range(0, 4, every), 4}) and {p["method"] for p in curve} == {"grpo"}
+    assert curve[0]["sampled_tokens"] == 0 and curve[-1]["sampled_tokens"] == records[-1]["sampled_tokens"]
     for key in ("reward_mean", "accuracy", "completion_len_mean", "truncated_share", "kl", "clip_fraction", "loss",
                 "grad_norm", "sampled_tokens"):
         assert all(np.isfinite(r[key]) for r in records), key
