@@ -252,23 +252,12 @@ GRPO_RUN = ["--config.world.num_train=48", "--config.world.num_test=8", "--confi
 
 def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
     import json
-    import os
-    import signal
     import subprocess
-    import time
-    from tests.test_main import _check, pipeline
+    from tests.test_main import _check, kill_after_steps, pipeline
     workdir = tmp_path / "run"
     metrics = workdir / "grpo" / "metrics.jsonl"
     proc = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
-    while time.time() < deadline and proc.poll() is None:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if sum('"kind"' not in line for line in lines) >= 2:  # two iterations done (curve points apart)
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "grpo finished (or failed) before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(proc, metrics, 2, 900, "grpo")
     assert not (workdir / "grpo" / "DONE.json").exists()
 
     log = _check(pipeline(workdir, *GRPO_RUN, "--config.stages=grpo,eval,report"))

@@ -40,6 +40,20 @@ def _check(result):
     return result.stdout + result.stderr
 
 
+def kill_after_steps(proc, metrics: Path, steps: int, timeout_s: float, what: str) -> None:
+    """SIGKILL `proc` once `metrics` holds `steps` training records (learning-curve points, which share the
+    file, not counted); fails if the run ends first."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if sum('"kind"' not in line for line in lines) >= steps:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"{what} finished (or failed) before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
@@ -88,15 +102,7 @@ def test_killed_during_training_resumes(finished_run, tmp_path):
     shutil.copytree(finished_run[0] / "round_1" / "curate", workdir / "round_1" / "curate")
     metrics = workdir / "round_1" / "train" / "metrics.jsonl"
     proc = pipeline(workdir, "--config.stages=train", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if sum('"kind"' not in line for line in lines) >= 3:  # three steps done (curve points apart)
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(proc, metrics, 3, 600, "training")
     log = _check(pipeline(workdir, "--config.stages=train"))
     assert "resumed from step" in log
     from ssb_jax.curves import read_curve
