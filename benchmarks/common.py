@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -235,13 +234,28 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def machine_info() -> dict:
+CPU_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """The CPU behind a figure: model name, family/model numbers (a cloud's "AMD EPYC" says neither the
+    generation nor the vector units, and CPU matrix kernels differ by both), and its wide-vector flags."""
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()}
     try:
-        model = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True)
-        info["cpu_model"] = model.stdout.split(":", 1)[-1].strip()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
     except OSError:
-        pass
+        return info
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["cpu_model"] = fields.get("model name")
+    info["cpu_family"], info["cpu_model_number"] = fields.get("cpu family"), fields.get("model")
+    flags = set(fields.get("flags", "").split())
+    info["cpu_vector_flags"] = [f for f in CPU_VECTOR_FLAGS if f in flags]
+    return info
+
+
+def machine_info() -> dict:
+    info = cpu_info()
     try:
         import jax
         info["jax_devices"] = [str(d) for d in jax.devices()]

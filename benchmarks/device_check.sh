@@ -47,7 +47,7 @@ MIN_STEP_S=20    # a step with less time than this left is skipped
 
 if [[ ${SMOKE:-0} == 1 ]]; then
   PLATFORM=cpu BACKEND=cpu DTYPE=float32
-  SAMPLE_SHAPES=(tiny) SAMPLE_BATCHES=(2) PROMPT=8 NEW_TOKENS=8 REPEATS=1 COPY_MB=16
+  SAMPLE_SHAPES=(tiny) SAMPLE_BATCHES=(2) PROMPT=8 NEW_TOKENS=32 REPEATS=3 COPY_MB=16
   TRAIN_SHAPE=tiny TRAIN_BATCHES=(1 2) SEQ=32 TEACHER_PROMPT=8 STUDENT_PROMPT=4 RANK=4 CHUNK=8 STEPS=1
   PARITY_SELECT="logits_match_transformers and not untied and right_padded"
   T_ENV=120 T_PARITY=300 T_SAMPLING=(300) T_TRAIN=(300 300)  # generous: a shared CPU can be slow

@@ -85,7 +85,7 @@ def summary_lines(directory: Path) -> list[str]:
             ours = row["ssb_jax"]
             memory = row.get("device_memory_after") or {}
             lines.append(f"  batch {row['batch']:3d} {row['mode']:8s} tok/s {ours['tokens_per_s']:9.1f}"
-                         f"  decode tok/s {ours['decode_tokens_per_s']:9.1f}  step {ours['decode_step_ms']:7.2f} ms"
+                         f"  decode tok/s {_fmt(ours['decode_tokens_per_s'], '9.1f')}  step {_fmt(ours['decode_step_ms'], '7.2f')} ms"
                          f"  roofline {_fmt(row.get('decode_fraction_of_roofline'), '5.2f')}"
                          f"  prefill {1e3 * ours['prefill_s']:7.1f} ms MFU {_fmt(row.get('prefill_mfu'), '5.3f')}"
                          f"  peak {_gib(memory.get('peak_bytes_in_use'))} GiB")

@@ -39,11 +39,27 @@ from ssb_jax.sampling.sampler import SamplingParams, generate, row_keys_for
 MODES = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.8, top_k=50)}
 
 
+def best_of_interleaved(run_all, run_one, repeats: int) -> tuple[float, float]:
+    """Best wall times of the whole run and of the one-token run, timed alternately so that a load on
+    the machine weighs on both alike (their difference is the decode time)."""
+    totals, ones = [], []
+    for _ in range(max(repeats, 1)):
+        totals.append(best_of(run_all, 1))
+        ones.append(best_of(run_one, 1))
+    return min(totals), min(ones)
+
+
 def _with_decode_split(total_s, prefill_s, batch, new_tokens):
-    """Timing dict with the decode part alone: (whole run - prefill and first token) / remaining steps."""
-    step_s = (total_s - prefill_s) / (new_tokens - 1)
-    return {"seconds": total_s, "tokens_per_s": batch * new_tokens / total_s, "prefill_s": prefill_s,
-            "decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": batch / step_s}
+    """Timing dict with the decode part alone: (whole run - prefill and first token) / remaining steps.
+    When the difference is not positive (a run so short that timer noise exceeds the decode time) the
+    decode fields are None and `decode_unresolved` says why: a negative speed is never reported."""
+    row = {"seconds": total_s, "tokens_per_s": batch * new_tokens / total_s, "prefill_s": prefill_s}
+    step_s = (total_s - prefill_s) / max(new_tokens - 1, 1)
+    if new_tokens < 2 or step_s <= 0:
+        return {**row, "decode_step_ms": None, "decode_tokens_per_s": None,
+                "decode_unresolved": f"whole run {total_s:.6f} s, one-token run {prefill_s:.6f} s, "
+                                     f"{new_tokens} new tokens: no decode time to resolve"}
+    return {**row, "decode_step_ms": 1e3 * step_s, "decode_tokens_per_s": batch / step_s}
 
 
 def ours(config, model, batch, prompt_len, new_tokens, mode, repeats):
@@ -53,7 +69,8 @@ def ours(config, model, batch, prompt_len, new_tokens, mode, repeats):
     keys = row_keys_for(0, list(range(batch)), 1)
     graphdef, state = nnx.split(model)
 
-    def timed(max_new):
+    def compiled(max_new):
+        """A timed-run closure for max_new tokens, compiled and checked by a first call, and that call's time."""
         sampling = SamplingParams(max_new_tokens=max_new, stop_ids=(151643, 151645), min_new_tokens=max_new,
                                   **MODES[mode])
         run = jax.jit(lambda s, t, m, k: generate(graphdef, s, t, m, k, sampling=sampling))
@@ -61,10 +78,11 @@ def ours(config, model, batch, prompt_len, new_tokens, mode, repeats):
         out = jax.block_until_ready(run(state, tokens, mask, keys))
         first = time.perf_counter() - start
         assert int(out["lengths"].min()) == max_new
-        return best_of(lambda: jax.block_until_ready(run(state, tokens, mask, keys)), repeats), first
+        return (lambda: jax.block_until_ready(run(state, tokens, mask, keys))), first
 
-    total, first = timed(new_tokens)
-    prefill, _ = timed(1)
+    run_all, first = compiled(new_tokens)
+    run_one, _ = compiled(1)
+    total, prefill = best_of_interleaved(run_all, run_one, repeats)
     return {**_with_decode_split(total, prefill, batch, new_tokens), "compile_and_first_run_s": first}
 
 
@@ -86,9 +104,10 @@ def transformers_side(model, config, batch, prompt_len, new_tokens, mode, repeat
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
             assert out.shape[1] == prompt_len + max_new
         run()  # warm-up
-        return best_of(run, repeats)
+        return run
 
-    return _with_decode_split(timed(new_tokens), timed(1), batch, new_tokens)
+    total, prefill = best_of_interleaved(timed(new_tokens), timed(1), repeats)
+    return _with_decode_split(total, prefill, batch, new_tokens)
 
 
 def ceilings(config, peaks, batch, prompt_len, new_tokens, timing) -> dict:
@@ -100,8 +119,9 @@ def ceilings(config, peaks, batch, prompt_len, new_tokens, timing) -> dict:
            "prefill_mfu": peaks.mfu(flops, timing["prefill_s"])}
     if peaks.bandwidth_gbs:
         roofline = batch / peaks.transfer_seconds(step_bytes)
+        decode_s = timing["decode_step_ms"] and timing["decode_step_ms"] / 1e3
         row.update(roofline_tokens_per_s=roofline, fraction_of_roofline=timing["tokens_per_s"] / roofline,
-                   decode_fraction_of_roofline=peaks.roofline_fraction(step_bytes, timing["decode_step_ms"] / 1e3))
+                   decode_fraction_of_roofline=decode_s and peaks.roofline_fraction(step_bytes, decode_s))
     return row
 
 
@@ -152,8 +172,8 @@ def main(argv=None):
                 row["transformers"] = transformers_side(model, config, batch, args.prompt, args.new_tokens, mode,
                                                         args.repeats)
                 row["speedup"] = row["ssb_jax"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
-                row["decode_speedup"] = (row["ssb_jax"]["decode_tokens_per_s"]
-                                         / row["transformers"]["decode_tokens_per_s"])
+                decode_rates = row["ssb_jax"]["decode_tokens_per_s"], row["transformers"]["decode_tokens_per_s"]
+                row["decode_speedup"] = decode_rates[0] / decode_rates[1] if all(decode_rates) else None
             row.update(ceilings(config, peaks, batch, args.prompt, args.new_tokens, row["ssb_jax"]))
             row["device_memory_after"] = device_memory()
             rows.append(row)

@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: `benchmarks.common` and `ssb_jax` from this checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SHAPES  # noqa: E402  (light: numpy and ModelConfig only)
+from benchmarks.common import SHAPES, cpu_info  # noqa: E402  (light: numpy and ModelConfig only)
 
 SHAPE_FLAGS = {"layers": "num_layers", "hidden": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
                "intermediate": "intermediate_size", "vocab": "vocab_size"}
@@ -333,7 +332,7 @@ def main(argv=None):
                   "allocator (accelerators); xla_memory = XLA's compiled memory analysis of the step; "
                   "step_peak_rss_mb = VmHWM over all steps, reset via /proc/self/clear_refs after setup (and "
                   "after XLA compilation); step_peak_delta_mb = that peak - RSS just before the first step",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": cpu_info(),
         "results": results,
     }
     name = f"train_step_{backend or 'unknown'}_{args.shape}_{args.dtype}_b{args.batch}.json"

@@ -122,6 +122,27 @@ def test_shape_presets_are_the_real_configs(shape, name):
     assert all(getattr(real, k) == v for k, v in common.SHAPES[shape].items())
 
 
+def test_decode_split_never_reports_a_negative_speed():
+    """Decode time is the whole run minus the one-token run; when noise makes that difference zero or
+    negative the decode fields are None with the reason, and otherwise they follow the formula."""
+    from benchmarks.sampling import _with_decode_split
+    split = _with_decode_split(total_s=2.0, prefill_s=0.5, batch=4, new_tokens=31)
+    assert split["decode_step_ms"] == pytest.approx(1e3 * 1.5 / 30)
+    assert split["decode_tokens_per_s"] == pytest.approx(4 / (1.5 / 30))
+    assert split["tokens_per_s"] == pytest.approx(4 * 31 / 2.0) and "decode_unresolved" not in split
+    for total, one in ((0.010, 0.011), (0.010, 0.010)):
+        noisy = _with_decode_split(total_s=total, prefill_s=one, batch=2, new_tokens=8)
+        assert noisy["decode_step_ms"] is None and noisy["decode_tokens_per_s"] is None
+        assert "no decode time" in noisy["decode_unresolved"] and noisy["tokens_per_s"] == pytest.approx(16 / total)
+
+
+def test_interleaved_timing_alternates_the_two_runs_and_keeps_each_ones_best():
+    from benchmarks.sampling import best_of_interleaved
+    calls = []
+    best_of_interleaved(lambda: calls.append("all"), lambda: calls.append("one"), repeats=3)
+    assert calls == ["all", "one"] * 3
+
+
 def test_device_check_script_is_shellcheck_clean():
     done = subprocess.run([_shellcheck(), "--shell=bash", str(SCRIPT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
@@ -166,7 +187,7 @@ def test_smoke_run_writes_sane_results(tmp_path):
     for row in sampling["rows"]:
         ours, batch = row["ssb_jax"], row["batch"]
         assert ours["tokens_per_s"] > 0 and ours["decode_tokens_per_s"] > 0
-        step_bytes = common.decode_bytes_per_step(config, batch, 8 + 8 / 2)
+        step_bytes = common.decode_bytes_per_step(config, batch, 8 + 32 / 2)
         assert row["decode_bytes_per_step"] == step_bytes
         fraction = step_bytes / (ours["decode_step_ms"] / 1e3) / 200e9
         assert row["decode_fraction_of_roofline"] == pytest.approx(fraction)
