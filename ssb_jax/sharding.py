@@ -9,6 +9,11 @@ same way, and `LOGICAL_AXIS_RULES` alone turns names into placements. The same t
 is replicated, and that is logged once per (name, size, mesh); a batch that does not divide its
 data-parallel axes is an error (replicating it would run every row on every device).
 
+Activations are pinned the same way (`constrain`, names like ("batch", None, "activation_embed") for
+the residual stream), on the context mesh that `under_mesh` sets around the training programs: rows
+split over the data-parallel axes, the hidden width whole; heads and the MLP width over "tensor".
+Without a context mesh (eager use, a single device, the sampler) `constrain` does nothing.
+
 Sampling has a mesh of its own (`sampling_mesh`), read through the same table: weights replicated
 and rows data parallel when they fit on one device, else tensor parallel over as few devices as
 hold them. Its fsdp axis is 1 unless set explicitly, so "embed" is not split and no decode step
@@ -37,6 +42,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "batch": BATCH_AXES,      # rows of a batch, and of the KV cache
     "vocab": "tensor",
     "embed": "fsdp",          # the hidden width of every weight matrix
+    # the hidden width of activations (the residual stream, normed inputs): whole on every device, so that
+    # a projection is a local product with its layer's gathered weights, not a partial sum to all-reduce
+    "activation_embed": None,
     "heads": "tensor",        # query heads x head_dim (q/o projections)
     "kv_heads": "tensor",     # key/value heads (x head_dim in the k/v projections)
     "mlp": "tensor",
@@ -111,6 +119,37 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         used.update(axes)
         entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*entries)
+
+
+def constrain(x: jax.Array, logical_names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by the logical names of its dimensions (None: replicated), on the
+    context mesh (`jax.set_mesh`, as `under_mesh` sets it). Without one, or on a single device, x is
+    returned as it is. A batch its data-parallel axes do not divide is an error, as in logical_to_spec."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_names, x.shape, mesh))
+
+
+class MeshBound:
+    """A jitted function traced, lowered and called with `mesh` as the context mesh (see under_mesh)."""
+
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def under_mesh(jitted, mesh: Mesh | None):
+    """`jitted` run with `mesh` as the context mesh, so that the activation constraints inside it
+    (`constrain`) take effect; mesh None: `jitted` itself."""
+    return jitted if mesh is None else MeshBound(jitted, mesh)
 
 
 def named_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:

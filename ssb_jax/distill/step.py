@@ -26,7 +26,7 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, init_lora, student_split
 from ssb_jax.model import qwen2
 from ssb_jax.model.qwen2 import abstract_model, apply
-from ssb_jax.sharding import batch_sharding, check_batch_divides, shard_state, state_shardings
+from ssb_jax.sharding import batch_sharding, check_batch_divides, shard_state, state_shardings, under_mesh
 
 CACHED_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob", "teacher_target_logprob")
 
@@ -177,7 +177,9 @@ class TrainStep:
     """`step(state, base_state, batch) -> (new_state, metrics)`; jitted, the state donated.
 
     With a mesh: in/out shardings from the logical axes (base and adapters by their variables' axes,
-    optimizer moments as their adapters, batch over (data, fsdp)); metrics come back replicated.
+    optimizer moments as their adapters, batch over (data, fsdp)); metrics come back replicated. The
+    step is traced with the mesh as the context mesh (sharding.under_mesh), so the hidden states keep
+    their rows split and their width whole (sharding.constrain in the model).
     The jitted function is shared by every TrainStep with the same configuration (so a resumed
     run in the same process does not recompile).
     """
@@ -225,7 +227,7 @@ def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraCo
     state_sh = train_state_shardings(model_config, lora_config, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
     base_sh = state_shardings(abstract_base_state(model_config), mesh).to_pure_dict()
-    return jax.jit(step, in_shardings=(state_sh, base_sh,
-                                       batch_shardings(keys, batch_size, mesh)),
-                   out_shardings=(state_sh, replicated), donate_argnums=0,
-                   compiler_options=vocab_program_options())
+    # traced under the mesh, so that the model's activation constraints hold (rows split, width whole)
+    return under_mesh(jax.jit(step, in_shardings=(state_sh, base_sh, batch_shardings(keys, batch_size, mesh)),
+                              out_shardings=(state_sh, replicated), donate_argnums=0,
+                              compiler_options=vocab_program_options()), mesh)

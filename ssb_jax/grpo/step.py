@@ -36,7 +36,7 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig
 from ssb_jax.model.qwen2 import apply
 from ssb_jax.sampling.driver import bucket_for
-from ssb_jax.sharding import state_shardings
+from ssb_jax.sharding import state_shardings, under_mesh
 
 SEQUENCE_KEYS = ("tokens", "positions", "mask", "completion_index", "completion_ids")
 UPDATE_KEYS = SEQUENCE_KEYS + ("completion_mask", "old_logprobs", "advantages")
@@ -156,10 +156,13 @@ def _jitted(model_config: ModelConfig, lora_config: LoraConfig, gc: GRPOConfig, 
     base_sh = state_shardings(abstract_base_state(model_config), mesh).to_pure_dict()
     batch_sh = batch_shardings(keys, batch_size, mesh)
     rows_sh = batch_shardings(("out",), batch_size, mesh)["out"]
+    # each program is traced under the mesh, so that the model's activation constraints hold
     if which == "update":
-        return jax.jit(fn, in_shardings=(state_sh, base_sh, batch_sh), out_shardings=(state_sh, NamedSharding(mesh, P())),
-                       donate_argnums=0, compiler_options=options)
+        return under_mesh(jax.jit(fn, in_shardings=(state_sh, base_sh, batch_sh),
+                                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0,
+                                  compiler_options=options), mesh)
     if which == "policy":
-        return jax.jit(fn, in_shardings=(state_sh["lora"], base_sh, batch_sh), out_shardings=rows_sh,
-                       compiler_options=options)
-    return jax.jit(fn, in_shardings=(base_sh, batch_sh), out_shardings=rows_sh, compiler_options=options)
+        return under_mesh(jax.jit(fn, in_shardings=(state_sh["lora"], base_sh, batch_sh), out_shardings=rows_sh,
+                                  compiler_options=options), mesh)
+    return under_mesh(jax.jit(fn, in_shardings=(base_sh, batch_sh), out_shardings=rows_sh,
+                              compiler_options=options), mesh)

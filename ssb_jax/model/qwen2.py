@@ -43,6 +43,7 @@ from ssb_jax.model.attention import at_least_f32 as _at_least_f32
 from ssb_jax.model.attention import MASKED, causal_attention
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoRAParam, LoraConfig
+from ssb_jax.sharding import constrain
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -52,6 +53,15 @@ REMAT = {
 CACHE_AXES = {"k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
               "v": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
               "valid": ("batch", "cache_slots"), "index": ()}
+# The residual stream [B, T, D]: rows over the data-parallel axes, the width whole (pinned on the
+# context mesh by sharding.constrain; left to XLA without one). Unpinned, XLA would take the width split
+# of the embedding table ("embed" on fsdp) and make every projection a partial sum to all-reduce.
+HIDDEN_AXES = ("batch", None, "activation_embed")
+# Inside a layer, the rows stay split and the tensor axis takes the heads or the MLP width, as it does
+# for the weights that produce them.
+QUERY_AXES = ("batch", None, "heads", "head_dim")
+KEY_VALUE_AXES = ("batch", None, "kv_heads", "head_dim")
+MLP_AXES = ("batch", None, "mlp")
 
 
 def param(value, axes) -> nnx.Param:
@@ -246,9 +256,9 @@ class Attention(nnx.Module):
         the updated layer cache or None)."""
         B, T, _ = x.shape
         N, G, H = self.num_heads, self.num_kv_heads, self.head_dim
-        q = apply_rope(self.q_proj(x).reshape(B, T, N, H), positions, self.rope_theta)
-        k = apply_rope(self.k_proj(x).reshape(B, T, G, H), positions, self.rope_theta)
-        v = self.v_proj(x).reshape(B, T, G, H)
+        q = apply_rope(constrain(self.q_proj(x).reshape(B, T, N, H), QUERY_AXES), positions, self.rope_theta)
+        k = apply_rope(constrain(self.k_proj(x).reshape(B, T, G, H), KEY_VALUE_AXES), positions, self.rope_theta)
+        v = constrain(self.v_proj(x).reshape(B, T, G, H), KEY_VALUE_AXES)
         if layer_cache is not None:
             layer_cache = layer_cache.write(k, v)
         if visible is None:
@@ -271,7 +281,8 @@ class MLP(nnx.Module):
                                 lora=_lora_for(lora_config, "down_proj"), std=init_std)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = constrain(self.gate_proj(x), MLP_AXES), constrain(self.up_proj(x), MLP_AXES)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -284,7 +295,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, hidden, positions, visible, layer_cache):
         """One pre-norm block; returns (hidden, this layer's updated cache or None)."""
         attn, new_cache = self.attn(self.attn_norm(hidden), positions, visible, layer_cache)
-        hidden = hidden + attn
+        hidden = constrain(hidden + attn, HIDDEN_AXES)
         return hidden + self.mlp(self.mlp_norm(hidden)), new_cache
 
 
@@ -334,7 +345,7 @@ class Qwen2ForCausalLM(nnx.Module):
         mask = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
         positions = positions_from_mask(mask) if positions is None else positions
         B, T = tokens.shape
-        hidden = self.embed(tokens)
+        hidden = constrain(self.embed(tokens), HIDDEN_AXES)
         # Full sequences (and a prefill into an empty cache) pass only the key mask [B, T]: the attention
         # kernels apply causality themselves, without a [T, T] mask. None: attend over the cache.
         visible = mask
@@ -363,7 +374,8 @@ class Qwen2ForCausalLM(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         if cache is None:
             def body(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, positions, visible, None)[0], None
+                h = nnx.merge(graphdef, layer_state)(h, positions, visible, None)[0]
+                return constrain(h, HIDDEN_AXES), None
 
             if self.config.remat != "none":
                 body = jax.checkpoint(body, policy=REMAT[self.config.remat])
@@ -374,7 +386,7 @@ class Qwen2ForCausalLM(nnx.Module):
             layer_state, layer = xs
             layer_cache = LayerCache(k, v, layer, cache["valid"], cache["index"], self.config.cache_block)
             h, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, visible, layer_cache)
-            return (h, layer_cache.k, layer_cache.v), None
+            return (constrain(h, HIDDEN_AXES), layer_cache.k, layer_cache.v), None
 
         layers = jnp.arange(self.config.num_layers)
         (hidden, k, v), _ = jax.lax.scan(cached_body, (hidden, cache["k"], cache["v"]), (state, layers))
