@@ -25,7 +25,14 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from ssb_jax.model.qwen2 import HIDDEN_AXES
+from ssb_jax.sharding import constrain
+
 _NEG = -1e30
+# On a training mesh (sharding.constrain; nothing without a context mesh) each chunk's hidden states and
+# their gradient keep the model's rows split and width whole: XLA then gathers the head once over fsdp and
+# both products with it are local to a device's rows. (Unpinned, it gathered every chunk's logits'
+# gradient over all rows, [B, chunk, V], for the product back to the hidden width.)
 
 
 def _project(hidden, head):
@@ -110,6 +117,7 @@ def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad
 
     def one_chunk(args):
         s_h, t, y = args
+        s_h = constrain(s_h, HIDDEN_AXES)
         from_logits = _terms_of_student_logits(t, y, head, temperature)
         if not grad_terms:
             return from_logits(_project(s_h, head)), ()
@@ -118,8 +126,8 @@ def _map_chunks(student_hidden, teacher, targets, head, temperature, chunk, grad
 
         def hidden_grad(which):  # rows are independent, so a cotangent of ones gives every row's gradient
             d_logits = pullback(tuple(ones if i == which else zeros for i in range(len(terms))))[0]
-            return jnp.einsum("...v,dv->...d", d_logits, head,
-                              preferred_element_type=d_logits.dtype).astype(s_h.dtype)
+            return constrain(jnp.einsum("...v,dv->...d", d_logits, head,
+                                        preferred_element_type=d_logits.dtype).astype(s_h.dtype), HIDDEN_AXES)
 
         return terms, tuple(hidden_grad(i) for i in grad_terms)
 
@@ -187,13 +195,14 @@ def _map_target_logprobs(hidden, targets, head, chunk, with_grad):
 
     def one_chunk(args):
         h, y = args
+        h = constrain(h, HIDDEN_AXES)
         logits = _project(h, head)
         logp = _target_logprob_of_logits(logits, y)
         if not with_grad:
             return logp, ()
         d_logits = jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype) - jax.nn.softmax(logits, axis=-1)
         d_hidden = jnp.einsum("...v,dv->...d", d_logits, head, preferred_element_type=d_logits.dtype)
-        return logp, d_hidden.astype(h.dtype)
+        return logp, constrain(d_hidden.astype(h.dtype), HIDDEN_AXES)
 
     logp, d_hidden = jax.lax.map(one_chunk, (split(hidden), split(targets)))
     return merge(logp), (merge(d_hidden) if with_grad else ())
