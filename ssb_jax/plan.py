@@ -91,19 +91,49 @@ def rows_per_device(rows: int, axes: dict[str, int]) -> int:
     return array_bytes_per_device(("batch",), (rows,), axes, 1)
 
 
-def activation_layout(rows: int, width: int, axes: dict[str, int]) -> tuple[int, int, bool]:
+def activation_layout(rows: int, width: int, axes: dict[str, int], pinned: bool = True) -> tuple[int, int, bool]:
     """(rows, hidden width, whether the width is split) of the hidden states [rows, T, width] on one device.
 
-    The model pins no activation sharding, so the embedding lookup decides: the hidden states come out
-    split like the table's hidden axis ("embed": over fsdp) and their rows over "data" only. Attention
-    is different: its other inputs (positions, mask, KV cache) bring the batch split, so the score
-    arrays take rows_per_device. With the width split, every projection into the MLP (or the
-    vocabulary) is a partial sum over the width, all-reduced: its output has all of these rows.
-    (XLA's sharding propagation on main, checked by the compiler; pinning activations to rows changes
-    this.)"""
+    pinned (training: the train step is traced under its mesh and the model pins the residual stream to
+    qwen2.HIDDEN_AXES): rows over the data-parallel axes (data x fsdp), the width whole. Each layer's
+    weights are gathered over fsdp (`gathered_layer_bytes`) and the projections are local products.
+    Not pinned (sampling: the Sampler sets no context mesh, so XLA's propagation decides): the hidden
+    states take the embedding table's split of the hidden axis ("embed": over fsdp) and their rows split
+    over "data" only; every projection into the MLP (or the vocabulary) is then a partial sum over the
+    width, all-reduced: its output has all of these rows. The sampling mesh's fsdp is 1 unless set
+    explicitly, and then both layouts are the same. (Both checked by the compiler.)"""
+    if pinned:
+        return rows_per_device(rows, axes), width, False
     data = axes["data"]
     width_here = array_bytes_per_device(("embed",), (width,), axes, 1)
     return (rows // data if rows % data == 0 else rows), width_here, width_here < width
+
+
+def weights_gathered(config: ModelConfig, axes: dict[str, int]) -> bool:
+    """Whether the weights' hidden width ("embed") is split on this mesh, so that training gathers them."""
+    return array_bytes_per_device(("embed",), (config.hidden_size,), axes, 1) < config.hidden_size
+
+
+def gathered_layer_bytes(config: ModelConfig, axes: dict[str, int]) -> int:
+    """One decoder layer's projection kernels as a pinned layer uses them on a device: gathered over fsdp
+    (the hidden width whole), heads and the MLP width still split over tensor; 0 when nothing is gathered."""
+    if not weights_gathered(config, axes):
+        return 0
+    D, Q, K, F, whole = (config.hidden_size, config.q_size, config.kv_size, config.intermediate_size,
+                         "activation_embed")
+    kernels = [((whole, "heads"), (D, Q)), ((whole, "kv_heads"), (D, K)), ((whole, "kv_heads"), (D, K)),
+               (("heads", whole), (Q, D)), ((whole, "mlp"), (D, F)), ((whole, "mlp"), (D, F)),
+               (("mlp", whole), (F, D))]
+    return sum(array_bytes_per_device(names, shape, axes, _itemsize(config)) for names, shape in kernels)
+
+
+def gathered_head_bytes(config: ModelConfig, axes: dict[str, int]) -> int:
+    """The output projection [D, V] gathered over fsdp for the loss (vocabulary still over tensor); 0 when
+    nothing is gathered."""
+    if not weights_gathered(config, axes):
+        return 0
+    return array_bytes_per_device(("activation_embed", "vocab"), (config.hidden_size, config.vocab_size), axes,
+                                  _itemsize(config))
 
 
 def _itemsize(config: ModelConfig) -> int:
@@ -189,9 +219,9 @@ def sampling_memory(config: ModelConfig, axes: dict[str, int], shape: SamplingSh
         return 2 * array_bytes_per_device(CACHE_AXES["k"], cache_shape(config, rows, length), axes, b)
     prompt_rows = rows_per_device(shape.prompts, axes)
     # MLP of one layer in the prefill: gate, up and their product; with the hidden width split (see
-    # activation_layout), gate and up as partial sums and all-reduced (the product reuses a partial's
-    # buffer).
-    mlp_rows, _, width_split = activation_layout(shape.prompts, config.hidden_size, axes)
+    # activation_layout: the sampler pins nothing), gate and up as partial sums and all-reduced (the
+    # product reuses a partial's buffer).
+    mlp_rows, _, width_split = activation_layout(shape.prompts, config.hidden_size, axes, pinned=False)
     mlp_copies = 4 if width_split else 3
     rows_here = rows_per_device(shape.rows, axes)
     block = min(config.cache_block, shape.cache_len)
@@ -235,8 +265,8 @@ def _kept_per_layer(config: ModelConfig, lora_config, tokens: int, width: int, t
     layer_input = tokens * width * b
     if config.remat == "full":
         return layer_input
-    # the projections into heads or the MLP are whole on each device apart from tensor (all-reduced
-    # partial sums when the hidden width is split); those back into the hidden width keep its split
+    # the projections into heads or the MLP are split over tensor; those back into the hidden width
+    # have `width` (the whole width in training, activation_layout)
     heads, mlp = config.q_size // tensor, config.intermediate_size // tensor
     out_width = {"q_proj": heads, "k_proj": config.kv_size // tensor, "v_proj": config.kv_size // tensor,
                  "o_proj": width, "gate_proj": mlp, "up_proj": mlp, "down_proj": width}
@@ -266,51 +296,56 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
                     backend: str = "gpu") -> dict[str, int]:
     """Bytes per device of one distillation step, term by term, and its peak ("total").
 
-    Alive throughout: frozen weights, adapters, Adam moments, the adapters' gradient, and what the
-    student's layers keep for the backward pass. On top, the largest of: one layer's backward
-    (its recomputed forward, then the attention kernel's or the MLP's working set), the teacher's
-    forward, one chunk of vocabulary logits. The attention terms follow the kernel
+    The hidden states are pinned (activation_layout): rows over data x fsdp, the width whole. Alive
+    throughout: frozen weights, adapters, Adam moments, the adapters' gradient, what the student's
+    layers keep for the backward pass and, when fsdp splits the weights, the output projection
+    gathered for the loss (XLA:CPU gathers it before the layers run and keeps it to the end). On top,
+    the largest of: one layer's backward (its recomputed forward, then the attention kernel's or the
+    MLP's working set, with that layer's gathered weights), the teacher's forward, one chunk of
+    vocabulary logits. The attention terms follow the kernel
     config.attention_impl resolves to on `backend` (attention_working_set).
     Per-layer activations are float32 wherever the model computes in float32 (scores, softmax) and in
     the model's dtype otherwise.
     """
     b, tensor = _itemsize(config), axes["tensor"]
     D, F, L = config.hidden_size, config.intermediate_size // tensor, config.num_layers
-    rows = rows_per_device(shape.batch, axes)                    # attention's rows (activation_layout)
-    hidden_rows, width, width_split = activation_layout(shape.batch, D, axes)
+    rows, width, _ = activation_layout(shape.batch, D, axes)     # this device's rows, the whole width
     T, Tt = shape.student_len, shape.teacher_len
-    mlp_one = hidden_rows * T * F * b                            # one [rows, T, F] intermediate
+    mlp_one = rows * T * F * b                                   # one [rows, T, F] intermediate
     student_kernel, teacher_kernel = attention_kernel(config, T, backend), attention_kernel(config, Tt, backend)
-    kept_per_layer = _kept_per_layer(config, lora_config, hidden_rows * T, width, tensor,
+    kept_per_layer = _kept_per_layer(config, lora_config, rows * T, width, tensor,
                                      attention_saved_bytes(config, rows, T, tensor, student_kernel))
-    answer_rows = hidden_rows * shape.answer_len
+    answer_rows = rows * shape.answer_len
     terms = {
         "weights": weights, "lora": lora, "optimizer_state": optimizer,
         "lora_gradients": lora,
         "saved_for_backward": L * kept_per_layer,
-        # one layer's backward, attention or MLP (not alive together). MLP: the recomputed gate, up,
-        # silu(gate) and product, and the gradients of product, gate and up (7); with the hidden width
-        # split, also the partial sums of gate, up and the product's gradient before their all-reduce.
+        "gathered_head": gathered_head_bytes(config, axes),
+        # one layer's weights gathered over fsdp, for its forward or its backward (scan: one layer at a time)
+        "gathered_layer_weights": gathered_layer_bytes(config, axes),
         # under full remat, what a layer's recomputed forward leaves alive for the rest of its backward:
         # the residual stream's incoming gradient, the mid-layer residual and both normed inputs, and
         # attention's q, k, v and output (the kernel's residuals, the o_proj adapter's input)
-        "layer_backward_recomputed": hidden_rows * T * (4 * width + 2 * config.q_size // tensor
-                                                        + 2 * config.kv_size // tensor) * b
+        "layer_backward_recomputed": rows * T * (4 * width + 2 * config.q_size // tensor
+                                                 + 2 * config.kv_size // tensor) * b
         if config.remat == "full" else 0,
+        # one layer's backward, attention or MLP (not alive together). MLP: the recomputed gate, up,
+        # silu(gate) and product, and the gradients of product, gate and up (7)
         "layer_backward_attention": attention_working_set(config, rows, T, T, tensor, student_kernel, backward=True),
-        "layer_backward_mlp": (10 if width_split else 7) * mlp_one,
+        "layer_backward_mlp": 7 * mlp_one,
         "teacher_forward_attention": attention_working_set(config, rows, Tt, Tt, tensor, teacher_kernel)
         if online_teacher else 0,
         # the chunked vocabulary loss (distill.loss: its custom VJP forms each chunk's gradient in the
         # forward pass): teacher and student logits of one chunk and the KL's gradient w.r.t. the
         # student logits (f32), plus the answer positions' hidden states of both and the student's gradient
-        "loss_chunk": 3 * hidden_rows * min(chunk or shape.answer_len, shape.answer_len) * config.vocab_size // tensor * 4
+        "loss_chunk": 3 * rows * min(chunk or shape.answer_len, shape.answer_len) * config.vocab_size // tensor * 4
         + 3 * answer_rows * D * b,
     }
-    layer_backward = terms["layer_backward_recomputed"] + max(terms["layer_backward_attention"],
-                                                              terms["layer_backward_mlp"])
+    layer_backward = terms["gathered_layer_weights"] + terms["layer_backward_recomputed"] + max(
+        terms["layer_backward_attention"], terms["layer_backward_mlp"])
     working = max(layer_backward, terms["teacher_forward_attention"], terms["loss_chunk"])
-    terms["total"] = weights + 2 * lora + optimizer + terms["saved_for_backward"] + working
+    terms["total"] = (weights + 2 * lora + optimizer + terms["saved_for_backward"] + terms["gathered_head"]
+                      + working)
     return terms
 
 
