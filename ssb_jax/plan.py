@@ -101,7 +101,7 @@ def activation_layout(rows: int, width: int, axes: dict[str, int], pinned: bool 
     states take the embedding table's split of the hidden axis ("embed": over fsdp) and their rows split
     over "data" only; every projection into the MLP (or the vocabulary) is then a partial sum over the
     width, all-reduced: its output has all of these rows. The sampling mesh's fsdp is 1 unless set
-    explicitly, and then both layouts are the same. (Both checked by the compiler.)"""
+    explicitly, and then both layouts are the same."""
     if pinned:
         return rows_per_device(rows, axes), width, False
     data = axes["data"]
