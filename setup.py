@@ -5,10 +5,14 @@ setup(
     version="0.1.0",
     description="Semantic Soft Bootstrapping (RL-free self-distillation for math reasoning) in JAX/Flax",
     packages=find_packages(include=["ssb_jax", "ssb_jax.*"]),
-    python_requires=">=3.10",
+    # Floors are the oldest versions the test suite ran on (README, "Test"): jax 0.10.2 with flax 0.12.8, and
+    # jax 0.11.2 with flax 0.12.12. The model's parameters carry `out_sharding` metadata and `eager_sharding`,
+    # which flax 0.12.0 lacks (it names them `sharding_names`); every flax from 0.11 needs Python >= 3.11, and
+    # flax 0.12.8 needs jax >= 0.10.
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.4.35",
-        "flax>=0.10",
+        "jax>=0.10.2",
+        "flax>=0.12.8",
         "optax>=0.2.3",
         "orbax-checkpoint>=0.6",
         "transformers>=4.45",
