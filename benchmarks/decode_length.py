@@ -87,7 +87,7 @@ def main():
                "rows": ROWS, "machine": machine_info(), "layouts": {}}
     for layout, model in (("scan", base), ("decode", to_decode_layout(base))):
         graphdef, state = nnx.split(model)
-        state = state.to_pure_dict()
+        state = nnx.to_pure_dict(state)
         step = jax.jit(functools.partial(apply, graphdef), donate_argnames="cache")
         rows = []
         for slots, filled in CASES:

@@ -54,7 +54,7 @@ def main():
     token, position, mask = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool)
     cache = model.init_cache(1, 16)
     step = jax.jit(functools.partial(apply, graphdef))
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     results = {"decode_step_us": median_us(
         lambda: jax.block_until_ready(step(pure, token, position, mask, cache)), args.calls)}
     static_step = jax.jit(apply, static_argnums=0)
@@ -68,7 +68,7 @@ def main():
 
     tc = TrainConfig(lora_rank=4, logits_chunk=8, batch_size=2, length_buckets=(32,), max_seq_len=32)
     train = TrainStep(config, tc, total_steps=10)
-    base = state.to_pure_dict()
+    base = nnx.to_pure_dict(state)
     train_state = init_state(config, train.lora_config, train.optimizer, jax.random.key(1))
     host_batch = build_batch(random_records(np.random.default_rng(0), 2, config.vocab_size), batch_size=2,
                              buckets=(32,), max_seq_len=32)

@@ -34,7 +34,7 @@ def compute_logits(model, config, tokens, mask=None, positions=None):
     mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
     positions = positions_from_mask(mask) if positions is None else jnp.asarray(positions)
     graphdef, state = _nnx.split(model)
-    return _jitted_apply(graphdef)(state.to_pure_dict(), tokens, positions, mask)[0]
+    return _jitted_apply(graphdef)(_nnx.to_pure_dict(state), tokens, positions, mask)[0]
 
 
 @_functools.lru_cache(maxsize=8)

@@ -607,7 +607,7 @@ def compile_sampling(config: ModelConfig, shape: SamplingShape, mesh, sampling=N
     from ssb_jax.sharding import BATCH_AXES, state_shardings
     graphdef, state = nnx.split(abstract_model(config))
     rows = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    params = _abstract(state.to_pure_dict(), None if mesh is None else state_shardings(state, mesh).to_pure_dict())
+    params = _abstract(nnx.to_pure_dict(state), None if mesh is None else nnx.to_pure_dict(state_shardings(state, mesh)))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), shape.rows))
     sampling = (sampling or SamplingParams(max_new_tokens=shape.new_tokens, temperature=1.0, top_k=50)).program()
     program = jax.jit(lambda st, tokens, mask, keys, knobs: generate(graphdef, st, tokens, mask, keys,
@@ -624,6 +624,7 @@ def compile_training(config: ModelConfig, tc, shape: TrainingShape, mesh):
     lowered with abstract sharded state, base and batch, and compiled; nothing is allocated."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
     from ssb_jax.distill.step import (_jitted_step, abstract_base_state, batch_keys, batch_shardings, init_state,
                                       make_optimizer, train_state_shardings)
     from ssb_jax.sharding import state_shardings
@@ -644,10 +645,10 @@ def compile_training(config: ModelConfig, tc, shape: TrainingShape, mesh):
                     "teacher_tail_logprob": ((B, A), jnp.float32), "teacher_target_logprob": ((B, A), jnp.float32)}
     batch = {key: jax.ShapeDtypeStruct(*batch_shapes[key]) for key in keys}
     if mesh is None:
-        state, base = _abstract(state), _abstract(base.to_pure_dict())
+        state, base = _abstract(state), _abstract(nnx.to_pure_dict(base))
     else:
         state = _abstract(state, train_state_shardings(config, lora_config, optimizer, mesh))
-        base = _abstract(base.to_pure_dict(), state_shardings(base, mesh).to_pure_dict())
+        base = _abstract(nnx.to_pure_dict(base), nnx.to_pure_dict(state_shardings(base, mesh)))
         batch = _abstract(batch, batch_shardings(keys, B, mesh))
     step = _jitted_step(config, tc, lora_config, total_steps, mesh, keys, B)
     return step.lower(state, base, batch).compile()

@@ -35,7 +35,7 @@ def random_config(seed: int, dtype: str = "float32") -> ModelConfig:
 
 def leaves(state) -> dict[str, tuple[int, ...]]:
     return {jax.tree_util.keystr(path): tuple(v.shape)
-            for path, v in jax.tree_util.tree_leaves_with_path(state.to_pure_dict())}
+            for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
 
 
 def test_train_step_and_prefill_flops_match_a_count_over_the_model_arrays():

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ssb_jax.curves import CurveConfig, LearningCurve, plot_curves, read_curve
 from ssb_jax.data.datasets import Problem
@@ -59,7 +60,7 @@ def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, to
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0, stop_ids=tuple(stop_token_ids(tokenizer)))
     outputs, compilations = [], []
     for lora in loras:
-        point = curve.evaluate(lora.to_pure_dict())  # as a train state holds them
+        point = curve.evaluate(nnx.to_pure_dict(lora))  # as a train state holds them
         compilations.append(curve.sampler.num_compilations)
         swapped = curve.sampler.generate_ids(prompts, greedy, ids=[f"p{i}" for i in range(5)])
         fresh = Sampler(with_adapters(base, lora, lora_config), tokenizer, batch_size=8,

@@ -49,7 +49,8 @@ def chats(rng):
 def random_lora(config, lora_config, rng):
     """Adapters with random A and non-zero random B, drawn in numpy (no XLA compiles)."""
     import jax
-    abstract = student_split(config, lora_config)[1].to_pure_dict()
+    from flax import nnx
+    abstract = nnx.to_pure_dict(student_split(config, lora_config)[1])
     pure = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(x.dtype), abstract)
     return as_lora_state(pure, config, lora_config)
 

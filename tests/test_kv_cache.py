@@ -43,7 +43,7 @@ def test_decode_updates_the_cache_in_place(layout):
     copied out of and back into the stack) or 0.56x (decode layout); generate's 3.3x."""
     model = in_layout(init_model(SMALL, 0), layout)
     graphdef, state = nnx.split(model)
-    state = state.to_pure_dict()
+    state = nnx.to_pure_dict(state)
     rows, slots, prompt = 2, 4096, 16
     cache = model.init_cache(rows, slots)
     size = kv_bytes(cache)
@@ -88,7 +88,7 @@ def test_cached_logits_equal_full_forward(rng, layout, dtype):
     width, prompt, chunk = 17, 6, 5
     tokens, mask, positions = left_padded(rng, model.config.vocab_size, [17, 12, 3], width)
     graphdef, state = nnx.split(model)
-    state = state.to_pure_dict()
+    state = nnx.to_pure_dict(state)
     full = np.asarray(jax.jit(functools.partial(apply, graphdef))(state, tokens, positions, mask)[0])
     step = jax.jit(functools.partial(apply, graphdef), donate_argnames="cache", static_argnames="cache_is_empty")
     cache = model.init_cache(3, next(s for s in range(width + 1, width + 2 * block) if s % block))
@@ -113,7 +113,7 @@ def test_generate_follows_the_full_forward(rng, layout, dtype):
     block = int(rng.integers(3, 6))
     model = in_layout(random_model(rng, dtype, block), layout)
     graphdef, state = nnx.split(model)
-    state = state.to_pure_dict()
+    state = nnx.to_pure_dict(state)
     width, new, n = 9, 3 * block + 2, 3  # the cache (width + new slots) is not a multiple of the block
     tokens, mask, _ = left_padded(rng, model.config.vocab_size, [9, 4, 1], width)
     keys = row_keys_for(int(rng.integers(1 << 30)), range(3), n)
@@ -143,7 +143,7 @@ def test_greedy_generate_matches_transformers(tiny_checkpoint, rng, layout):
         tokens[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, True
     sampling = SamplingParams(max_new_tokens=new, temperature=0.0, stop_ids=(stop,), pad_id=pad)
     out = jax.jit(functools.partial(generate, graphdef, sampling=sampling, n=n))(
-        state.to_pure_dict(), tokens, mask, row_keys_for(0, range(len(prompts)), n))
+        nnx.to_pure_dict(state), tokens, mask, row_keys_for(0, range(len(prompts)), n))
     reference = hf_greedy(tiny_checkpoint, prompts, new, (stop,), pad)
     for row, expected in enumerate(reference):
         for sample in range(n):

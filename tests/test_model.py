@@ -363,8 +363,8 @@ def test_indivisible_axis_is_replicated_and_logged(caplog):
         shardings = state_shardings(nnx.state(ssb_jax.abstract_model(config)), mesh)
         state_shardings(nnx.state(ssb_jax.abstract_model(config)), mesh)  # a second time: no new line
     P = jax.sharding.PartitionSpec
-    assert shardings["layers"]["attn"]["q_proj"]["kernel"].value.spec == P(None, "fsdp", "tensor")
-    assert shardings["layers"]["attn"]["k_proj"]["kernel"].value.spec == P(None, "fsdp", None)
-    assert shardings["layers"]["attn"]["v_proj"]["bias"].value.spec == P(None, None)
+    assert shardings["layers"]["attn"]["q_proj"]["kernel"].get_value().spec == P(None, "fsdp", "tensor")
+    assert shardings["layers"]["attn"]["k_proj"]["kernel"].get_value().spec == P(None, "fsdp", None)
+    assert shardings["layers"]["attn"]["v_proj"]["bias"].get_value().spec == P(None, None)
     lines = [r.getMessage() for r in caplog.records if "not divisible" in r.getMessage()]
     assert len(lines) == 1 and "'kv_heads' (size 6)" in lines[0], lines

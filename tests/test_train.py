@@ -57,7 +57,7 @@ def test_sharded_step_equals_single_device(model):
     sharded = TrainStep(config, tc, 10, mesh)
     s8 = init_state(config, tc.lora_config(), optimizer, key, mesh)
     s8 = jax.tree_util.tree_map(lambda x, ref: jax.device_put(ref, x.sharding), s8, state0)
-    p8 = shard_state(base, mesh).to_pure_dict()  # the step takes states as pure dicts (nnx.State works too)
+    p8 = nnx.to_pure_dict(shard_state(base, mesh))  # the step takes states as pure dicts (nnx.State works too)
     m8 = []
     for b in batches:
         s8, m = sharded(s8, p8, b)
@@ -135,7 +135,7 @@ def test_training_drives_kl_down(model, tmp_path):
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0 and lc.rank_of("q") == 8
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, _ = load_lora(tmp_path, config, mesh=mesh)
-    assert len(sharded["layers"]["mlp"]["up_proj"]["lora_a"].value.sharding.device_set) == 8
+    assert len(sharded["layers"]["mlp"]["up_proj"]["lora_a"][...].sharding.device_set) == 8
     diffs = jax.tree_util.tree_map(lambda x, y: float(jnp.abs(x - y).max()), sharded, result["lora"])
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0
 
@@ -208,7 +208,7 @@ def test_step_leaves_vocabulary_reductions_to_xla(sharded):
     batch = step.place_batch(build_batch(random_records(np.random.default_rng(), 4, 4096), batch_size=4,
                                          buckets=(32,), max_seq_len=32))
     state = init_state(config, step.lora_config, step.optimizer, jax.random.key(1), mesh)
-    params = shard_state(params, mesh).to_pure_dict() if sharded else params.to_pure_dict()
+    params = nnx.to_pure_dict(shard_state(params, mesh)) if sharded else nnx.to_pure_dict(params)
     fn = _jitted_step(config, tc, step.lora_config, 10, mesh, tuple(batch), 4)
     bodies = ynn_fused_bodies(fn.lower(state, params, batch).compile().as_text())
     assert bodies, "no YNNPACK fusion at all: the matrix products should still use it"

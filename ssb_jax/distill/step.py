@@ -4,7 +4,7 @@ State: {"lora": the LoRAParam adapters, "opt_state": optax state over the adapte
 The base parameters (nnx.Param) are a separate, never-differentiated argument (frozen; may be bf16)
 and never get optimizer state. The step is a pure function of the (student, base) graph definitions,
 the states and the batch: the student is merged inside the trace. States travel as pure dicts of
-arrays (`nnx.State.to_pure_dict()`; `lora.as_lora_state` turns adapters back into an nnx.State): the
+arrays (`nnx.to_pure_dict(state)`; `lora.as_lora_state` turns adapters back into an nnx.State): the
 graph definitions restore variable types at the merge, and a dict flattens for jit in a fraction of
 the time a tree of Variables takes.
 """
@@ -75,7 +75,7 @@ def abstract_base_state(model_config: ModelConfig) -> nnx.State:
 def base_state_for_training(model, mesh: Mesh | None = None) -> dict:
     """The frozen base as the train step takes it: a pure dict, placed by its logical axes on `mesh`."""
     state = qwen2.base_state(model)
-    return (state if mesh is None else shard_state(state, mesh)).to_pure_dict()
+    return nnx.to_pure_dict(state if mesh is None else shard_state(state, mesh))
 
 
 @functools.lru_cache(maxsize=16)
@@ -155,8 +155,8 @@ def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, op
                           mesh: Mesh) -> dict:
     """Shardings of the train state (pure dicts): adapters by their logical axes, moments as their adapters."""
     abstract_lora = student_split(model_config, lora_config)[1]
-    lora = state_shardings(abstract_lora, mesh).to_pure_dict()
-    opt_shapes = jax.eval_shape(optimizer.init, abstract_lora.to_pure_dict())
+    lora = nnx.to_pure_dict(state_shardings(abstract_lora, mesh))
+    opt_shapes = jax.eval_shape(optimizer.init, nnx.to_pure_dict(abstract_lora))
     return {"lora": lora, "opt_state": opt_state_shardings(optimizer, opt_shapes, lora, mesh),
             "step": NamedSharding(mesh, P())}
 
@@ -166,7 +166,7 @@ def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, op
 def init_state(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
                key: jax.Array, mesh: Mesh | None = None) -> dict:
     def make(key):
-        lora = init_lora(model_config, lora_config, key).to_pure_dict()
+        lora = nnx.to_pure_dict(init_lora(model_config, lora_config, key))
         return {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.zeros((), jnp.int32)}
     if mesh is None:
         return jax.jit(make)(key)
@@ -211,7 +211,7 @@ def train_step(graphdefs, optimizer, schedule, tc: TrainConfig, state, base_stat
     (_, metrics), grads = grad_fn(state["lora"], base_state, batch, graphdefs=graphdefs, tc=tc)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -226,7 +226,7 @@ def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraCo
         return jax.jit(step, donate_argnums=0, compiler_options=vocab_program_options())
     state_sh = train_state_shardings(model_config, lora_config, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
-    base_sh = state_shardings(abstract_base_state(model_config), mesh).to_pure_dict()
+    base_sh = nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh))
     # traced under the mesh, so that the model's activation constraints hold (rows split, width whole)
     return under_mesh(jax.jit(step, in_shardings=(state_sh, base_sh, batch_shardings(keys, batch_size, mesh)),
                               out_shardings=(state_sh, replicated), donate_argnums=0,

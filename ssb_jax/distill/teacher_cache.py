@@ -97,7 +97,7 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
     directory.mkdir(parents=True, exist_ok=True)
     k = min(int(k), model_config.vocab_size)
     graphdef, state = nnx.split(model)
-    state = state.to_pure_dict()
+    state = nnx.to_pure_dict(state)
     shard_rows: dict[str, list] = {"logprobs": [], "ids": [], "tail_logprob": [], "target_logprob": []}
     shard_ids: list[str] = []
     shard_lengths: list[int] = []

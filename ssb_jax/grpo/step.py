@@ -98,7 +98,7 @@ def grpo_update(graphdef, optimizer, schedule, gc: GRPOConfig, state, base_state
                                                                        graphdef=graphdef, gc=gc)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
     return {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -153,7 +153,7 @@ def _jitted(model_config: ModelConfig, lora_config: LoraConfig, gc: GRPOConfig, 
     if mesh is None:
         return jax.jit(fn, donate_argnums=0 if which == "update" else (), compiler_options=options)
     state_sh = train_state_shardings(model_config, lora_config, optimizer, mesh)
-    base_sh = state_shardings(abstract_base_state(model_config), mesh).to_pure_dict()
+    base_sh = nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh))
     batch_sh = batch_shardings(keys, batch_size, mesh)
     rows_sh = batch_shardings(("out",), batch_size, mesh)["out"]
     # each program is traced under the mesh, so that the model's activation constraints hold

@@ -157,7 +157,7 @@ def lora_param_count(lora_state) -> int:
 
 def adapter_factors(lora_state) -> dict[str, tuple[Any, Any]]:
     """{target: (a [L, d_in, r], b [L, r, d_out])} from a LoRA state."""
-    pure = lora_state.to_pure_dict() if isinstance(lora_state, nnx.State) else lora_state
+    pure = nnx.to_pure_dict(lora_state) if isinstance(lora_state, nnx.State) else lora_state
     out = {}
     for target, module in _MODULE_OF.items():
         factors = pure.get("layers", {}).get(module, {}).get(target)
@@ -169,7 +169,7 @@ def adapter_factors(lora_state) -> dict[str, tuple[Any, Any]]:
 def merge_lora(model, lora_state: nnx.State, lora_config: LoraConfig):
     """A new base model with W + scale * A @ B folded into each adapted kernel (in the kernel's dtype)."""
     graphdef, state = nnx.split(model)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     for target, (a, b) in adapter_factors(lora_state).items():
         linear = pure["layers"][_MODULE_OF[target]][target]
         kernel = linear["kernel"]
@@ -211,7 +211,7 @@ def lora_from_peft(tensors: Mapping[str, Any], config: ModelConfig, lora_config:
             name = "base_model.model." + name
         normalised[name] = value
     abstract = student_split(config, lora_config)[1]
-    pure = jax.tree.map(lambda x: None, abstract.to_pure_dict())
+    pure = jax.tree.map(lambda x: None, nnx.to_pure_dict(abstract))
     dtype = lora_config.jnp_dtype
     for t in lora_config.targets:
         d_in, d_out = projection_dims(config, t)

@@ -10,7 +10,7 @@ KV cache, and single-token decode.
     cache = model.init_cache(batch, length)
     logits, cache = model(prompt, positions, mask, cache)           # prefill, then decode the same way
     graphdef, state = nnx.split(model)                              # once; then, under jit,
-    jax.jit(functools.partial(apply, graphdef))(state.to_pure_dict(), tokens, positions, mask)
+    jax.jit(functools.partial(apply, graphdef))(nnx.to_pure_dict(state), tokens, positions, mask)
 
 Parameters (every one names its dimensions' logical axes in `out_sharding`, see ssb_jax.sharding):
     embed.embedding [V, D], final_norm.scale [D], lm_head.kernel [D, V] (untied only)
@@ -420,7 +420,7 @@ def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cach
           cache_is_empty=False):
     """The model as a pure function of (graph definition, state(s), inputs), for use under jit.
     `state` is one nnx.State or a tuple of them (base and LoRA, split apart), or their pure dicts
-    (`state.to_pure_dict()`: the graph definition restores the variable types and metadata). Jit it
+    (`nnx.to_pure_dict(state)`: the graph definition restores the variable types and metadata). Jit it
     with the graph definition closed over, `jax.jit(functools.partial(apply, graphdef))`, and pass pure
     dicts: per call that skips hashing the graph definition and flattening Variables (tiny-model
     decode step 635 -> 247 us of host time, `python -m benchmarks.overhead`)."""

@@ -156,11 +156,11 @@ def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dt
         config = config.replace(**overrides)
     np_dtype = np.dtype(config.jnp_dtype)
     graphdef, abstract = nnx.split(abstract_model(config))
-    shapes = jax.tree.map(lambda x: tuple(x.shape), abstract.to_pure_dict())
+    shapes = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(abstract))
     shardings = None
     if mesh is not None:
         from ssb_jax.sharding import state_shardings
-        shardings = state_shardings(abstract, mesh).to_pure_dict()
+        shardings = nnx.to_pure_dict(state_shardings(abstract, mesh))
     buffers: dict = {}
     filled: dict[tuple, set] = {}
 
@@ -236,7 +236,7 @@ def _hf_name(leaf: tuple, layer: int | None) -> str:
 
 def hf_tensors(model, config: ModelConfig) -> Iterable[tuple[str, Callable[[], np.ndarray]]]:
     """(HF name, thunk giving the numpy tensor in HF layout), one per checkpoint tensor."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for name, (leaf, transpose) in _GLOBAL_TENSORS.items():
         if leaf[0] == "lm_head" and config.tie_word_embeddings:
             continue

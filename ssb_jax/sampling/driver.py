@@ -88,7 +88,7 @@ class Sampler:
         # over (as a static argument it was hashed on every call; Variables cost more to flatten).
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef  # the graph the program runs (the decode layout on CPU)
-        self.state = state.to_pure_dict()
+        self.state = nnx.to_pure_dict(state)
         self.mesh = mesh
         # Every batch is padded with filler rows to a multiple of the data-parallel size, so that each
         # device decodes its own rows (a batch the mesh does not divide would run on every device).
@@ -107,7 +107,7 @@ class Sampler:
         """Sample with these adapters from now on, in place of the model's own (same targets and ranks):
         each array is written into the state the compiled programs take, placed as the array it
         replaces, so nothing is rebuilt or recompiled (an RL loop updates its policy this way)."""
-        pure = lora_state.to_pure_dict() if isinstance(lora_state, nnx.State) else lora_state
+        pure = nnx.to_pure_dict(lora_state) if isinstance(lora_state, nnx.State) else lora_state
         if isinstance(self.state.get("layers"), dict) and 0 in self.state["layers"]:  # the decode layout
             pure = unstacked_layers(pure, self.config.num_layers)
         self.state = _with_replaced(self.state, pure, ())
