@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
-        "optax>=0.2.3",
+        "optax>=0.2.8",  # optax.tree.norm; 0.2.8 is the version the suite ran on
         "orbax-checkpoint>=0.6",
         "transformers>=4.45",
         "datasets>=2.20",
