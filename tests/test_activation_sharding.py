@@ -54,7 +54,7 @@ def _step_inputs(mesh, params, batch, seed: int, config=CONFIG):
     if mesh is not None:
         placement = init_state(config, step.lora_config, step.optimizer, jax.random.key(seed), mesh)
         state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, placement))
-    base = (params if mesh is None else shard_state(params, mesh)).to_pure_dict()
+    base = nnx.to_pure_dict(params if mesh is None else shard_state(params, mesh))
     placed = step.place_batch(batch)
     return _jitted_step(config, TC, step.lora_config, 10, mesh, tuple(placed), ROWS), state, base, placed
 
@@ -115,12 +115,12 @@ def test_loss_gradients_under_the_mesh_equal_the_single_device_ones(params, mesh
                             jax.random.key(seed + 1))["lora"]
     loss_and_grads = jax.jit(functools.partial(jax.value_and_grad(distill_loss, has_aux=True),
                                                graphdefs=graph_definitions(CONFIG, step.lora_config), tc=TC))
-    (loss, _), grads = jax.device_get(loss_and_grads(lora, params.to_pure_dict(), place_batch(batch, None)))
+    (loss, _), grads = jax.device_get(loss_and_grads(lora, nnx.to_pure_dict(params), place_batch(batch, None)))
     mesh = make_mesh(MESHES[mesh_name])
     lora_shardings = jax.tree.map(lambda x: x.sharding,
                                   init_state(CONFIG, step.lora_config, step.optimizer, jax.random.key(0), mesh)["lora"])
     (loss_m, _), grads_m = jax.device_get(under_mesh(loss_and_grads, mesh)(
-        jax.device_put(lora, lora_shardings), shard_state(params, mesh).to_pure_dict(), place_batch(batch, mesh)))
+        jax.device_put(lora, lora_shardings), nnx.to_pure_dict(shard_state(params, mesh)), place_batch(batch, mesh)))
     np.testing.assert_allclose(loss_m, loss, rtol=2e-5, err_msg=f"seed {seed}")
     largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
     assert largest > 1e-4
@@ -163,7 +163,7 @@ def test_grpo_programs_under_the_mesh_equal_the_single_device_ones(params, mesh_
         step = GRPOStep(CONFIG, TC.lora_config(), gc, mesh)
         placed = jax.tree.map(jnp.copy, state) if mesh is None else jax.device_put(  # the update donates it
             state, jax.tree.map(lambda x: x.sharding, step.init_state(jax.random.key(0))))
-        base = (params if mesh is None else shard_state(params, mesh)).to_pure_dict()
+        base = nnx.to_pure_dict(params if mesh is None else shard_state(params, mesh))
         policy, reference = step.logprobs(placed["lora"], base, batch), step.logprobs(None, base, batch)
         new, metrics = step.update(placed, base, dict(batch, old_logprobs=policy - 0.01, advantages=advantages))
         outputs.append(jax.device_get((policy, reference, metrics, new["lora"])))
