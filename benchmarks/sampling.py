@@ -91,7 +91,8 @@ def transformers_side(model, config, batch, prompt_len, new_tokens, mode, repeat
     rng = np.random.default_rng(0)
     ids = torch.as_tensor(rng.integers(0, config.vocab_size, (batch, prompt_len)))
 
-    def timed(max_new):
+    def warmed_run(max_new):
+        """A closure generating max_new tokens, run once as a warm-up."""
         kwargs = dict(max_new_tokens=max_new, min_new_tokens=max_new, eos_token_id=[151643, 151645],
                       pad_token_id=151643)
         if mode == "greedy":
@@ -106,7 +107,7 @@ def transformers_side(model, config, batch, prompt_len, new_tokens, mode, repeat
         run()  # warm-up
         return run
 
-    total, prefill = best_of_interleaved(timed(new_tokens), timed(1), repeats)
+    total, prefill = best_of_interleaved(warmed_run(new_tokens), warmed_run(1), repeats)
     return _with_decode_split(total, prefill, batch, new_tokens)
 
 
