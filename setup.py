@@ -4,6 +4,7 @@ setup(
     name="ssb_jax",
     version="0.1.0",
     description="Semantic Soft Bootstrapping (RL-free self-distillation for math reasoning) in JAX/Flax",
+    license="Apache-2.0",
     packages=find_packages(include=["ssb_jax", "ssb_jax.*"]),
     # Floors are the oldest versions the test suite ran on (README, "Test"): jax 0.10.2 with flax 0.12.8, and
     # jax 0.11.2 with flax 0.12.12. The model's parameters carry `out_sharding` metadata and `eager_sharding`,
