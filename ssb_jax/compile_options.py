@@ -1,19 +1,16 @@
 """How programs are compiled: the persistent compilation cache, and per-program XLA options.
 
 `enable_persistent_cache(directory)` keeps compiled programs on disk, so a resumed run, a later stage
-or the next run with the same shapes loads them instead of compiling again (minutes for the 3B
-model's sampling and training programs on an accelerator).
+or the next run with the same shapes loads them instead of compiling again.
 
 Per-program XLA options: YNNPACK for matrix products only, on the CPU backend.
 
-By default XLA:CPU (jaxlib 0.10) hands whole elementwise-and-reduce fusions to YNNPACK. Over rows as
-wide as a vocabulary (151,936 logits), a fused reduction that reads two arrays, such as the KL term
-sum(p * (t - s)), ran 10-15x slower there than in XLA's own loop emitter: 1024 rows took 3.1-4.7 s
-against 0.25-0.33 s on a 2-core EPYC. The distillation step, which reduces over thousands of such rows
-at once, is compiled with YNNPACK kept for the matrix products alone (a 4-layer step at sequence 1024:
-33 s -> 16 s). Elsewhere it was measured and left out: the teacher cache ran the same with or without
-it (3.2 s per 1024 answer tokens at one layer), and the sampler's batch-8 decode steps, which reduce a
-few rows each, were 5-15% slower with it.
+By default XLA:CPU (jaxlib 0.10) hands whole elementwise-and-reduce fusions to YNNPACK, which runs a
+fused reduction that reads two arrays over vocabulary-wide rows, such as the KL term sum(p * (t - s)),
+far slower than XLA's own loop emitter. The distillation step, which reduces over thousands of such rows
+at once, is therefore compiled with YNNPACK kept for the matrix products alone. The teacher cache (no
+faster with it) and the sampler (slower with it: its decode steps reduce a few rows each) keep the
+default. The timings behind this are in docs/benchmarks.md ("XLA:CPU compile options").
 
 The option is set per program (`jax.jit(..., compiler_options=...)`), never in XLA_FLAGS, so it
 touches nothing else in the process; a user who sets the flag in XLA_FLAGS keeps their setting.

@@ -25,8 +25,7 @@ Implementations (`ModelConfig.attention_impl`):
            ids (1 real, 0 padding; a query sees only keys of its own segment), T padded to a
            multiple of 128, grouped-query heads as one MQA kernel per key/value head.
   auto     (default) cudnn on GPU where it can run, splash on TPU, else the portable choice:
-           chunked for sequences of at least CHUNKED_MIN_LENGTH tokens, xla below (measured on CPU,
-           see benchmarks/attention.py).
+           chunked for sequences of at least CHUNKED_MIN_LENGTH tokens, xla below.
 """
 from __future__ import annotations
 
@@ -41,9 +40,9 @@ MASKED = -1e30  # finite, so a query with no visible key (a pad) softmaxes to un
 # Query/key block of the chunked kernel (a sequence is cut into equal blocks of at most this many).
 CHUNK_SIZE = 512
 # Where no fused kernel runs, "auto" takes the chunked kernel from this length on, the XLA einsum
-# below it. On CPU (AMD EPYC, 2 cores, 14/2 heads of 64, batch 4, float32) chunked was faster at every
-# length measured, 128 to 2048, forward alone and forward + backward, with less temporary memory
-# (python -m benchmarks.attention); shorter sequences were not measured and stay on the reference.
+# below it: chunked took less time and less temporary memory than the einsum at every length
+# benchmarked on CPU (forward alone from 128 tokens, forward + backward from 256; python -m
+# benchmarks.attention, docs/benchmarks.md). Shorter sequences were not benchmarked and stay on the einsum.
 CHUNKED_MIN_LENGTH = 128
 
 
