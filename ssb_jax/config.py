@@ -18,7 +18,7 @@ import ml_collections
 from ssb_jax.curate import CurationConfig
 from ssb_jax.curves import CurveConfig
 from ssb_jax.distill.config import TrainConfig
-from ssb_jax.evaluate import EvalConfig
+from ssb_jax.evaluation.protocols import EvalConfig
 from ssb_jax.grpo.config import GRPOConfig
 
 STAGES = ("curate", "teacher_cache", "train", "sft", "grpo", "eval", "export", "report")

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 from ssb_jax import validate
 from ssb_jax.data.datasets import Problem
 from ssb_jax.data.records import RecordStore, ShardedRecordStore, write_json_atomic
-from ssb_jax.grading import (EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG, grade_response,
-                             normalize_answer)
+from ssb_jax.evaluation.grading import (EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG,
+                                        grade_response, normalize_answer)
 from ssb_jax.model.tokenizer import encode_chat, encode_plain, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.sampler import SamplingParams

@@ -147,8 +147,8 @@ class LearningCurve:
     def evaluate(self, lora) -> dict:
         """Greedy accuracy (and SE), mean tokens, truncated and no-answer rates of base + `lora`."""
         from flax import nnx
-        from ssb_jax.evaluate import metric_rows
-        from ssb_jax.grading import grade_response
+        from ssb_jax.evaluation.metrics import metric_rows
+        from ssb_jax.evaluation.grading import grade_response
         from ssb_jax.model.lora import as_lora_state
         started = time.perf_counter()
         if not isinstance(lora, nnx.State):

@@ -1,10 +1,11 @@
 """What a stage's outputs were made from, so a rerun never reuses (or silently redoes) stale work.
 
 Each stage directory holds FINGERPRINT.json: the settings the stage reads, content hashes of its
-input files, and the fingerprints of the stages it consumes. A stage about to skip or resume
-compares the stored fingerprint with the one it would write now; on any difference it stops with
-`StaleOutputsError`, naming each changed key with its old and new value and the two ways on (a new
-workdir, or `--config.overwrite=<stage>` to delete that stage's outputs and redo it).
+input files, and the fingerprints of the stages it consumes (evaluation keeps one beside each outputs
+file instead). A stage about to skip or resume compares the stored fingerprint with the one it would
+write now; on any difference it stops with `StaleOutputsError`, naming each changed key with its old
+and new value and the two ways on (a new workdir, or `--config.overwrite=<stage>` to delete that
+stage's outputs and redo it).
 
 A fingerprint is a plain JSON dict; `digest` names it by a short hash so downstream stages can
 depend on it without copying it.
@@ -104,43 +105,62 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def read(directory: str | os.PathLike) -> dict | None:
-    path = Path(directory) / FINGERPRINT_FILE
+def read(directory: str | os.PathLike, file_name: str = FINGERPRINT_FILE) -> dict | None:
+    path = Path(directory) / file_name
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def check(directory: str | os.PathLike, stage: str, fingerprint: Mapping[str, Any], *, overwrite: bool = False,
-          outputs: Iterable[str] | None = None, write: bool = True) -> None:
+          outputs: Iterable[str] | None = None, write: bool = True, file_name: str = FINGERPRINT_FILE,
+          unchecked: Iterable[str] = ()) -> None:
     """Before a stage runs (or skips) in `directory`: record `fingerprint` if the directory holds no
     outputs; pass if the stored one matches; otherwise delete the outputs and record anew when
     `overwrite`, else raise StaleOutputsError naming what changed.
 
-    `outputs`: the file names that count as outputs (default: anything in the directory).
+    `outputs`: the file names that count as outputs (default: anything in the directory); when given,
+    the message names those files and `overwrite` deletes only them.
     `write`: False compares only (every process of a multi-host run compares, so all raise alike;
     only the main process deletes and records).
+    `file_name`: the fingerprint's file in `directory` (several fingerprinted outputs may share one).
+    `unchecked`: top-level keys left out of the comparison: recorded, but outputs made under another
+    value of them stand (and their record is kept).
     """
-    directory = Path(directory)
+    directory, unchecked = Path(directory), set(unchecked)
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # the form it is stored in
-    stored = read(directory)
-    has_outputs = directory.exists() and any(  # hidden names are temporary files of atomic writes
-        p.name != FINGERPRINT_FILE and not p.name.startswith(".") and (outputs is None or p.name in set(outputs))
-        for p in directory.iterdir())
+    try:
+        stored = read(directory, file_name)
+    except json.JSONDecodeError as error:
+        stored = {f"unreadable {file_name}": f"{error.msg} at line {error.lineno}"}
+    wanted = None if outputs is None else set(outputs)
+    present = sorted(  # hidden names are temporary files of atomic writes
+        p.name for p in directory.iterdir()
+        if p.name != file_name and not p.name.startswith(".") and (wanted is None or p.name in wanted)
+    ) if directory.exists() else []
     if stored == fingerprint:
         return
-    if has_outputs and not overwrite:
+    if present and not overwrite:
         if stored is None:
-            changed = ["the outputs have no fingerprint (made by an older ssb_jax, or copied in)"]
+            changed = [f"the outputs have no fingerprint: {file_name} is missing (made by an older ssb_jax, "
+                       "or copied in)"]
         else:
-            changed = differences(stored, fingerprint)
+            changed = differences({k: v for k, v in stored.items() if k not in unchecked},
+                                  {k: v for k, v in fingerprint.items() if k not in unchecked})
+            if not changed:  # only unchecked keys differ: the outputs stand
+                return
+        where = f"in {directory}" if outputs is None else ", ".join(str(directory / name) for name in present)
         raise StaleOutputsError(
-            f"{stage}: the outputs in {directory} were made from other settings or inputs ("
+            f"{stage}: the outputs {where} were made from other settings or inputs ("
             + "; ".join(changed) + f"). Use a new --config.workdir, or pass --config.overwrite={stage} "
             "to delete them and redo the stage")
     if not write:
         return
-    if has_outputs:
+    if present:
         log.warning("%s: deleting the outputs in %s (--config.overwrite=%s)", stage, directory, stage)
-        shutil.rmtree(directory)
+        if outputs is None:
+            shutil.rmtree(directory)
+        else:
+            for name in present:
+                (directory / name).unlink()
     directory.mkdir(parents=True, exist_ok=True)
     from ssb_jax.data.records import write_json_atomic
-    write_json_atomic(directory / FINGERPRINT_FILE, fingerprint)
+    write_json_atomic(directory / file_name, fingerprint)

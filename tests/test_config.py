@@ -101,7 +101,7 @@ def test_distributed_switch(monkeypatch):
     ("grpo", "top_p", 0.0, "config.grpo: top_p must be in (0, 1]"),
 ])
 def test_absurd_values_are_refused_by_name(section, key, value, expected):
-    from ssb_jax.evaluate import EvalConfig
+    from ssb_jax.evaluation import EvalConfig
     from ssb_jax.grpo.config import GRPOConfig
     classes = {"train": TrainConfig, "curate": CurationConfig, "eval": EvalConfig, "grpo": GRPOConfig}
     c = config_lib.base_config()

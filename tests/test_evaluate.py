@@ -12,7 +12,7 @@ import pytest
 
 from ssb_jax import fingerprint
 from ssb_jax.data.datasets import DataError, load_problems
-from ssb_jax.evaluate import EvalConfig, format_markdown, majority_vote, outputs_path, parse_datasets, run
+from ssb_jax.evaluation import EvalConfig, format_markdown, majority_vote, outputs_path, parse_datasets, run
 from ssb_jax.fingerprint import StaleOutputsError
 from ssb_jax.model.tokenizer import encode_chat, load_tokenizer, stop_token_ids
 from ssb_jax.paths import shared_data_path

@@ -97,3 +97,32 @@ def test_a_half_written_fingerprint_is_not_an_output(tmp_path):
     (stage / "records.jsonl").write_text("{}\n")
     with pytest.raises(fp.StaleOutputsError):
         fp.check(stage, "curate", {"a": 1}, write=False)
+
+
+def test_fingerprints_of_several_outputs_in_one_directory(tmp_path):
+    """Evaluation's use: one fingerprint file per outputs file, some keys recorded but not compared."""
+    folder = tmp_path / "outputs"
+    options = dict(outputs=["a.jsonl"], file_name="a.settings.json", unchecked=["model"])
+    fp.check(folder, "eval", {"grader": "x", "model": "m1"}, **options)
+    assert fp.read(folder, "a.settings.json") == {"grader": "x", "model": "m1"}
+    (folder / "a.jsonl").write_text("{}\n")
+    (folder / "b.jsonl").write_text("{}\n")  # another file's outputs
+    fp.check(folder, "eval", {"grader": "x", "model": None}, **options)  # unchecked: the outputs stand
+    assert fp.read(folder, "a.settings.json")["model"] == "m1"  # and so does their record
+    with pytest.raises(fp.StaleOutputsError, match=r"the outputs \S*/outputs/a.jsonl were made .*grader: 'x' -> 'y'"):
+        fp.check(folder, "eval", {"grader": "y", "model": "m1"}, **options)
+    fp.check(folder, "eval", {"grader": "y", "model": "m1"}, overwrite=True, **options)
+    assert not (folder / "a.jsonl").exists() and (folder / "b.jsonl").exists()  # only the named outputs go
+    assert fp.read(folder, "a.settings.json")["grader"] == "y"
+
+
+def test_missing_or_unreadable_fingerprint_files_are_named(tmp_path):
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("{}\n")
+    options = dict(outputs=["a.jsonl"], file_name="a.settings.json")
+    with pytest.raises(fp.StaleOutputsError, match="no fingerprint: a.settings.json is missing"):
+        fp.check(folder, "eval", {"grader": "x"}, **options)
+    (folder / "a.settings.json").write_text("{")
+    with pytest.raises(fp.StaleOutputsError, match="unreadable a.settings.json"):
+        fp.check(folder, "eval", {"grader": "x"}, **options)

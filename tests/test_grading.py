@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from ssb_jax import grading
-from ssb_jax.grading import (
+from ssb_jax.evaluation import grading
+from ssb_jax.evaluation.grading import compare, math_verify_worker, normalize
+from ssb_jax.evaluation.grading import (
     GradeResult, answers_match, extract_boxed, get_grader, grade_response, gsm8k_gold,
     exact_match, extract_boxed_verbatim, motif_grade, normalize_answer, parse_number, string_match)
 from ssb_jax.paths import shared_data_dir
@@ -311,7 +312,7 @@ def test_gsm8k_gold():
 def test_any_exception_is_false(monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
-    monkeypatch.setattr(grading, "_math_verify_equal", explode)
+    monkeypatch.setattr(compare, "_math_verify_equal", explode)
     assert answers_match(r"\sqrt{2}", r"\sqrt{3}") is False
     assert answers_match(object(), r"\sqrt{3}") is False
 
@@ -334,9 +335,9 @@ def fresh_worker():
 def test_timeout_bounds_a_hanging_math_verify(monkeypatch, fresh_worker):
     hanging_worker = ("import sys, time; print('ready', flush=True); "
                       "sys.stdin.readline(); time.sleep(120)")
-    monkeypatch.setattr(grading, "_worker_command", lambda: [sys.executable, "-c", hanging_worker])
+    monkeypatch.setattr(math_verify_worker, "_worker_command", lambda: [sys.executable, "-c", hanging_worker])
     grading.start_math_verify_worker()
-    process = grading._WORKER._process
+    process = math_verify_worker._WORKER._process
     started = time.monotonic()
     assert answers_match(r"\sqrt{2}", r"\pi", timeout_s=1.0) is False
     elapsed = time.monotonic() - started
@@ -480,7 +481,7 @@ def test_every_grading_entry_point_is_fast_on_adversarial_text(name, monkeypatch
     # The math_verify worker is bounded by its timeout (tested below); here every call
     # must finish its own work quickly, whatever reaches math_verify.
     math_verify_budgets = []
-    monkeypatch.setattr(grading, "_math_verify_equal",
+    monkeypatch.setattr(compare, "_math_verify_equal",
                         lambda pred, gold, timeout_s: math_verify_budgets.append(timeout_s) or False)
     calls = {
         "normalize_answer": lambda: normalize_answer(answer),
@@ -511,15 +512,15 @@ def test_every_grading_entry_point_is_fast_on_adversarial_text(name, monkeypatch
 
 def test_one_timeout_bounds_the_whole_grade(monkeypatch):
     budgets = []
-    monkeypatch.setattr(grading, "_math_verify_equal",
+    monkeypatch.setattr(compare, "_math_verify_equal",
                         lambda pred, gold, timeout_s: budgets.append(timeout_s) or True)
-    real_extract = grading.extract_boxed
+    real_extract = compare.extract_boxed
 
     def slow_extract(text):
         time.sleep(0.3)
         return real_extract(text)
 
-    monkeypatch.setattr(grading, "extract_boxed", slow_extract)
+    monkeypatch.setattr(compare, "extract_boxed", slow_extract)
     assert grade_response(r"\boxed{\sqrt{2}}", r"\pi", timeout_s=1.0).correct
     assert len(budgets) == 1 and budgets[0] <= 0.7 + 0.05  # extraction's time was charged
     # Out of time before math_verify: wrong, math_verify never asked.
@@ -539,7 +540,7 @@ def test_real_math_verify_on_garbage_is_cut_at_the_timeout(fresh_worker):
 
 
 # Independent references for the rewritten pieces: the straightforward backtracking
-# regexes and repeated scans that grading.py used before (correct, but super-linear),
+# regexes and repeated scans that grading used before (correct, but super-linear),
 # run only on short strings where that does not matter.
 _REFERENCE_TRAILING_WORDS = re.compile(
     r"(.*?[\d}])(\s*)((?:[A-Za-z]+\.?\s*)+?)(?:\s*\^\s*\{?\s*[23]\s*\}?)?\s*\.?")
@@ -602,11 +603,11 @@ def test_rewritten_pieces_agree_with_backtracking_references(seed):
     for _ in range(4000):
         text = "".join(rng.choice(_FUZZ_PIECES) for _ in range(rng.randint(1, 8)))[:20]
         context = f"text {text!r} (seed {seed})"
-        assert grading._split_trailing_words(text) == _reference_split_trailing_words(text), context
-        assert grading._unwrap_text_commands(text) == _reference_unwrap(text), context
+        assert normalize._split_trailing_words(text) == _reference_split_trailing_words(text), context
+        assert normalize._unwrap_text_commands(text) == _reference_unwrap(text), context
         assert extract_boxed(text) == _reference_extract_boxed(text), context
         leading = _REFERENCE_LEADING_ZEROS.fullmatch(text)
-        new_leading = grading._LEADING_ZERO_INTEGER.fullmatch(text)
+        new_leading = normalize._LEADING_ZERO_INTEGER.fullmatch(text)
         assert (leading and leading.groups()) == (new_leading and new_leading.groups()), context
-        assert (grading._TEXT_UNIT_AT_END.sub("", text)
+        assert (normalize._TEXT_UNIT_AT_END.sub("", text)
                 == _REFERENCE_TEXT_UNIT_AT_END.sub("", text)), context

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ssb_jax import toyworld
-from ssb_jax.grading import extract_boxed
+from ssb_jax.evaluation.grading import extract_boxed
 from ssb_jax.sampling.driver import Completion
 
 # A pool of 24 problems the model can memorise quickly; one length bucket and no drill, so a single

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping
 
-from ssb_jax.grading import gsm8k_gold
+from ssb_jax.evaluation.grading import gsm8k_gold
 from ssb_jax.paths import shared_data_dir
 
 logger = logging.getLogger(__name__)

@@ -70,7 +70,7 @@ class GRPOConfig:
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError(f"minibatches ({self.minibatches}) must divide prompts_per_step * group_size "
                              f"({self.prompts_per_step * self.group_size})")
-        from ssb_jax.grading import GRADERS
+        from ssb_jax.evaluation.grading import GRADERS
         if self.grader not in GRADERS:
             raise ValueError(f"grader must be one of {', '.join(sorted(GRADERS))}, got {self.grader!r}")
 

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from ssb_jax.data.datasets import Problem
 from ssb_jax.distill.step import base_state_for_training
-from ssb_jax.grading import grade_response
+from ssb_jax.evaluation.grading import grade_response
 from ssb_jax.grpo.config import GRPOConfig
 from ssb_jax.grpo.loss import group_advantages
 from ssb_jax.grpo.step import GRPOStep, rollout_batch

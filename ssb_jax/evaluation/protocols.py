@@ -1,0 +1,89 @@
+"""Evaluation protocols and settings.
+
+Each protocol is a named preset (`PROTOCOLS`) that fixes the grader and the decoding:
+  * "math_verify": our fairer protocol. Greedy pass@1 plus avg@n and maj@n over n samples, answers
+    compared numerically, as normalized strings, then with math_verify.
+  * "motif": the protocol of the MOTIF paper, whose base and GRPO rows the SSB paper reports, as the
+    authors' code grades: greedy only, 1024 new tokens, a response is correct when it contains
+    `\\boxed{gold}` (MATH500-style datasets) or the gold string anywhere (AIME-style datasets: those
+    whose label matches a pattern in EvalConfig.motif_contains_gold, by default `aime*`).
+  * "string_match": greedy only, 1024 new tokens, the last box compared with the gold answer by
+    normalized string equality (ssb_jax's strict grader; not the MOTIF rule).
+Every number in the results names the protocol (and grader) it was computed under; a motif row's
+grader names its rule (`motif:boxed`, `motif:contains`: `EvalConfig.grader_name`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+from ssb_jax import validate
+from ssb_jax.evaluation.datasets import parse_datasets
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    name: str
+    grader: str                # a name in grading.GRADERS, or MOTIF (grading.motif_grade)
+    sampled: bool              # also report avg@n and maj@n over EvalConfig.n_samples samples
+    max_new_tokens: int        # 0: EvalConfig.max_new_tokens
+    description: str
+
+
+MOTIF = "motif"
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
+    Protocol("math_verify", grader="math_verify", sampled=True, max_new_tokens=0,
+             description="greedy pass@1 plus sampled avg@n / maj@n; answers compared numerically, "
+                         "as normalized strings, then with math_verify"),
+    Protocol(MOTIF, grader=MOTIF, sampled=False, max_new_tokens=1024,
+             description="the MOTIF/SSB papers' protocol as their code grades: greedy decoding, 1024 new tokens, "
+                         "correct when the response contains \\boxed{gold} (grader motif:boxed) or, on AIME-style "
+                         "datasets, the gold string anywhere (motif:contains); nothing extracted or normalized"),
+    Protocol("string_match", grader="string_match", sampled=False, max_new_tokens=1024,
+             description="greedy decoding, 1024 new tokens, the last \\boxed{} answer equal to the gold answer "
+                         "as normalized strings (ssb_jax's strict grader, not the MOTIF rule)"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    datasets: str = "math500,aime24"     # comma-separated: known names, label=path, or .jsonl/.parquet paths
+    protocols: tuple[str, ...] = ("math_verify", MOTIF, "string_match")
+    n_samples: int = 8                   # n of avg@n / maj@n (0: greedy pass@1 only)
+    temperature: float = 0.6             # for the sampled responses; pass@1 is always greedy
+    top_k: int = 0
+    top_p: float = 0.95
+    max_new_tokens: int = 1024           # for protocols without a fixed budget
+    max_problems: int = 0                # the first this many problems of each dataset (0: all)
+    seed: int = 0
+    problems_per_batch: int = 64         # outputs are appended (and survive a crash) per batch
+    # motif protocol: dataset labels (shell patterns, any case) graded by the bare gold string, as the
+    # authors graded AIME; every other dataset by \boxed{gold}, as they graded MATH500
+    motif_contains_gold: tuple[str, ...] = ("aime*",)
+
+    def __post_init__(self):
+        validate.non_negative(self, "temperature", "top_k")
+        validate.probability(self, "top_p")
+        validate.positive(self, "max_new_tokens")
+        if isinstance(self.protocols, str):
+            object.__setattr__(self, "protocols", tuple(p.strip() for p in self.protocols.split(",") if p.strip()))
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown or not self.protocols:
+            raise ValueError(f"protocols must be some of {sorted(PROTOCOLS)}, got {self.protocols!r}")
+        if self.n_samples < 0 or self.problems_per_batch < 1 or self.max_problems < 0:
+            raise ValueError("n_samples and max_problems must be >= 0 and problems_per_batch >= 1")
+        if not parse_datasets(self.datasets):
+            raise ValueError("datasets is empty")
+        if isinstance(self.motif_contains_gold, str):
+            object.__setattr__(self, "motif_contains_gold",
+                               tuple(p.strip() for p in self.motif_contains_gold.split(",") if p.strip()))
+
+    def motif_rule(self, dataset_label: str) -> str:
+        """How the motif protocol grades this dataset: "contains" (AIME-style) or "boxed"."""
+        label = dataset_label.lower()
+        return "contains" if any(fnmatch.fnmatchcase(label, p.lower()) for p in self.motif_contains_gold) else "boxed"
+
+    def grader_name(self, protocol: str, dataset_label: str) -> str:
+        """The grader a protocol applies to a dataset, as the results name it."""
+        grader = PROTOCOLS[protocol].grader
+        return f"{MOTIF}:{self.motif_rule(dataset_label)}" if grader == MOTIF else grader
