@@ -1,16 +1,14 @@
-"""The CPU decoding layout: one adapter from the training model to a faster model for decoding a few rows.
+"""The CPU decoding layout: the training model's weights rearranged for decoding a few rows on XLA:CPU.
 
 `to_decode_layout(model)` returns a `DecodeLayoutModel`, a Qwen2ForCausalLM with the same weights
 arranged for XLA:CPU, which only the sampler uses:
 
-- the layers are a list run as an unrolled loop instead of a stack under `scan`: inside `scan`, every
-  step copies each layer's weights out of the stacked arrays (measured at batch 8 on the 0.5B shape:
-  MLP + q/o projections of 24 layers 198 ms in scan, 103 ms unrolled);
-- every matrix is stored [out, in] (`RowsFirstLinear`) and the LM head as [V, D]: XLA:CPU multiplies a
-  few rows by an [out, in] matrix into an [out, rows] result faster than rows @ [in, out] (8 rows,
-  896 x 4864: 0.77 vs 1.00 ms; the vocabulary projection 25 vs 47 ms).
+- the layers are a list run as an unrolled loop instead of a stack under `scan`, because inside `scan`
+  every step copies each layer's weights out of the stacked arrays;
+- every matrix is stored [out, in] (`RowsFirstLinear`) and the LM head as [V, D], because XLA:CPU
+  multiplies a few rows by an [out, in] matrix into an [out, rows] result faster than rows @ [in, out].
 
-Together: a batch-8 greedy decode step 236 ms with scan, 110 ms in this layout (batch 1: 179, 76).
+The timings behind both choices are in docs/benchmarks.md ("CPU sampling: decode layout vs scan layout").
 The decoder blocks are the training model's own modules (`DecoderLayer`, `Attention`, `MLP`); only the
 linear maps, the layer loop and the head differ. It costs one more copy of the weights while the
 training layout is alive; `copies` lets samplers of the same base (base and student) share one.
@@ -99,7 +97,7 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
         rows = hidden.reshape(-1, hidden.shape[-1])
         by_vocab = jnp.einsum("vd,rd->vr", head, rows, preferred_element_type=jnp.float32)
         # Materialized, then transposed: left to fusion, the transpose ran inside every consumer of the
-        # logits and doubled the time of the whole projection.
+        # logits and slowed the whole projection.
         by_vocab = jax.lax.optimization_barrier(by_vocab)
         return by_vocab.T.reshape(*hidden.shape[:-1], head.shape[0])
 

@@ -61,7 +61,8 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int | None:
 
 def decode_layout_by_default() -> bool:
     """Whether samplers use the decode layout of the weights (sampling.decode_layout) unless told:
-    on the CPU backend, the only one it was measured faster on."""
+    on the CPU backend, where it decodes faster than the stacked layers under `scan` (docs/benchmarks.md);
+    accelerators keep the stacked layout."""
     return jax.default_backend() == "cpu"
 
 
@@ -74,8 +75,8 @@ class Sampler:
                  decode_copies: dict | None = None):
         """model: a Qwen2ForCausalLM, with adapters for a student (ssb_jax.model.lora.with_adapters).
         unstack: sample with the decode layout of the weights (a copy: an unrolled layer loop and
-        transposed matrices; see ssb_jax.sampling.decode_layout). Default: on the CPU backend, where
-        its decode steps ran 2.3x (batch 1) and 2.1x (batch 8) faster than `scan`'s on the 0.5B shape.
+        transposed matrices; see ssb_jax.sampling.decode_layout). Default: on the CPU backend only
+        (decode_layout_by_default).
         decode_copies: shared by samplers of the same base, so they hold one decode-layout copy.
         mesh: the mesh the model's weights are on (the sampling mesh, sharding.sampling_mesh); each
         batch's rows are split over its data axes."""
