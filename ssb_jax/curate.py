@@ -30,6 +30,7 @@ from ssb_jax.evaluation.grading import (EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_
 from ssb_jax.model.tokenizer import encode_chat, encode_plain, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.sampler import SamplingParams
+from ssb_jax.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +42,35 @@ VERDICTS = ("all_correct", "all_wrong", "no_wrong_answer", "teacher_failed", "ke
 
 @dataclasses.dataclass(frozen=True)
 class CurationConfig:
-    num_rollouts: int = 4
-    rollout_temperature: float = 0.8
-    rollout_top_k: int = 50
-    rollout_top_p: float = 1.0
-    rollout_max_new_tokens: int = 1024
-    solution_temperature: float = 0.4
-    solution_top_k: int = 50
-    solution_top_p: float = 1.0
-    solution_max_new_tokens: int = 1024
-    target_pairs: int = 256          # stop once this many pairs are kept (0: process all questions)
-    min_pairs: int = 0               # fewer kept pairs is a failed curation (warned, reported, exit 3); 0: half the target
-    max_questions: int = 0           # look at no more than this many questions (0: all)
-    shuffle: bool = True
-    seed: int = 0
-    correct_choice: str = "first"    # "first" | "shortest" | "random": which correct rollout is the hint
-    no_answer_is_wrong: bool = True  # a rollout without a \boxed answer counts as wrong for mixing
-    solution_must_stop: bool = True  # keep a teacher solution only if it ended with a stop token
-    questions_per_batch: int = 32    # records are appended (and survive a crash) per batch
-    grader: str = "math_verify"      # a name in grading.GRADERS
+    num_rollouts: int = setting(4, "plain-prompt rollouts per question (>= 2, to see both a right and a wrong answer)")
+    rollout_temperature: float = setting(0.8, "sampling temperature of the rollouts")
+    rollout_top_k: int = setting(50, "top-k of the rollouts (0: off)")
+    rollout_top_p: float = setting(1.0, "top-p of the rollouts (1.0: off)")
+    rollout_max_new_tokens: int = setting(1024, "token budget of each rollout")
+    solution_temperature: float = setting(0.4, "sampling temperature of the hinted teacher's solution")
+    solution_top_k: int = setting(50, "top-k of the teacher's solution (0: off)")
+    solution_top_p: float = setting(1.0, "top-p of the teacher's solution (1.0: off)")
+    solution_max_new_tokens: int = setting(1024, "token budget of the teacher's solution")
+    target_pairs: int = setting(256, "stop once this many pairs are kept (0: process all questions)")
+    min_pairs: int = setting(0, "fewer kept pairs is a failed curation (warned, reported, exit 3); 0: half the target")
+    max_questions: int = setting(0, "look at no more than this many questions (0: all)")
+    shuffle: bool = setting(True, "visit the questions in a seeded random order")
+    seed: int = setting(0, "seed of the question order and the rollouts")
+    correct_choice: str = setting("first", "which correct rollout becomes the hint: first, shortest or random")
+    no_answer_is_wrong: bool = setting(
+        True,
+        "a rollout without a \\boxed answer counts as wrong for mixing (and may be the wrong hint "
+        "when no wrong rollout has an answer); False: such groups are skipped, as in the reference "
+        "code")
+    solution_must_stop: bool = setting(
+        True,
+        "keep a teacher solution only if it ended with a stop token (False: a truncated solution "
+        "with the right last box is kept, as in the reference code)")
+    questions_per_batch: int = setting(32, "records are appended (and survive a crash) per this many questions")
+    grader: str = setting(
+        "math_verify",
+        "answer grader: math_verify (lenient), string_match (strict: normalized string equality) or "
+        "exact (the reference code's: the last \\boxed{} verbatim equal to the gold string)")
 
     def __post_init__(self):
         validate.non_negative(self, "rollout_temperature", "solution_temperature", "rollout_top_k", "solution_top_k",

@@ -10,8 +10,9 @@ def _json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
-    """report.md from the stages' outputs; `warnings`: lines that say the run is not what was asked."""
+def write_report(workdir: str | Path, num_rounds: int = 1, warnings=(), stages=()) -> Path:
+    """report.md from the stages' outputs; `warnings`: lines that say the run is not what was asked;
+    `stages`: one row per registered stage (stage, selected, finished, wall_s), tabled last."""
     workdir = Path(workdir)
     lines = ["# SSB run report", "", f"Run directory: `{workdir}`", ""]
     lines += [f"> **Warning:** {warning}" for warning in warnings] + ([""] if warnings else [])
@@ -69,9 +70,23 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=()) -> Path:
     table = workdir / "eval" / "results.md"
     if table.exists():
         lines += ["## Evaluation", "", table.read_text().strip(), ""]
+    lines += stage_table(stages)
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def stage_table(rows) -> list[str]:
+    """Which stages this run selected, which have finished outputs, and the wall time of the session that
+    finished each."""
+    if not rows:
+        return []
+    lines = ["## Stages", "", "| stage | in this run | finished | wall time |", "|---|---|---|---|"]
+    for row in rows:
+        wall = f"{row['wall_s']:.0f} s" if row.get("wall_s") is not None else ""
+        lines.append(f"| {row['stage']} | {'yes' if row['selected'] else 'no'} | "
+                     f"{'yes' if row['finished'] else 'no'} | {wall} |")
+    return lines + [""]
 
 
 def _first_metrics(path: Path) -> dict | None:

@@ -44,11 +44,11 @@ def test_the_pipeline_turns_the_cache_on_where_configured(tmp_path):
     script = textwrap.dedent(f"""
         import jax
         from ssb_jax import config as config_lib
-        from ssb_jax.main import Pipeline
+        from ssb_jax.pipeline import REGISTRY, RunContext
         c = config_lib.load_config_file("configs/tiny.py")
         c.workdir = {str(tmp_path / "run")!r}
         c.compile_cache_dir = {str(tmp_path / "cache")!r}
-        Pipeline(c)
+        RunContext(c, REGISTRY)
         print("cache", jax.config.jax_compilation_cache_dir)
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}

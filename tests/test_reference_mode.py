@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from ssb_jax import fingerprint as fp
-from ssb_jax import main
 from ssb_jax.config import apply_overrides, flat_settings, load_config_file, section_to
 from ssb_jax.curate import CurationConfig
 from ssb_jax.distill.config import TrainConfig
@@ -44,29 +43,33 @@ def test_reference_config_is_the_paper_config_with_every_switch_on():
     section_to(TrainConfig, load_config_file(str(REPO / "configs/qwen3b_reference.py")).train, "config.train")
 
 
-def _fingerprints(train_file, overrides):
+def _fingerprints(train_file, overrides, monkeypatch):
     """(curate, teacher_cache, train) fingerprints of round 1 for configs/qwen3b.py with overrides, from a
-    Pipeline that loads nothing: the base model's identity and the kept pairs are given."""
+    run context that loads nothing: the base model's identity and the kept pairs are given."""
+    from ssb_jax.pipeline.context import RunContext
+    from ssb_jax.pipeline.registry import REGISTRY
+    from ssb_jax.pipeline.stages import teacher_cache, train
+    from ssb_jax.prompts import prompts_from_config
     config = load_config_file(str(REPO / "configs/qwen3b.py"))
     apply_overrides(config, {"data.train": str(train_file), **overrides})
-    pipeline = main.Pipeline.__new__(main.Pipeline)
-    pipeline.config = config
-    pipeline.curation = section_to(CurationConfig, config.curate, "config.curate")
-    pipeline.train_config = section_to(TrainConfig, config.train, "config.train")
-    pipeline.prompts = main._prompts(config)
-    pipeline._model_identity = "model#fixed"
-    pipeline.examples = lambda r: [{"id": "pair-0", "solution_ids": [1, 2, 3]}]
-    return (pipeline.curate_fingerprint(1), pipeline.trainer_fingerprint(1, "teacher_cache"),
-            pipeline.trainer_fingerprint(1, "train"))
+    ctx = RunContext.__new__(RunContext)
+    ctx.config, ctx.registry = config, REGISTRY
+    ctx.curation = section_to(CurationConfig, config.curate, "config.curate")
+    ctx.train_config = section_to(TrainConfig, config.train, "config.train")
+    ctx.prompts = prompts_from_config(config)
+    ctx._model_identity = "model#fixed"
+    for module in (teacher_cache, train):
+        monkeypatch.setattr(module, "kept_examples", lambda ctx, r: [{"id": "pair-0", "solution_ids": [1, 2, 3]}])
+    return tuple(REGISTRY.get(stage).fingerprint(ctx, 1) for stage in ("curate", "teacher_cache", "train"))
 
 
 @pytest.mark.parametrize("setting", sorted(REFERENCE_SWITCHES))
-def test_each_switch_makes_its_stage_stale_and_no_other(setting, tmp_path):
+def test_each_switch_makes_its_stage_stale_and_no_other(setting, tmp_path, monkeypatch):
     value, stage = REFERENCE_SWITCHES[setting]
     train_file = tmp_path / "train.jsonl"
     train_file.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
-    before = dict(zip(("curate", "teacher_cache", "train"), _fingerprints(train_file, {})))
-    after = dict(zip(("curate", "teacher_cache", "train"), _fingerprints(train_file, {setting: value})))
+    before = dict(zip(("curate", "teacher_cache", "train"), _fingerprints(train_file, {}, monkeypatch)))
+    after = dict(zip(("curate", "teacher_cache", "train"), _fingerprints(train_file, {setting: value}, monkeypatch)))
     # the teacher cache does not depend on the student's input or targets (it always holds the stop token)
     assert {s for s in before if before[s] != after[s]} == {stage}
     fp.check(tmp_path / stage, stage, before[stage])

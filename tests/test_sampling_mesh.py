@@ -1,4 +1,4 @@
-"""The sampling mesh (sharding.sampling_mesh) on 8 fake CPU devices: a model that fits decodes with
+"""The sampling mesh (sampling.mesh.sampling_mesh) on 8 fake CPU devices: a model that fits decodes with
 replicated weights and rows split over every device, with no weight gathered in the compiled decode
 program; one that does not fit is tensor parallel; both give the single-device greedy tokens. Batches
 are padded to the data-parallel size, never replicated."""
@@ -13,11 +13,13 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.weights import save_params
 from ssb_jax.sampling.driver import Sampler
 from ssb_jax.sampling.sampler import SamplingParams, row_keys_for
-from ssb_jax.sharding import (SAMPLING_WEIGHT_SHARE, logical_to_spec, make_mesh, parse_mesh_setting, sampling_mesh,
-                              state_bytes_per_device)
+from ssb_jax.sampling.mesh import SAMPLING_WEIGHT_SHARE, sampling_mesh
+from ssb_jax.sharding import logical_to_spec, make_mesh, parse_mesh_setting, state_bytes_per_device
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
+
+pytestmark = pytest.mark.multidevice  # every test builds meshes over the 8 fake devices
 
 
 CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -25,9 +27,7 @@ CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_l
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("model seed", seed)
+def checkpoint(tmp_path_factory, seed):
     return save_params(ssb_jax.init_model(CONFIG, seed, std=0.2), CONFIG, tmp_path_factory.mktemp("sampling_mesh"))
 
 
@@ -37,10 +37,8 @@ def model_config(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def prompts_and_reference(checkpoint, model_config):
+def prompts_and_reference(checkpoint, model_config, seed):
     """Random prompts and their greedy tokens from a single-device Sampler."""
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("prompt seed", seed)
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, model_config.vocab_size, size=n).tolist() for n in (5, 9, 2, 7, 4, 11)]
     _, model = ssb_jax.load_model(checkpoint)
@@ -139,17 +137,17 @@ def test_train_batch_that_the_mesh_does_not_divide_is_refused_by_name():
 
 def test_pipeline_refuses_a_train_batch_the_mesh_does_not_divide_before_any_stage(tmp_path):
     from ssb_jax import config as config_lib
-    from ssb_jax.main import Pipeline
+    from ssb_jax.pipeline import REGISTRY, RunContext
     c = config_lib.base_config()
     c.workdir, c.compile_cache_dir = str(tmp_path / "run"), ""
     c.train.batch_size = 4  # the default mesh puts all 8 devices on fsdp
     with pytest.raises(ValueError) as error:
-        Pipeline(c)
+        RunContext(c, REGISTRY)
     assert str(error.value) == ("config.train.batch_size=4 is not a multiple of the data-parallel size 8 (data x fsdp "
                                 "of mesh {'data': 1, 'fsdp': 8, 'tensor': 1}); change config.train.batch_size or "
                                 "config.mesh")
     c.stages = "eval"  # no training: no constraint on its batch
-    Pipeline(c)
+    RunContext(c, REGISTRY)
 
 
 def test_explicit_sampling_mesh_setting():
@@ -164,33 +162,33 @@ def test_explicit_sampling_mesh_setting():
 
 
 def test_pipeline_places_the_base_on_the_sampling_mesh(tmp_path, checkpoint, prompts_and_reference):
-    """main.Pipeline: the training mesh is config.mesh (all 8 devices on fsdp), the base is loaded onto
+    """The run context: the training mesh is config.mesh (all 8 devices on fsdp), the base is loaded onto
     the sampling mesh (this toy fits a device: 8-way data parallel, weights whole on each device), and
     its samplers give the single-device greedy tokens; an explicit sampler.mesh is used as given, one
     the devices cannot fill is named."""
     from ssb_jax import config as config_lib
-    from ssb_jax.main import Pipeline
+    from ssb_jax.pipeline import REGISTRY, RunContext
     from ssb_jax.paths import shared_data_path
     c = config_lib.base_config()
     c.workdir, c.compile_cache_dir = str(tmp_path / "run"), ""
     c.model.path, c.model.dtype = str(checkpoint), "float32"
     c.model.tokenizer = str(shared_data_path("qwen2.5_tokenizer"))
     c.train.batch_size, c.sampler.batch_size = 8, 8
-    pipeline = Pipeline(c)
-    pipeline.load_base()
-    assert dict(pipeline.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert dict(pipeline.sample_mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
-    embedding = pipeline.base_model.embed.embedding[...]
+    ctx = RunContext(c, REGISTRY)
+    ctx.load_base()
+    assert dict(ctx.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert dict(ctx.sample_mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    embedding = ctx.base_model.embed.embedding[...]
     assert {s.data.shape for s in embedding.addressable_shards} == {embedding.shape}
     prompts, reference = prompts_and_reference
-    sampler = pipeline.sampler(pipeline.base_model)
+    sampler = ctx.sampler(ctx.base_model)
     sampler.show_progress = False
     assert [c[0].token_ids for c in sampler.generate_ids(prompts, GREEDY)] == reference
 
     c.sampler.mesh = "data=2,tensor=4"
-    explicit = Pipeline(c)
+    explicit = RunContext(c, REGISTRY)
     explicit.load_base()
     assert dict(explicit.sample_mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}
     c.sampler.mesh = "data=3"
     with pytest.raises(ValueError, match=r"^config.sampler.mesh='data=3': mesh .* needs 3 devices, 8 are available"):
-        Pipeline(c).load_base()
+        RunContext(c, REGISTRY).load_base()

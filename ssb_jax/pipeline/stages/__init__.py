@@ -1,0 +1,1 @@
+"""One module per pipeline stage; `ssb_jax.pipeline.registry` orders them."""
