@@ -26,7 +26,7 @@ from flax import nnx
 from benchmarks.common import machine_info, write_results
 from ssb_jax.distill.batch import build_batch
 from ssb_jax.distill.config import TrainConfig
-from ssb_jax.distill.step import TrainStep, _jitted_step, init_state
+from ssb_jax.distill.step import TrainStep, init_state, train_step_program
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
 from ssb_jax.model.qwen2 import apply, init_model
 
@@ -73,7 +73,7 @@ def main():
     host_batch = build_batch(random_records(np.random.default_rng(0), 2, config.vocab_size), batch_size=2,
                              buckets=(32,), max_seq_len=32)
     placed = train.place_batch(host_batch)
-    fn = _jitted_step(config, tc, train.lora_config, 10, None, tuple(placed), 2)
+    fn = train_step_program(config, tc, train.lora_config, 10, None)
     holder = {"state": train_state}
 
     def compiled_step():

@@ -13,7 +13,7 @@ Method: each variant runs in its own fresh subprocess, one after the other (neve
   * mfu = model FLOPs of the step (benchmarks.common.train_step_flops: teacher forward, student
     forward and backward through the frozen base and the LoRA factors, the logits at the answer
     positions; rematerialisation not counted) / step time / the device's dense bf16 peak
-    (benchmarks.common.device_peaks: ssb_jax.plan.ACCELERATORS by jax device_kind, or
+    (benchmarks.common.device_peaks: ssb_jax.plan.accelerators.ACCELERATORS by jax device_kind, or
     SSB_PEAK_TFLOPS; on a CPU a measured matrix product);
   * device memory: `device_peak_bytes` = the allocator's peak_bytes_in_use (accelerators; weights
     included) and XLA's compiled memory analysis of the step (`xla_memory`, bytes);
@@ -118,9 +118,9 @@ def worker_jax(args) -> dict:
     import numpy as np
 
     from benchmarks.common import compiled_memory, device_memory, device_peaks, train_step_flops
-    from ssb_jax.distill.batch import build_batch
+    from ssb_jax.distill.batch import DistillBatch, build_batch
     from ssb_jax.distill.config import TrainConfig
-    from ssb_jax.distill.step import TrainStep, _jitted_step, base_state_for_training, batch_keys, init_state
+    from ssb_jax.distill.step import TrainStep, base_state_for_training, init_state, train_step_program
     from ssb_jax.model.config import ModelConfig
     from ssb_jax.model.qwen2 import init_model
 
@@ -137,7 +137,7 @@ def worker_jax(args) -> dict:
     jax.block_until_ready((params, state))
     setup = rss_mb()
     placed = step.place_batch(batch)
-    fn = _jitted_step(config, tc, step.lora_config, 100, None, tuple(placed), args.batch)
+    fn = train_step_program(config, tc, step.lora_config, 100, None)
     t0 = time.perf_counter()
     compiled = fn.lower(state, params, placed).compile()
     compile_s = time.perf_counter() - t0
@@ -158,7 +158,7 @@ def worker_jax(args) -> dict:
     return {"framework": "ssb_jax", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "dtype": args.dtype, "logits_chunk": args.chunk, "remat": args.remat, "loss": float(m["loss"]),
             "answer_tokens": int(m["answer_tokens"]),
-            "computed_shapes": {k: list(v.shape) for k, v in batch.items() if k.endswith("_tokens")},
+            "computed_shapes": {k: list(v.shape) for k, v in batch.present().items() if k.endswith("_tokens")},
             "compile_s": compile_s, "first_step_s": times[0], "step_times_s": times[1:], "step_s": step_s,
             "tokens_per_s": args.batch * (teacher_len + student_len) / step_s,
             "answer_tokens_per_s": args.batch * answer_len / step_s,
@@ -169,7 +169,7 @@ def worker_jax(args) -> dict:
             "xla_temp_mb": xla_memory["temp_size_in_bytes"] / 2**20 if xla_memory else None,
             "setup_rss_mb": setup, "rss_before_steps_mb": before, "step_peak_rss_mb": step_peak,
             "step_peak_delta_mb": step_peak - before, "peak_rss_incl_compile_mb": peak_rss_mb(),
-            "jax_version": jax.__version__, "keys": list(batch_keys(tc))}
+            "jax_version": jax.__version__, "keys": list(DistillBatch.step_fields(tc.teacher_mode))}
 
 
 def worker_torch(args) -> dict:

@@ -14,14 +14,102 @@ prompt_len - 1 + j of each sequence: `teacher_index` / `student_index` [B, A] ho
 positions, `answer_tokens` [B, A] the solution tokens and `answer_mask` [B, A] which are real.
 Padded answer slots point at position 0 and are masked out. Rows beyond the records (a short
 last batch) are all padding, so every step of a run has the same batch size.
+
+A batch is a `DistillBatch` (a typed pytree, ssb_jax.typed_batch): the student sequence and the answer
+positions always; the teacher sequence (online teacher) or the teacher's cached top-k arrays (cached
+teacher, see ssb_jax.distill.teacher_cache) as optional fields; `row_valid` marks the rows that hold a
+record. `DistillBatch.abstract(...)` gives the train step's input shapes for lowering.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Sharding
+
+from ssb_jax.typed_batch import TypedBatch, array_field
 
 STUDENT_PROMPT_KEYS = {"chat": "student_prompt_ids", "plain": "student_plain_prompt_ids"}
+TEACHER_MODES = ("online", "cached")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CachedTeacher:
+    """The cached teacher's arrays per answer token (leading dimensions [..., n]; [B, A] in a batch):
+    top-k log-probs of softmax(t / T) and their ids [..., k], the log of the tail mass outside them and
+    the log-prob at T = 1 of the solution token."""
+    logprobs: Any
+    ids: Any
+    tail_logprob: Any
+    target_logprob: Any
+
+    def arrays(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillBatch(TypedBatch):
+    """Aligned teacher/student batch (see the module docstring); B rows, the student sequence of
+    student_len, the teacher sequence of teacher_len, answer_len answer slots, topk cached ids."""
+    student_tokens: Any = array_field("batch", "student_len", dtype=np.int32)
+    student_positions: Any = array_field("batch", "student_len", dtype=np.int32)
+    student_mask: Any = array_field("batch", "student_len", dtype=np.bool_)
+    student_index: Any = array_field("batch", "answer_len", dtype=np.int32)
+    answer_tokens: Any = array_field("batch", "answer_len", dtype=np.int32)
+    answer_mask: Any = array_field("batch", "answer_len", dtype=np.bool_)
+    # online teacher: the hinted sequence, read by the base model
+    teacher_tokens: Any = array_field("batch", "teacher_len", dtype=np.int32, optional=True)
+    teacher_positions: Any = array_field("batch", "teacher_len", dtype=np.int32, optional=True)
+    teacher_mask: Any = array_field("batch", "teacher_len", dtype=np.bool_, optional=True)
+    teacher_index: Any = array_field("batch", "answer_len", dtype=np.int32, optional=True)
+    # cached teacher (CachedTeacher's arrays at the answer slots)
+    teacher_topk_logprobs: Any = array_field("batch", "answer_len", "topk", dtype=np.float32, optional=True)
+    teacher_topk_ids: Any = array_field("batch", "answer_len", "topk", dtype=np.int32, optional=True)
+    teacher_tail_logprob: Any = array_field("batch", "answer_len", dtype=np.float32, optional=True)
+    teacher_target_logprob: Any = array_field("batch", "answer_len", dtype=np.float32, optional=True)
+    # host side: which rows hold a record (the rest pad a short last batch); the train step does not read it
+    row_valid: Any = array_field("batch", dtype=np.bool_, optional=True)
+
+    STUDENT_FIELDS = ("student_tokens", "student_positions", "student_mask", "student_index", "answer_tokens",
+                      "answer_mask")
+    ONLINE_TEACHER_FIELDS = ("teacher_tokens", "teacher_positions", "teacher_mask", "teacher_index")
+    CACHED_TEACHER_FIELDS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob",
+                             "teacher_target_logprob")
+
+    @classmethod
+    def step_fields(cls, teacher_mode: str) -> tuple[str, ...]:
+        """The fields the train step reads with this teacher mode."""
+        if teacher_mode not in TEACHER_MODES:
+            raise ValueError(f"teacher_mode must be one of {TEACHER_MODES}, got {teacher_mode!r}")
+        return cls.STUDENT_FIELDS + (cls.ONLINE_TEACHER_FIELDS if teacher_mode == "online"
+                                     else cls.CACHED_TEACHER_FIELDS)
+
+    def for_step(self, teacher_mode: str) -> DistillBatch:
+        """This batch with only the fields the train step reads (step_fields)."""
+        names = self.step_fields(teacher_mode)
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"the train step with a {teacher_mode} teacher reads {missing}, which this batch lacks")
+        return DistillBatch(**{name: getattr(self, name) for name in names})
+
+    @classmethod
+    def abstract(cls, batch_size: int, student_len: int, teacher_len: int, answer_len: int, *,
+                 teacher_mode: str = "online", topk: int = 0, sharding: Sharding | None = None) -> DistillBatch:
+        """ShapeDtypeStructs of the train step's batch (step_fields), for lowering it without data;
+        `sharding` for every field (the rows over the data axes: sharding.batch_sharding)."""
+        if teacher_mode == "cached" and topk < 1:
+            raise ValueError("a cached teacher's batch needs topk >= 1")
+        sizes = {"batch": batch_size, "student_len": student_len, "teacher_len": teacher_len,
+                 "answer_len": answer_len, "topk": topk}
+        return cls.abstract_fields(cls.step_fields(teacher_mode), sizes, sharding)
+
+    def cached_teacher(self) -> CachedTeacher:
+        return CachedTeacher(logprobs=self.teacher_topk_logprobs, ids=self.teacher_topk_ids,
+                             tail_logprob=self.teacher_tail_logprob, target_logprob=self.teacher_target_logprob)
 
 
 def bucket_length(n: int, buckets: Sequence[int] = (), min_bucket: int = 16) -> int:
@@ -96,12 +184,12 @@ def _sequences(records, prompt_key, solutions, length):
 
 def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, buckets: Sequence[int] = (),
                 min_bucket: int = 16, max_seq_len: int = 0, include_teacher: bool = True,
-                teacher_cache: Callable[[object], Mapping[str, np.ndarray]] | None = None,
-                student_format: str = "chat", stop_token_target: bool = True) -> dict:
-    """Numpy batch dict (see module docstring). `teacher_cache(id)` (cached mode) returns that
-    example's per-answer-token arrays "logprobs" [n, k], "ids" [n, k], "tail_logprob" [n],
-    "target_logprob" [n], which are added as teacher_topk_logprobs / teacher_topk_ids /
-    teacher_tail_logprob / teacher_target_logprob [B, A(, k)]."""
+                teacher_cache: Callable[[object], CachedTeacher] | None = None,
+                student_format: str = "chat", stop_token_target: bool = True) -> DistillBatch:
+    """A DistillBatch of numpy arrays (see the module docstring). `teacher_cache(id)` (cached mode)
+    returns that example's CachedTeacher of per-answer-token arrays ([n, k] and [n]), which fill the
+    teacher_topk_logprobs / teacher_topk_ids / teacher_tail_logprob / teacher_target_logprob fields
+    [B, A(, k)]."""
     records = list(records)
     if not records:
         raise ValueError("build_batch needs at least one record")
@@ -121,7 +209,8 @@ def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, bu
         tokens, mask, positions = _sequences(records, prompt_keys[side], solutions, length)
         pad = B - len(records)
         if pad:
-            tokens, mask, positions = (np.concatenate([x, np.zeros((pad, length), x.dtype)]) for x in (tokens, mask, positions))
+            tokens, mask, positions = (np.concatenate([x, np.zeros((pad, length), x.dtype)])
+                                       for x in (tokens, mask, positions))
         out[f"{side}_tokens"], out[f"{side}_mask"], out[f"{side}_positions"] = tokens, mask, positions
     answer_tokens = np.zeros((B, A), np.int32)
     answer_mask = np.zeros((B, A), bool)
@@ -138,7 +227,7 @@ def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, bu
         out["teacher_index"] = indices["teacher"]
     if teacher_cache is not None:
         first = teacher_cache(records[0]["id"])
-        k = first["logprobs"].shape[-1]
+        k = first.logprobs.shape[-1]
         lp = np.zeros((B, A, k), np.float32)
         ids = np.zeros((B, A, k), np.int32)
         tail = np.full((B, A), -1e30, np.float32)
@@ -146,12 +235,12 @@ def build_batch(records: Sequence[Mapping], *, batch_size: int | None = None, bu
         for i, (rec, sol) in enumerate(zip(records, solutions)):
             cached = first if i == 0 else teacher_cache(rec["id"])
             n = len(sol)
-            if cached["logprobs"].shape[0] < n:
-                raise ValueError(f"teacher cache holds {cached['logprobs'].shape[0]} tokens for record "
+            if cached.logprobs.shape[0] < n:
+                raise ValueError(f"teacher cache holds {cached.logprobs.shape[0]} tokens for record "
                                  f"{rec['id']!r}, whose solution has {n}; rebuild the cache")
-            lp[i, :n], ids[i, :n] = cached["logprobs"][:n], cached["ids"][:n]
-            tail[i, :n], target[i, :n] = cached["tail_logprob"][:n], cached["target_logprob"][:n]
+            lp[i, :n], ids[i, :n] = cached.logprobs[:n], cached.ids[:n]
+            tail[i, :n], target[i, :n] = cached.tail_logprob[:n], cached.target_logprob[:n]
         out.update(teacher_topk_logprobs=lp, teacher_topk_ids=ids, teacher_tail_logprob=tail,
                    teacher_target_logprob=target)
     out["row_valid"] = np.arange(B) < len(records)
-    return out
+    return DistillBatch(**out)

@@ -1,9 +1,10 @@
 """grain pipeline over curation records: seeded shuffle, epochs, batching.
 
 The dataset is random access (grain.MapDataset): source -> shuffle(seed) -> repeat(epochs) (each
-epoch is a fresh permutation) -> batch (the last batch of the run may be short; build_batch pads it
-with empty rows so every step has the same shape). Its iterator's
-state ({"next_index": ...}) is a small JSON dict that the trainer checkpoints.
+epoch is a fresh permutation) -> batch (build_batch makes each group of records a DistillBatch of numpy
+arrays; the last batch of the run may be short, and build_batch pads it with empty rows so every step
+has the same shape). Its iterator's state ({"next_index": ...}) is a small JSON dict that the trainer
+checkpoints.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ssb_jax.distill.config import TrainConfig
 
 def make_dataset(examples: Sequence[Mapping], tc: TrainConfig, *,
                  teacher_cache: Callable | None = None) -> grain.MapDataset:
-    """A MapDataset of numpy batches (see ssb_jax.distill.batch) of the global batch size.
+    """A MapDataset of DistillBatches (numpy; see ssb_jax.distill.batch) of the global batch size.
 
     Every process iterates the same global batches (same seed, same order, same shapes); the train
     step hands each device only its rows (ssb_jax.distill.step.TrainStep.place_batch), so a run

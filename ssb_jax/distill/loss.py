@@ -20,11 +20,11 @@ Teacher modes:
 from __future__ import annotations
 
 import functools
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
+from ssb_jax.distill.batch import CachedTeacher
 from ssb_jax.model.qwen2 import HIDDEN_AXES
 from ssb_jax.sharding import constrain
 
@@ -53,10 +53,10 @@ def _token_terms_online(s_logits, t_logits, targets, temperature):
     return kl, ce, teacher_ce, agree
 
 
-def _token_terms_cached(s_logits, cached, targets, temperature):
-    lp = jax.lax.stop_gradient(cached["logprobs"]).astype(s_logits.dtype)   # [..., k]
-    ids = cached["ids"]
-    tail = jnp.maximum(jax.lax.stop_gradient(cached["tail_logprob"]).astype(s_logits.dtype), _NEG)
+def _token_terms_cached(s_logits, cached: CachedTeacher, targets, temperature):
+    lp = jax.lax.stop_gradient(cached.logprobs).astype(s_logits.dtype)   # [..., k]
+    ids = cached.ids
+    tail = jnp.maximum(jax.lax.stop_gradient(cached.tail_logprob).astype(s_logits.dtype), _NEG)
     V, k = s_logits.shape[-1], ids.shape[-1]
     s_logp_T = jax.nn.log_softmax(s_logits / temperature, axis=-1)
     s_k = jnp.take_along_axis(s_logp_T, ids, axis=-1)
@@ -68,7 +68,7 @@ def _token_terms_cached(s_logits, cached, targets, temperature):
         kl = kl + jnp.exp(tail) * (tail - s_tail)
     s_logp = jax.nn.log_softmax(s_logits, axis=-1)
     ce = -jnp.take_along_axis(s_logp, targets[..., None], axis=-1)[..., 0]
-    teacher_ce = -jax.lax.stop_gradient(cached["target_logprob"]).astype(s_logits.dtype)
+    teacher_ce = -jax.lax.stop_gradient(cached.target_logprob).astype(s_logits.dtype)
     agree = (jnp.argmax(s_logits, -1) == ids[..., 0]).astype(s_logits.dtype)
     return kl, ce, teacher_ce, agree
 
@@ -76,8 +76,8 @@ def _token_terms_cached(s_logits, cached, targets, temperature):
 def token_terms(student_hidden, teacher, targets, head, temperature: float, chunk: int = 0, ce_grad: bool = True):
     """Per-answer-token (kl at T without T², ce, teacher_ce, agree), each [B, A].
 
-    student_hidden [B, A, D]; teacher: hidden [B, A, D] (online) or a dict of cached arrays
-    ("logprobs", "ids" [B, A, k], "tail_logprob", "target_logprob" [B, A]); targets [B, A]; head [D, V].
+    student_hidden [B, A, D]; teacher: hidden [B, A, D] (online) or a CachedTeacher (logprobs, ids
+    [B, A, k], tail_logprob, target_logprob [B, A]); targets [B, A]; head [D, V].
 
     With 0 < chunk < A the terms are computed chunk by chunk (see `_chunked_terms`): only kl and, when
     ce_grad, ce carry a gradient, and only to student_hidden (the teacher and the head are frozen).
@@ -89,7 +89,7 @@ def token_terms(student_hidden, teacher, targets, head, temperature: float, chun
 
 def _terms_of_student_logits(teacher, targets, head, temperature):
     """student logits -> per-token terms against this teacher (online teacher logits projected here, once)."""
-    if isinstance(teacher, Mapping):
+    if isinstance(teacher, CachedTeacher):
         return functools.partial(_token_terms_cached, cached=teacher, targets=targets, temperature=temperature)
     t_logits = _project(jax.lax.stop_gradient(teacher), head)
     return functools.partial(_token_terms_online, t_logits=t_logits, targets=targets, temperature=temperature)

@@ -26,14 +26,14 @@ from typing import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ssb_jax.distill.batch import build_batch
+from ssb_jax import distributed
+from ssb_jax.distill.batch import CachedTeacher, build_batch
 from ssb_jax.distill.loss import gather_positions
 from ssb_jax.model.config import ModelConfig
-from flax import nnx
-
 from ssb_jax.model.qwen2 import apply
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ INDEX = "index.json"
 FORMAT = "ssb_jax.teacher_topk.v1"
 
 
-def topk_from_logits(logits, k: int, temperature: float, targets):
+def topk_from_logits(logits, k: int, temperature: float, targets) -> CachedTeacher:
     """Per token: top-k log-probs of softmax(logits/T) and ids, log tail mass, log-prob (T=1) of targets."""
     logits = logits.astype(jnp.float32)
     logp_T = jax.nn.log_softmax(logits / temperature, axis=-1)
@@ -54,15 +54,16 @@ def topk_from_logits(logits, k: int, temperature: float, targets):
         tail = jnp.full(logits.shape[:-1], -jnp.inf, jnp.float32)
     tail = jnp.maximum(tail, -1e30)
     target = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], axis=-1)[..., 0]
-    return top_lp, top_ids.astype(jnp.int32), tail, target
+    return CachedTeacher(logprobs=top_lp, ids=top_ids.astype(jnp.int32), tail_logprob=tail, target_logprob=target)
 
 
-def _teacher_topk(graphdef, state, batch, *, k: int, temperature: float, chunk: int):
-    hidden, _ = apply(graphdef, state, batch["teacher_tokens"], batch["teacher_positions"], batch["teacher_mask"],
-                      return_hidden=True)
-    hidden = gather_positions(hidden, batch["teacher_index"])          # [B, A, D]
+def _teacher_topk(graphdef, state, tokens, positions, mask, index, targets, *, k: int, temperature: float,
+                  chunk: int) -> CachedTeacher:
+    """The cached teacher's arrays [B, A(, k)] for the teacher sequences tokens/positions/mask [B, T] at
+    the answer positions `index` [B, A], whose solution tokens are `targets` [B, A]."""
+    hidden, _ = apply(graphdef, state, tokens, positions, mask, return_hidden=True)
+    hidden = gather_positions(hidden, index)          # [B, A, D]
     head = nnx.merge(graphdef, state).head_matrix()
-    targets = batch["answer_tokens"]
     B, A = targets.shape
 
     def one(h, y):
@@ -76,7 +77,7 @@ def _teacher_topk(graphdef, state, batch, *, k: int, temperature: float, chunk: 
     hs = jnp.moveaxis(jnp.pad(hidden, [(0, 0), (0, pad), (0, 0)]).reshape(B, n, chunk, -1), 1, 0)
     ys = jnp.moveaxis(jnp.pad(targets, [(0, 0), (0, pad)]).reshape(B, n, chunk), 1, 0)
     out = jax.lax.map(lambda a: one(*a), (hs, ys))
-    return tuple(jnp.moveaxis(o, 0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :A] for o in out)
+    return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape((B, n * chunk) + o.shape[3:])[:, :A], out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +99,7 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
     k = min(int(k), model_config.vocab_size)
     graphdef, state = nnx.split(model)
     state = nnx.to_pure_dict(state)
-    shard_rows: dict[str, list] = {"logprobs": [], "ids": [], "tail_logprob": [], "target_logprob": []}
+    shard_rows: list[CachedTeacher] = []  # one per example
     shard_ids: list[str] = []
     shard_lengths: list[int] = []
     files, index_ids, n_tokens, total_bytes = [], {}, 0, 0
@@ -108,15 +109,14 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
         if not shard_ids:
             return
         name = f"{file_prefix}_{len(files):05d}.safetensors"
-        tensors = {key: np.ascontiguousarray(np.concatenate(v)) for key, v in shard_rows.items()}
+        tensors = jax.tree.map(lambda *rows: np.ascontiguousarray(np.concatenate(rows)), *shard_rows).arrays()
         tensors["offsets"] = np.concatenate([[0], np.cumsum(shard_lengths)]).astype(np.int64)
         save_file(tensors, str(directory / name), metadata={
             "format": FORMAT, "example_ids": json.dumps(shard_ids), "temperature": repr(float(temperature)), "k": str(k)})
         total_bytes += sum(t.nbytes for key, t in tensors.items() if key != "offsets")
         files.append(name)
         index_ids[name] = list(shard_ids)
-        for v in shard_rows.values():
-            v.clear()
+        shard_rows.clear()
         shard_ids.clear()
         shard_lengths.clear()
 
@@ -125,16 +125,12 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
         records = examples[start:start + batch_size]
         batch = build_batch(records, batch_size=batch_size, buckets=buckets, min_bucket=min_bucket,
                             max_seq_len=max_seq_len)
-        inputs = {key: batch[key] for key in ("teacher_tokens", "teacher_positions", "teacher_mask",
-                                              "teacher_index", "answer_tokens")}
-        lp, ids, tail, target = jax.device_get(_teacher_topk_jit(graphdef)(state, inputs, k=k,
-                                                                 temperature=float(temperature), chunk=chunk))
+        teacher = jax.device_get(_teacher_topk_jit(graphdef)(
+            state, batch.teacher_tokens, batch.teacher_positions, batch.teacher_mask, batch.teacher_index,
+            batch.answer_tokens, k=k, temperature=float(temperature), chunk=chunk))
         for i, rec in enumerate(records):
-            n = int(batch["answer_mask"][i].sum())
-            shard_rows["logprobs"].append(np.asarray(lp[i, :n], np.float32))
-            shard_rows["ids"].append(np.asarray(ids[i, :n], np.int32))
-            shard_rows["tail_logprob"].append(np.asarray(tail[i, :n], np.float32))
-            shard_rows["target_logprob"].append(np.asarray(target[i, :n], np.float32))
+            n = int(batch.answer_mask[i].sum())
+            shard_rows.append(jax.tree.map(lambda x: np.asarray(x[i, :n]), teacher))
             shard_ids.append(str(rec["id"]))
             shard_lengths.append(n)
             n_tokens += n
@@ -155,7 +151,6 @@ def build_teacher_cache_sharded(model, model_config: ModelConfig, examples: Sequ
     """build_teacher_cache under several JAX processes: each process runs every process_count-th
     example on its own devices (`model` placed on a process-local mesh) and writes its part; the
     main process then joins the parts into index.json. With one process it is build_teacher_cache."""
-    from ssb_jax import distributed
     index, count = jax.process_index(), jax.process_count()
     if count == 1:
         return build_teacher_cache(model, model_config, examples, directory, **kwargs)
@@ -176,7 +171,7 @@ def build_teacher_cache_sharded(model, model_config: ModelConfig, examples: Sequ
 
 
 class TeacherCache:
-    """Read side: `cache(example_id)` -> {"logprobs", "ids", "tail_logprob", "target_logprob"}.
+    """Read side: `cache(example_id)` -> that example's CachedTeacher (numpy, [n, k] and [n]).
     Every shard is read into host memory when opened (8k + 8 bytes per answer token)."""
 
     def __init__(self, directory, temperature: float | None = None):
@@ -189,7 +184,7 @@ class TeacherCache:
             raise ValueError(f"teacher cache {self.directory} holds log-probs at T={self.index['temperature']}, "
                              f"but training uses T={temperature}; rebuild the cache")
         self.k = int(self.index["k"])
-        self._rows: dict[str, dict] = {}
+        self._rows: dict[str, CachedTeacher] = {}
         for name in self.index["files"]:
             with safe_open(str(self.directory / name), framework="np") as f:
                 meta = f.metadata()
@@ -197,7 +192,7 @@ class TeacherCache:
             ids = json.loads(meta["example_ids"])
             off = tensors.pop("offsets")
             for e, example_id in enumerate(ids):
-                self._rows[example_id] = {key: t[off[e]:off[e + 1]] for key, t in tensors.items()}
+                self._rows[example_id] = CachedTeacher(**{key: t[off[e]:off[e + 1]] for key, t in tensors.items()})
 
     def __len__(self):
         return len(self._rows)
@@ -205,7 +200,7 @@ class TeacherCache:
     def __contains__(self, example_id):
         return str(example_id) in self._rows
 
-    def __call__(self, example_id) -> dict:
+    def __call__(self, example_id) -> CachedTeacher:
         try:
             return self._rows[str(example_id)]
         except KeyError:

@@ -1,14 +1,14 @@
 """GRPO on the device: completion log-probs of base + LoRA and the jitted update of the adapters.
 
-A batch holds each sample as one right-padded sequence, prompt then completion; the log-prob of
-completion token j is read at position prompt_len - 1 + j. Only the hidden states at those positions
-are gathered and projected to the vocabulary, chunk by chunk (distill.loss.target_logprobs), so no
-[B, T, V] logits exist. The sampling-time log-probs that the ratio divides by are recomputed here, by
-the same program shape as the update's forward pass (`GRPOStep.logprobs`), not taken from the sampler:
-its decode runs in another layout and, for bf16 models, another precision, and a ratio of two
-numerics would not be 1 for an unchanged policy. The policy is the model at the sampling temperature
-(logits / T, as the samples were drawn; top-k / top-p truncation is not modelled), and so is the
-reference the KL term compares it with.
+A batch (ssb_jax.grpo.batch.RolloutBatch) holds each sample as one right-padded sequence, prompt then
+completion; the log-prob of completion token j is read at position prompt_len - 1 + j. Only the hidden
+states at those positions are gathered and projected to the vocabulary, chunk by chunk
+(distill.loss.target_logprobs), so no [B, T, V] logits exist. The sampling-time log-probs that the
+ratio divides by are recomputed here, by the same program shape as the update's forward pass
+(`GRPOStep.logprobs`), not taken from the sampler: its decode runs in another layout and, for bf16
+models, another precision, and a ratio of two numerics would not be 1 for an unchanged policy. The
+policy is the model at the sampling temperature (logits / T, as the samples were drawn; top-k / top-p
+truncation is not modelled), and so is the reference the KL term compares it with.
 
 Like distill.step, the update is a pure function of the graph definitions, the adapter/optimizer state
 (donated), the frozen base state and the batch, optimises the adapters only and is sharded by the
@@ -17,7 +17,6 @@ logical axes (batch rows over the data axes).
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,68 +27,35 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.loss import gather_positions, target_logprobs
-from ssb_jax.distill.step import (abstract_base_state, batch_shardings, graph_definitions, init_state,
-                                  make_optimizer, place_batch, train_state_shardings)
+from ssb_jax.distill.step import abstract_base_state, graph_definitions, init_state, train_state_shardings
+from ssb_jax.distributed import to_host
+from ssb_jax.grpo.batch import RolloutBatch
 from ssb_jax.grpo.config import GRPOConfig
 from ssb_jax.grpo.loss import grpo_objective
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig
-from ssb_jax.model.qwen2 import apply
-from ssb_jax.sampling.driver import bucket_for
-from ssb_jax.sharding import state_shardings, under_mesh
-
-SEQUENCE_KEYS = ("tokens", "positions", "mask", "completion_index", "completion_ids")
-UPDATE_KEYS = SEQUENCE_KEYS + ("completion_mask", "old_logprobs", "advantages")
+from ssb_jax.sharding import batch_sharding, state_shardings, under_mesh
+from ssb_jax.training.optim import make_optimizer
 
 
-def rollout_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, max_len: int,
-                  length_buckets: Sequence[int], rows: int | None = None) -> dict:
-    """Numpy arrays for samples (prompt ids, completion ids): tokens/positions/mask [rows, T] with T
-    the smallest bucket holding the longest sample, completion_index/ids/mask [rows, max_len]. Rows past
-    the samples (padding up to `rows`) hold one token and no completion: they weigh nothing."""
-    rows = len(prompts) if rows is None else rows
-    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    T = bucket_for(longest, length_buckets)
-    if T is None:
-        raise ValueError(f"a sample of {longest} tokens is longer than the largest length bucket {length_buckets[-1]}")
-    tokens = np.zeros((rows, T), np.int32)
-    mask = np.zeros((rows, T), bool)
-    mask[:, 0] = True
-    index = np.zeros((rows, max_len), np.int32)
-    ids = np.zeros((rows, max_len), np.int32)
-    completion_mask = np.zeros((rows, max_len), bool)
-    for r, (prompt, completion) in enumerate(zip(prompts, completions)):
-        completion = list(completion)[:max_len]
-        n, m = len(prompt), len(completion)
-        tokens[r, :n + m] = list(prompt) + completion
-        mask[r, :n + m] = True
-        index[r, :m] = np.arange(n - 1, n - 1 + m)
-        ids[r, :m] = completion
-        completion_mask[r, :m] = True
-    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T)).copy()
-    return {"tokens": tokens, "positions": positions, "mask": mask, "completion_index": index,
-            "completion_ids": ids, "completion_mask": completion_mask}
-
-
-def completion_logprobs(graphdef, states, batch: Mapping, chunk: int, temperature: float = 1.0):
+def completion_logprobs(graphdef, states, batch: RolloutBatch, chunk: int, temperature: float = 1.0):
     """Log-probs [B, A] of the completion tokens under the model (graphdef merged with `states`) at the
     sampling temperature: logits / T, formed as (hidden / T) @ head (the projection is linear)."""
     model = nnx.merge(graphdef, *states)
-    hidden, _ = model(batch["tokens"], batch["positions"], batch["mask"], return_hidden=True)
-    hidden = gather_positions(hidden, batch["completion_index"])
+    hidden, _ = model(batch.tokens, batch.positions, batch.mask, return_hidden=True)
+    hidden = gather_positions(hidden, batch.completion_index)
     if temperature != 1.0:
         hidden = hidden.astype(jnp.promote_types(hidden.dtype, jnp.float32)) / temperature
-    return target_logprobs(hidden, batch["completion_ids"], model.head_matrix(), chunk)
+    return target_logprobs(hidden, batch.completion_ids, model.head_matrix(), chunk)
 
 
-def grpo_loss(lora_state, base_state, batch: Mapping, *, graphdef, gc: GRPOConfig):
+def grpo_loss(lora_state, base_state, batch: RolloutBatch, *, graphdef, gc: GRPOConfig):
     base_state = jax.lax.stop_gradient(base_state)
     logprobs = completion_logprobs(graphdef, (lora_state, base_state), batch, gc.logits_chunk, gc.temperature)
-    loss, metrics = grpo_objective(logprobs, batch["old_logprobs"], batch["advantages"], batch["completion_mask"],
+    loss, metrics = grpo_objective(logprobs, batch.old_logprobs, batch.advantages, batch.completion_mask,
                                    clip_epsilon=gc.clip_epsilon, normalization=gc.loss_normalization,
-                                   max_len=gc.max_new_tokens, kl_beta=gc.kl_beta,
-                                   ref_logprobs=batch.get("ref_logprobs"))
-    return loss, dict(metrics, completion_tokens=jnp.sum(batch["completion_mask"].astype(jnp.int32)))
+                                   max_len=gc.max_new_tokens, kl_beta=gc.kl_beta, ref_logprobs=batch.ref_logprobs)
+    return loss, dict(metrics, completion_tokens=jnp.sum(batch.completion_mask.astype(jnp.int32)))
 
 
 def grpo_update(graphdef, optimizer, schedule, gc: GRPOConfig, state, base_state, batch):
@@ -118,26 +84,22 @@ class GRPOStep:
     def init_state(self, key: jax.Array) -> dict:
         return init_state(self.model_config, self.lora_config, self.optimizer, key, self.mesh)
 
-    def update(self, state, base_state, batch: Mapping):
-        keys = UPDATE_KEYS + (("ref_logprobs",) if self.gc.kl_beta else ())
-        batch = place_batch({k: batch[k] for k in keys}, self.mesh)
-        fn = _jitted(self.model_config, self.lora_config, self.gc, self.mesh, "update", keys,
-                     batch["tokens"].shape[0])
+    def update(self, state, base_state, batch: RolloutBatch):
+        batch = batch.for_program(update=True, reference=bool(self.gc.kl_beta)).place(self.mesh)
+        fn = _jitted(self.model_config, self.lora_config, self.gc, self.mesh, "update", batch.rows)
         return fn(state, base_state, batch)
 
-    def logprobs(self, lora, base_state, batch: Mapping) -> np.ndarray:
-        batch = place_batch({k: batch[k] for k in SEQUENCE_KEYS}, self.mesh)
+    def logprobs(self, lora, base_state, batch: RolloutBatch) -> np.ndarray:
+        batch = batch.for_program(update=False).place(self.mesh)
         which = "reference" if lora is None else "policy"
-        fn = _jitted(self.model_config, self.lora_config, self.gc, self.mesh, which, SEQUENCE_KEYS,
-                     batch["tokens"].shape[0])
+        fn = _jitted(self.model_config, self.lora_config, self.gc, self.mesh, which, batch.rows)
         out = fn(base_state, batch) if lora is None else fn(lora, base_state, batch)
-        from ssb_jax.distributed import to_host
         return np.asarray(to_host(out), np.float32)
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted(model_config: ModelConfig, lora_config: LoraConfig, gc: GRPOConfig, mesh: Mesh | None, which: str,
-            keys: tuple[str, ...], batch_size: int):
+            batch_size: int):
     student_graphdef, base_graphdef = graph_definitions(model_config, lora_config)
     optimizer, schedule = make_optimizer(gc, total_updates(gc))
     chunk, temperature = gc.logits_chunk, gc.temperature
@@ -154,15 +116,14 @@ def _jitted(model_config: ModelConfig, lora_config: LoraConfig, gc: GRPOConfig, 
         return jax.jit(fn, donate_argnums=0 if which == "update" else (), compiler_options=options)
     state_sh = train_state_shardings(model_config, lora_config, optimizer, mesh)
     base_sh = nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh))
-    batch_sh = batch_shardings(keys, batch_size, mesh)
-    rows_sh = batch_shardings(("out",), batch_size, mesh)["out"]
+    rows_sh = batch_sharding(mesh, (batch_size,))  # every batch field and the log-probs: rows over the data axes
     # each program is traced under the mesh, so that the model's activation constraints hold
     if which == "update":
-        return under_mesh(jax.jit(fn, in_shardings=(state_sh, base_sh, batch_sh),
+        return under_mesh(jax.jit(fn, in_shardings=(state_sh, base_sh, rows_sh),
                                   out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0,
                                   compiler_options=options), mesh)
     if which == "policy":
-        return under_mesh(jax.jit(fn, in_shardings=(state_sh["lora"], base_sh, batch_sh), out_shardings=rows_sh,
+        return under_mesh(jax.jit(fn, in_shardings=(state_sh["lora"], base_sh, rows_sh), out_shardings=rows_sh,
                                   compiler_options=options), mesh)
-    return under_mesh(jax.jit(fn, in_shardings=(base_sh, batch_sh), out_shardings=rows_sh,
+    return under_mesh(jax.jit(fn, in_shardings=(base_sh, rows_sh), out_shardings=rows_sh,
                               compiler_options=options), mesh)
