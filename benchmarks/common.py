@@ -109,7 +109,8 @@ def decode_bytes_per_step(config: ModelConfig, batch: int, context: float) -> fl
 
 # ----------------------------------------------------------------------------- the device's peak rates
 
-# (substrings all found in the lower-cased jax device_kind, its ssb_jax.plan.ACCELERATORS entry); first match wins
+# (substrings all found in the lower-cased jax device_kind, its ssb_jax.plan.accelerators.ACCELERATORS entry);
+# first match wins
 DEVICE_KINDS = (
     (("h200",), "H200"),
     (("h100",), "H100-80G"),
@@ -154,11 +155,11 @@ class DevicePeaks:
 
 
 def device_peaks(*, dtype: str = "float32", copy_megabytes: int = 512) -> DevicePeaks:
-    """Peaks of jax.devices()[0]: the datasheet row of ssb_jax.plan.ACCELERATORS for its device_kind (dense
-    bf16 peak, HBM bandwidth); on a CPU, measured (a jitted `dtype` matrix product; numpy's copy bandwidth,
-    bytes read plus written). SSB_PEAK_TFLOPS / SSB_HBM_GBS (TFLOP/s, GB/s) override either."""
+    """Peaks of jax.devices()[0]: the datasheet row of ssb_jax.plan.accelerators.ACCELERATORS for its
+    device_kind (dense bf16 peak, HBM bandwidth); on a CPU, measured (a jitted `dtype` matrix product;
+    numpy's copy bandwidth, bytes read plus written). SSB_PEAK_TFLOPS / SSB_HBM_GBS (TFLOP/s, GB/s) override either."""
     import jax
-    from ssb_jax.plan import ACCELERATORS
+    from ssb_jax.plan.accelerators import ACCELERATORS
     device = jax.devices()[0]
     tflops, bandwidth = (float(os.environ[k]) if os.environ.get(k) else None for k in (PEAK_TFLOPS_ENV, BANDWIDTH_ENV))
     overrides = [k for k in (PEAK_TFLOPS_ENV, BANDWIDTH_ENV) if os.environ.get(k)]
@@ -167,7 +168,7 @@ def device_peaks(*, dtype: str = "float32", copy_megabytes: int = 512) -> Device
     if name:
         tflops = tflops or ACCELERATORS[name].bf16_tflops
         bandwidth = bandwidth or ACCELERATORS[name].bandwidth_gbs
-        source = f"ssb_jax.plan.ACCELERATORS[{name!r}] (datasheet: dense bf16, HBM)"
+        source = f"ssb_jax.plan.accelerators.ACCELERATORS[{name!r}] (datasheet: dense bf16, HBM)"
     elif device.platform == "cpu":  # measure only what the environment does not give
         tflops = tflops or matmul_tflops(dtype)
         bandwidth = bandwidth or copy_bandwidth_gbs(copy_megabytes)

@@ -82,3 +82,9 @@ def hinted_messages(question: str, correct_trace: str, wrong_trace: str,
         incorrect_response=wrong_trace.strip(),
     )
     return _chat(system_prompt, user_content)
+
+
+def prompts_from_config(config) -> PromptSet:
+    """The run's prompts: config.prompts' non-empty fields over the built-in ones."""
+    overrides = {k: v for k, v in config.prompts.items() if v}
+    return PromptSet(**overrides) if overrides else DEFAULT_PROMPTS

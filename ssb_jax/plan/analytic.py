@@ -1,57 +1,41 @@
-"""Resource planner: memory per device and a time estimate per stage, before renting the hardware.
-
-    python -m ssb_jax.plan --config configs/qwen3b.py --accelerator H100-80G [--devices 8] [--config.key=value]
-    python -m ssb_jax.plan --config configs/qwen3b.py --devices 8 --check-compiled --config.model.dtype=float32
+"""The planner's analytic model: memory per device and a time estimate per stage, from the config alone.
 
 Memory of parameters, LoRA, optimizer state and KV cache is exact: the same logical-axis table that
 places the arrays decides how they split (tests compare with real sharded arrays). The working sets
 (attention scores or tiles of the kernel attention_impl resolves to, MLP intermediates, vocabulary
-logits, what remat keeps) are modelled term by term from the programs' shapes, per stage phase, and
-checked against the compiler:
-`--check-compiled` lowers the real sampling and training programs with abstract inputs, compiles them
-for this machine's backend (nothing allocated) and prints `memory_analysis()` beside the plan
-(tests/test_plan.py does it for the 3B shape on 1 and 8 CPU devices). Times are estimates from FLOPs
-and bandwidth.
+logits, what remat keeps) are modelled term by term from the programs' shapes, per stage phase
+(ssb_jax.plan.compiled checks them against the compiler). Times are estimates from FLOPs and bandwidth.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
+from huggingface_hub import hf_hub_download
 
+from ssb_jax.config import section_to
+from ssb_jax.curate import CurationConfig
+from ssb_jax.data.datasets import known_dataset_file, load_problems
+from ssb_jax.distill.batch import bucket_length
+from ssb_jax.distill.config import TrainConfig
+from ssb_jax.evaluation import PROTOCOLS, EvalConfig, parse_datasets
 from ssb_jax.model.attention import chunk_layout, resolve
 from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.kv_cache import CACHE_AXES
 from ssb_jax.model.lora import student_split
-from ssb_jax.model.qwen2 import CACHE_AXES
+from ssb_jax.model.tokenizer import encode_chat, load_tokenizer
+from ssb_jax.paths import shared_data_dir
+from ssb_jax.plan.accelerators import ACCELERATORS
+from ssb_jax.prompts import prompts_from_config
+from ssb_jax.sampling.driver import bucket_for, power_of_two_buckets
+from ssb_jax.sampling.mesh import sampling_mesh_shape
 from ssb_jax.sharding import (MESH_AXES, array_bytes_per_device, check_batch_divides, data_parallel_size,
-                              parse_mesh_setting, sampling_mesh_shape, state_bytes_per_device)
+                              parse_mesh_setting, state_bytes_per_device)
 
 GIB = 2**30
 
-
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-    devices: int          # devices one host (or slice) shows to JAX
-    memory_gib: float     # per device
-    bf16_tflops: float    # dense peak per device
-    bandwidth_gbs: float  # memory bandwidth per device
-    backend: str = "gpu"  # the JAX backend it runs (decides which kernel attention_impl="auto" resolves to)
-
-
-ACCELERATORS = {
-    "v4-8": Accelerator(4, 32, 275, 1228, "tpu"),
-    "v5e-8": Accelerator(8, 16, 197, 819, "tpu"),
-    "v5p-8": Accelerator(4, 95, 459, 2765, "tpu"),
-    "v6e-8": Accelerator(8, 32, 918, 1640, "tpu"),
-    "A100-40G": Accelerator(1, 40, 312, 1555),
-    "A100-80G": Accelerator(1, 80, 312, 2039),
-    "H100-80G": Accelerator(1, 80, 989, 3350),
-    "H200": Accelerator(1, 141, 989, 4800),
-    "T4": Accelerator(1, 15, 65, 320),
-    "L4": Accelerator(1, 24, 121, 300),
-}
 # Realistic fractions of peak for the time estimates (not measured here; conservative guesses).
 MFU_TRAIN, MFU_PREFILL, BANDWIDTH_FRACTION = 0.35, 0.4, 0.6
 
@@ -360,8 +344,6 @@ def sampling_shapes(config, data_parallel: int = 1) -> dict[str, SamplingShape]:
     """Curation's two generate programs at their largest: rollouts (n per question) and the hinted
     teacher's solutions, both at the longest prompt the sampler accepts (hinted prompts carry two
     traces; worst case); the batch padded to the sampling mesh's data-parallel size."""
-    from ssb_jax.config import section_to
-    from ssb_jax.curate import CurationConfig
     cur = section_to(CurationConfig, config.curate, "config.curate")
     batch, prompt = padded_sampler_batch(config, data_parallel), config.sampler.max_prompt_tokens
     return {"rollouts": SamplingShape(batch, prompt, cur.rollout_max_new_tokens, cur.num_rollouts),
@@ -372,10 +354,6 @@ def training_shape(config) -> TrainingShape:
     """The largest batch training builds (ssb_jax.distill.batch): both sequences of a hinted prompt (at
     most sampler.max_prompt_tokens) and a solution (at most solution_max_new_tokens), or max_seq_len,
     padded to the length buckets."""
-    from ssb_jax.config import section_to
-    from ssb_jax.curate import CurationConfig
-    from ssb_jax.distill.batch import bucket_length
-    from ssb_jax.distill.config import TrainConfig
     tc = section_to(TrainConfig, config.train, "config.train")
     cur = section_to(CurationConfig, config.curate, "config.curate")
     bucket = lambda n: bucket_length(min(n, tc.length_buckets[-1]) if tc.length_buckets else n,  # noqa: E731
@@ -392,9 +370,6 @@ def eval_shapes(config, data_parallel: int = 1) -> dict[str, tuple[list[Sampling
     n-sample pass of a sampling protocol) at the sampler's batch and the dataset's longest prompt padded
     to the sampler's prompt bucket. Datasets or a tokenizer that are not on this machine:
     max_prompt_tokens and 500 problems."""
-    from ssb_jax.config import section_to
-    from ssb_jax.evaluate import PROTOCOLS, EvalConfig, parse_datasets
-    from ssb_jax.sampling.driver import bucket_for, power_of_two_buckets
     ec = section_to(EvalConfig, config.eval, "config.eval")
     s = config.sampler
     generations = {(PROTOCOLS[p].max_new_tokens or ec.max_new_tokens, 1) for p in ec.protocols}
@@ -409,7 +384,8 @@ def eval_shapes(config, data_parallel: int = 1) -> dict[str, tuple[list[Sampling
             prompt = bucket_for(min(max(lengths[:count]), s.max_prompt_tokens), buckets)
         else:
             count, prompt = ec.max_problems or 500, s.max_prompt_tokens
-        shapes[spec.label] = ([SamplingShape(padded_sampler_batch(config, data_parallel), prompt, new, n) for new, n in sorted(generations)], count,
+        batch = padded_sampler_batch(config, data_parallel)
+        shapes[spec.label] = ([SamplingShape(batch, prompt, new, n) for new, n in sorted(generations)], count,
                               bool(lengths))
     return shapes
 
@@ -417,25 +393,20 @@ def eval_shapes(config, data_parallel: int = 1) -> dict[str, tuple[list[Sampling
 def _prompt_lengths(config, spec) -> list[int] | None:
     """Token counts of a dataset's student prompts, when the data and a tokenizer are on this machine
     (never fetched)."""
-    from pathlib import Path
-    from ssb_jax.data.datasets import known_dataset_file, load_problems
     source = known_dataset_file(spec.source) if spec.known else Path(spec.source)
     tokenizer = _local_tokenizer(config)
     if source is None or not source.exists() or tokenizer is None:
         return None
-    from ssb_jax.main import _prompts
-    from ssb_jax.model.tokenizer import encode_chat
     problems = load_problems(spec.source) if spec.known else load_problems(
         spec.source, question_field=config.data.question_field or None,
         answer_field=config.data.answer_field or None, name=spec.label)
-    prompts = _prompts(config)
+    prompts = prompts_from_config(config)
     return [len(encode_chat(tokenizer, prompts.student_messages(p.question))) for p in problems]
 
 
 def _local_tokenizer(config):
-    from pathlib import Path
-    from ssb_jax.model.tokenizer import load_tokenizer
-    from ssb_jax.paths import shared_data_dir
+    """The run's tokenizer when it is on this machine (never fetched): config.model.tokenizer or the
+    model's path, and for a Qwen2.5 model the shared Qwen2.5 tokenizer; else None."""
     name = config.model.tokenizer or config.model.path
     candidates = [Path(name)]
     if Path(name).name.startswith("Qwen2.5"):  # every Qwen2.5 size shares one tokenizer
@@ -450,20 +421,17 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
          include_eval: bool = True, backend: str | None = None) -> dict:
     """The plan for `accelerator` (its device count unless `devices`); the attention kernels resolve for
     `backend` (default: the accelerator's; the compiler check passes the backend it compiles on)."""
-    from ssb_jax.config import section_to
-    from ssb_jax.curate import CurationConfig
-    from ssb_jax.distill.config import TrainConfig
     acc = ACCELERATORS[accelerator]
     devices = devices or acc.devices
     backend = backend or acc.backend
     axes = mesh_shape(dict(config.mesh), devices)
-    model_config = _model_config(config)
+    model_config = model_config_of(config)
     tc = section_to(TrainConfig, config.train, "config.train")
     cur = section_to(CurationConfig, config.curate, "config.curate")
     check_batch_divides(tc.batch_size, axes, "config.train.batch_size")
     lora_config = tc.lora_config()
     capacity = acc.memory_gib * GIB
-    # sampling runs on its own mesh, chosen as sharding.sampling_mesh chooses it (over the planned
+    # sampling runs on its own mesh, chosen as sampling.mesh.sampling_mesh chooses it (over the planned
     # devices, as one process sees them)
     sample_axes = mesh_shape(sampling_mesh_shape(model_config, devices, parse_mesh_setting(config.sampler.mesh),
                                                  config.sampler.memory_per_device_gib * GIB or capacity), devices)
@@ -547,228 +515,20 @@ def _gib(terms: dict) -> dict:
     return {k: v / GIB for k, v in terms.items()}
 
 
-def _model_config(config) -> ModelConfig:
-    from pathlib import Path
+def model_config_of(config) -> ModelConfig:
+    """The ModelConfig of config.model: its path's config.json, for a hub id the shared copy of it when
+    there is one, else config.json alone fetched from the hub; dtype, remat and attention_impl from
+    config.model."""
     path = Path(config.model.path)
     if (path / "config.json").exists():
         mc = ModelConfig.from_json(path)
     else:  # a hub id: use the shared copy of its config when we have it, else fetch config.json only
-        from ssb_jax.paths import shared_data_dir
         local = shared_data_dir() / "qwen2.5_configs" / path.name / "config.json"
         if local.exists():
             mc = ModelConfig.from_json(local)
         else:
-            from huggingface_hub import hf_hub_download
             mc = ModelConfig.from_json(hf_hub_download(str(config.model.path), "config.json"))
     return mc.replace(dtype=config.model.dtype, remat=config.model.remat,
                       attention_impl=config.model.attention_impl)
 
 
-# ----------------------------------------------------------------------------- checked by the compiler
-
-def compiled_bytes(compiled) -> dict[str, int]:
-    """A compiled program's memory_analysis(): arguments, outputs, temporaries (the compiler's buffer
-    assignment), the outputs that reuse argument buffers (donation), the machine code; "total" is what
-    one device holds at the program's peak: argument + output + temp - alias."""
-    m = compiled.memory_analysis()
-    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "temp": m.temp_size_in_bytes,
-           "alias": m.alias_size_in_bytes, "code": m.generated_code_size_in_bytes}
-    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-    return out
-
-
-def check_mesh(axes: dict[str, int]):
-    """A mesh of this machine's first devices with the planned axes (None for one device)."""
-    import jax
-    from ssb_jax.sharding import make_mesh
-    devices = math.prod(axes.values())
-    if devices > len(jax.devices()):
-        raise ValueError(f"the plan is for {devices} devices; this machine shows {len(jax.devices())} "
-                         "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    return None if devices == 1 else make_mesh(axes, jax.devices()[:devices])
-
-
-def _abstract(tree, shardings=None):
-    import jax
-    if shardings is None:
-        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), tree)
-    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), tree, shardings)
-
-
-def compile_sampling(config: ModelConfig, shape: SamplingShape, mesh, sampling=None):
-    """The sampler's generate program for this shape (the scan layout of the weights, as on an
-    accelerator), lowered with abstract sharded inputs and compiled; nothing is allocated."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-    from ssb_jax.model.qwen2 import abstract_model
-    from ssb_jax.sampling.sampler import SamplingParams, generate
-    from ssb_jax.sharding import BATCH_AXES, state_shardings
-    graphdef, state = nnx.split(abstract_model(config))
-    rows = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    params = _abstract(nnx.to_pure_dict(state), None if mesh is None else nnx.to_pure_dict(state_shardings(state, mesh)))
-    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), shape.rows))
-    sampling = (sampling or SamplingParams(max_new_tokens=shape.new_tokens, temperature=1.0, top_k=50)).program()
-    program = jax.jit(lambda st, tokens, mask, keys, knobs: generate(graphdef, st, tokens, mask, keys,
-                                                                     sampling=sampling, n=shape.samples,
-                                                                     mesh=mesh, knobs=knobs))
-    return program.lower(params, jax.ShapeDtypeStruct((shape.prompts, shape.prompt_len), jnp.int32, sharding=rows),
-                         jax.ShapeDtypeStruct((shape.prompts, shape.prompt_len), jnp.bool_, sharding=rows),
-                         jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows),
-                         jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
-
-
-def compile_training(config: ModelConfig, tc, shape: TrainingShape, mesh):
-    """The distillation train step (ssb_jax.distill.step, the real jitted program) for this batch shape,
-    lowered with abstract sharded state, base and batch, and compiled; nothing is allocated."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from ssb_jax.distill.step import (_jitted_step, abstract_base_state, batch_keys, batch_shardings, init_state,
-                                      make_optimizer, train_state_shardings)
-    from ssb_jax.sharding import state_shardings
-    tc = dataclasses.replace(tc, batch_size=shape.batch)
-    lora_config = tc.lora_config()
-    total_steps = 1000
-    optimizer, _ = make_optimizer(tc, total_steps)
-    keys = batch_keys(tc)
-    state = jax.eval_shape(lambda: init_state(config, lora_config, optimizer, jax.random.key(0)))
-    base = abstract_base_state(config)
-    B, T, Tt, A, k = shape.batch, shape.student_len, shape.teacher_len, shape.answer_len, tc.topk
-    batch_shapes = {"student_tokens": ((B, T), jnp.int32), "student_positions": ((B, T), jnp.int32),
-                    "student_mask": ((B, T), jnp.bool_), "teacher_tokens": ((B, Tt), jnp.int32),
-                    "teacher_positions": ((B, Tt), jnp.int32), "teacher_mask": ((B, Tt), jnp.bool_),
-                    "student_index": ((B, A), jnp.int32), "teacher_index": ((B, A), jnp.int32),
-                    "answer_tokens": ((B, A), jnp.int32), "answer_mask": ((B, A), jnp.bool_),
-                    "teacher_topk_logprobs": ((B, A, k), jnp.float32), "teacher_topk_ids": ((B, A, k), jnp.int32),
-                    "teacher_tail_logprob": ((B, A), jnp.float32), "teacher_target_logprob": ((B, A), jnp.float32)}
-    batch = {key: jax.ShapeDtypeStruct(*batch_shapes[key]) for key in keys}
-    if mesh is None:
-        state, base = _abstract(state), _abstract(nnx.to_pure_dict(base))
-    else:
-        state = _abstract(state, train_state_shardings(config, lora_config, optimizer, mesh))
-        base = _abstract(nnx.to_pure_dict(base), nnx.to_pure_dict(state_shardings(base, mesh)))
-        batch = _abstract(batch, batch_shardings(keys, B, mesh))
-    step = _jitted_step(config, tc, lora_config, total_steps, mesh, keys, B)
-    return step.lower(state, base, batch).compile()
-
-
-def check_against_compiler(config, devices: int) -> dict[str, dict]:
-    """{stage: {"planned": bytes, "compiled": compiled_bytes}} for the curation rollouts and the training
-    step of this config on `devices` of this machine's devices."""
-    import jax
-    from ssb_jax.config import section_to
-    from ssb_jax.distill.config import TrainConfig
-    from ssb_jax.sampling.sampler import SamplingParams
-    p = plan(config, _any_accelerator(devices), devices, include_eval=False, backend=jax.default_backend())
-    model_config = _model_config(config)
-    tc = section_to(TrainConfig, config.train, "config.train")
-    mesh = check_mesh(p["mesh"])
-    rollouts = p["shapes"]["curate rollouts"]
-    cur = config.curate
-    sampling = SamplingParams(max_new_tokens=rollouts.new_tokens, temperature=cur.rollout_temperature,
-                              top_k=cur.rollout_top_k, top_p=cur.rollout_top_p)
-    return {"backend": jax.default_backend(),
-            "curate rollouts": {"planned": p["terms_gib"]["curate rollouts"]["total"] * GIB,
-                                "compiled": compiled_bytes(compile_sampling(model_config, rollouts,
-                                                                            check_mesh(p["sampling_mesh"]), sampling))},
-            "training": {"planned": p["memory_gib_per_device"]["training_total"] * GIB,
-                         "compiled": compiled_bytes(compile_training(model_config, tc, p["shapes"]["training"], mesh))}}
-
-
-def _any_accelerator(devices: int) -> str:
-    """Any accelerator name: the training figures do not depend on it; its memory decides the sampling
-    mesh, which the check compiles on as planned."""
-    return "H100-80G" if devices == 1 else "v5e-8"
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_check(results: dict) -> str:
-    backend = results["backend"]
-    lines = [f"planned vs compiled per device; compiled = memory_analysis() of the real programs lowered with "
-             f"abstract inputs, i.e. XLA:{backend.upper()}'s buffer assignment (argument + output + temp - alias)"
-             + ("; XLA:CPU upcasts bfloat16 matmul operands to float32 copies that a GPU/TPU compiler does not "
-                "make: check with --config.model.dtype=float32 there" if backend == "cpu" else "")]
-    for stage, r in results.items():
-        if stage == "backend":
-            continue
-        c = r["compiled"]
-        lines.append(f"  {stage:16s} planned {_size(r['planned']):>11s}  compiled {_size(c['total']):>11s} "
-                     f"({(r['planned'] - c['total']) / c['total']:+.1%}; argument {_size(c['argument'])}, "
-                     f"output {_size(c['output'])}, temp {_size(c['temp'])}, alias {_size(c['alias'])})")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- output
-
-def format_plan(p: dict) -> str:
-    m = p["memory_gib_per_device"]
-    lines = [f"{p['accelerator']}: {p['devices']} devices, mesh {p['mesh']}, sampling mesh {p['sampling_mesh']}, "
-             f"{p['model_parameters'] / 1e9:.2f}B parameters",
-             "memory per device (GiB):"]
-    for key in ("base_weights", "lora", "optimizer_state", "training_activations", "sampling_weights",
-                "sampling_kv_cache", "sampling_copy_while_training"):
-        lines.append(f"  {key:32s}{m[key]:10.3f}")
-    for stage in ("sampling", "training", "eval"):
-        if stage == "eval" and not m["eval_total"]:
-            continue
-        remedy = ("shard more (mesh.fsdp/tensor), lower the batch, or remat" if stage == "training" else
-                  "more tensor/fsdp in config.sampler.mesh, or a lower sampler.batch_size")
-        verdict = "fits" if p["fits"][stage] else f"DOES NOT FIT: {remedy}"
-        held = f" + {m['sampling_copy_while_training']:.3f} sampling copy" if stage == "training" and \
-            m["sampling_copy_while_training"] else ""
-        lines.append(f"  {stage + ' total':32s}{m[stage + '_total']:10.3f}{held} of {m['capacity']} -> {verdict}")
-    lines.append("terms per stage (GiB; the total is the peak of the program's phases, not the sum):")
-    for stage, terms in p["terms_gib"].items():
-        shape = p["shapes"][stage]
-        described = ", ".join(f"{f.name}={getattr(shape, f.name)}" for f in dataclasses.fields(shape))
-        lines.append(f"  {stage} ({described}): "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in terms.items() if k != "total" and v))
-    lines.append("activations and working sets are modelled per program phase and checked against XLA:CPU's buffer "
-                 "assignment of the real programs (tests/test_plan.py, --check-compiled); a GPU/TPU compiler "
-                 "schedules differently")
-    t = p["time_estimate_s"]
-    lines.append(f"time estimate: curate {t['curate'] / 60:.1f} min, train {t['train'] / 60:.1f} min, "
-                 f"eval {t['eval'] / 60:.1f} min (assumptions: {p['assumptions']})")
-    return "\n".join(lines)
-
-
-def main(argv=None):
-    """argv without the program name; --config.section.key=value overrides as in ssb_jax.main."""
-    import sys
-    from ssb_jax.config import parse_config_args
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="--config.section.key=value overrides a setting, as for ssb_jax.main")
-    parser.add_argument("--config", required=True, help="a configs/*.py file")
-    parser.add_argument("--accelerator", default="H100-80G", choices=sorted(ACCELERATORS))
-    parser.add_argument("--devices", type=int, default=None, help="override the device count (e.g. a bigger slice)")
-    parser.add_argument("--keep-rate", type=float, default=0.2, help="fraction of questions curation keeps")
-    parser.add_argument("--check-compiled", action="store_true",
-                        help="also compile the sampling and training programs on this machine (abstract inputs, "
-                             "nothing allocated) and print their memory_analysis() beside the plan")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        parser.parse_args(["--help"])
-    try:
-        config, rest = parse_config_args(argv)
-    except ValueError as e:
-        parser.error(str(e))
-    args = parser.parse_args(rest + ["--config", "(parsed above)"])
-    try:
-        result = plan(config, args.accelerator, args.devices, args.keep_rate)
-    except ValueError as e:  # a setting that cannot work (a train batch the mesh does not divide): one line
-        parser.error(str(e))
-    print(format_plan(result))
-    if args.check_compiled:
-        print(format_check(check_against_compiler(config, result["devices"])))
-
-
-if __name__ == "__main__":
-    main()
