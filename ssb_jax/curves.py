@@ -16,36 +16,37 @@ pass@1 on those problems; the curve only monitors training and selects nothing, 
 One Sampler is built at the first point, from the student (base + adapters); every later point swaps
 the new adapter values in (`Sampler.set_adapters`), so nothing is compiled again.
 
-Interface (SSB and SFT through ssb_jax.train.run; a GRPO loop calls the same two things):
+Interface:
 
     curve = LearningCurve(config, problems, tokenizer, base_model, lora_config, workdir / "metrics.jsonl",
                           label="grpo", make_sampler=pipeline.sampler, prompts=..., grader="math_verify",
                           place=None)
-    # after truncating metrics.jsonl to the checkpoint the run resumes from:
-    curve.maybe_record(0, total_steps, lora, sampled_tokens=0, writer=tb)        # before the first step
-    for step in range(start, total_steps):
-        ...one optimiser step...
-        curve.maybe_record(step + 1, total_steps, lora, sampled_tokens, writer=tb)  # before saving a checkpoint
+    TrainingLoop(..., hooks=Hooks(curve_point=curve.loop_hook(lambda: sampled_tokens)))
+
+The training loop (ssb_jax.training.loop), after truncating metrics.jsonl to the checkpoint it resumes
+from, then calls `curve.maybe_record(step, total_steps, lora, sampled_tokens, writer=tb)` at the step it
+starts from and after every step, before that step's checkpoint.
 
 `lora`: the adapters as a pure dict (a train state's "lora") or an nnx.State; `place` (optional) puts
 them where the sampler's mesh wants them (several processes: gathered, then placed on the local mesh).
 Points go to the caller's metrics.jsonl as records with "kind": "curve" (training records have no kind),
 only from the main process; TensorBoard gets curve/* scalars at the optimiser step. A point whose step
 is already in the file is not redone, and a run that truncates its metrics to its last checkpoint
-(ssb_jax.train) drops later points, so a killed run neither loses nor repeats points as long as each
+(ssb_jax.training.loop) drops later points, so a killed run neither loses nor repeats points as long as each
 point is written before the checkpoint of its step. `plot_curves` draws several methods' points (by
 label) in one figure; report.py uses it to put SSB, SFT and GRPO side by side.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ssb_jax import validate
+from ssb_jax.settings import setting
+from ssb_jax.training.metrics import append_record, read_records, save_plot, subplots, write_scalars
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,11 @@ PLOTTED = (("accuracy", "greedy accuracy"), ("mean_tokens", "mean completion len
 
 @dataclasses.dataclass(frozen=True)
 class CurveConfig:
-    eval_every: int = 0        # optimiser steps between points; 0: no curve
-    eval_size: int = 64        # held-out problems per point
-    max_new_tokens: int = 0    # token budget of each answer (0: eval.max_new_tokens)
-    dataset: str = ""          # one eval dataset spec (name, label=path, path); empty: the first of eval.datasets
+    eval_every: int = setting(0, "optimiser steps between learning-curve points (greedy accuracy and length on a "
+                                 "held-out subset; also at step 0 and the end); 0: off")
+    eval_size: int = setting(64, "held-out problems per learning-curve point (the first ones of curves.dataset)")
+    max_new_tokens: int = setting(0, "token budget of each learning-curve answer (0: eval.max_new_tokens)")
+    dataset: str = setting("", "learning-curve problems: one eval dataset spec (empty: the first of eval.datasets)")
 
     def __post_init__(self):
         validate.non_negative(self, "eval_every", "max_new_tokens")
@@ -77,11 +79,7 @@ def is_curve(record: Mapping) -> bool:
 
 def read_curve(metrics_path) -> list[dict]:
     """The curve points in a metrics.jsonl, in step order."""
-    path = Path(metrics_path)
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted((r for r in records if is_curve(r)), key=lambda r: r["step"])
+    return sorted((r for r in read_records(metrics_path) if is_curve(r)), key=lambda r: r["step"])
 
 
 class LearningCurve:
@@ -119,6 +117,12 @@ class LearningCurve:
         every = self.config.eval_every
         return every > 0 and (step == 0 or step == total_steps or step % every == 0)
 
+    def loop_hook(self, sampled_tokens: Callable[[], int]) -> Callable:
+        """The training loop's curve_point hook (ssb_jax.training.loop.Hooks): a point of the train state's
+        adapters (state["lora"]); sampled_tokens() is the x-axis at that step."""
+        return lambda step, total_steps, state, writer: self.maybe_record(step, total_steps, state["lora"],
+                                                                           sampled_tokens(), writer)
+
     def maybe_record(self, step: int, total_steps: int, lora, sampled_tokens: int, writer=None) -> dict | None:
         """The point at `step` when one is due and not yet recorded (written and returned), else None."""
         if not self.due(step, total_steps):
@@ -132,12 +136,10 @@ class LearningCurve:
         import jax
         if jax.process_index() == 0:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(point) + "\n")
+            append_record(self.metrics_path, point)
             if writer is not None:
-                for key in ("accuracy", "mean_tokens", "truncated_rate", "sampled_tokens"):
-                    if point[key] is not None:
-                        writer.add_scalar(f"curve/{key}", point[key], step)
+                write_scalars(writer, point, "curve", step, keys=("accuracy", "mean_tokens", "truncated_rate",
+                                                                  "sampled_tokens"))
         self._recorded.add(step)
         log.info("curve %s step %d: accuracy %.3f on %d problems, mean %.1f tokens, %.0f%% cut (%.1f s)",
                  self.label, step, point["accuracy"] or 0.0, point["problems"], point["mean_tokens"] or 0.0,
@@ -190,10 +192,7 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], out) -> Path | None:
     curves = {label: sorted(points, key=lambda p: p["step"]) for label, points in curves.items() if points}
     if not curves:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(PLOTTED), 2, figsize=(12, 3.2 * len(PLOTTED)), squeeze=False)
+    fig, axes = subplots(len(PLOTTED), 2, figsize=(12, 3.2 * len(PLOTTED)), squeeze=False)
     for label, points in curves.items():
         for row, (key, title) in enumerate(PLOTTED):
             shown = [p for p in points if p.get(key) is not None]
@@ -207,9 +206,4 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], out) -> Path | None:
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_plot(fig, out)

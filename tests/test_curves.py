@@ -11,6 +11,7 @@ from ssb_jax.curves import CurveConfig, LearningCurve, plot_curves, read_curve
 from ssb_jax.data.datasets import Problem
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
+from ssb_jax.distill.train import run
 from ssb_jax.model.lora import LoraConfig, init_lora, with_adapters
 from ssb_jax.model.qwen2 import init_model
 from ssb_jax.model.tokenizer import encode_chat, load_tokenizer, stop_token_ids
@@ -18,7 +19,7 @@ from ssb_jax.paths import shared_data_path
 from ssb_jax.prompts import DEFAULT_PROMPTS
 from ssb_jax.sampling.driver import Completion, Sampler
 from ssb_jax.sampling.sampler import SamplingParams
-from ssb_jax.train import read_metrics, run
+from ssb_jax.training.metrics import read_metrics
 
 VOCAB = 151936  # the real tokenizer's ids, so prompts are chat-rendered as in the pipeline
 
@@ -29,9 +30,7 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def base():
-    seed = np.random.randint(1 << 30)
-    print("model seed", seed)
+def base(seed):
     config = tiny_model_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64)
     return init_model(config, seed, std=0.3)
 
@@ -47,11 +46,9 @@ def random_adapters(model, lora_config, key):
     return jax.tree.map(lambda x: 0.5 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape, x.dtype), lora)
 
 
-def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, tokenizer):
+def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, tokenizer, seed):
     lora_config = LoraConfig(rank=4, alpha=8.0)
-    seed = np.random.randint(1 << 30)
-    print("adapter seed", seed)
-    loras = [random_adapters(base, lora_config, jax.random.key(seed + i)) for i in range(2)]
+    loras = [random_adapters(base, lora_config, jax.random.key(seed + 1 + i)) for i in range(2)]
     curve = LearningCurve(CurveConfig(eval_every=1, eval_size=5, max_new_tokens=12), problems(7), tokenizer, base,
                           lora_config, "unused.jsonl", label="test",
                           make_sampler=lambda m, lora, c: Sampler(with_adapters(m, lora, c), tokenizer, batch_size=8,
@@ -91,14 +88,12 @@ class ScriptedSampler:
         return out
 
 
-def small_model():
-    return init_model(tiny_model_config(vocab_size=64, hidden_size=32, intermediate_size=64),
-                      np.random.randint(1 << 30), std=0.2)
+def small_model(seed):
+    return init_model(tiny_model_config(vocab_size=64, hidden_size=32, intermediate_size=64), seed, std=0.2)
 
 
-def test_points_statistics_resume_and_plot(tokenizer, tmp_path):
-    base = small_model()  # answers are scripted; the model only gives the adapters' shapes
-    rng = np.random.default_rng()
+def test_points_statistics_resume_and_plot(tokenizer, tmp_path, seed, rng):
+    base = small_model(seed)  # answers are scripted; the model only gives the adapters' shapes
     chosen = problems(9)
     texts, correct, lengths, cut = {}, [], [], []
     for p in chosen:
@@ -140,11 +135,11 @@ def test_points_statistics_resume_and_plot(tokenizer, tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
-def test_killed_training_neither_loses_nor_repeats_points(tokenizer, tmp_path):
+def test_killed_training_neither_loses_nor_repeats_points(tokenizer, tmp_path, seed, rng):
     """The bookkeeping of points around a kill (the sampling itself is tested above, so answers are scripted)."""
-    small = small_model()
+    small = small_model(seed)
     config = small.config
-    records = random_records(np.random.default_rng(), 10, config.vocab_size)
+    records = random_records(rng, 10, config.vocab_size)
     tc = TrainConfig(lora_rank=4, lora_alpha=8.0, learning_rate=5e-2, batch_size=4, epochs=3, min_bucket=8,
                      length_buckets=(32,), max_seq_len=32, checkpoint_every=3, seed=3,
                      logits_chunk=0)  # 8 steps of one shape (one compile), checkpoints at 3, 6, 8

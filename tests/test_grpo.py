@@ -13,13 +13,6 @@ from ssb_jax.grpo.config import NORMALIZATIONS, GRPOConfig
 from ssb_jax.grpo.loss import group_advantages, grpo_objective
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % (1 << 31))
-    print(f"seed {seed}")  # pytest shows it when the test fails
-    return np.random.default_rng(seed)
-
-
 # ----------------------------------------------------------------------------- the objective
 
 def numpy_objective(logp, old, ref, adv, mask, *, eps, beta, normalization, max_len):
@@ -159,7 +152,8 @@ def _one_group_update(tiny, rng, rewards, **settings):
     """One GRPO update on one group of random completions of one prompt; (log-probs per sample before,
     after, the update's metrics, adapters before, after)."""
     from ssb_jax.distill.step import base_state_for_training
-    from ssb_jax.grpo.step import GRPOStep, rollout_batch
+    from ssb_jax.grpo.batch import rollout_batch
+    from ssb_jax.grpo.step import GRPOStep
     config, model, lora_config = tiny
     G = len(rewards)
     gc = GRPOConfig(group_size=G, prompts_per_step=1, max_new_tokens=8, logits_chunk=3, grad_clip=0.0,
@@ -172,10 +166,10 @@ def _one_group_update(tiny, rng, rewards, **settings):
     state = step.init_state(jax.random.key(int(rng.integers(1 << 30))))
     before = step.logprobs(state["lora"], base, batch)
     lora_before = jax.tree_util.tree_map(np.asarray, state["lora"])
-    batch.update(old_logprobs=before, advantages=group_advantages(rewards, G))
+    batch = batch.replace(old_logprobs=before, advantages=group_advantages(rewards, G))
     state, metrics = step.update(state, base, batch)
     after = step.logprobs(state["lora"], base, batch)
-    per_sample = lambda lp: (lp * batch["completion_mask"]).sum(1)
+    per_sample = lambda lp: (lp * batch.completion_mask).sum(1)
     return per_sample(before), per_sample(after), metrics, lora_before, state["lora"]
 
 
@@ -183,21 +177,22 @@ def test_completion_logprobs_are_the_models_at_the_completion_positions_and_temp
     """Against the model's own full logits (float64 log-softmax of logits / T), read where each
     completion token was predicted: position prompt_len - 1 + j."""
     from flax import nnx
-    from ssb_jax.grpo.step import completion_logprobs, rollout_batch
+    from ssb_jax.grpo.batch import rollout_batch
+    from ssb_jax.grpo.step import completion_logprobs
     config, model, _ = tiny
     prompts = [rng.integers(0, 64, rng.integers(2, 7)).tolist() for _ in range(3)]
     completions = [rng.integers(0, 64, rng.integers(1, 6)).tolist() for _ in range(3)]
     batch = rollout_batch(prompts, completions, max_len=6, length_buckets=[16], rows=4)
     graphdef, state = nnx.split(model)
     got = np.asarray(completion_logprobs(graphdef, (state,), batch, chunk=4, temperature=0.7))
-    logits, _ = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]), jnp.asarray(batch["mask"]))
+    logits, _ = model(jnp.asarray(batch.tokens), jnp.asarray(batch.positions), jnp.asarray(batch.mask))
     scaled = np.asarray(logits, np.float64) / 0.7
     log_softmax = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - scaled.max(-1, keepdims=True)
     for r, (prompt, completion) in enumerate(zip(prompts, completions)):
         want = [log_softmax[r, len(prompt) - 1 + j, token] for j, token in enumerate(completion)]
         np.testing.assert_allclose(got[r, :len(completion)], want, rtol=1e-5, atol=1e-5)
-    assert not batch["completion_mask"][3].any()  # the padding row has no completion
+    assert not batch.completion_mask[3].any()  # the padding row has no completion
 
 
 def test_the_one_right_sample_gains_probability_and_the_others_lose_it(tiny, rng):
@@ -239,6 +234,82 @@ def test_sampler_takes_new_adapters_in_place_without_recompiling(tiny, rng):
     assert [[c.token_ids for c in row] for row in updated] == [[c.token_ids for c in row] for row in fresh]
 
 
+# ----------------------------------------------------------------------------- the stage's loop, in process
+
+class HashTokenizer:
+    """A stand-in tokenizer: a prompt is the 8 hex digits of its messages' CRC, each digit one token."""
+    eos_token_id = 1
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        import zlib
+        return f"{zlib.crc32(repr(messages).encode()):08x}"
+
+    def encode(self, text, add_special_tokens=False):
+        return [2 + int(c, 16) for c in text]
+
+    def get_vocab(self):
+        return {}
+
+
+class ScriptedPolicy:
+    """A stand-in sampler: each completion follows from (question id, sampling seed, sample index) alone,
+    about a third of them right for a gold answer of "1"."""
+
+    def __init__(self):
+        self.adapters_set = 0
+
+    def set_adapters(self, lora):
+        self.adapters_set += 1
+
+    def generate_ids(self, prompts, sampling, *, n, seed, ids):
+        import zlib
+        from ssb_jax.sampling.driver import Completion
+        groups = []
+        for key in ids:
+            hashes = [zlib.crc32(f"{key}:{seed}:{i}".encode()) for i in range(n)]
+            groups.append([Completion(token_ids=[2 + (h >> k) % 60 for k in range(1 + h % 6)], finish_reason="stop",
+                                      text=f"so \\boxed{{{h % 3}}}") for h in hashes])
+        return groups
+
+
+def test_grpo_run_killed_and_resumed_repeats_the_uninterrupted_run(tiny, tmp_path):
+    """Iteration position and sampled tokens survive the kill: the resumed run's records and adapters are
+    the uninterrupted run's."""
+    from ssb_jax.data.datasets import Problem
+    from ssb_jax.grpo.run import run
+    from ssb_jax.training.checkpoint import Checkpoints, abstract
+    from ssb_jax.training.metrics import read_metrics
+    config, model, lora_config = tiny
+    problems = [Problem(id=f"q{i}", question=f"What is {i} - {i - 1}?", answer="1", source="test") for i in range(5)]
+    gc = GRPOConfig(steps=4, prompts_per_step=2, group_size=3, max_new_tokens=8, logits_chunk=4, learning_rate=1e-2,
+                    checkpoint_every=2, grader="string_match", kl_beta=0.04)
+
+    def grpo(workdir, **kw):
+        return run(gc, config, lora_config, model, ScriptedPolicy(), problems, HashTokenizer(), workdir,
+                   progress=False, tensorboard=False, plot=False, **kw)
+
+    def without_times(records):
+        return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in records]
+
+    full = grpo(tmp_path / "full")
+    assert not full["interrupted"] and [r["step"] for r in full["history"]] == [1, 2, 3, 4]
+    part = grpo(tmp_path / "resumed", stop_after=3)  # killed after iteration 3; the last checkpoint is iteration 2
+    assert part["interrupted"] and len(part["history"]) == 3
+    rest = grpo(tmp_path / "resumed")
+    assert rest["start"] == 2 and [r["step"] for r in rest["history"]] == [3, 4]
+    assert without_times(read_metrics(tmp_path / "resumed")) == without_times(read_metrics(tmp_path / "full"))
+    tokens = [r["sampled_tokens"] for r in full["history"]]
+    assert tokens == sorted(tokens) and tokens[0] > 0 and len(set(r["reward_mean"] for r in full["history"])) > 1
+    assert [r["updates"] for r in full["history"]] == [1, 2, 3, 4]
+    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), full["lora"], rest["lora"])
+    assert max(jax.tree_util.tree_leaves(diffs)) < 1e-6
+    with Checkpoints(tmp_path / "resumed", gc.keep_checkpoints, json_items=("progress",)) as checkpoints:
+        _, items = checkpoints.restore(4, abstract(full["state"]))
+    assert items["progress"] == {"iteration": 4, "sampled_tokens": tokens[-1]}
+    for name in ("grpo_config.json", "lora_config.json"):
+        assert (tmp_path / "resumed" / name).exists(), name
+
+
 # ----------------------------------------------------------------------------- the pipeline stage
 
 # On top of tests/test_main.py's reduced world: a smaller, shorter-trained one (GRPO only has to run).
@@ -250,6 +321,8 @@ GRPO_RUN = ["--config.world.num_train=48", "--config.world.num_test=8", "--confi
             "--config.eval.n_samples=0", "--config.eval.max_problems=4", "--config.eval.max_new_tokens=48"]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # builds a toy world, then a GRPO run killed and resumed, evaluation and report
 def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
     import json
     import subprocess
@@ -261,9 +334,9 @@ def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
     assert not (workdir / "grpo" / "DONE.json").exists()
 
     log = _check(pipeline(workdir, *GRPO_RUN, "--config.stages=grpo,eval,report"))
-    assert "grpo: resumed after iteration" in log
+    assert "grpo: resumed from step" in log  # the iteration count is the training loop's step
     from ssb_jax.curves import read_curve
-    from ssb_jax.train import read_metrics
+    from ssb_jax.training.metrics import read_metrics
     records = read_metrics(metrics.parent)  # the iterations' records (learning-curve points apart)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # none twice, none missing
     # the learning curve (configs/tiny.py's cadence, in iterations): at 0 and the end, each once

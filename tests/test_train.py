@@ -13,18 +13,20 @@ from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.batch import build_batch
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.data import make_dataset
-from ssb_jax.distill.step import TrainStep, _jitted_step, init_state, make_optimizer, make_schedule, total_steps_for
+from ssb_jax.distill.step import TrainStep, init_state, total_steps_for, train_step_program
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
+from ssb_jax.distill.train import load_lora, run
 from ssb_jax.model.qwen2 import init_model
 from ssb_jax.sharding import make_mesh, shard_state
-from ssb_jax.train import load_lora, read_metrics, run
+from ssb_jax.training.metrics import read_metrics
+from ssb_jax.training.optim import make_optimizer, make_schedule
 from tests.xla_text import ynn_fused_bodies
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(seed):
     config = tiny_model_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
-    return config, init_model(config, np.random.randint(1 << 30), std=0.2)
+    return config, init_model(config, seed, std=0.2)
 
 
 def _randomize_b(state, key):
@@ -34,14 +36,14 @@ def _randomize_b(state, key):
     return {**state, "lora": lora}
 
 
-def test_sharded_step_equals_single_device(model):
+@pytest.mark.multidevice
+def test_sharded_step_equals_single_device(model, rng, seed):
     assert jax.device_count() == 8
     config, params = model
     base = nnx.state(params)
-    rng = np.random.default_rng()
     tc = TrainConfig(lora_rank=4, lora_alpha=8.0, learning_rate=1e-3, adam_eps=1e-4, logits_chunk=8, ce_weight=0.2)
     optimizer, _ = make_optimizer(tc, 10)
-    key = jax.random.key(np.random.randint(1 << 30))
+    key = jax.random.key(seed + 1)
     state0 = _randomize_b(init_state(config, tc.lora_config(), optimizer, key), jax.random.fold_in(key, 7))
     batches = [build_batch(random_records(rng, 4, config.vocab_size), batch_size=4, buckets=(32,), max_seq_len=32)
                for _ in range(2)]
@@ -90,20 +92,20 @@ def test_schedules():
     assert total_steps_for(10, TrainConfig(batch_size=4, epochs=3, max_steps=5)) == 5
 
 
-def test_grain_pipeline_epochs_and_shuffle():
-    records = random_records(np.random.default_rng(), 10, 50)
+def test_grain_pipeline_epochs_and_shuffle(rng):
+    records = random_records(rng, 10, 50)
     tc = TrainConfig(batch_size=4, epochs=3, seed=5)
     ds = make_dataset(records, tc)
     batches = list(ds)
     assert len(batches) == total_steps_for(10, tc) == 8
-    seen = [tuple(b["answer_tokens"][i, :b["answer_mask"][i].sum()]) for b in batches for i in range(4) if b["row_valid"][i]]
+    seen = [tuple(b.answer_tokens[i, :b.answer_mask[i].sum()]) for b in batches for i in range(4) if b.row_valid[i]]
     sols = [tuple(r["solution_ids"]) for r in records]
     assert len(seen) == 30 and all(seen.count(s) == 3 for s in sols)  # every record once per epoch
     assert seen[:10] != seen[10:20]  # a fresh permutation each epoch
-    again = [tuple(b["answer_tokens"][i, :b["answer_mask"][i].sum()]) for b in make_dataset(records, tc) for i in range(4)
-             if b["row_valid"][i]]
+    again = [tuple(b.answer_tokens[i, :b.answer_mask[i].sum()]) for b in make_dataset(records, tc) for i in range(4)
+             if b.row_valid[i]]
     assert again == seen  # seeded
-    assert batches[-1]["row_valid"].tolist() == [True, True, False, False]  # padded to the batch size
+    assert batches[-1].row_valid.tolist() == [True, True, False, False]  # padded to the batch size
 
 
 def _tiny_run_config(**kw):
@@ -113,9 +115,10 @@ def _tiny_run_config(**kw):
     return TrainConfig(**base)
 
 
-def test_training_drives_kl_down(model, tmp_path):
+@pytest.mark.multidevice  # the trained adapters are loaded back onto a mesh too
+def test_training_drives_kl_down(model, tmp_path, rng):
     config, params = model
-    records = random_records(np.random.default_rng(), 8, config.vocab_size, solution=(6, 14))
+    records = random_records(rng, 8, config.vocab_size, solution=(6, 14))
     tc = _tiny_run_config(epochs=15, schedule="constant", checkpoint_every=100)
     result = run(tc, config, params, records, tmp_path, progress=False)
     kl = np.array([h["kl"] for h in result["history"]])
@@ -140,9 +143,9 @@ def test_training_drives_kl_down(model, tmp_path):
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0
 
 
-def test_kill_and_resume_reproduces_losses(model, tmp_path):
+def test_kill_and_resume_reproduces_losses(model, tmp_path, rng):
     config, params = model
-    records = random_records(np.random.default_rng(), 10, config.vocab_size)
+    records = random_records(rng, 10, config.vocab_size)
     tc = _tiny_run_config(epochs=3)  # 8 steps, checkpoints at 3, 6, 8
     full = run(tc, config, params, records, tmp_path / "full", progress=False, plot=False, tensorboard=False)
     part = run(tc, config, params, records, tmp_path / "resumed", progress=False, plot=False, tensorboard=False,
@@ -162,9 +165,9 @@ def test_kill_and_resume_reproduces_losses(model, tmp_path):
     assert again["history"] == [] and again["start_step"] == 8
 
 
-def test_cached_teacher_full_vocab_trains_like_online(model, tmp_path):
+def test_cached_teacher_full_vocab_trains_like_online(model, tmp_path, rng):
     config, params = model
-    records = random_records(np.random.default_rng(), 6, config.vocab_size)
+    records = random_records(rng, 6, config.vocab_size)
     tc = _tiny_run_config(epochs=2, ce_weight=0.1)
     online = run(tc, config, params, records, tmp_path / "online", progress=False, plot=False, tensorboard=False)
     cached = run(tc.replace(teacher_mode="cached", topk=config.vocab_size), config, params, records, tmp_path / "cached",
@@ -179,7 +182,7 @@ def test_cached_teacher_full_vocab_trains_like_online(model, tmp_path):
     assert json.loads((tmp_path / "top8" / "teacher_cache" / "index.json").read_text())["bytes_per_token"] == 72
 
 
-def test_bf16_base_with_f32_lora_step(model):
+def test_bf16_base_with_f32_lora_step(model, rng):
     """The frozen base may be bf16 while LoRA and its optimizer state stay f32."""
     config, params = model
     config16 = config.replace(dtype="bfloat16")
@@ -187,15 +190,15 @@ def test_bf16_base_with_f32_lora_step(model):
     tc = TrainConfig(lora_rank=4, learning_rate=1e-2, logits_chunk=8)
     step = TrainStep(config16, tc, 5)
     state = _randomize_b(init_state(config16, tc.lora_config(), step.optimizer, jax.random.key(0)), jax.random.key(1))
-    batch = build_batch(random_records(np.random.default_rng(), 4, config.vocab_size), buckets=(32,), max_seq_len=32)
+    batch = build_batch(random_records(rng, 4, config.vocab_size), buckets=(32,), max_seq_len=32)
     new, metrics = step(state, params16, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new["lora"]))
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree_util.tree_leaves(new["opt_state"]))
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh"])
-def test_step_leaves_vocabulary_reductions_to_xla(sharded):
+@pytest.mark.parametrize("sharded", [False, pytest.param(True, marks=pytest.mark.multidevice)], ids=["one_device", "mesh"])
+def test_step_leaves_vocabulary_reductions_to_xla(sharded, rng):
     """The compiled train step hands YNNPACK no reduction (on CPU, where its fused vocabulary-wide
     reductions ran 10-15x slower); see ssb_jax.compile_options."""
     if not vocab_program_options():
@@ -205,11 +208,11 @@ def test_step_leaves_vocabulary_reductions_to_xla(sharded):
     tc = TrainConfig(lora_rank=4, logits_chunk=8)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}) if sharded else None
     step = TrainStep(config, tc, 10, mesh)
-    batch = step.place_batch(build_batch(random_records(np.random.default_rng(), 4, 4096), batch_size=4,
+    batch = step.place_batch(build_batch(random_records(rng, 4, 4096), batch_size=4,
                                          buckets=(32,), max_seq_len=32))
     state = init_state(config, step.lora_config, step.optimizer, jax.random.key(1), mesh)
     params = nnx.to_pure_dict(shard_state(params, mesh)) if sharded else nnx.to_pure_dict(params)
-    fn = _jitted_step(config, tc, step.lora_config, 10, mesh, tuple(batch), 4)
+    fn = train_step_program(config, tc, step.lora_config, 10, mesh)
     bodies = ynn_fused_bodies(fn.lower(state, params, batch).compile().as_text())
     assert bodies, "no YNNPACK fusion at all: the matrix products should still use it"
     assert not [b for b in bodies if " reduce(" in b]

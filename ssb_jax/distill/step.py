@@ -10,8 +10,9 @@ the time a tree of Variables takes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ssb_jax.compile_options import vocab_program_options
+from ssb_jax.distill.batch import DistillBatch
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.loss import distill_objective, gather_positions
 from ssb_jax.model.config import ModelConfig
@@ -27,37 +29,10 @@ from ssb_jax.model.lora import LoraConfig, init_lora, student_split
 from ssb_jax.model import qwen2
 from ssb_jax.model.qwen2 import abstract_model, apply
 from ssb_jax.sharding import batch_sharding, check_batch_divides, shard_state, state_shardings, under_mesh
-
-CACHED_KEYS = ("teacher_topk_logprobs", "teacher_topk_ids", "teacher_tail_logprob", "teacher_target_logprob")
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-def make_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
-    total_steps = max(int(total_steps), 1)
-    warmup = tc.warmup_steps or int(round(tc.warmup_ratio * total_steps))
-    warmup = min(warmup, total_steps - 1) if total_steps > 1 else 0
-    decay_steps = max(total_steps - warmup, 1)
-    lr = tc.learning_rate
-    if tc.schedule == "constant":
-        main = optax.constant_schedule(lr)
-    elif tc.schedule == "linear":
-        main = optax.linear_schedule(lr, 0.0, decay_steps)
-    else:
-        main = optax.cosine_decay_schedule(lr, decay_steps)
-    if not warmup:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+from ssb_jax.training.optim import make_optimizer
 
 
-def make_optimizer(tc: TrainConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = make_schedule(tc, total_steps)
-    parts = []
-    if tc.grad_clip and tc.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(tc.grad_clip))
-    parts.append(optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, eps=tc.adam_eps, weight_decay=tc.weight_decay))
-    return optax.chain(*parts), schedule
-
+# ----------------------------------------------------------------------------- steps
 
 def total_steps_for(num_examples: int, tc: TrainConfig) -> int:
     steps = -(-(num_examples * tc.epochs) // tc.batch_size)
@@ -84,43 +59,33 @@ def graph_definitions(model_config: ModelConfig, lora_config: LoraConfig) -> tup
     return student_split(model_config, lora_config)[0], nnx.split(abstract_model(model_config))[0]
 
 
-def student_answer_hidden(student_graphdef, lora_state, base_state, batch):
+def student_answer_hidden(student_graphdef, lora_state, base_state, batch: DistillBatch):
     """Final-normed hidden states of base + LoRA on the student sequence at the answer positions [B, A, D]."""
-    hidden, _ = apply(student_graphdef, (lora_state, base_state), batch["student_tokens"],
-                      batch["student_positions"], batch["student_mask"], return_hidden=True)
-    return gather_positions(hidden, batch["student_index"])
+    hidden, _ = apply(student_graphdef, (lora_state, base_state), batch.student_tokens, batch.student_positions,
+                      batch.student_mask, return_hidden=True)
+    return gather_positions(hidden, batch.student_index)
 
 
-def teacher_answer_hidden(base_graphdef, base_state, batch):
+def teacher_answer_hidden(base_graphdef, base_state, batch: DistillBatch):
     """Hidden states of the base (LoRA off) on the teacher sequence at the answer positions, no gradient."""
-    hidden, _ = apply(base_graphdef, base_state, batch["teacher_tokens"], batch["teacher_positions"],
-                      batch["teacher_mask"], return_hidden=True)
-    return jax.lax.stop_gradient(gather_positions(hidden, batch["teacher_index"]))
+    hidden, _ = apply(base_graphdef, base_state, batch.teacher_tokens, batch.teacher_positions, batch.teacher_mask,
+                      return_hidden=True)
+    return jax.lax.stop_gradient(gather_positions(hidden, batch.teacher_index))
 
 
-def distill_loss(lora_state, base_state, batch: Mapping[str, jax.Array], *, graphdefs, tc: TrainConfig):
-    """(loss, metrics) for one batch (see ssb_jax.distill.batch for the keys); graphdefs as graph_definitions."""
+def distill_loss(lora_state, base_state, batch: DistillBatch, *, graphdefs, tc: TrainConfig):
+    """(loss, metrics) for one batch; graphdefs as graph_definitions."""
     student_graphdef, base_graphdef = graphdefs
     base_state = jax.lax.stop_gradient(base_state)
     student = student_answer_hidden(student_graphdef, lora_state, base_state, batch)
     if tc.teacher_mode == "online":
         teacher = teacher_answer_hidden(base_graphdef, base_state, batch)
     else:
-        teacher = {"logprobs": batch["teacher_topk_logprobs"], "ids": batch["teacher_topk_ids"],
-                   "tail_logprob": batch["teacher_tail_logprob"], "target_logprob": batch["teacher_target_logprob"]}
+        teacher = batch.cached_teacher()
     head = nnx.merge(base_graphdef, base_state).head_matrix()
-    return distill_objective(student, teacher, batch["answer_tokens"], batch["answer_mask"], head,
+    return distill_objective(student, teacher, batch.answer_tokens, batch.answer_mask, head,
                              temperature=tc.temperature, kl_weight=tc.kl_weight, ce_weight=tc.ce_weight,
                              per_sequence_mean=tc.per_sequence_mean, chunk=tc.logits_chunk)
-
-
-def batch_keys(tc: TrainConfig) -> tuple[str, ...]:
-    keys = ["student_tokens", "student_positions", "student_mask", "student_index", "answer_tokens", "answer_mask"]
-    if tc.teacher_mode == "online":
-        keys += ["teacher_tokens", "teacher_positions", "teacher_mask", "teacher_index"]
-    else:
-        keys += list(CACHED_KEYS)
-    return tuple(keys)
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -131,24 +96,6 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state_shape
     replicated = NamedSharding(mesh, P())
     return optax.tree_map_params(optimizer, lambda _, sharding: sharding, opt_state_shapes, lora_shardings,
                                  transform_non_params=lambda _: replicated)
-
-
-def batch_shardings(keys, batch_size: int, mesh: Mesh) -> dict:
-    """Every batch array splits its leading (batch) axis over the data-parallel axes."""
-    return {k: batch_sharding(mesh, (batch_size,)) for k in keys}
-
-
-def place_batch(batch: Mapping, mesh: Mesh | None) -> dict:
-    """Global host batch (numpy) -> device arrays, split over the mesh's data axes when there is one.
-    Under several processes each copies only the rows of its own devices."""
-    if mesh is None:
-        return jax.device_put(dict(batch))
-    B = next(iter(batch.values())).shape[0]
-    shardings = batch_shardings(tuple(batch), B, mesh)
-    if jax.process_count() > 1:
-        return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
-                for k, v in batch.items()}
-    return jax.device_put(dict(batch), shardings)
 
 
 def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
@@ -193,16 +140,14 @@ class TrainStep:
         self.lora_config = lora_config or tc.lora_config()
         self.optimizer, self.schedule = make_optimizer(tc, self.total_steps)
 
-    def place_batch(self, batch: Mapping) -> dict:
-        """Global host batch (numpy) -> device arrays, sharded over the mesh when there is one.
-        Under several processes each copies only the rows of its own devices."""
-        return place_batch({k: batch[k] for k in batch_keys(self.tc)}, self.mesh)
+    def place_batch(self, batch: DistillBatch) -> DistillBatch:
+        """Global host batch (numpy) -> the fields the step reads as device arrays, sharded over the mesh
+        when there is one. Under several processes each copies only the rows of its own devices."""
+        return batch.for_step(self.tc.teacher_mode).place(self.mesh)
 
-    def __call__(self, state, base_state, batch):
-        batch = self.place_batch(batch)
-        B = next(iter(batch.values())).shape[0]
-        fn = _jitted_step(self.model_config, self.tc, self.lora_config, self.total_steps, self.mesh, tuple(batch), B)
-        return fn(state, base_state, batch)
+    def __call__(self, state, base_state, batch: DistillBatch):
+        fn = train_step_program(self.model_config, self.tc, self.lora_config, self.total_steps, self.mesh)
+        return fn(state, base_state, self.place_batch(batch))
 
 
 def train_step(graphdefs, optimizer, schedule, tc: TrainConfig, state, base_state, batch):
@@ -216,8 +161,10 @@ def train_step(graphdefs, optimizer, schedule, tc: TrainConfig, state, base_stat
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraConfig, total_steps: int,
-                 mesh: Mesh | None, keys: tuple[str, ...], batch_size: int):
+def train_step_program(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraConfig, total_steps: int,
+                       mesh: Mesh | None):
+    """The jitted `train_step` (state donated) for batches of tc.batch_size rows, shared by every caller
+    with this configuration; with a mesh, placed by the logical axes and traced under the mesh."""
     optimizer, schedule = make_optimizer(tc, total_steps)
     graphdefs = graph_definitions(model_config, lora_config)
     step = functools.partial(train_step, graphdefs, optimizer, schedule, tc)
@@ -227,7 +174,32 @@ def _jitted_step(model_config: ModelConfig, tc: TrainConfig, lora_config: LoraCo
     state_sh = train_state_shardings(model_config, lora_config, optimizer, mesh)
     replicated = NamedSharding(mesh, P())
     base_sh = nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh))
+    rows = batch_sharding(mesh, (tc.batch_size,))  # every batch field: its rows over the data axes
     # traced under the mesh, so that the model's activation constraints hold (rows split, width whole)
-    return under_mesh(jax.jit(step, in_shardings=(state_sh, base_sh, batch_shardings(keys, batch_size, mesh)),
-                              out_shardings=(state_sh, replicated), donate_argnums=0,
-                              compiler_options=vocab_program_options()), mesh)
+    return under_mesh(jax.jit(step, in_shardings=(state_sh, base_sh, rows), out_shardings=(state_sh, replicated),
+                              donate_argnums=0, compiler_options=vocab_program_options()), mesh)
+
+
+def lower_train_step(model_config: ModelConfig, tc: TrainConfig, batch: DistillBatch, mesh: Mesh | None = None,
+                     total_steps: int = 1000, lora_config: LoraConfig | None = None) -> jax.stages.Lowered:
+    """train_step_program for `batch` (DistillBatch.abstract: its rows set the batch size), lowered with
+    abstract state and base placed as on `mesh`; nothing is allocated."""
+    tc = dataclasses.replace(tc, batch_size=batch.rows)
+    lora_config = lora_config or tc.lora_config()
+    optimizer, _ = make_optimizer(tc, total_steps)
+    state = jax.eval_shape(lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
+    base = nnx.to_pure_dict(abstract_base_state(model_config))
+    if mesh is None:
+        state, base = _abstract(state), _abstract(base)
+    else:
+        state = _abstract(state, train_state_shardings(model_config, lora_config, optimizer, mesh))
+        base = _abstract(base, nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh)))
+    program = train_step_program(model_config, tc, lora_config, total_steps, mesh)
+    return program.lower(state, base, batch)
+
+
+def _abstract(tree, shardings=None):
+    """ShapeDtypeStructs of `tree`'s arrays, placed by `shardings` (a tree like it) when given."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

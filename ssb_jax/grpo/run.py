@@ -3,6 +3,9 @@
 
     result = run(gc, model_config, lora_config, model, sampler, problems, tokenizer, workdir, mesh=mesh)
 
+It runs on the shared training loop (ssb_jax.training.loop), one loop step per iteration: the batch
+source (`RolloutSource`) samples and grades an iteration's groups from the current adapters, the
+step (`grpo_step`) turns rewards into advantages and updates the adapters on them.
 `sampler` is a Sampler of the student (the base with adapters of `lora_config`'s shape); each iteration
 writes the current adapters into it (`Sampler.set_adapters`), so its compiled programs are reused.
 Iteration i reads questions [i·P, (i+1)·P) of a sequence of seeded shuffles of `problems` (one per
@@ -15,6 +18,7 @@ grpo_config.json, lora_config.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -24,21 +28,22 @@ from typing import Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ssb_jax.data.datasets import Problem
 from ssb_jax.distill.step import base_state_for_training
 from ssb_jax.evaluation.grading import grade_response
 from ssb_jax.grpo.config import GRPOConfig
 from ssb_jax.grpo.loss import group_advantages
-from ssb_jax.grpo.step import GRPOStep, rollout_batch
+from ssb_jax.grpo.batch import rollout_batch
+from ssb_jax.grpo.step import GRPOStep
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, as_lora_state
 from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.driver import power_of_two_buckets
 from ssb_jax.sampling.sampler import SamplingParams
-from ssb_jax.train import _abstract, read_metrics, resume_metrics, write_record
+from ssb_jax.training.loop import Hooks, TrainingLoop
+from ssb_jax.training.metrics import read_metrics, save_plot, subplots
 
 log = logging.getLogger(__name__)
 
@@ -70,33 +75,97 @@ def reward(text: str, gold: str, gc: GRPOConfig) -> tuple[float, bool, bool]:
     return float(graded.correct) + gc.format_reward * has_answer, graded.correct, has_answer
 
 
-def _checkpoint_manager(workdir: Path, gc: GRPOConfig) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=gc.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=("state", "progress"),
-                                 options=options)
-
-
 def _data_parallel(mesh) -> int:
     from ssb_jax.sharding import BATCH_AXES
     return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """One iteration's batch: group_size graded samples of each of its questions, question by question."""
+    iteration: int
+    prompts: list            # prompt ids of each sample (a question's, group_size times)
+    completions: list        # sampling.driver.Completion of each sample
+    graded: list             # reward(...) of each sample: (reward, correct, has an answer)
+    sampled_tokens: int      # tokens sampled so far, this iteration's included
+    sample_time_s: float
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return np.array([g[0] for g in self.graded])
+
+
+class RolloutSource:
+    """GRPO's batch source: iteration i's questions (questions_for), sampled from the current policy (the
+    state's adapters written into the sampler) with a seed derived from i, and graded. Its position, kept
+    in the checkpoint, is the iteration count and the tokens sampled so far."""
+
+    def __init__(self, sampler, problems: Sequence[Problem], prompt_ids: dict, sampling: SamplingParams,
+                 gc: GRPOConfig):
+        self.sampler, self.problems, self.prompt_ids, self.sampling = sampler, problems, prompt_ids, sampling
+        self.gc = gc
+        self.iteration, self.sampled_tokens = 0, 0
+
+    def next_batch(self, state) -> Rollouts:
+        gc = self.gc
+        started = time.perf_counter()
+        chosen = questions_for(self.iteration, self.problems, gc)
+        self.sampler.set_adapters(_for_sampler(state["lora"]))
+        groups = self.sampler.generate_ids([self.prompt_ids[p.id] for p in chosen], self.sampling, n=gc.group_size,
+                                           seed=(gc.seed * 1_000_003 + self.iteration) % (1 << 31),
+                                           ids=[p.id for p in chosen])
+        sample_time = time.perf_counter() - started
+        completions = [c for group in groups for c in group]
+        graded = [reward(c.text, p.answer, gc) for p, group in zip(chosen, groups) for c in group]
+        self.sampled_tokens += sum(len(c.token_ids) for c in completions)
+        rollouts = Rollouts(self.iteration, [self.prompt_ids[p.id] for p in chosen for _ in range(gc.group_size)],
+                            completions, graded, self.sampled_tokens, sample_time)
+        self.iteration += 1
+        return rollouts
+
+    def get_state(self) -> dict:
+        return {"iteration": self.iteration, "sampled_tokens": self.sampled_tokens}
+
+    def set_state(self, position: dict) -> None:
+        self.iteration, self.sampled_tokens = int(position["iteration"]), int(position["sampled_tokens"])
+
+
+def grpo_step(step: GRPOStep, base_state, gc: GRPOConfig, length_buckets, rows_multiple: int):
+    """The loop's step: group-normalised advantages of an iteration's rewards, then the updates on them;
+    its record: the samples' statistics, the updates' metrics, sampled tokens and timings."""
+    def run_step(state, rollouts: Rollouts):
+        rewards = rollouts.rewards
+        advantages = group_advantages(rewards, gc.group_size, scale_by_std=gc.scale_by_std, eps=gc.advantage_eps)
+        started = time.perf_counter()
+        state, update_metrics = _update(step, state, base_state, rollouts.prompts,
+                                        [c.token_ids for c in rollouts.completions], advantages, gc, length_buckets,
+                                        rows_multiple, rollouts.iteration)
+        update_time = time.perf_counter() - started
+        lengths = np.array([len(c.token_ids) for c in rollouts.completions])
+        return state, {"reward_mean": float(rewards.mean()),
+                       "accuracy": float(np.mean([g[1] for g in rollouts.graded])),
+                       "answer_rate": float(np.mean([g[2] for g in rollouts.graded])),
+                       "groups_with_signal": float(np.mean(rewards.reshape(-1, gc.group_size).std(1) > 0)),
+                       "completion_len_mean": float(lengths.mean()),
+                       "truncated_share": float(np.mean([c.finish_reason == "length" for c in rollouts.completions])),
+                       **update_metrics, "sampled_tokens": rollouts.sampled_tokens,
+                       "sample_time_s": rollouts.sample_time_s, "update_time_s": update_time}
+    return run_step
 
 
 def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, model, sampler, problems: Sequence[Problem],
         tokenizer, workdir, *, prompts: PromptSet = DEFAULT_PROMPTS, mesh=None, resume: bool = True,
         stop_after: int | None = None, progress: bool = True, tensorboard: bool = True, plot: bool = True,
         curve=None) -> dict:
-    """Run (or resume) GRPO; returns {"state", "lora", "history", "iterations", "interrupted"}.
+    """Run (or resume) GRPO; returns {"state", "lora", "history", "iterations", "interrupted", "start"}.
 
     model: the frozen base on `mesh` (the training mesh). stop_after: stop after this many iterations
     of this call without a final checkpoint (simulates a kill). curve: a learning curve of held-out
-    greedy accuracy (the curves branch's `LearningCurve`, or anything with its
-    `maybe_record(step, total_steps, lora, sampled_tokens, writer)`), called with the iteration as the
-    step, before the first iteration and after each one, before that iteration's checkpoint; its
-    points go to metrics.jsonl with "kind": "curve".
+    greedy accuracy (the curves branch's `LearningCurve`, or anything with its `loop_hook`), called with
+    the iteration as the step, before the first iteration and after each one, before that iteration's
+    checkpoint; its points go to metrics.jsonl with "kind": "curve".
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     limit = getattr(sampler, "max_prompt_tokens", None) or float("inf")
     encoded = [(p, encode_chat(tokenizer, prompts.student_messages(p.question))) for p in problems]
     usable = [(p, ids) for p, ids in encoded if len(ids) <= limit]
@@ -114,86 +183,19 @@ def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, mode
 
     step = GRPOStep(model_config, lora_config, gc, mesh)
     base_state = base_state_for_training(model, mesh)
-    state = step.init_state(jax.random.key(gc.seed))
-    manager = _checkpoint_manager(workdir, gc)
-    start, sampled_tokens = 0, 0
-    if resume and manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(state)), progress=ocp.args.JsonRestore()))
-        state = restored.state
-        start, sampled_tokens = int(restored.progress["iteration"]), int(restored.progress["sampled_tokens"])
-        log.info("grpo: resumed after iteration %d", start)
-    metrics_path = resume_metrics(workdir, start)
-    main_process = jax.process_index() == 0
-    if main_process:
-        (workdir / "grpo_config.json").write_text(gc.to_json())
-        (workdir / "lora_config.json").write_text(json.dumps(lora_config.to_dict(), indent=2))
-    writer = None
-    if tensorboard and main_process:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(str(workdir / "tb"), purge_step=start + 1 if start else None)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=gc.steps, initial=start, disable=not progress or not main_process, desc="grpo")
-    rows_multiple = _data_parallel(mesh)
-
-    def save(iteration):
-        manager.save(iteration, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            progress=ocp.args.JsonSave({"iteration": iteration, "sampled_tokens": sampled_tokens})), force=True)
-
-    history, interrupted = [], False
-    try:
-        if curve is not None:
-            curve.maybe_record(0, gc.steps, state["lora"], sampled_tokens, writer=writer)
-        for iteration in range(start, gc.steps):
-            t0 = time.perf_counter()
-            chosen = questions_for(iteration, problems, gc)
-            sampler.set_adapters(_for_sampler(state["lora"]))
-            groups = sampler.generate_ids([prompt_ids[p.id] for p in chosen], sampling, n=gc.group_size,
-                                          seed=(gc.seed * 1_000_003 + iteration) % (1 << 31),
-                                          ids=[p.id for p in chosen])
-            sample_time = time.perf_counter() - t0
-            graded = [reward(c.text, p.answer, gc) for p, group in zip(chosen, groups) for c in group]
-            completions = [c for group in groups for c in group]
-            rewards = np.array([g[0] for g in graded])
-            advantages = group_advantages(rewards, gc.group_size, scale_by_std=gc.scale_by_std, eps=gc.advantage_eps)
-            sampled_tokens += sum(len(c.token_ids) for c in completions)
-
-            t1 = time.perf_counter()
-            samples = [prompt_ids[p.id] for p in chosen for _ in range(gc.group_size)]
-            state, update_metrics = _update(step, state, base_state, samples, [c.token_ids for c in completions],
-                                            advantages, gc, length_buckets, rows_multiple, iteration)
-            update_time = time.perf_counter() - t1
-            lengths = np.array([len(c.token_ids) for c in completions])
-            record = {"step": iteration + 1, "reward_mean": float(rewards.mean()),
-                      "accuracy": float(np.mean([g[1] for g in graded])),
-                      "answer_rate": float(np.mean([g[2] for g in graded])),
-                      "groups_with_signal": float(np.mean(rewards.reshape(-1, gc.group_size).std(1) > 0)),
-                      "completion_len_mean": float(lengths.mean()),
-                      "truncated_share": float(np.mean([c.finish_reason == "length" for c in completions])),
-                      **update_metrics, "sampled_tokens": sampled_tokens,
-                      "sample_time_s": sample_time, "update_time_s": update_time}
-            history.append(record)
-            if main_process:
-                write_record(record, metrics_path, writer if (iteration + 1) % gc.log_every == 0 else None, "grpo")
-            bar.update(1)
-            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.3g}")
-            if stop_after is not None and iteration + 1 - start >= stop_after and iteration + 1 < gc.steps:
-                interrupted = True
-                break
-            if curve is not None:
-                curve.maybe_record(iteration + 1, gc.steps, state["lora"], sampled_tokens, writer=writer)
-            if (iteration + 1) % gc.checkpoint_every == 0 or iteration + 1 == gc.steps:
-                save(iteration + 1)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-        manager.close()
-    if plot and main_process:
-        plot_metrics(workdir)
-    return {"state": state, "lora": as_lora_state(state["lora"], model_config, lora_config), "history": history,
-            "iterations": gc.steps, "interrupted": interrupted, "start": start}
+    source = RolloutSource(sampler, problems, prompt_ids, sampling, gc)
+    hooks = Hooks(curve_point=None if curve is None else curve.loop_hook(lambda: source.sampled_tokens))
+    loop = TrainingLoop(
+        workdir, gc.steps, grpo_step(step, base_state, gc, length_buckets, _data_parallel(mesh)),
+        checkpoints=gc, desc="grpo", tag="grpo", hooks=hooks, progress=progress, tensorboard=tensorboard,
+        postfix=lambda r: {"reward": f"{r['reward_mean']:.3f}", "kl": f"{r['kl']:.3g}"},
+        config_files={"grpo_config.json": gc.to_json(),
+                      "lora_config.json": json.dumps(lora_config.to_dict(), indent=2)},
+        plot=plot_metrics if plot else None, position_item="progress")
+    result = loop.run(step.init_state(jax.random.key(gc.seed)), source, resume=resume, stop_after=stop_after)
+    return {"state": result.state, "lora": as_lora_state(result.state["lora"], model_config, lora_config),
+            "history": result.history, "iterations": gc.steps, "interrupted": result.interrupted,
+            "start": result.start_step}
 
 
 def _for_sampler(lora):
@@ -217,8 +219,7 @@ def _update(step: GRPOStep, state, base_state, prompts, completions, advantages,
     padded = -(-size // rows_multiple) * rows_multiple
 
     def rows(index):
-        index = np.concatenate([index, np.full(padded - len(index), N)])
-        return {k: v[index] for k, v in full.items()}
+        return full.take(np.concatenate([index, np.full(padded - len(index), N)]))
 
     old = np.zeros((N + 1, gc.max_new_tokens), np.float32)
     ref = np.zeros_like(old)
@@ -227,8 +228,8 @@ def _update(step: GRPOStep, state, base_state, prompts, completions, advantages,
         minibatch = rows(index)
         old[index] = step.logprobs(state["lora"], base_state, minibatch)[:size]
         ref[index] = step.logprobs(None, base_state, minibatch)[:size]
-    full.update(old_logprobs=old, ref_logprobs=ref, advantages=np.append(advantages, 0.0).astype(np.float32))
-    mask = full["completion_mask"][:N]
+    full = full.replace(old_logprobs=old, ref_logprobs=ref, advantages=np.append(advantages, 0.0).astype(np.float32))
+    mask = full.completion_mask[:N]
     k3 = np.exp(ref[:N] - old[:N]) - (ref[:N] - old[:N]) - 1
     totals, count = {}, 0
     order_rng = np.random.default_rng([gc.seed, iteration])
@@ -251,11 +252,8 @@ def plot_metrics(workdir, out=None) -> Path | None:
     history = read_metrics(workdir)  # training records only (learning-curve points left out)
     if not history:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     panels = [(k, title) for k, title in PLOTTED if k in history[0]]
-    fig, axes = plt.subplots(2, (len(panels) + 2) // 2, figsize=(4 * ((len(panels) + 2) // 2), 7))
+    fig, axes = subplots(2, (len(panels) + 2) // 2, figsize=(4 * ((len(panels) + 2) // 2), 7))
     axes = axes.ravel()
     steps = [h["step"] for h in history]
     for ax, (key, title) in zip(axes, panels):
@@ -270,8 +268,4 @@ def plot_metrics(workdir, out=None) -> Path | None:
         ax.axis("off")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else Path(workdir) / PLOT_FILE
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_plot(fig, out or Path(workdir) / PLOT_FILE)

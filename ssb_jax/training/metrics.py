@@ -1,0 +1,147 @@
+"""What a training run reports: metrics.jsonl (one JSON record per step; learning-curve points share the
+file with "kind": "curve"), TensorBoard scalars, plots, and progress on the console.
+
+A resumed run truncates metrics.jsonl to the records of the steps up to its checkpoint
+(`resume_metrics`), so a killed run neither loses nor repeats a record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+
+
+def read_records(path) -> list[dict]:
+    """Every record of a metrics.jsonl, in file order (none when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The per-step training records of a run (learning-curve points, which share the file, left out)."""
+    return [r for r in read_records(Path(workdir) / METRICS_FILE) if "kind" not in r]
+
+
+def resume_metrics(workdir, start: int) -> Path:
+    """metrics.jsonl holding the records of steps <= start only (none when starting afresh); its path."""
+    path = Path(workdir) / METRICS_FILE
+    if start and path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+    elif path.exists():
+        path.unlink()
+    return path
+
+
+def append_record(path, record: Mapping) -> None:
+    """One JSON line at the end of a metrics.jsonl."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_scalars(writer, record: Mapping, tag: str, step: int, keys=None) -> None:
+    """A record's numbers (those of `keys`, else all but "step"; None values skipped) as TensorBoard
+    scalars `tag`/key at `step`."""
+    for key in keys if keys is not None else [k for k in record if k != "step"]:
+        if record[key] is not None:
+            writer.add_scalar(f"{tag}/{key}", record[key], step)
+
+
+def tensorboard_writer(workdir, start: int):
+    """A TensorBoard writer into workdir/tb; resuming from step `start` drops the events after it."""
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
+
+
+def subplots(rows: int, columns: int, **kwargs):
+    """(figure, axes) of a new matplotlib figure, drawn off screen (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(rows, columns, **kwargs)
+
+
+def save_plot(fig, out) -> Path:
+    """Lay out, write (PNG at 100 dpi) and close a figure; the file's path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    """45 s, 3 min 20 s, 1 h 05 min."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+
+
+class Progress:
+    """How far a loop is, on the main process only: a tqdm bar (with its ETA) when stderr is a terminal,
+    else, since a bar's redraws would flood a log file, a log line every `every` steps (and after the
+    session's first, which includes compiling) with the elapsed time and an ETA.
+
+    update(done, postfix) after each step: `done` steps of `total` are finished, `postfix` ({name: text})
+    is shown beside the bar or in the line. `initial`: steps done before this session (a resumed run).
+    `label` names the loop in log lines (default: `desc`, the bar's description).
+    """
+
+    def __init__(self, total: int, every: int, *, desc: str, label: str | None = None, initial: int = 0,
+                 terminal: bool | None = None, main_process: bool | None = None, enabled: bool = True):
+        if main_process is None:
+            import jax
+            main_process = jax.process_index() == 0
+        self.total, self.every, self.initial = total, max(1, every), initial
+        self.label = label or desc
+        self.enabled = enabled and main_process
+        self.start = time.perf_counter()
+        self.first_step_done = None  # time after the session's first step: later steps estimate the ETA
+        self.bar = None
+        if self.enabled and (sys.stderr.isatty() if terminal is None else terminal):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+
+    def eta_seconds(self, done: int, now: float) -> float:
+        """The remaining steps at the pace of those after the session's first (which includes compiling)."""
+        return (now - self.first_step_done) / max(done - self.initial - 1, 1) * (self.total - done)
+
+    def update(self, done: int, postfix: Mapping[str, str] | None = None) -> None:
+        if not self.enabled:
+            return
+        postfix = postfix or {}
+        now = time.perf_counter()
+        first = self.first_step_done is None
+        if first:
+            self.first_step_done = now
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
+            return
+        shown = ", ".join(f"{name} {text}" for name, text in postfix.items())
+        if first:
+            log.info("%s step %d/%d: %s (compiling included, it took %s)", self.label, done, self.total, shown,
+                     format_duration(now - self.start))
+        elif done % self.every == 0 or done == self.total:
+            log.info("%s step %d/%d (%d%%): %s, %s elapsed, ETA %s", self.label, done, self.total,
+                     100 * done // self.total, shown, format_duration(now - self.start),
+                     format_duration(self.eta_seconds(done, now)))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
