@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.kv_cache import cache_shardings, init_cache
 from ssb_jax.model.qwen2 import apply, init_model
 from ssb_jax.model.weights import load_params
 from ssb_jax.sampling.decode_layout import to_decode_layout
@@ -149,3 +150,23 @@ def test_greedy_generate_matches_transformers(tiny_checkpoint, rng, layout):
         for sample in range(n):
             got = np.asarray(out["tokens"][row * n + sample])
             assert got.tolist() == expected + [pad] * (new - len(expected)), (row, sample)
+
+
+def test_both_cache_layouts_hold_and_place_the_same_slots():
+    """The decode layout's per-layer cache is the stacked cache cut along its layers: per layer the same
+    shape, dtype and placement on a mesh (rows over data x fsdp, kv heads over tensor)."""
+    from ssb_jax.sharding import make_mesh
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    stacked, per_layer = init_cache(SMALL, 4, 12), init_cache(SMALL, 4, 12, jnp.bfloat16, per_layer=True)
+    assert stacked["k"].shape == (SMALL.num_layers, 4, 12, SMALL.num_kv_heads, SMALL.head_dim)
+    assert stacked["k"].dtype == SMALL.jnp_dtype and per_layer["v"][0].dtype == jnp.bfloat16
+    placed, placed_per_layer = cache_shardings(stacked, mesh), cache_shardings(per_layer, mesh)
+    assert tuple(placed["k"].spec) == (None, ("data", "fsdp"), None, "tensor", None)
+    for name in ("k", "v"):
+        assert len(per_layer[name]) == SMALL.num_layers
+        for array, sharding in zip(per_layer[name], placed_per_layer[name]):
+            assert array.shape == stacked[name].shape[1:] and not array.any()
+            assert tuple(sharding.spec) == tuple(placed[name].spec)[1:]
+    for name in ("valid", "index"):
+        assert per_layer[name].shape == stacked[name].shape
+        assert placed_per_layer[name].spec == placed[name].spec

@@ -9,9 +9,10 @@ from flax import nnx
 
 from ssb_jax.distill.synthetic import tiny_model_config
 from ssb_jax.model.config import PROJECTIONS
-from ssb_jax.model.lora import (LoRAParam, LoraConfig, adapter_factors, init_lora, lora_from_peft, lora_param_count,
-                                lora_to_peft, merge_lora, peft_adapter_config, with_adapters)
+from ssb_jax.model.lora import (LoraConfig, adapter_factors, init_lora, lora_from_peft, lora_param_count, lora_to_peft,
+                                merge_lora, peft_adapter_config, with_adapters)
 from ssb_jax.model.qwen2 import Linear, Qwen2ForCausalLM, init_model, positions_from_mask
+from ssb_jax.model.variables import LoRAParam
 
 
 def randomize_b(lora, key, scale=0.1):

@@ -41,7 +41,7 @@ class ModelConfig:
     # "splash" (see ssb_jax/model/attention.py).
     attention_impl: str = "auto"
     # Slots per block of the KV cache that a cached call attends over: it visits only the blocks
-    # holding filled slots (see qwen2.LayerCache.attend), so decode time follows the filled length.
+    # holding filled slots (see kv_cache.LayerCache.attend), so decode time follows the filled length.
     cache_block: int = 256
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None

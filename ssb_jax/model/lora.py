@@ -1,9 +1,10 @@
-"""LoRA adapters: their own Flax variable type, their config, merging, and PEFT import/export.
+"""LoRA adapters: their config, their states beside the base model's, merging, and PEFT import/export.
 
 An adapted projection (ssb_jax.model.qwen2.Linear) holds `lora_a` [d_in, r] and `lora_b` [r, d_out]
 as `LoRAParam` variables, stacked over layers like every layer weight, and its scale (alpha / r, or
-alpha / sqrt(r) with rsLoRA) as a static attribute; it adds `scale * (x @ a) @ b`. `LoRAParam` is not
-an `nnx.Param`, so `nnx.state(model, nnx.Param)` is exactly the frozen base and
+alpha / sqrt(r) with rsLoRA) as a static attribute; it adds `scale * (x @ a) @ b`. `LoRAParam` (the
+adapters' own variable type, in ssb_jax.model.variables so that the model modules need nothing from
+here) is not an `nnx.Param`, so `nnx.state(model, nnx.Param)` is exactly the frozen base and
 `nnx.state(model, LoRAParam)` exactly the trainable adapters. A is random at init and B is zero, so a
 fresh adapter leaves the base model unchanged.
 
@@ -26,10 +27,9 @@ import numpy as np
 from flax import nnx
 
 from ssb_jax.model.config import PROJECTIONS, ModelConfig
-
-
-class LoRAParam(nnx.Variable):
-    """A trainable low-rank adapter factor (the base model's weights are nnx.Param)."""
+from ssb_jax.model.qwen2 import Qwen2ForCausalLM, abstract_model, base_state
+from ssb_jax.model.variables import LoRAParam
+from ssb_jax.sharding import state_shardings
 
 
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -115,7 +115,6 @@ def projection_dims(config: ModelConfig, target: str) -> tuple[int, int]:
 @functools.lru_cache(maxsize=16)
 def student_split(model_config: ModelConfig, lora_config: LoraConfig):
     """(graph definition of base + adapters, abstract LoRA state, abstract base state); nothing allocated."""
-    from ssb_jax.model.qwen2 import abstract_model
     return nnx.split(abstract_model(model_config, lora_config), LoRAParam, nnx.Param)
 
 
@@ -127,20 +126,16 @@ def student_graphdef(model_config: ModelConfig, lora_config: LoraConfig) -> nnx.
 def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array, mesh=None) -> nnx.State:
     """Fresh adapters (the init of qwen2.Linear), placed on `mesh` by their logical axes if given.
     Built in one jit that constructs the whole student and keeps only the adapters (XLA drops the rest)."""
-    from ssb_jax.model.qwen2 import Qwen2ForCausalLM
-
     def make(key):
         model = Qwen2ForCausalLM(model_config, rngs=nnx.Rngs(key), lora_config=lora_config)
         return nnx.state(model, LoRAParam)
     if mesh is None:
         return jax.jit(make)(key)
-    from ssb_jax.sharding import state_shardings
     return jax.jit(make, out_shardings=state_shardings(student_split(model_config, lora_config)[1], mesh))(key)
 
 
 def with_adapters(model, lora_state: nnx.State, lora_config: LoraConfig):
     """The student: `model`'s base parameters (shared, not copied) with these adapters."""
-    from ssb_jax.model.qwen2 import base_state
     return nnx.merge(student_graphdef(model.config, lora_config), lora_state, base_state(model))
 
 

@@ -21,18 +21,13 @@ Parameters (every one names its dimensions' logical axes in `out_sharding`, see 
     With a LoraConfig, each adapted projection also holds lora_a [L, d_in, r] and lora_b [L, r, d_out],
     `LoRAParam` variables (not `nnx.Param`), and its scale as a static attribute.
 
-KV cache: {"k", "v": [L, B, S, kv_heads, head_dim], "valid": [B, S] bool, "index": int32 scalar}.
-All rows share the write slot `index` (prompts are left-padded to a common length), while each
-row carries its own positions, so left padding changes nothing in the math. A cached call writes
-only its own slots of each layer (`dynamic_update_slice` into the cache, which XLA does in place when
-the cache is a loop carry or a donated argument: jit a decode step with `donate_argnames="cache"`)
-and attends only over the blocks of `config.cache_block` slots that hold filled slots.
+KV cache (ssb_jax.model.kv_cache): `model.init_cache(batch, length)` makes an empty one for this
+model's layout; a cached call writes its keys and values into it and attends over its filled blocks.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +35,20 @@ import numpy as np
 from flax import nnx
 
 from ssb_jax.model.attention import at_least_f32 as _at_least_f32
-from ssb_jax.model.attention import MASKED, causal_attention
+from ssb_jax.model.attention import causal_attention
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.lora import LoRAParam, LoraConfig
+from ssb_jax.model.kv_cache import LayerCache, init_cache
+from ssb_jax.model.variables import LoRAParam, param
 from ssb_jax.sharding import constrain
+
+if TYPE_CHECKING:  # for annotations only: ssb_jax.model.lora builds on this module
+    from ssb_jax.model.lora import LoraConfig
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-CACHE_AXES = {"k": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
-              "v": ("layers", "batch", "cache_slots", "kv_heads", "head_dim"),
-              "valid": ("batch", "cache_slots"), "index": ()}
 # The residual stream [B, T, D]: rows over the data-parallel axes, the width whole (pinned on the
 # context mesh by sharding.constrain; left to XLA without one). Unpinned, XLA would take the width split
 # of the embedding table ("embed" on fsdp) and make every projection a partial sum to all-reduce.
@@ -62,11 +58,6 @@ HIDDEN_AXES = ("batch", None, "activation_embed")
 QUERY_AXES = ("batch", None, "heads", "head_dim")
 KEY_VALUE_AXES = ("batch", None, "kv_heads", "head_dim")
 MLP_AXES = ("batch", None, "mlp")
-
-
-def param(value, axes) -> nnx.Param:
-    """A base parameter with its logical axis names (placed later, by ssb_jax.sharding)."""
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std: float):
@@ -145,87 +136,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerCache:
-    """One layer's view of the KV cache during a cached call (a trace-time helper, not a pytree).
-
-    k, v: the whole stacked cache [L, B, S, G, H] with `layer` the (traced) layer index (the scan
-    layout carries the stack through its layer loop), or one layer's [B, S, G, H] with layer None
-    (the decode layout's per-layer list). Either way a call writes and reads slices of the one
-    buffer, never a layer's whole slab, so XLA updates the cache in place. valid [B, S]: the
-    filled slots, this call's included; index: the first slot this call writes; block: the slots
-    per attended block (ModelConfig.cache_block).
-    """
-    k: jax.Array
-    v: jax.Array
-    layer: jax.Array | None
-    valid: jax.Array
-    index: jax.Array
-    block: int
-
-    def _start(self, slot) -> tuple:
-        return ((self.layer,) if self.layer is not None else ()) + (0, slot, 0, 0)
-
-    def _slice(self, cache, slot, size):
-        """[B, size, G, H] of this layer from `slot` on."""
-        shape = (cache.shape[-4], size) + cache.shape[-2:]
-        lead = (1,) if self.layer is not None else ()
-        return jax.lax.dynamic_slice(cache, self._start(slot), lead + shape).reshape(shape)
-
-    def write(self, k, v) -> "LayerCache":
-        """These tokens' keys and values [b, T, G, H] at slots [index, index + T). A cache of n * b rows
-        takes each row n times in a row (prompt-major): one prefill serves n samples per prompt."""
-        def put(cache, new):
-            new = jnp.repeat(new.astype(cache.dtype), cache.shape[-4] // new.shape[0], axis=0)
-            lead = (1,) if self.layer is not None else ()
-            return jax.lax.dynamic_update_slice(cache, new.reshape(lead + new.shape), self._start(self.index))
-        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
-
-    def attend(self, q) -> jax.Array:
-        """q [B, T, N, H] at slots [index, index + T) over the filled slots before and among them -> [B, T, N, H].
-
-        A loop over only the blocks that hold slots below index + T, with a running max and sum
-        (online softmax), so a step's cost follows the filled length, not the allocated one. Chosen
-        over decoding in phases of statically sliced caches: one compiled program, exact (the same
-        scores and normalisation as `attention.dense_attention`, summed in another order), and plain XLA ops that
-        every backend runs. Masked scores are the same finite -1e30: a block with no visible slot
-        contributes weight exp(-1e30 - max) = 0 once a visible one has been seen.
-        """
-        B, T, N, H = q.shape
-        S, G = self.k.shape[-3], self.k.shape[-2]
-        size = min(self.block, S)
-        acc_dtype = _at_least_f32(q.dtype)
-        grouped = q.reshape(B, T, G, N // G, H)
-        query_slots = self.index + jnp.arange(T)
-        within = jnp.arange(size)
-
-        def add_block(j, carry):
-            running_max, total, acc = carry  # [B, G, n, T], [B, G, n, T], [B, G, n, T, H]
-            first = j * size
-            start = jnp.minimum(first, S - size)  # a last partial block overlaps its predecessor: mask those
-            slots = start + within
-            keys = self._slice(self.k, start, size).astype(q.dtype)
-            values = self._slice(self.v, start, size).astype(q.dtype)
-            visible = (jax.lax.dynamic_slice_in_dim(self.valid, start, size, axis=1)[:, None, :]
-                       & (slots[None, None, :] <= query_slots[None, :, None]) & (slots >= first)[None, None, :])
-            scores = jnp.einsum("btgnh,bsgh->bgnts", grouped, keys, preferred_element_type=acc_dtype)
-            scores = jnp.where(visible[:, None, None], scores * (1.0 / np.sqrt(H)), MASKED)
-            new_max = jnp.maximum(running_max, scores.max(axis=-1))
-            rescale = jnp.exp(running_max - new_max)
-            weights = jnp.exp(scores - new_max[..., None])
-            total = total * rescale + weights.sum(axis=-1)
-            acc = acc * rescale[..., None] + jnp.einsum("bgnts,bsgh->bgnth", weights.astype(values.dtype), values,
-                                                        preferred_element_type=acc_dtype)
-            return new_max, total, acc
-
-        stats = jnp.full((B, G, N // G, T), MASKED, acc_dtype)
-        init = (stats, jnp.zeros_like(stats), jnp.zeros((B, G, N // G, T, H), acc_dtype))
-        blocks = (self.index + T + size - 1) // size
-        _, total, acc = jax.lax.fori_loop(0, blocks, add_block, init)
-        out = (acc / total[..., None]).astype(q.dtype)
-        return jnp.moveaxis(out, 3, 1).reshape(B, T, N, H)
 
 
 def _lora_for(lora_config: LoraConfig | None, target: str):
@@ -403,15 +313,8 @@ class Qwen2ForCausalLM(nnx.Module):
     # ------------------------------------------------------------------ KV cache
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-        c = self.config
-        shape = (c.num_layers, batch, length, c.num_kv_heads, c.head_dim)
-        dtype = dtype or c.jnp_dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, length), bool),
-                "index": jnp.zeros((), jnp.int32)}
-
-    def cache_shardings(self, cache: dict, mesh) -> dict:
-        from ssb_jax.sharding import named_sharding
-        return {name: named_sharding(CACHE_AXES[name], cache[name].shape, mesh) for name in cache}
+        """An empty KV cache of this model's layout (stacked over layers; see kv_cache.init_cache)."""
+        return init_cache(self.config, batch, length, dtype)
 
 
 # ----------------------------------------------------------------------------- functional use

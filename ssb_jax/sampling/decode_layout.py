@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssb_jax.model.qwen2 import CACHE_AXES, LayerCache, Linear, Qwen2ForCausalLM, param
+from ssb_jax.model.kv_cache import LayerCache, init_cache
+from ssb_jax.model.qwen2 import Linear, Qwen2ForCausalLM
+from ssb_jax.model.variables import param
 
 
 class RowsFirstLinear(Linear):
@@ -102,19 +104,8 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
         return by_vocab.T.reshape(*hidden.shape[:-1], head.shape[0])
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-        c = self.config
-        shape = (batch, length, c.num_kv_heads, c.head_dim)
-        dtype = dtype or c.jnp_dtype
-        return {"k": [jnp.zeros(shape, dtype) for _ in range(c.num_layers)],
-                "v": [jnp.zeros(shape, dtype) for _ in range(c.num_layers)],
-                "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
-
-    def cache_shardings(self, cache: dict, mesh) -> dict:
-        from ssb_jax.sharding import named_sharding
-        out = {name: named_sharding(CACHE_AXES[name], cache[name].shape, mesh) for name in ("valid", "index")}
-        for name in ("k", "v"):
-            out[name] = [named_sharding(CACHE_AXES[name][1:], x.shape, mesh) for x in cache[name]]
-        return out
+        """An empty KV cache of this layout: k and v as one [B, S, G, H] array per layer."""
+        return init_cache(self.config, batch, length, dtype, per_layer=True)
 
 
 def unstacked_layers(pure_adapters: dict, num_layers: int) -> dict:

@@ -2,7 +2,7 @@
 
 Prompt lengths and batch sizes are padded up to buckets so that a run over thousands of prompts
 compiles a handful of programs. A mesh, when given, shards each batch over its data axes (the
-sampling mesh, sharding.sampling_mesh), batches padded with filler rows to a multiple of its size.
+sampling mesh, sampling.mesh.sampling_mesh), batches padded with filler rows to a multiple of its size.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class Sampler:
         transposed matrices; see ssb_jax.sampling.decode_layout). Default: on the CPU backend only
         (decode_layout_by_default).
         decode_copies: shared by samplers of the same base, so they hold one decode-layout copy.
-        mesh: the mesh the model's weights are on (the sampling mesh, sharding.sampling_mesh); each
+        mesh: the mesh the model's weights are on (the sampling mesh, sampling.mesh.sampling_mesh); each
         batch's rows are split over its data axes."""
         if unstack is None:
             unstack = decode_layout_by_default()

@@ -5,7 +5,7 @@ Each output row draws its randomness only from its own key (folded with the step
 row's samples do not depend on what else shares its batch. With n > 1 the prompt is prefilled
 once and its keys and values written n times (rows are prompt-major: prompt0 sample0..n-1, prompt1 ...).
 The cache lives in the decode loop's carry and each step writes one slot per layer into it in place;
-a step attends only over the cache blocks filled so far (see qwen2.LayerCache).
+a step attends only over the cache blocks filled so far (see ssb_jax.model.kv_cache).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from flax import nnx
 
+from ssb_jax.model.kv_cache import cache_shardings
 from ssb_jax.model.qwen2 import positions_from_mask
 
 FINISH_LENGTH, FINISH_STOP = 0, 1
@@ -156,7 +157,7 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
     last_logits = jnp.repeat(model.logits(hidden[:, -1]), n, axis=0)
     next_position = jnp.repeat(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32), n, axis=0)
     if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, model.cache_shardings(cache, mesh))
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
     stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
 
     first, first_lp = choose_tokens(last_logits, row_keys, 0, sampling, knobs)
