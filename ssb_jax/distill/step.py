@@ -29,6 +29,7 @@ from ssb_jax.model.lora import LoraConfig, init_lora, student_split
 from ssb_jax.model import qwen2
 from ssb_jax.model.qwen2 import abstract_model, apply
 from ssb_jax.sharding import batch_sharding, check_batch_divides, shard_state, state_shardings, under_mesh
+from ssb_jax.training.checkpoint import abstract
 from ssb_jax.training.optim import make_optimizer
 
 
@@ -190,16 +191,9 @@ def lower_train_step(model_config: ModelConfig, tc: TrainConfig, batch: DistillB
     state = jax.eval_shape(lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
     base = nnx.to_pure_dict(abstract_base_state(model_config))
     if mesh is None:
-        state, base = _abstract(state), _abstract(base)
+        state, base = abstract(state), abstract(base)
     else:
-        state = _abstract(state, train_state_shardings(model_config, lora_config, optimizer, mesh))
-        base = _abstract(base, nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh)))
+        state = abstract(state, train_state_shardings(model_config, lora_config, optimizer, mesh))
+        base = abstract(base, nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh)))
     program = train_step_program(model_config, tc, lora_config, total_steps, mesh)
     return program.lower(state, base, batch)
-
-
-def _abstract(tree, shardings=None):
-    """ShapeDtypeStructs of `tree`'s arrays, placed by `shardings` (a tree like it) when given."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
