@@ -3,7 +3,7 @@ minutes with no network.
 
     python -m ssb_jax.main --config configs/tiny.py
 
-The world (ssb_jax/toyworld.py): synthetic multi-step arithmetic word problems, a tokenizer trained on
+The world (ssb_jax/toyworld/): synthetic multi-step arithmetic word problems, a tokenizer trained on
 them, and a small Qwen2 pre-trained so that its plain answers are often wrong (a systematic slip) while
 its hinted answers are right. SSB then distils the hinted teacher into the plain student.
 """

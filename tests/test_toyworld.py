@@ -9,7 +9,9 @@ import pytest
 
 from ssb_jax import toyworld
 from ssb_jax.evaluation.grading import extract_boxed
+from ssb_jax.prompts import DEFAULT_PROMPTS
 from ssb_jax.sampling.driver import Completion
+from ssb_jax.toyworld import world as world_module
 
 # A pool of 24 problems the model can memorise quickly; one length bucket and no drill, so a single
 # program compiles (compiling dominates here).
@@ -24,7 +26,7 @@ TINY = toyworld.ToyWorldConfig(
 def built(tmp_path_factory):
     """build() on a tiny config, keeping the in-memory world it made."""
     captured = {}
-    make_world = toyworld.make_world
+    make_world = world_module.make_world
 
     def spy(*args, **kwargs):
         captured["world"] = make_world(*args, **kwargs)
@@ -32,7 +34,7 @@ def built(tmp_path_factory):
 
     out_dir = tmp_path_factory.mktemp("world")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(toyworld, "make_world", spy)
+        mp.setattr(world_module, "make_world", spy)
         paths = toyworld.build(TINY, out_dir)
     return out_dir, paths, captured["world"]
 
@@ -91,7 +93,7 @@ def test_splits_are_disjoint_and_load(built):
 def test_problems_and_tokenizer_are_deterministic():
     a = toyworld.make_problems(TINY, 20, random.Random(5))
     assert a == toyworld.make_problems(TINY, 20, random.Random(5))
-    corpus = toyworld.tokenizer_corpus(a, random.Random(0), toyworld.DEFAULT_PROMPTS)
+    corpus = toyworld.tokenizer_corpus(a, random.Random(0), DEFAULT_PROMPTS)
     assert toyworld.train_tokenizer(corpus, 300).get_vocab() == toyworld.train_tokenizer(corpus, 300).get_vocab()
 
 
@@ -100,7 +102,6 @@ def test_problems_and_tokenizer_are_deterministic():
 def test_tokenizer_loads_and_renders_chatml(built):
     from transformers import AutoTokenizer
     from ssb_jax.model.tokenizer import encode_chat, load_tokenizer, render_chat, stop_token_ids
-    from ssb_jax.prompts import DEFAULT_PROMPTS
     _, paths, _ = built
     tok = AutoTokenizer.from_pretrained(str(paths["checkpoint"]))
     assert load_tokenizer(paths["checkpoint"]).get_vocab() == tok.get_vocab()
@@ -167,7 +168,7 @@ def test_pretraining_reduces_loss(built):
 def test_build_is_idempotent(built, monkeypatch):
     out_dir, paths, _ = built
     before = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*") if p.is_file()}
-    monkeypatch.setattr(toyworld, "make_world", lambda *a, **k: pytest.fail("build ran again"))
+    monkeypatch.setattr(world_module, "make_world", lambda *a, **k: pytest.fail("build ran again"))
     assert toyworld.build(TINY, out_dir) == paths
     assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("*") if p.is_file()} == before
     for key in ("train", "test", "checkpoint"):
