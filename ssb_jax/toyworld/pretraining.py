@@ -1,16 +1,15 @@
-"""Pre-training the toy model: its data (plain, hinted and drill sequences), its loss, and its loop.
+"""Pre-training the toy model: its data (plain, hinted and drill sequences), its loss, its batch source
+and its optimiser, run by the shared training loop.
 
 Plain-prompt solutions slip on "b groups of e" steps with probability `slip_prob` (> 1/2, so greedy
 decoding slips), while hinted-prompt solutions, whose prompt holds a correct trace, are always
-right; short arithmetic drill texts make the arithmetic learnable in a few CPU minutes.
-`PretrainProgress` shows how far `pretrain` is.
+right; short arithmetic drill texts make the arithmetic learnable in a few CPU minutes. `pretrain`
+runs on ssb_jax.training.loop with the optimiser of ssb_jax.training.optim.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
-import time
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -18,11 +17,12 @@ import numpy as np
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.toyworld.config import ToyWorldConfig
 from ssb_jax.toyworld.problems import Problem
+from ssb_jax.training.loop import Hooks, TrainingLoop
+from ssb_jax.training.optim import make_optimizer
+from ssb_jax.training.settings import OptimizerSettings
 
 if TYPE_CHECKING:
     from ssb_jax.model.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -143,14 +143,56 @@ def length_buckets(batches: Batches, num_buckets: int, multiple: int = 16) -> li
     return buckets
 
 
+class PretrainingBatches:
+    """The pre-training batch source: per step a bucket rank drawn at random, then plain and hinted rows
+    of that rank's buckets (and drill rows, when drilling), all from one seeded generator. A batch is
+    (plain tokens, plain weights, hinted tokens, hinted weights, drill tokens, drill weights); without
+    drills the drill arrays are a [1, 2] placeholder."""
+
+    def __init__(self, plain: Batches, hinted: Batches, drill: Batches | None, config: ToyWorldConfig,
+                 rng: np.random.Generator):
+        self.plain, self.hinted, self.drill, self.config, self.rng = plain, hinted, drill, config, rng
+        self.plain_weights, self.hinted_weights = (
+            b.target_mask + config.prompt_loss_weight * b.prompt_mask.astype(np.float32) for b in (plain, hinted))
+        self.num_buckets = max(1, min(config.length_buckets, len(plain), len(hinted)))
+        self.plain_buckets = length_buckets(plain, self.num_buckets)
+        self.hinted_buckets = length_buckets(hinted, self.num_buckets)
+        self.use_drill = drill is not None and config.drill_batch > 0
+
+    def next_batch(self, state) -> tuple[np.ndarray, ...]:
+        rng, config = self.rng, self.config
+        b = int(rng.integers(0, self.num_buckets))
+        (p_rows, p_width), (h_rows, h_width) = self.plain_buckets[b], self.hinted_buckets[b]
+        pi = rng.choice(p_rows, config.plain_batch)
+        hi = rng.choice(h_rows, config.hinted_batch)
+        if self.use_drill:
+            di = rng.integers(0, len(self.drill), config.drill_batch)
+            drill_tokens, drill_weights = self.drill.tokens[di], self.drill.target_mask[di]
+        else:
+            drill_tokens, drill_weights = np.zeros((1, 2), np.int32), np.zeros((1, 2), bool)
+        return (self.plain.tokens[pi, :p_width], self.plain_weights[pi, :p_width], self.hinted.tokens[hi, :h_width],
+                self.hinted_weights[hi, :h_width], drill_tokens, drill_weights)
+
+
+def pretraining_optimizer(config: ToyWorldConfig, steps: int):
+    """(AdamW after a global-norm clip of 1, its schedule): linear warmup (at most half the steps), then
+    cosine decay to 5% of the peak learning rate; beta2 0.98."""
+    settings = OptimizerSettings(learning_rate=config.learning_rate, schedule="cosine",
+                                 warmup_steps=min(config.warmup_steps, steps // 2), weight_decay=config.weight_decay,
+                                 adam_b2=0.98, grad_clip=1.0)
+    return make_optimizer(settings, steps, end_learning_rate=config.learning_rate * 0.05)
+
+
 def pretrain(model, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
              drill: Batches | None = None, steps: int | None = None, seed: int | None = None, log_fn=None,
-             on_step=None):
+             on_step=None, progress: bool = False):
     """Next-token CE, on the solution (and, weighted, the prompt) tokens of a plain and a hinted batch
-    per step, plus a batch of drill texts when given; AdamW with warmup and cosine decay. Both kinds
-    are cut into `length_buckets` buckets by length; a step draws both batches from the same bucket
-    rank, so padding stays small and the step compiles once per bucket. log_fn(step, loss) is called
-    every config.log_every steps, on_step(step, loss) after every step. Returns (model, losses)."""
+    per step, plus a batch of drill texts when given (PretrainingBatches: both kinds cut into
+    `length_buckets` buckets by length, so padding stays small and the step compiles once per bucket);
+    AdamW with warmup and cosine decay (pretraining_optimizer). Runs on the shared training loop, in
+    memory (no checkpoints). log_fn(step, loss) is called every config.log_every steps, on_step(step,
+    loss) after every step; progress: a bar on a terminal, else a loss line every config.log_every steps.
+    Returns (model, losses)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -158,22 +200,13 @@ def pretrain(model, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
     graphdef, params = nnx.split(model)
     steps = config.pretrain_steps if steps is None else steps
     rng = np.random.default_rng(config.seed if seed is None else seed)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, min(config.warmup_steps, steps // 2),
-                                                  max(steps, 1), end_value=config.learning_rate * 0.05)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, b2=0.98, weight_decay=config.weight_decay))
-    opt_state = optimizer.init(params)
-    plain_weights, hinted_weights = (
-        b.target_mask + config.prompt_loss_weight * b.prompt_mask.astype(np.float32) for b in (plain, hinted))
-    num_buckets = max(1, min(config.length_buckets, len(plain), len(hinted)))
-    plain_buckets = length_buckets(plain, num_buckets)
-    hinted_buckets = length_buckets(hinted, num_buckets)
-
-    use_drill = drill is not None and config.drill_batch > 0
+    batches = PretrainingBatches(plain, hinted, drill, config, rng)
+    optimizer, _ = pretraining_optimizer(config, steps)
+    use_drill = batches.use_drill
 
     @jax.jit
-    def step(params, opt_state, plain_tokens, plain_weights, hinted_tokens, hinted_weights, drill_tokens,
-             drill_weights):
+    def update(params, opt_state, plain_tokens, plain_weights, hinted_tokens, hinted_weights, drill_tokens,
+               drill_weights):
         def loss_fn(p):
             s1, n1 = sequence_loss(graphdef, p, plain_tokens, plain_weights)
             s2, n2 = sequence_loss(graphdef, p, hinted_tokens, hinted_weights)
@@ -185,77 +218,20 @@ def pretrain(model, plain: Batches, hinted: Batches, config: ToyWorldConfig, *,
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    losses = []
-    for i in range(steps):
-        b = int(rng.integers(0, num_buckets))
-        (p_rows, p_width), (h_rows, h_width) = plain_buckets[b], hinted_buckets[b]
-        pi = rng.choice(p_rows, config.plain_batch)
-        hi = rng.choice(h_rows, config.hinted_batch)
-        di = rng.integers(0, len(drill), config.drill_batch) if use_drill else np.zeros(1, int)
-        drill_tokens = drill.tokens[di] if use_drill else np.zeros((1, 2), np.int32)
-        drill_weights = drill.target_mask[di] if use_drill else np.zeros((1, 2), bool)
-        params, opt_state, loss = step(params, opt_state, plain.tokens[pi, :p_width], plain_weights[pi, :p_width],
-                                       hinted.tokens[hi, :h_width], hinted_weights[hi, :h_width],
-                                       drill_tokens, drill_weights)
-        losses.append(float(loss))
+    def step(state, batch):
+        params, opt_state, loss = update(*state, *batch)
+        return (params, opt_state), {"loss": float(loss)}
+
+    def after_step(record):
+        i, loss = record["step"] - 1, record["loss"]
         if log_fn is not None and (i % config.log_every == 0 or i == steps - 1):
-            log_fn(i, losses[-1])
+            log_fn(i, loss)
         if on_step is not None:
-            on_step(i, losses[-1])
-    return nnx.merge(graphdef, params), losses
+            on_step(i, loss)
 
-
-# ----------------------------------------------------------------------------- progress
-
-def format_duration(seconds: float) -> str:
-    """45 s, 3 min 20 s, 1 h 05 min."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
-
-
-class PretrainProgress:
-    """on_step for `pretrain` that shows how far it is, on the main process only: a tqdm bar (with its
-    ETA) when stderr is a terminal, else, since a bar's redraws would flood a log file, a line every
-    `every` steps (and after the first, which includes compiling) with the elapsed time and an ETA."""
-
-    def __init__(self, total: int, every: int, *, terminal: bool | None = None, main_process: bool | None = None):
-        import sys
-        if main_process is None:
-            import jax
-            main_process = jax.process_index() == 0
-        self.total, self.every, self.enabled = total, max(1, every), main_process
-        self.start = time.perf_counter()
-        self.first_step_done = None  # time after the first step: later steps estimate the ETA (no compile)
-        self.bar = None
-        if self.enabled and (sys.stderr.isatty() if terminal is None else terminal):
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc="pre-training the toy model", unit="step")
-
-    def eta_seconds(self, done: int, now: float) -> float:
-        """The remaining steps at the pace of those after the first (which includes compiling)."""
-        return (now - self.first_step_done) / max(done - 1, 1) * (self.total - done)
-
-    def __call__(self, step: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        done, now = step + 1, time.perf_counter()
-        if done == 1:
-            self.first_step_done = now
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self.bar.update(1)
-        elif done == 1:
-            log.info("pretrain step 1/%d: loss %.4f (compiling included, it took %s)", self.total, loss,
-                     format_duration(now - self.start))
-        elif done % self.every == 0 or done == self.total:
-            log.info("pretrain step %d/%d (%d%%): loss %.4f, %s elapsed, ETA %s", done, self.total,
-                     100 * done // self.total, loss, format_duration(now - self.start),
-                     format_duration(self.eta_seconds(done, now)))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    loop = TrainingLoop(None, steps, step, desc="pre-training the toy model", tag="pretrain",
+                        hooks=Hooks(on_step=after_step), postfix=lambda r: {"loss": f"{r['loss']:.4f}"},
+                        progress=progress, progress_every=config.log_every)
+    result = loop.run((params, optimizer.init(params)), batches)
+    params, _ = result.state
+    return nnx.merge(graphdef, params), [r["loss"] for r in result.history]

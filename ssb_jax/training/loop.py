@@ -91,8 +91,8 @@ class TrainingLoop:
     total_steps: int
     step: StepFn
     checkpoints: CheckpointSettings = CheckpointSettings()
-    desc: str = "train"                 # progress bar and log lines
-    tag: str = "train"                  # TensorBoard scalars: tag/<metric>
+    desc: str = "train"                 # the progress bar's description
+    tag: str = "train"                  # the run's short name: TensorBoard scalars tag/<metric>, log lines
     hooks: Hooks = dataclasses.field(default_factory=Hooks)
     postfix: Callable[[dict], dict] | None = None  # record -> {name: text} shown with the progress
     progress: bool = True
@@ -119,7 +119,7 @@ class TrainingLoop:
                 state, items = checkpoints.restore(start, abstract(state))
                 if resumable:
                     batches.set_state(items[self.position_item])
-                log.info("%s: resumed from step %d", self.desc, start)
+                log.info("%s: resumed from step %d", self.tag, start)
         writer = None
         metrics_path = None
         if workdir is not None:
@@ -129,8 +129,8 @@ class TrainingLoop:
                     (workdir / name).write_text(text)
                 if self.tensorboard:
                     writer = tensorboard_writer(workdir, start)
-        progress = Progress(total, self.progress_every or max(1, total // 20), desc=self.desc, initial=start,
-                            enabled=self.progress)
+        progress = Progress(total, self.progress_every or max(1, total // 20), desc=self.desc, label=self.tag,
+                            initial=start, enabled=self.progress)
 
         history, interrupted = [], False
         try:
