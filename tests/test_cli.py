@@ -5,7 +5,6 @@ import json
 import logging
 import random
 import re
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -13,7 +12,10 @@ import pytest
 
 from ssb_jax import config as config_lib
 from ssb_jax import main as main_module
+from ssb_jax.pipeline import cli
+from ssb_jax.pipeline.context import CurationShortfall
 from ssb_jax import toyworld
+from ssb_jax.training import metrics
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY_CONFIG = str(CONFIGS / "tiny.py")
@@ -40,9 +42,7 @@ def printed_settings(text: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_print_config_shows_every_setting_with_its_overridden_value(tmp_path, capsys):
-    seed = random.randrange(2**31)
-    print(f"seed {seed}", file=sys.stderr)  # stdout is the output under test
+def test_print_config_shows_every_setting_with_its_overridden_value(tmp_path, capsys, seed):
     rng = random.Random(seed)
     batch, slip, lr = rng.randint(2, 512), round(rng.uniform(0.5, 0.9), 3), rng.choice([1e-4, 3e-5, 7e-4])
     workdir = tmp_path / "run"
@@ -67,11 +67,12 @@ def test_every_setting_has_a_description_and_every_description_a_setting():
     world = {f"world.{f.name}" for f in dataclasses.fields(toyworld.ToyWorldConfig)}
     settings = set(base) | set(tiny)
     assert world <= settings
-    missing = sorted(settings - set(config_lib.SETTING_HELP))
-    assert not missing, f"settings without a description in ssb_jax/config.py SETTING_HELP: {missing}"
-    stale = sorted(set(config_lib.SETTING_HELP) - settings)
+    described = config_lib.setting_help()
+    missing = sorted(settings - set(described))
+    assert not missing, f"settings without a description (setting(default, help) in its dataclass): {missing}"
+    stale = sorted(set(described) - settings)
     assert not stale, f"descriptions of settings that no longer exist: {stale}"
-    assert all(text.strip() and "\n" not in text for text in config_lib.SETTING_HELP.values())
+    assert all(text.strip() and "\n" not in text for text in described.values())
 
 
 @pytest.mark.parametrize("argument, message", [
@@ -106,8 +107,8 @@ def test_one_log_format_and_no_libtpu_notice(clean_logging, monkeypatch):
     from absl import logging as absl_logging
     clean_logging.handlers.clear()
     clean_logging.addHandler(absl_logging.get_absl_handler())  # as absl.app.run leaves it
-    monkeypatch.setattr(main_module, "_tpu_hardware", lambda: False)
-    main_module.configure_logging("info")
+    monkeypatch.setattr(cli, "_tpu_hardware", lambda: False)
+    cli.configure_logging("info")
     assert len(clean_logging.handlers) == 1 and clean_logging.handlers[0] is not absl_logging.get_absl_handler()
     stream = io.StringIO()
     clean_logging.handlers[0].setStream(stream)
@@ -115,17 +116,17 @@ def test_one_log_format_and_no_libtpu_notice(clean_logging, monkeypatch):
               "shared object file: No such file or directory")
     logging.getLogger("jax._src.xla_bridge").info(notice)
     logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu': ABORTED: TPU in use")
-    logging.getLogger("ssb_jax.toyworld").info("building")
+    logging.getLogger("ssb_jax.toyworld.world").info("building")
     absl_logging.warning("from absl")
     logging.getLogger("orbax.checkpoint").warning("from orbax")
     lines = stream.getvalue().splitlines()
     prefix = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) "
     assert [re.sub(prefix, "", line) for line in lines] == [
         "jax._src.xla_bridge: Unable to initialize backend 'tpu': ABORTED: TPU in use",
-        "ssb_jax.toyworld: building", "absl: from absl", "orbax.checkpoint: from orbax"]
+        "ssb_jax.toyworld.world: building", "absl: from absl", "orbax.checkpoint: from orbax"]
     assert all(re.match(prefix, line) for line in lines)
     # with TPU hardware present, a missing libtpu.so is worth saying
-    monkeypatch.setattr(main_module, "_tpu_hardware", lambda: True)
+    monkeypatch.setattr(cli, "_tpu_hardware", lambda: True)
     logging.getLogger("jax._src.xla_bridge").info(notice)
     assert stream.getvalue().splitlines()[-1].endswith(notice)
 
@@ -138,44 +139,44 @@ class FakeClock:
         return self.now
 
 
-def test_pretrain_progress_logs_every_few_steps_with_an_eta(monkeypatch, caplog):
-    seed = random.randrange(2**31)
-    print(f"seed {seed}")
+def test_pretrain_progress_logs_every_few_steps_with_an_eta(monkeypatch, caplog, seed):
     rng = random.Random(seed)
     total, every = rng.randint(30, 200), rng.randint(3, 20)
     compile_s, step_s = rng.uniform(5, 90), rng.uniform(0.1, 2.0)
     clock = FakeClock()
-    monkeypatch.setattr(toyworld.time, "perf_counter", clock)
-    caplog.set_level(logging.INFO, logger="ssb_jax.toyworld")
-    progress = toyworld.PretrainProgress(total, every, terminal=False, main_process=True)
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    caplog.set_level(logging.INFO, logger="ssb_jax.training.metrics")
+    progress = metrics.Progress(total, every, desc="pre-training the toy model", label="pretrain", terminal=False,
+                                main_process=True)  # as toyworld.pretrain shows its progress
     for step in range(total):
         clock.now += compile_s if step == 0 else step_s
-        progress(step, 1.0 / (step + 1))
+        progress.update(step + 1, {"loss": f"{1.0 / (step + 1):.4f}"})
     progress.close()
     lines = [r.getMessage() for r in caplog.records]
     reported = [1] + [d for d in range(2, total + 1) if d % every == 0 or d == total]
     assert len(lines) == len(reported)
     assert lines[0] == f"pretrain step 1/{total}: loss 1.0000 (compiling included, it took " \
-                       f"{toyworld.format_duration(compile_s)})"
+                       f"{metrics.format_duration(compile_s)})"
     for line, done in zip(lines[1:], reported[1:]):
         assert line.startswith(f"pretrain step {done}/{total} ({100 * done // total}%): loss {1 / done:.4f}, ")
         elapsed = compile_s + (done - 1) * step_s
         eta = (total - done) * step_s  # the pace after the compiling first step
-        assert line.endswith(f"{toyworld.format_duration(elapsed)} elapsed, ETA {toyworld.format_duration(eta)}")
+        assert line.endswith(f"{metrics.format_duration(elapsed)} elapsed, ETA {metrics.format_duration(eta)}")
 
 
 def test_pretrain_progress_bar_on_a_terminal_and_silence_elsewhere(caplog, capsys):
-    caplog.set_level(logging.INFO, logger="ssb_jax.toyworld")
-    progress = toyworld.PretrainProgress(7, 2, terminal=True, main_process=True)
+    caplog.set_level(logging.INFO, logger="ssb_jax.training.metrics")
+    progress = metrics.Progress(7, 2, desc="pre-training the toy model", label="pretrain", terminal=True,
+                                main_process=True)
     for step in range(7):
-        progress(step, 0.5)
+        progress.update(step + 1, {"loss": "0.5000"})
     progress.close()
     err = capsys.readouterr().err
     assert "pre-training the toy model" in err and "7/7" in err and "loss=0.5000" in err
     assert not caplog.records  # the bar replaces the log lines
-    quiet = toyworld.PretrainProgress(7, 2, terminal=False, main_process=False)
+    quiet = metrics.Progress(7, 2, desc="pre-training the toy model", terminal=False, main_process=False)
     for step in range(7):
-        quiet(step, 0.5)
+        quiet.update(step + 1, {"loss": "0.5000"})
     quiet.close()
     assert not caplog.records and not capsys.readouterr().err
 
@@ -183,7 +184,7 @@ def test_pretrain_progress_bar_on_a_terminal_and_silence_elsewhere(caplog, capsy
 @pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (59.4, "59 s"), (61, "1 min 01 s"), (3599, "59 min 59 s"),
                                            (3660, "1 h 01 min"), (-3, "0 s")])
 def test_format_duration(seconds, text):
-    assert toyworld.format_duration(seconds) == text
+    assert metrics.format_duration(seconds) == text
 
 
 def test_world_paths_are_what_build_returns(tmp_path):
@@ -205,20 +206,20 @@ def test_exit_status_and_one_line_errors_of_a_failing_run(monkeypatch, capsys):
             raise error
         return run
 
-    monkeypatch.setattr(main_module, "run", failing(ValueError("config.train: lr must be > 0, got 0")))
+    monkeypatch.setattr(cli, "run", failing(ValueError("config.train: lr must be > 0, got 0")))
     with pytest.raises(SystemExit) as exit_info:
         main_module.main(argv)
     assert exit_info.value.code == "error: config.train: lr must be > 0, got 0"
     with pytest.raises(ValueError):  # --verbose: the traceback
         main_module.main(argv + ["--verbose"])
-    monkeypatch.setattr(main_module, "run", failing(StaleOutputsError("train: the outputs in x were made from ...")))
+    monkeypatch.setattr(cli, "run", failing(StaleOutputsError("train: the outputs in x were made from ...")))
     with pytest.raises(SystemExit) as exit_info:
         main_module.main(argv)
     assert exit_info.value.code == "error: train: the outputs in x were made from ..."
-    monkeypatch.setattr(main_module, "run", failing(main_module.CurationShortfall("round 1 curation: kept 3")))
+    monkeypatch.setattr(cli, "run", failing(CurationShortfall("round 1 curation: kept 3")))
     with pytest.raises(SystemExit) as exit_info:
         main_module.main(argv)
     assert exit_info.value.code == 3 and capsys.readouterr().err.strip() == "round 1 curation: kept 3"
-    monkeypatch.setattr(main_module, "run", failing(RuntimeError("a bug")))
+    monkeypatch.setattr(cli, "run", failing(RuntimeError("a bug")))
     with pytest.raises(RuntimeError):  # anything else keeps its traceback
         main_module.main(argv)

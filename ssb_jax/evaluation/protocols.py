@@ -19,6 +19,7 @@ import fnmatch
 
 from ssb_jax import validate
 from ssb_jax.evaluation.datasets import parse_datasets
+from ssb_jax.settings import setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +48,31 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    datasets: str = "math500,aime24"     # comma-separated: known names, label=path, or .jsonl/.parquet paths
-    protocols: tuple[str, ...] = ("math_verify", MOTIF, "string_match")
-    n_samples: int = 8                   # n of avg@n / maj@n (0: greedy pass@1 only)
-    temperature: float = 0.6             # for the sampled responses; pass@1 is always greedy
-    top_k: int = 0
-    top_p: float = 0.95
-    max_new_tokens: int = 1024           # for protocols without a fixed budget
-    max_problems: int = 0                # the first this many problems of each dataset (0: all)
-    seed: int = 0
-    problems_per_batch: int = 64         # outputs are appended (and survive a crash) per batch
+    datasets: str = setting(
+        "math500,aime24",
+        "comma-separated known names (math500, aime24, gsm8k_test) and/or local .jsonl/.parquet "
+        "paths; world_test: the toy world's held-out split")
+    protocols: tuple[str, ...] = setting(
+        ("math_verify", MOTIF, "string_match"),
+        "comma-separated: math_verify (greedy pass@1 + sampled avg@n/maj@n), motif (the MOTIF/SSB "
+        "papers' rule: greedy, 1024 tokens, response contains \\boxed{gold}, or gold on AIME-style "
+        "datasets) and/or string_match (greedy, 1024 tokens, last box equal to gold after "
+        "normalization)")
+    n_samples: int = setting(8, "n of avg@n / maj@n (0: greedy pass@1 only)")
+    temperature: float = setting(0.6, "temperature of the sampled responses (pass@1 is always greedy)")
+    top_k: int = setting(0, "top-k of the sampled responses (0: off)")
+    top_p: float = setting(0.95, "top-p of the sampled responses (1.0: off)")
+    max_new_tokens: int = setting(1024, "token budget for protocols without a fixed one")
+    max_problems: int = setting(0, "evaluate the first this many problems of each dataset (0: all)")
+    seed: int = setting(0, "seed of the sampled responses")
+    problems_per_batch: int = setting(64, "outputs are appended (and survive a crash) per this many problems")
     # motif protocol: dataset labels (shell patterns, any case) graded by the bare gold string, as the
     # authors graded AIME; every other dataset by \boxed{gold}, as they graded MATH500
-    motif_contains_gold: tuple[str, ...] = ("aime*",)
+    motif_contains_gold: tuple[str, ...] = setting(
+        ("aime*",),
+        "comma-separated dataset-label patterns (shell style, any case) that the motif protocol "
+        "grades by the bare gold string, as the authors graded AIME; other datasets: by "
+        "\\boxed{gold}")
 
     def __post_init__(self):
         validate.non_negative(self, "temperature", "top_k")
