@@ -20,6 +20,7 @@ from ssb_jax.model.qwen2 import abstract_model
 from ssb_jax.plan.analytic import GIB, SamplingShape, TrainingShape, model_config_of, plan
 from ssb_jax.sampling.sampler import SamplingParams, generate
 from ssb_jax.sharding import BATCH_AXES, batch_sharding, make_mesh, state_shardings
+from ssb_jax.training.checkpoint import abstract
 
 
 def compiled_bytes(compiled) -> dict[str, int]:
@@ -42,20 +43,13 @@ def check_mesh(axes: dict[str, int]):
     return None if devices == 1 else make_mesh(axes, jax.devices()[:devices])
 
 
-def _abstract(tree, shardings=None):
-    """ShapeDtypeStructs of `tree`'s arrays, placed by `shardings` (a tree like it) when given."""
-    if shardings is None:
-        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), tree)
-    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), tree, shardings)
-
-
 def compile_sampling(config: ModelConfig, shape: SamplingShape, mesh, sampling=None):
     """The sampler's generate program for this shape (the scan layout of the weights, as on an
     accelerator), lowered with abstract sharded inputs and compiled; nothing is allocated."""
     graphdef, state = nnx.split(abstract_model(config))
     rows = None if mesh is None else NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     shardings = None if mesh is None else nnx.to_pure_dict(state_shardings(state, mesh))
-    params = _abstract(nnx.to_pure_dict(state), shardings)
+    params = abstract(nnx.to_pure_dict(state), shardings)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), shape.rows))
     sampling = (sampling or SamplingParams(max_new_tokens=shape.new_tokens, temperature=1.0, top_k=50)).program()
     program = jax.jit(lambda st, tokens, mask, keys, knobs: generate(graphdef, st, tokens, mask, keys,
