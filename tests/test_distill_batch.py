@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from ssb_jax.distill.batch import bucket_length, build_batch
+from ssb_jax.distill.batch import CachedTeacher, DistillBatch, bucket_length, build_batch
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.step import distill_loss, graph_definitions, student_answer_hidden, teacher_answer_hidden
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
@@ -18,9 +18,9 @@ from ssb_jax.model.qwen2 import init_model
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(seed):
     config = tiny_model_config()
-    return config, init_model(config, np.random.randint(1 << 30), std=0.15)
+    return config, init_model(config, seed, std=0.15)
 
 
 def test_bucket_length():
@@ -31,38 +31,67 @@ def test_bucket_length():
         bucket_length(100, buckets=(32, 48, 96))
 
 
-def test_batch_alignment_and_padding():
-    rng = np.random.default_rng()
+def test_batch_alignment_and_padding(rng):
     records = random_records(rng, 3, 50)
     b = build_batch(records, batch_size=5, min_bucket=4)
-    assert b["teacher_tokens"].shape[0] == b["student_tokens"].shape[0] == 5
-    assert b["row_valid"].tolist() == [True] * 3 + [False] * 2
+    assert b.teacher_tokens.shape[0] == b.student_tokens.shape[0] == 5
+    assert b.row_valid.tolist() == [True] * 3 + [False] * 2
     for side in ("teacher", "student"):
-        L = b[f"{side}_tokens"].shape[1]
+        L = getattr(b, f"{side}_tokens").shape[1]
         assert L & (L - 1) == 0 and L >= max(len(r[f"{side}_prompt_ids"]) + len(r["solution_ids"]) for r in records)
     for i, r in enumerate(records):
         n = len(r["solution_ids"])
-        assert b["answer_mask"][i].sum() == n and b["answer_tokens"][i, :n].tolist() == r["solution_ids"]
+        assert b.answer_mask[i].sum() == n and b.answer_tokens[i, :n].tolist() == r["solution_ids"]
         for side in ("teacher", "student"):
             seq = r[f"{side}_prompt_ids"] + r["solution_ids"]
-            assert b[f"{side}_tokens"][i, :len(seq)].tolist() == seq and b[f"{side}_mask"][i].sum() == len(seq)
-            idx = b[f"{side}_index"][i, :n]
+            tokens, mask = getattr(b, f"{side}_tokens"), getattr(b, f"{side}_mask")
+            assert tokens[i, :len(seq)].tolist() == seq and mask[i].sum() == len(seq)
+            idx = getattr(b, f"{side}_index")[i, :n]
             # the logit at position p predicts token p + 1: these positions predict the solution tokens
-            assert b[f"{side}_tokens"][i, idx + 1].tolist() == r["solution_ids"]
+            assert tokens[i, idx + 1].tolist() == r["solution_ids"]
             assert idx[0] == len(r[f"{side}_prompt_ids"]) - 1
-    assert not b["answer_mask"][3:].any() and not b["student_mask"][3:].any()
+    assert not b.answer_mask[3:].any() and not b.student_mask[3:].any()
     # truncation keeps both sequences within max_seq_len
     t = build_batch(records, max_seq_len=16, buckets=(16,))
-    assert t["teacher_tokens"].shape[1] == 16 and t["student_tokens"].shape[1] == 16
+    assert t.teacher_tokens.shape[1] == 16 and t.student_tokens.shape[1] == 16
 
 
-def test_online_teacher_and_student_at_aligned_positions(model):
+def test_the_batch_holds_its_declared_shapes_and_abstract_gives_the_steps_inputs(rng):
+    """build_batch's arrays have the dtypes and named dimensions DistillBatch declares; the fields the train
+    step reads are those of DistillBatch.abstract, for either teacher mode."""
+    records = random_records(rng, 3, 50)
+    k = 4
+    cache = {r["id"]: CachedTeacher(logprobs=np.zeros((len(r["solution_ids"]), k), np.float32),
+                                    ids=np.zeros((len(r["solution_ids"]), k), np.int32),
+                                    tail_logprob=np.zeros(len(r["solution_ids"]), np.float32),
+                                    target_logprob=np.zeros(len(r["solution_ids"]), np.float32)) for r in records}
+    online = build_batch(records, batch_size=4, min_bucket=4)
+    cached = build_batch(records, batch_size=4, min_bucket=4, include_teacher=False, teacher_cache=cache.__getitem__)
+    sizes = online.dims()
+    assert cached.dims() == {**{d: n for d, n in sizes.items() if d != "teacher_len"}, "topk": k}
+    assert sizes["batch"] == online.rows == 4
+
+    def described(batch):
+        return jax.tree.structure(batch), [(x.shape, np.dtype(x.dtype)) for x in jax.tree.leaves(batch)]
+
+    for mode, batch in (("online", online), ("cached", cached)):
+        abstract = DistillBatch.abstract(4, sizes["student_len"], sizes.get("teacher_len", 0), sizes["answer_len"],
+                                         teacher_mode=mode, topk=k)
+        assert described(batch.for_step(mode)) == described(abstract), mode
+        assert batch.for_step(mode).row_valid is None
+    with pytest.raises(ValueError, match="lacks"):
+        online.for_step("cached")
+    wrong = online.replace(answer_mask=online.answer_mask.astype(np.int32))
+    with pytest.raises(ValueError, match="answer_mask"):
+        wrong.dims()
+
+
+def test_online_teacher_and_student_at_aligned_positions(model, rng, seed):
     config, params = model
-    rng = np.random.default_rng()
     records = random_records(rng, 3, config.vocab_size)
     batch = build_batch(records, min_bucket=4)
     lc = TrainConfig(lora_rank=4).lora_config()
-    lora = init_lora(config, lc, jax.random.key(np.random.randint(1 << 30)))
+    lora = init_lora(config, lc, jax.random.key(seed + 1))
     graphdefs = graph_definitions(config, lc)
     base = nnx.state(params)
     head_logits = lambda h: np.asarray(params.logits(h))  # noqa: E731
@@ -80,7 +109,7 @@ def test_online_teacher_and_student_at_aligned_positions(model):
     # the loss on this batch: T^2 KL of the per-token distributions, by hand
     tc = TrainConfig(lora_rank=4, temperature=2.0, logits_chunk=4)
     loss, metrics = distill_loss(lora, base, batch, graphdefs=graphdefs, tc=tc)
-    m = batch["answer_mask"]
+    m = batch.answer_mask
     ls = jax.nn.log_softmax(student[m] / 2.0)
     lt = jax.nn.log_softmax(teacher[m] / 2.0)
     ref = 4.0 * float(jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), -1)))
@@ -88,9 +117,8 @@ def test_online_teacher_and_student_at_aligned_positions(model):
     assert float(loss) > 1e-3  # hinted and plain prompts give different distributions
 
 
-def test_teacher_cache_files_and_lookup(model, tmp_path):
+def test_teacher_cache_files_and_lookup(model, tmp_path, rng):
     config, params = model
-    rng = np.random.default_rng()
     records = random_records(rng, 5, config.vocab_size)
     k = 6
     # a shard closes after the first batch of two, so the five records always span at least two files
@@ -116,17 +144,17 @@ def test_teacher_cache_files_and_lookup(model, tmp_path):
     for i, r in enumerate(records):
         got = cache(r["id"])
         n = len(r["solution_ids"])
-        assert got["logprobs"].shape == (n, k) and got["ids"].shape == (n, k)
+        assert got.logprobs.shape == (n, k) and got.ids.shape == (n, k)
         lp = np.asarray(jax.nn.log_softmax(t_logits[i, :n] / 2.0))
-        np.testing.assert_allclose(got["logprobs"], np.take_along_axis(lp, got["ids"], -1), atol=1e-5)
-        np.testing.assert_array_equal(np.sort(got["ids"], -1), np.sort(np.argsort(-lp, -1)[:, :k], -1))
-        np.testing.assert_allclose(np.exp(got["tail_logprob"]), 1 - np.exp(got["logprobs"]).sum(-1), atol=1e-5)
+        np.testing.assert_allclose(got.logprobs, np.take_along_axis(lp, got.ids, -1), atol=1e-5)
+        np.testing.assert_array_equal(np.sort(got.ids, -1), np.sort(np.argsort(-lp, -1)[:, :k], -1))
+        np.testing.assert_allclose(np.exp(got.tail_logprob), 1 - np.exp(got.logprobs).sum(-1), atol=1e-5)
         lp1 = np.asarray(jax.nn.log_softmax(t_logits[i, :n]))
-        np.testing.assert_allclose(got["target_logprob"], lp1[np.arange(n), r["solution_ids"]], atol=1e-5)
+        np.testing.assert_allclose(got.target_logprob, lp1[np.arange(n), r["solution_ids"]], atol=1e-5)
     cb = build_batch(records[:2], batch_size=3, teacher_cache=cache, include_teacher=False, min_bucket=4)
-    assert "teacher_tokens" not in cb and cb["teacher_topk_ids"].shape[-1] == k
+    assert cb.teacher_tokens is None and cb.teacher_topk_ids.shape[-1] == k
     n0 = len(records[0]["solution_ids"])
-    np.testing.assert_array_equal(cb["teacher_topk_ids"][0, :n0], cache(records[0]["id"])["ids"])
+    np.testing.assert_array_equal(cb.teacher_topk_ids[0, :n0], cache(records[0]["id"]).ids)
 
 
 def _reference_style_records(rng):
@@ -140,9 +168,7 @@ def _reference_style_records(rng):
 
 
 @pytest.mark.parametrize("student_format, stop_token_target", [("plain", False), ("plain", True), ("chat", False)])
-def test_reference_student_input_and_targets(student_format, stop_token_target):
-    seed = np.random.randint(1 << 30)
-    rng = np.random.default_rng(seed)
+def test_reference_student_input_and_targets(student_format, stop_token_target, rng, seed):
     records = _reference_style_records(rng)
     b = build_batch(records, min_bucket=4, student_format=student_format, stop_token_target=stop_token_target)
     student_key = "student_plain_prompt_ids" if student_format == "plain" else "student_prompt_ids"
@@ -150,35 +176,36 @@ def test_reference_student_input_and_targets(student_format, stop_token_target):
         drop = not stop_token_target and r["solution_finish_reason"] == "stop"
         target = r["solution_ids"][:-1] if drop else r["solution_ids"]
         n = len(target)
-        assert b["answer_mask"][i].sum() == n and b["answer_tokens"][i, :n].tolist() == target, seed
+        assert b.answer_mask[i].sum() == n and b.answer_tokens[i, :n].tolist() == target, seed
         for side, prompt in (("teacher", r["teacher_prompt_ids"]), ("student", r[student_key])):
             seq = prompt + target  # the solution right after the prompt, nothing between
-            assert b[f"{side}_tokens"][i, :len(seq)].tolist() == seq and b[f"{side}_mask"][i].sum() == len(seq), seed
-            idx = b[f"{side}_index"][i, :n]
-            assert idx[0] == len(prompt) - 1 and b[f"{side}_tokens"][i, idx + 1].tolist() == target, seed
+            tokens, mask = getattr(b, f"{side}_tokens"), getattr(b, f"{side}_mask")
+            assert tokens[i, :len(seq)].tolist() == seq and mask[i].sum() == len(seq), seed
+            idx = getattr(b, f"{side}_index")[i, :n]
+            assert idx[0] == len(prompt) - 1 and tokens[i, idx + 1].tolist() == target, seed
 
 
-def test_reference_switches_reach_the_training_batches_and_a_full_teacher_cache_serves_them():
+def test_reference_switches_reach_the_training_batches_and_a_full_teacher_cache_serves_them(rng, seed):
     from ssb_jax.distill.data import make_dataset
-    seed = np.random.randint(1 << 30)
-    records = _reference_style_records(np.random.default_rng(seed))
+    records = _reference_style_records(rng)
     tc = TrainConfig(batch_size=3, epochs=1, min_bucket=4, student_format="plain", stop_token_target=False)
     batch = make_dataset(records, tc)[0]
     expected = build_batch(records, batch_size=3, min_bucket=4, student_format="plain", stop_token_target=False)
     keys = ("student_tokens", "student_mask", "student_index", "answer_tokens", "answer_mask")
-    rows = lambda b: sorted(repr([b[k][i].tolist() for k in keys]) for i in range(3))  # noqa: E731 (any order)
+    rows = lambda b: sorted(repr([getattr(b, k)[i].tolist() for k in keys]) for i in range(3))  # noqa: E731 (any order)
     assert rows(batch) == rows(expected), seed
     # a cache made with the stop token (the teacher cache always is) holds every target of a run without it
-    cache = {r["id"]: {"logprobs": np.full((len(r["solution_ids"]), 2), -1.0, np.float32),
-                       "ids": np.tile(np.arange(len(r["solution_ids"]))[:, None], (1, 2)).astype(np.int32),
-                       "tail_logprob": np.zeros(len(r["solution_ids"]), np.float32),
-                       "target_logprob": np.arange(len(r["solution_ids"]), dtype=np.float32)} for r in records}
+    cache = {r["id"]: CachedTeacher(logprobs=np.full((len(r["solution_ids"]), 2), -1.0, np.float32),
+                                    ids=np.tile(np.arange(len(r["solution_ids"]))[:, None], (1, 2)).astype(np.int32),
+                                    tail_logprob=np.zeros(len(r["solution_ids"]), np.float32),
+                                    target_logprob=np.arange(len(r["solution_ids"]), dtype=np.float32))
+             for r in records}
     cached = build_batch(records, min_bucket=4, include_teacher=False, teacher_cache=cache.__getitem__,
                          student_format="plain", stop_token_target=False)
     for i, r in enumerate(records):
-        n = int(cached["answer_mask"][i].sum())
+        n = int(cached.answer_mask[i].sum())
         assert n == len(r["solution_ids"]) - (r["solution_finish_reason"] == "stop")
-        assert cached["teacher_target_logprob"][i, :n].tolist() == list(range(n))
+        assert cached.teacher_target_logprob[i, :n].tolist() == list(range(n))
 
 
 def test_reference_switch_errors_name_the_fix():

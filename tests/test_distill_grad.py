@@ -20,11 +20,8 @@ from ssb_jax.model.qwen2 import init_model
 
 
 @pytest.mark.parametrize("mode", ["online", "cached"])
-def test_lora_grads_match_finite_differences_f64(mode):
+def test_lora_grads_match_finite_differences_f64(mode, seed, rng):
     """The model computes norms, attention softmax and logits in float64 when its weights are float64."""
-    seed = np.random.randint(1 << 30)
-    print("seed", seed)
-    rng = np.random.default_rng(seed)
     with jax.enable_x64(True):
         config = tiny_model_config(num_layers=2, hidden_size=16, intermediate_size=24, num_heads=2, num_kv_heads=1)
         tc = TrainConfig(lora_rank=3, lora_alpha=6.0, lora_dtype="float64", temperature=2.0, ce_weight=0.5,
@@ -40,11 +37,11 @@ def test_lora_grads_match_finite_differences_f64(mode):
         batch = build_batch(records, min_bucket=4)
         if mode == "cached":
             # random teacher top-k distributions (a proper distribution over k ids + tail)
-            B, A = batch["answer_tokens"].shape
+            B, A = batch.answer_tokens.shape
             ids = np.stack([[rng.permutation(config.vocab_size)[:5] for _ in range(A)] for _ in range(B)])
             probs = rng.dirichlet(np.ones(6), size=(B, A))
-            batch.update(teacher_topk_ids=ids.astype(np.int32), teacher_topk_logprobs=np.log(probs[..., :5]),
-                         teacher_tail_logprob=np.log(probs[..., 5]), teacher_target_logprob=np.zeros((B, A)))
+            batch = batch.replace(teacher_topk_ids=ids.astype(np.int32), teacher_topk_logprobs=np.log(probs[..., :5]),
+                                  teacher_tail_logprob=np.log(probs[..., 5]), teacher_target_logprob=np.zeros((B, A)))
         batch = jax.tree_util.tree_map(jnp.asarray, batch)
 
         def loss(l):

@@ -26,8 +26,7 @@ def random_mask(rng, B, A):
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0, 0.7])
-def test_loss_matches_torch_kl_div(T):
-    rng = np.random.default_rng()
+def test_loss_matches_torch_kl_div(T, rng):
     B, A, V = 3, 11, 53
     s, t = random_logits(rng, B, A, V), random_logits(rng, B, A, V)
     mask = random_mask(rng, B, A)
@@ -53,8 +52,7 @@ def test_loss_matches_torch_kl_div(T):
     assert abs(float(loss) - (torch_reference(s[mask], t[mask], T) + lam * ce_ref)) < 1e-5 * max(1.0, float(loss))
 
 
-def test_per_sequence_mean():
-    rng = np.random.default_rng()
+def test_per_sequence_mean(rng):
     B, A, V = 4, 9, 31
     s, t = random_logits(rng, B, A, V), random_logits(rng, B, A, V)
     mask = random_mask(rng, B, A)
@@ -70,8 +68,7 @@ def test_per_sequence_mean():
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.1])
 @pytest.mark.parametrize("cached", [False, True])
-def test_chunked_equals_unchunked(cached, ce_weight):
-    rng = np.random.default_rng()
+def test_chunked_equals_unchunked(cached, ce_weight, rng):
     B, A, D, V = 2, 13, 16, 41
     head = jnp.asarray(rng.standard_normal((D, V)).astype(np.float32))
     s_h = jnp.asarray(rng.standard_normal((B, A, D)).astype(np.float32))
@@ -81,8 +78,7 @@ def test_chunked_equals_unchunked(cached, ce_weight):
     T = 2.0
     teacher = t_h
     if cached:
-        lp, ids, tail, tgt = topk_from_logits(t_h @ head, 7, T, targets)
-        teacher = {"logprobs": lp, "ids": ids, "tail_logprob": tail, "target_logprob": tgt}
+        teacher = topk_from_logits(t_h @ head, 7, T, targets)
 
     def f(s_h, chunk, per_sequence_mean=False):
         return distill_objective(s_h, teacher, targets, mask, head, temperature=T, ce_weight=ce_weight, chunk=chunk,
@@ -107,16 +103,14 @@ def test_chunked_equals_unchunked(cached, ce_weight):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_cached_topk_full_vocab_equals_full_kl():
-    rng = np.random.default_rng()
+def test_cached_topk_full_vocab_equals_full_kl(rng):
     B, A, V = 2, 7, 37
     s, t = random_logits(rng, B, A, V), random_logits(rng, B, A, V)
     targets = jnp.asarray(rng.integers(0, V, (B, A)))
     mask = jnp.asarray(random_mask(rng, B, A))
     T = 2.0
     eye = jnp.eye(V)
-    lp, ids, tail, tgt = topk_from_logits(jnp.asarray(t), V, T, targets)
-    cached = {"logprobs": lp, "ids": ids, "tail_logprob": tail, "target_logprob": tgt}
+    cached = topk_from_logits(jnp.asarray(t), V, T, targets)
 
     def f(s, teacher):
         return distill_objective(s, teacher, targets, mask, eye, temperature=T, chunk=3)
@@ -130,13 +124,11 @@ def test_cached_topk_full_vocab_equals_full_kl():
     np.testing.assert_allclose(np.asarray(gc), np.asarray(go), rtol=1e-4, atol=1e-7)
 
 
-def test_cached_topk_with_tail_bucket():
+def test_cached_topk_with_tail_bucket(rng):
     """k < V: KL over the k ids plus one tail bucket, against a float64 numpy reference."""
-    rng = np.random.default_rng()
     A, V, k, T = 6, 29, 5, 1.5
     s, t = random_logits(rng, 1, A, V)[0], random_logits(rng, 1, A, V)[0]
-    lp, ids, tail, tgt = topk_from_logits(jnp.asarray(t), k, T, jnp.zeros(A, jnp.int32))
-    cached = {key: x[None] for key, x in zip(("logprobs", "ids", "tail_logprob", "target_logprob"), (lp, ids, tail, tgt))}
+    cached = jax.tree.map(lambda x: x[None], topk_from_logits(jnp.asarray(t), k, T, jnp.zeros(A, jnp.int32)))
     loss, _ = distill_objective(jnp.asarray(s)[None], cached, jnp.zeros((1, A), jnp.int32), jnp.ones((1, A), bool),
                                 jnp.eye(V), temperature=T)
 
@@ -146,17 +138,18 @@ def test_cached_topk_with_tail_bucket():
 
     p, q = np.exp(logsoftmax(t)), np.exp(logsoftmax(s))
     top = np.argsort(-t, axis=-1)[:, :k]
-    assert (np.sort(np.asarray(ids), -1) == np.sort(top, -1)).all()
+    assert (np.sort(np.asarray(cached.ids[0]), -1) == np.sort(top, -1)).all()
     kl = 0.0
     for a in range(A):
         pk, qk = p[a, top[a]], q[a, top[a]]
         pt, qt = 1 - pk.sum(), 1 - qk.sum()
         kl += (pk * np.log(pk / qk)).sum() + pt * np.log(pt / qt)
     np.testing.assert_allclose(float(loss), T ** 2 * kl / A, rtol=1e-5)
-    np.testing.assert_allclose(np.exp(np.asarray(tail)), 1 - np.exp(np.asarray(lp)).sum(-1), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.exp(np.asarray(cached.tail_logprob)), 1 - np.exp(np.asarray(cached.logprobs)).sum(-1),
+                               rtol=1e-4, atol=1e-7)
 
 
-def test_vocab_programs_leave_reductions_to_xla():
+def test_vocab_programs_leave_reductions_to_xla(rng):
     """On CPU the distillation step compiles with YNNPACK for matrix products only (its fused
     vocabulary-wide reductions ran 10-15x slower); the loss and its gradient stay exact."""
     from ssb_jax.compile_options import YNN_DOTS_ONLY, YNN_FUSION_FLAG, vocab_program_options
@@ -164,7 +157,6 @@ def test_vocab_programs_leave_reductions_to_xla():
     if not options:
         pytest.skip("this backend or jaxlib does not take the YNNPACK fusion option")
     assert options == {YNN_FUSION_FLAG: YNN_DOTS_ONLY}
-    rng = np.random.default_rng()
     B, A, D, V, T = 2, 6, 16, 512, 2.0
     s_h, t_h = rng.standard_normal((2, B, A, D)).astype(np.float32)
     head = rng.standard_normal((D, V)).astype(np.float32) / 4
@@ -202,9 +194,8 @@ def _vocab_products(jaxpr, V: int) -> int:
 
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.5])
-def test_chunked_gradient_projects_each_chunk_once(ce_weight):
+def test_chunked_gradient_projects_each_chunk_once(ce_weight, rng):
     """Teacher and student logits, then one product per gradient term: the backward adds none."""
-    rng = np.random.default_rng()
     B, A, D, V = 2, 12, 8, 97
     head = rng.standard_normal((D, V)).astype(np.float32)
     s_h, t_h = rng.standard_normal((2, B, A, D)).astype(np.float32)

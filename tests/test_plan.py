@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssb_jax import plan as plan_module
 from ssb_jax.config import base_config, load_config_file
 from ssb_jax.model.config import ModelConfig
-from ssb_jax.model.qwen2 import CACHE_AXES, abstract_model, init_model
-from ssb_jax.plan import (ACCELERATORS, Accelerator, SamplingShape, array_bytes_per_device, cache_shape,
-                          format_plan, plan, state_bytes_per_device)
-from ssb_jax.sharding import make_mesh, named_sharding, shard_state
+from ssb_jax.model.kv_cache import CACHE_AXES
+from ssb_jax.model.qwen2 import abstract_model, init_model
+from ssb_jax.plan import analytic, cli
+from ssb_jax.plan.accelerators import ACCELERATORS, Accelerator
+from ssb_jax.plan.analytic import SamplingShape, cache_shape, plan
+from ssb_jax.plan.cli import format_plan
+from ssb_jax.plan.compiled import check_against_compiler, compiled_bytes
+from ssb_jax.sharding import array_bytes_per_device, make_mesh, named_sharding, shard_state, state_bytes_per_device
 
 TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8)
@@ -27,6 +30,7 @@ def device0_bytes(tree):
     return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == first)
 
 
+@pytest.mark.multidevice
 def test_memory_figures_match_sharded_arrays():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     axes = dict(mesh.shape)
@@ -46,8 +50,7 @@ def test_memory_figures_match_sharded_arrays():
 
 
 def test_plan_end_to_end_and_fit_verdicts(tmp_path, monkeypatch):
-    import ssb_jax.plan as plan_module
-    monkeypatch.setitem(plan_module.ACCELERATORS, "tiny-4", Accelerator(4, 0.001, 1.0, 1.0))
+    monkeypatch.setitem(ACCELERATORS, "tiny-4", Accelerator(4, 0.001, 1.0, 1.0))
     c = base_config()
     directory = tmp_path / "model"
     directory.mkdir()
@@ -81,18 +84,17 @@ def test_real_3b_config_on_h100():
     assert "H100-80G" in ACCELERATORS and np.isfinite(result["time_estimate_s"]["train"])
 
 
-def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys):
+def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys, seed):
     """python -m ssb_jax.plan takes the same --config.key=value overrides as ssb_jax.main."""
-    seed = random.randrange(2**31)
     batch = random.Random(seed).randint(5, 64)  # qwen3b's own is 4
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
     config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
     common = ["--config", config_file, f"--config.model.path={model_dir}", "--accelerator", "H200"]
-    plan_module.main(common)
+    cli.main(common)
     default_out = capsys.readouterr().out
-    plan_module.main(common + [f"--config.train.batch_size={batch}", "--devices=1"])
+    cli.main(common + [f"--config.train.batch_size={batch}", "--devices=1"])
     overridden_out = capsys.readouterr().out
     reference = load_config_file(config_file)  # the override applied by hand, planned directly
     reference.model.path = str(model_dir)
@@ -100,13 +102,14 @@ def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys):
     assert overridden_out.strip() == format_plan(plan(reference, "H200", 1)), f"seed {seed}"
     assert overridden_out != default_out, f"seed {seed}"  # the training activations grow with the batch
     with pytest.raises(SystemExit):
-        plan_module.main(common + ["--config.train.bach_size=8"])
+        cli.main(common + ["--config.train.bach_size=8"])
     assert "config.train has no key 'bach_size'; did you mean config.train.batch_size?" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- checked by the compiler
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.slow  # compiles the 3B rollout and train-step programs
+@pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.multidevice)])
 def test_planned_memory_of_3b_programs_is_within_15_percent_of_the_compilers(devices):
     """configs/qwen3b.py (the real Qwen2.5-3B shape): the planned per-device peak of the curation rollouts
     (64 prompts x 4 samples, prompt bucket 2048 + 1024 new tokens) and of the training step (batch 4 at
@@ -115,13 +118,13 @@ def test_planned_memory_of_3b_programs_is_within_15_percent_of_the_compilers(dev
     bfloat16 matmul operands to float32 copies (hoisted out of the layer loop) that a GPU/TPU compiler
     does not make, so bfloat16 on CPU would measure the CPU, not the program. 1 device: ~30 s of
     compiling; 8 devices (the config's mesh: everything on fsdp, so batch 8; sampling on the mesh
-    sharding.sampling_mesh picks for the plan's accelerator): ~60-100 s on 2 cores."""
+    sampling.mesh.sampling_mesh picks for the plan's accelerator): ~60-100 s on 2 cores."""
     c = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py"))
     c.model.dtype = "float32"
     c.train.batch_size = max(4, devices)  # a batch the data-parallel devices divide (8: one row each)
-    results = plan_module.check_against_compiler(c, devices)
+    results = check_against_compiler(c, devices)
     assert results["backend"] == "cpu"
-    report = plan_module.format_check(results)
+    report = cli.format_check(results)
     for stage in ("curate rollouts", "training"):
         planned, compiled = results[stage]["planned"], results[stage]["compiled"]["total"]
         assert compiled > 5 * 2**30, report  # the real programs, not a toy
@@ -129,11 +132,31 @@ def test_planned_memory_of_3b_programs_is_within_15_percent_of_the_compilers(dev
     assert "XLA:CPU" in report
 
 
+@pytest.mark.parametrize("teacher_mode", ["online", "cached"])
+def test_the_compiler_check_lowers_the_train_step_on_the_typed_batch(teacher_mode):
+    """The training check lowers distill.step's own program (lower_train_step) on DistillBatch.abstract:
+    the batch it takes is the one the step reads in that teacher mode, sized by the planned shape."""
+    from ssb_jax.distill.batch import DistillBatch
+    from ssb_jax.distill.config import TrainConfig
+    from ssb_jax.distill.step import lower_train_step
+    shape = analytic.TrainingShape(batch=2, student_len=32, teacher_len=48, answer_len=16)
+    tc = TrainConfig(teacher_mode=teacher_mode, topk=8, lora_rank=4, logits_chunk=8)
+    batch = DistillBatch.abstract(shape.batch, shape.student_len, shape.teacher_len, shape.answer_len,
+                                  teacher_mode=teacher_mode, topk=tc.topk)
+    lowered = lower_train_step(TINY, tc, batch, None)
+    taken = lowered.args_info[0][2]  # (state, base, batch)
+    assert isinstance(taken, DistillBatch)
+    assert [(name, getattr(taken, name).shape) for name in DistillBatch.step_fields(teacher_mode)] == \
+        [(name, getattr(batch, name).shape) for name in DistillBatch.step_fields(teacher_mode)]
+    assert (taken.teacher_tokens is None) == (teacher_mode == "cached")
+    assert (taken.teacher_topk_ids is None) == (teacher_mode == "online")
+
+
 def test_compiled_bytes_reads_memory_analysis_and_counts_donated_buffers_once():
     """A donated argument that comes back as the output is one buffer: argument + output + temp - alias."""
     x = jax.ShapeDtypeStruct((1024, 256), np.float32)
-    donated = plan_module.compiled_bytes(jax.jit(lambda a: a * 2, donate_argnums=0).lower(x).compile())
-    kept = plan_module.compiled_bytes(jax.jit(lambda a: a * 2).lower(x).compile())
+    donated = compiled_bytes(jax.jit(lambda a: a * 2, donate_argnums=0).lower(x).compile())
+    kept = compiled_bytes(jax.jit(lambda a: a * 2).lower(x).compile())
     assert donated["argument"] == kept["argument"] == 1024 * 256 * 4
     assert donated["alias"] == 1024 * 256 * 4 and kept["alias"] == 0
     assert donated["total"] == 1024 * 256 * 4 and kept["total"] == 2 * 1024 * 256 * 4
@@ -148,14 +171,13 @@ def _tiny_model_dir(tmp_path):
     return directory
 
 
-def test_eval_plan_uses_the_datasets_prompt_lengths(tmp_path):
+def test_eval_plan_uses_the_datasets_prompt_lengths(tmp_path, seed):
     """The eval stage is planned at the sampler's batch, the longest prompt of each dataset (tokenized
     with the chat template, padded to the sampler's prompt bucket), the protocols' largest budget and
     n samples; its time grows with the number of problems."""
     from ssb_jax.model.tokenizer import encode_chat, load_tokenizer
     from ssb_jax.paths import shared_data_path
     from ssb_jax.prompts import DEFAULT_PROMPTS
-    seed = random.randrange(2**31)
     rng = random.Random(seed)
     # the first question short and another long, so the first alone pads to a smaller prompt bucket
     words = [5] + [rng.randint(5, 400) for _ in range(rng.randint(1, 7))]
@@ -173,7 +195,7 @@ def test_eval_plan_uses_the_datasets_prompt_lengths(tmp_path):
     tokenizer = load_tokenizer(tokenizer_dir)
     longest = max(len(encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(q))) for q in questions)
     bucket = 1 << (longest - 1).bit_length()  # power-of-two prompt buckets
-    programs, count, tokenized = plan_module.eval_shapes(c)["mine"]
+    programs, count, tokenized = analytic.eval_shapes(c)["mine"]
     assert programs == [SamplingShape(8, bucket, 1024, 1), SamplingShape(8, bucket, 1024, c.eval.n_samples)], \
         f"seed {seed}"  # greedy (both protocols share it) and the n-sample pass
     assert (count, tokenized) == (len(questions), True)
@@ -189,14 +211,13 @@ def test_eval_plan_uses_the_datasets_prompt_lengths(tmp_path):
     assert fewer["shapes"]["eval mine"].prompt_len == max(16, 1 << (first - 1).bit_length()), f"seed {seed}"
 
 
-def test_plan_command_line_overrides_reach_the_eval_stage(capsys):
+def test_plan_command_line_overrides_reach_the_eval_stage(capsys, seed):
     """--config.eval.* overrides change the eval plan exactly as setting them in the config does (the
     real 3B config and the shared AIME 2024 prompts, tokenized with the shared Qwen2.5 tokenizer)."""
-    seed = random.randrange(2**31)
     n = random.Random(seed).randint(2, 30)
     config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
     common = ["--config", config_file, "--accelerator", "H200", "--config.eval.datasets=aime24"]
-    plan_module.main(common + [f"--config.eval.n_samples={n}", "--config.eval.protocols=math_verify"])
+    cli.main(common + [f"--config.eval.n_samples={n}", "--config.eval.protocols=math_verify"])
     out = capsys.readouterr().out
     reference = load_config_file(config_file)
     reference.eval.datasets, reference.eval.n_samples, reference.eval.protocols = "aime24", n, "math_verify"
@@ -205,7 +226,7 @@ def test_plan_command_line_overrides_reach_the_eval_stage(capsys):
     assert "eval aime24 (prompts=64, prompt_len=512, new_tokens=1024, samples=" + f"{n})" in out, f"seed {seed}"
     assert "'eval_prompt_length': {'aime24': 'longest tokenized prompt'}" in out
     with pytest.raises(SystemExit):
-        plan_module.main(common + ["--config.eval.n_sample=8"])
+        cli.main(common + ["--config.eval.n_sample=8"])
     assert "did you mean config.eval.n_samples?" in capsys.readouterr().err
 
 
@@ -213,7 +234,7 @@ def test_plan_command_line_checks_against_the_compiler(tmp_path, capsys):
     """--check-compiled prints the compiled programs' memory_analysis() beside the plan (tiny model, one
     device), naming the compiler whose buffer assignment it is."""
     config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
-    plan_module.main(["--config", config_file, f"--config.model.path={_tiny_model_dir(tmp_path)}",
+    cli.main(["--config", config_file, f"--config.model.path={_tiny_model_dir(tmp_path)}",
                       "--config.model.dtype=float32", "--config.sampler.max_prompt_tokens=64",
                       "--config.curate.rollout_max_new_tokens=16", "--config.curate.solution_max_new_tokens=16",
                       "--accelerator=H100-80G", "--check-compiled"])
@@ -226,11 +247,12 @@ def test_plan_command_line_checks_against_the_compiler(tmp_path, capsys):
         assert abs(float(line.split("(")[1].split("%")[0])) < 100, line  # planned vs compiled, in percent
 
 
+@pytest.mark.multidevice
 def test_sampling_memory_is_planned_on_the_sampling_mesh(tmp_path, monkeypatch):
-    """The planner picks the sampling mesh sharding.sampling_mesh picks, and its sampling figures are
+    """The planner picks the sampling mesh sampling.mesh.sampling_mesh picks, and its sampling figures are
     the per-device sizes of real arrays placed there: replicated weights when they fit one device,
     split over the tensor axis when the device is too small."""
-    from ssb_jax.sharding import SAMPLING_WEIGHT_SHARE, sampling_mesh
+    from ssb_jax.sampling.mesh import SAMPLING_WEIGHT_SHARE, sampling_mesh
     directory = tmp_path / "model"
     directory.mkdir()
     (directory / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
@@ -242,7 +264,7 @@ def test_sampling_memory_is_planned_on_the_sampling_mesh(tmp_path, monkeypatch):
     tensor_two = state_bytes_per_device(nnx.state(abstract_model(TINY)), {"data": 2, "fsdp": 1, "tensor": 2})
     for memory, expected in ((2**30, {"data": 4, "fsdp": 1, "tensor": 1}),
                              (tensor_two / SAMPLING_WEIGHT_SHARE, {"data": 2, "fsdp": 1, "tensor": 2})):
-        monkeypatch.setitem(plan_module.ACCELERATORS, "tiny-4", Accelerator(4, memory / 2**30, 1.0, 1.0))
+        monkeypatch.setitem(ACCELERATORS, "tiny-4", Accelerator(4, memory / 2**30, 1.0, 1.0))
         result = plan(c, "tiny-4")
         m = result["memory_gib_per_device"]
         assert result["sampling_mesh"] == expected
@@ -269,19 +291,18 @@ def test_plan_refuses_a_train_batch_the_mesh_does_not_divide(tmp_path, capsys):
         plan(c, "v4-8")
     config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
     with pytest.raises(SystemExit):
-        plan_module.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8"])
+        cli.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8"])
     assert "config.train.batch_size=4 is not a multiple of the data-parallel size 8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked", "splash"])
-def test_attention_terms_follow_the_kernel_the_config_resolves_to(impl):
+def test_attention_terms_follow_the_kernel_the_config_resolves_to(impl, seed):
     """Dense XLA attention costs float32 [rows, heads, T, T] scores; the chunked kernel one
     [rows, heads, block, block] tile plus the log-sum-exp; a fused kernel only the log-sum-exp in HBM.
     The training terms (one layer's backward, the teacher forward, what remat none keeps) follow."""
     from ssb_jax.config import section_to
     from ssb_jax.distill.config import TrainConfig
     from ssb_jax.model.attention import chunk_layout
-    seed = random.randrange(2**31)
     rng = random.Random(seed)
     config = TINY.replace(attention_impl=impl, remat=rng.choice(["full", "none"]))
     rows, T, tensor = rng.randint(1, 4), rng.choice([640, 1024, 1536]), rng.choice([1, 2])
@@ -289,17 +310,17 @@ def test_attention_terms_follow_the_kernel_the_config_resolves_to(impl):
     block = chunk_layout(T)[1]
     score = {"xla": rows * heads * T * T * 4, "chunked": rows * heads * block * block * 4, "splash": 0}[impl]
     lse = 0 if impl == "xla" else rows * heads * T * 4
-    assert plan_module.attention_kernel(config, T, "cpu" if impl != "splash" else "tpu") == impl
-    assert plan_module.attention_working_set(config, rows, T, T, tensor, impl) == 2 * score + lse, f"seed {seed}"
-    assert plan_module.attention_working_set(config, rows, T, T, tensor, impl, backward=True) == 4 * score + lse
-    saved = plan_module.attention_saved_bytes(config, rows, T, tensor, impl)
+    assert analytic.attention_kernel(config, T, "cpu" if impl != "splash" else "tpu") == impl
+    assert analytic.attention_working_set(config, rows, T, T, tensor, impl) == 2 * score + lse, f"seed {seed}"
+    assert analytic.attention_working_set(config, rows, T, T, tensor, impl, backward=True) == 4 * score + lse
+    saved = analytic.attention_saved_bytes(config, rows, T, tensor, impl)
     if impl == "xla":
         assert saved == (2 if config.remat == "none" else 1) * score, f"seed {seed}"
     else:  # the custom VJP keeps its output and the log-sum-exp, never a score array
         assert saved == rows * T * config.q_size // tensor * 4 + lse, f"seed {seed}"
     axes = {"data": 1, "fsdp": 1, "tensor": tensor}
     lora_config = section_to(TrainConfig, base_config().train, "config.train").lora_config()
-    terms = plan_module.training_memory(config, axes, plan_module.TrainingShape(rows, T, T, 16), lora_config,
+    terms = analytic.training_memory(config, axes, analytic.TrainingShape(rows, T, T, 16), lora_config,
                                         weights=0, lora=0, optimizer=0, chunk=8,
                                         backend="cpu" if impl != "splash" else "tpu")
     assert terms["layer_backward_attention"] == 4 * score + lse, f"seed {seed}"
