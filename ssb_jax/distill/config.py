@@ -9,11 +9,12 @@ from ssb_jax.training.settings import CheckpointSettings, LoraSettings, Optimize
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(LoraSettings, CheckpointSettings, OptimizerSettings):  # fields: optimiser, checkpoints, LoRA, own
+class TrainConfig(LoraSettings, CheckpointSettings, OptimizerSettings):
     """Frozen and hashable, so it can be a jit static argument. Paper defaults: lr 2e-4 with linear
     decay and no warmup, AdamW without weight decay, clip 1.0, batch 4, 3 epochs, T = 2,
     LoRA r = alpha = 32 on all seven projections, no CE term. `as_sft()`: the plain SFT baseline.
-    The optimiser, checkpoint and LoRA settings are the shared ones (ssb_jax.training.settings)."""
+    The optimiser, checkpoint and LoRA settings are the shared ones (ssb_jax.training.settings); the
+    bases are listed last-first so the fields come in that order, then the method's own."""
     batch_size: int = setting(4, "global batch: sequences per step")
     epochs: int = setting(3, "passes over the curated pairs")
     max_steps: int = setting(0, "> 0: stop after this many steps")

@@ -2,8 +2,8 @@
 step function and a batch source run by `TrainingLoop`.
 
     loop = TrainingLoop(workdir, total_steps, step, checkpoints=tc, desc="distill", tag="train",
-                        hooks=Hooks(curve_point=...), plot=plot_metrics)
-    result = loop.run(initial_state, batches, resume=True)
+                        hooks=Hooks(curve_point=curve.loop_hook(...)), plot=plot_metrics)
+    result = loop.run(initial_state, batches, resume=True)  # a LoopResult
 
 - `step(state, batch) -> (state, record)`: one training step; `record` is a dict of plain Python numbers
   (metrics.jsonl's line for the step, without "step"). `host_numbers` turns jitted metrics into those.
