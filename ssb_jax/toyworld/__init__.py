@@ -24,7 +24,7 @@ setting.
 from ssb_jax.toyworld.config import ToyWorldConfig
 from ssb_jax.toyworld.measurement import (hinted_accuracy, hinted_prompt_ids, make_sampler, measure, mixed_fraction,
                                           plain_accuracy, plain_prompt_ids)
-from ssb_jax.toyworld.pretraining import Batches, PretrainProgress, format_duration, pretrain
+from ssb_jax.toyworld.pretraining import Batches, pretrain
 from ssb_jax.toyworld.problems import OPS, Problem, Step, evaluate_solution, make_problems, problem_record, random_problem
 from ssb_jax.toyworld.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, save_tokenizer, tokenizer_corpus, train_tokenizer
 from ssb_jax.toyworld.world import MARKER_FILE, WORLD_FORMAT, World, build, make_world, save_world, world_paths
@@ -33,7 +33,7 @@ __all__ = [
     "ToyWorldConfig",
     "OPS", "Problem", "Step", "evaluate_solution", "make_problems", "problem_record", "random_problem",
     "CHAT_TEMPLATE", "SPECIAL_TOKENS", "save_tokenizer", "tokenizer_corpus", "train_tokenizer",
-    "Batches", "PretrainProgress", "format_duration", "pretrain",
+    "Batches", "pretrain",
     "hinted_accuracy", "hinted_prompt_ids", "make_sampler", "measure", "mixed_fraction", "plain_accuracy",
     "plain_prompt_ids",
     "MARKER_FILE", "WORLD_FORMAT", "World", "build", "make_world", "save_world", "world_paths",

@@ -19,10 +19,11 @@ import numpy as np
 from ssb_jax.prompts import DEFAULT_PROMPTS
 from ssb_jax.toyworld.config import ToyWorldConfig
 from ssb_jax.toyworld.measurement import make_sampler, measure
-from ssb_jax.toyworld.pretraining import (PretrainProgress, arithmetic_drill, encode_examples, encode_texts,
-                                          format_duration, model_config, pretrain, pretraining_examples)
+from ssb_jax.toyworld.pretraining import (arithmetic_drill, encode_examples, encode_texts, model_config, pretrain,
+                                          pretraining_examples)
 from ssb_jax.toyworld.problems import make_problems, problem_record
 from ssb_jax.toyworld.tokenizer import save_tokenizer, tokenizer_corpus, train_tokenizer
+from ssb_jax.training.metrics import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _rng(config: ToyWorldConfig, purpose: str) -> random.Random:
 
 def make_world(config: ToyWorldConfig, *, log_fn=None, progress: bool = False) -> World:
     """Problems, tokenizer and pre-trained model, in memory. log_fn: see `pretrain`; progress: show
-    pre-training's progress (PretrainProgress)."""
+    pre-training's progress (a bar on a terminal, else a line every config.log_every steps)."""
     from ssb_jax.model.qwen2 import init_model
     timer = time.perf_counter()
     seconds = {}
@@ -81,12 +82,7 @@ def make_world(config: ToyWorldConfig, *, log_fn=None, progress: bool = False) -
              model_cfg.param_count() / 1e6, config.pretrain_steps)
     model = init_model(model_cfg, config.seed)
     timer = time.perf_counter()
-    on_step = PretrainProgress(config.pretrain_steps, config.log_every) if progress else None
-    try:
-        model, losses = pretrain(model, plain, hinted, config, drill=drill, log_fn=log_fn, on_step=on_step)
-    finally:
-        if on_step is not None:
-            on_step.close()
+    model, losses = pretrain(model, plain, hinted, config, drill=drill, log_fn=log_fn, progress=progress)
     seconds["pretrain"] = time.perf_counter() - timer
     return World(config, train_records, test_records, tokenizer, model_cfg, model, losses, seconds)
 
