@@ -82,6 +82,12 @@ def test_real_3b_config_on_h100():
     assert abs(result["memory_gib_per_device"]["base_weights"] * 2**30 - 2 * result["model_parameters"]) < 1e6
     assert result["model_parameters"] == 3085938688
     assert "H100-80G" in ACCELERATORS and np.isfinite(result["time_estimate_s"]["train"])
+    # the planned stages are the registry's reading of config.stages, with what each asks of the devices
+    assert result["stages"] == {"curate": ("sampling",), "teacher_cache": (), "train": ("training",),
+                                "eval": ("sampling",), "export": (), "report": ()}
+    c.stages = "grpo,eval"
+    assert plan(c, "H100-80G", include_eval=False)["stages"] == {"grpo": ("sampling", "training"),
+                                                                 "eval": ("sampling",)}
 
 
 def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys, seed):

@@ -27,6 +27,7 @@ from ssb_jax.model.kv_cache import CACHE_AXES
 from ssb_jax.model.lora import student_split
 from ssb_jax.model.tokenizer import encode_chat, load_tokenizer
 from ssb_jax.paths import shared_data_dir
+from ssb_jax.pipeline.registry import REGISTRY
 from ssb_jax.plan.accelerators import ACCELERATORS
 from ssb_jax.prompts import prompts_from_config
 from ssb_jax.sampling.driver import bucket_for, power_of_two_buckets
@@ -428,6 +429,8 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     model_config = model_config_of(config)
     tc = section_to(TrainConfig, config.train, "config.train")
     cur = section_to(CurationConfig, config.curate, "config.curate")
+    # the run's stages, read from the registry, with what each asks of the devices
+    stage_uses = {name: REGISTRY.get(name).uses for name in REGISTRY.parse(config.stages)}
     check_batch_divides(tc.batch_size, axes, "config.train.batch_size")
     lora_config = tc.lora_config()
     capacity = acc.memory_gib * GIB
@@ -490,6 +493,7 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     held = {"training": held_sampling_copy}
     return {
         "accelerator": accelerator, "devices": devices, "mesh": axes, "sampling_mesh": sample_axes,
+        "stages": stage_uses,
         "model_parameters": n_params,
         "memory_gib_per_device": {
             "base_weights": weights / GIB, "lora": lora / GIB, "optimizer_state": optimizer / GIB,

@@ -50,6 +50,7 @@ def format_plan(p: dict) -> str:
     m = p["memory_gib_per_device"]
     lines = [f"{p['accelerator']}: {p['devices']} devices, mesh {p['mesh']}, sampling mesh {p['sampling_mesh']}, "
              f"{p['model_parameters'] / 1e9:.2f}B parameters",
+             "stages: " + ", ".join(f"{name} ({', '.join(uses) or 'host only'})" for name, uses in p["stages"].items()),
              "memory per device (GiB):"]
     for key in ("base_weights", "lora", "optimizer_state", "training_activations", "sampling_weights",
                 "sampling_kv_cache", "sampling_copy_while_training"):
