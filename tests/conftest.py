@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny random Qwen2 checkpoints built with transformers (never downloaded)."""
+"""Shared test fixtures: tiny random Qwen2 checkpoints built with transformers (never downloaded), and the
+run's random seed, which a failing test reports so its draws can be repeated."""
 import os
 
 # Tests run on CPU, with 8 fake devices so sharding tests have a mesh; must precede importing jax.
@@ -11,9 +12,56 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.hf_models import make_hf_checkpoint  # noqa: E402
+
+SEED_VARIABLE = "SSB_TEST_SEED"
+
+
+def _run_seed() -> int:
+    """SSB_TEST_SEED when set, else a fresh draw from os.urandom; below 2**30 so `seed + i` stays an int32."""
+    given = os.environ.get(SEED_VARIABLE, "").strip()
+    return int(given) if given else int.from_bytes(os.urandom(4), "little") % (1 << 30)
+
+
+# One seed for the whole run (per process), so one variable repeats every draw of a failing test, those made
+# by module-scoped fixtures included.
+RUN_SEED = _run_seed()
+
+
+@pytest.fixture(scope="session")
+def seed() -> int:
+    """The run's random seed (SSB_TEST_SEED, or a fresh one); a test that uses it reports it when it fails."""
+    return RUN_SEED
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    """A numpy Generator seeded with the run's seed, fresh for each test."""
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def jax_key(seed) -> jax.Array:
+    """A JAX key made from the run's seed, fresh for each test."""
+    return jax.random.key(seed)
+
+
+def _uses_run_seed(item) -> bool:
+    """The test reached the `seed` fixture (directly or through rng, jax_key or another fixture) and did not
+    replace it with a parameter of the same name."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "seed" in getattr(item, "fixturenames", ()) and "seed" not in params
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and _uses_run_seed(item):
+        report.sections.append(("seed", f"seed: {RUN_SEED} (rerun with {SEED_VARIABLE}={RUN_SEED})"))
+    return report
 
 
 @pytest.fixture(scope="session")

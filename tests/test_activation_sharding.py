@@ -20,6 +20,9 @@ from ssb_jax.distill.synthetic import random_records, tiny_model_config
 from ssb_jax.model.qwen2 import init_model
 from ssb_jax.sharding import make_mesh, shard_state
 
+# Every test compiles train steps on 8 fake devices.
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow]
+
 # Sizes that name their dimension in the HLO text: T tokens, D hidden, F MLP width, 8 rows.
 T, D, F, ROWS = 48, 40, 72, 8
 CONFIG = tiny_model_config(vocab_size=128, hidden_size=D, intermediate_size=F, num_heads=4, num_kv_heads=2,
@@ -29,8 +32,8 @@ MESHES = {"fsdp8": {"data": 1, "fsdp": 8, "tensor": 1}, "data2_fsdp2_tensor2": {
 
 
 @pytest.fixture(scope="module")
-def params():
-    return nnx.state(init_model(CONFIG, int(np.random.SeedSequence().entropy % 2**31), std=0.2))
+def params(seed):
+    return nnx.state(init_model(CONFIG, seed, std=0.2))
 
 
 def _batch(seed: int) -> dict:
@@ -87,8 +90,7 @@ def test_train_step_on_fsdp_keeps_hidden_rows_split_and_width_whole(params, rema
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_sharded_train_step_gives_the_single_device_loss_and_update(params, mesh_name):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+def test_sharded_train_step_gives_the_single_device_loss_and_update(params, mesh_name, seed):
     batch = _batch(seed)
     fn, state, base, placed = _step_inputs(None, params, batch, seed)
     new_single, metrics_single = jax.device_get(fn(state, base, placed))
@@ -104,11 +106,10 @@ def test_sharded_train_step_gives_the_single_device_loss_and_update(params, mesh
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_loss_gradients_under_the_mesh_equal_the_single_device_ones(params, mesh_name):
+def test_loss_gradients_under_the_mesh_equal_the_single_device_ones(params, mesh_name, seed):
     """The adapters' gradients themselves (Adam's first step hides their size): the distillation loss
     differentiated under the mesh, with the model's activation constraints in force, against mesh None."""
     from ssb_jax.sharding import under_mesh
-    seed = int(np.random.SeedSequence().entropy % 2**31)
     batch = {k: v for k, v in _batch(seed).items() if k in batch_keys(TC)}
     step = TrainStep(CONFIG, TC, 10)
     lora = _random_adapters(init_state(CONFIG, step.lora_config, step.optimizer, jax.random.key(seed)),
@@ -142,14 +143,12 @@ def test_constrain_pins_rows_on_the_context_mesh_and_is_a_no_op_without_one():
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_grpo_programs_under_the_mesh_equal_the_single_device_ones(params, mesh_name):
+def test_grpo_programs_under_the_mesh_equal_the_single_device_ones(params, mesh_name, rng, seed):
     """GRPO's log-prob passes (policy and reference) and its update, traced under the mesh, give the
     single-device numbers."""
     from ssb_jax.grpo.config import GRPOConfig
     from ssb_jax.grpo.loss import group_advantages
     from ssb_jax.grpo.step import GRPOStep, rollout_batch
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    rng = np.random.default_rng(seed)
     gc = GRPOConfig(group_size=ROWS, prompts_per_step=1, max_new_tokens=8, logits_chunk=3, grad_clip=0.0,
                     learning_rate=1e-3, adam_eps=1e-4, steps=1)
     prompt = rng.integers(0, CONFIG.vocab_size, 5).tolist()

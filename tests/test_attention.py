@@ -1,6 +1,6 @@
 """Full-sequence attention kernels (ssb_jax.model.attention) against the XLA einsum reference.
 
-Inputs are random from a printed seed: a batch with left-padded, right-padded and unpadded rows,
+Inputs are random from the run's seed (conftest's `seed`, which a failing test reports): a batch with left-padded, right-padded and unpadded rows,
 grouped-query heads (4 query / 2 key-value), lengths that are not a multiple of the block size.
 Outputs are compared at real query rows only (padding queries are unspecified), gradients of a loss
 over the real rows with respect to q, k and v everywhere.
@@ -61,32 +61,31 @@ ROWS = [(9, 37), (0, 23), (0, 37), (36, 37)]
 
 @pytest.mark.parametrize("dtype, chunk", [("float32", 8), ("bfloat16", 8), ("float32", 64)],
                          ids=["float32-5_blocks", "bfloat16-5_blocks", "float32-one_block"])
-def test_chunked_equals_reference(dtype, chunk):
-    inputs = random_inputs(np.random.randint(1 << 30), ROWS, 37, jnp.dtype(dtype))
+def test_chunked_equals_reference(dtype, chunk, seed):
+    inputs = random_inputs(seed, ROWS, 37, jnp.dtype(dtype))
     assert_matches_reference(lambda q, k, v, m: attention.chunked_attention(q, k, v, m, chunk=chunk), *inputs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cudnn_arguments_equal_reference(dtype):
+def test_cudnn_arguments_equal_reference(dtype, seed):
     """The call the cuDNN path makes (causal + key-padding mask), run by JAX's XLA implementation."""
-    inputs = random_inputs(np.random.randint(1 << 30), ROWS, 37, jnp.dtype(dtype))
+    inputs = random_inputs(seed, ROWS, 37, jnp.dtype(dtype))
     assert_matches_reference(lambda q, k, v, m: attention.cudnn_attention(q, k, v, m, implementation="xla"), *inputs)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_splash_interpreted_equals_reference(dtype):
+def test_splash_interpreted_equals_reference(dtype, seed):
     """The Pallas TPU splash kernel in interpret mode (the CPU runs the kernel body as plain JAX)."""
     pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention",
                         reason="this jax has no Pallas TPU splash-attention kernel")
     rows = [(40, 100), (0, 70), (0, 100)]  # 100 tokens: padded to one 128-lane tile inside
-    inputs = random_inputs(np.random.randint(1 << 30), rows, 100, jnp.dtype(dtype))
+    inputs = random_inputs(seed, rows, 100, jnp.dtype(dtype))
     assert_matches_reference(lambda q, k, v, m: attention.splash_attention(q, k, v, m, interpret=True), *inputs)
 
 
-def test_splash_segment_ids_give_the_causal_padding_mask():
+def test_splash_segment_ids_give_the_causal_padding_mask(rng):
     """Same segment and causal is exactly "key real and not in the future" for every real query, and
     leaves no query without a visible key (splash's requirement)."""
-    rng = np.random.default_rng(np.random.randint(1 << 30))
     key_valid = jnp.asarray(rng.random((5, 50)) < 0.7)
     segments = np.asarray(attention.splash_segment_ids(key_valid, 128))
     assert segments.shape == (5, 128) and (segments[:, 50:] == 0).all()
@@ -140,16 +139,14 @@ def test_unknown_kernel_is_a_one_line_error_listing_the_choices():
 
 
 @pytest.mark.parametrize("impl", ["auto", "chunked"])
-def test_model_matches_transformers_left_padded(tiny_checkpoint, monkeypatch, impl):
+def test_model_matches_transformers_left_padded(tiny_checkpoint, monkeypatch, impl, rng):
     """The whole model with the default kernel choice (which on CPU is the chunked kernel from 8 tokens
     here) and with the chunked kernel forced, in 3-token blocks so a sequence spans several, equals HF
     transformers' logits on a left-padded batch."""
     monkeypatch.setattr(attention, "CHUNK_SIZE", 3)
     monkeypatch.setattr(attention, "CHUNKED_MIN_LENGTH", 8)
-    seed = np.random.randint(1 << 30)
-    print("seed", seed)
     config, model = ssb_jax.load_model(tiny_checkpoint, attention_impl=impl)
-    tokens, mask, positions = padded_batch(np.random.default_rng(seed), config.vocab_size, (11, 6, 1), 11, left=True)
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, (11, 6, 1), 11, left=True)
     ours = np.asarray(ssb_jax.compute_logits(model, config, tokens, mask, positions))
     reference = hf_logits(tiny_checkpoint, tokens, mask, positions)
     assert np.abs(ours - reference)[mask].max() < 1e-4

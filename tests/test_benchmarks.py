@@ -38,13 +38,10 @@ def leaves(state) -> dict[str, tuple[int, ...]]:
             for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
 
 
-def test_train_step_and_prefill_flops_match_a_count_over_the_model_arrays():
+def test_train_step_and_prefill_flops_match_a_count_over_the_model_arrays(seed, rng):
     """Hand count in float64 from the shapes of the model's own arrays (not the config's formulas):
     2 FLOPs per multiply-add; frozen kernels once forward and once backward, LoRA factors once forward
     and twice backward; attention QK^T and PV over all query-key pairs, twice in the backward pass."""
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("seed", seed)
-    rng = np.random.default_rng(seed)
     config = random_config(seed)
     rank = int(rng.integers(1, 6))
     _, lora, base = student_split(config, LoraConfig(rank=rank, alpha=float(rank)))
@@ -77,10 +74,7 @@ def test_train_step_and_prefill_flops_match_a_count_over_the_model_arrays():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_bytes_equal_the_bytes_of_the_model_weights_and_cache(dtype):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("seed", seed)
-    rng = np.random.default_rng(seed)
+def test_decode_bytes_equal_the_bytes_of_the_model_weights_and_cache(dtype, seed, rng):
     config = random_config(seed, dtype)
     model = abstract_model(config)  # the shapes and dtypes of every weight, nothing allocated
     batch, context = int(rng.integers(1, 5)), int(rng.integers(1, 50))
@@ -166,6 +160,7 @@ def test_dry_run_prints_the_device_steps_and_runs_nothing(tmp_path):
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
 
 
+@pytest.mark.slow  # the device-check script's smoke run: three benchmark processes
 def test_smoke_run_writes_sane_results(tmp_path):
     """SMOKE=1 on this CPU: environment, sampling and one train step at tiny shapes (the parity step is
     the test suite itself here). The peaks are set through the environment, so the ratios are checked

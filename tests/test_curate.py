@@ -152,6 +152,7 @@ def test_target_pairs_stops_early_and_resume_skips_done(tokenizer, tmp_path):
     assert again.calls == []  # nothing left to do
 
 
+@pytest.mark.e2e  # curation with a real (random) model sampling
 def test_run_with_real_tiny_model_and_gsm8k(tokenizer, tmp_path):
     """A random tiny Qwen2 over the real vocabulary samples the rollouts; grading is forced by
     overriding some rollout texts (a random model cannot do arithmetic)."""
@@ -197,6 +198,8 @@ def _records_bytes(directory):
     return (Path(directory) / "records.jsonl").read_bytes()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # three curation processes, one killed mid-run
 def test_kill_and_resume_loses_nothing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     worker = [sys.executable, "-m", "tests.curate_worker"]

@@ -46,6 +46,7 @@ def random_adapters(model, lora_config, key):
     return jax.tree.map(lambda x: 0.5 * jax.random.normal(jax.random.fold_in(key, x.size), x.shape, x.dtype), lora)
 
 
+@pytest.mark.slow  # sampling compiles over the real 151,936-token vocabulary
 def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, tokenizer, seed):
     lora_config = LoraConfig(rank=4, alpha=8.0)
     loras = [random_adapters(base, lora_config, jax.random.key(seed + 1 + i)) for i in range(2)]
@@ -135,6 +136,8 @@ def test_points_statistics_resume_and_plot(tokenizer, tmp_path, seed, rng):
     assert out.exists() and out.stat().st_size > 1000
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # two training runs (one stopped, one resumed) with learning curves
 def test_killed_training_neither_loses_nor_repeats_points(tokenizer, tmp_path, seed, rng):
     """The bookkeeping of points around a kill (the sampling itself is tested above, so answers are scripted)."""
     small = small_model(seed)

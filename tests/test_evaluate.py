@@ -260,6 +260,7 @@ def test_killed_run_resumes_without_resampling(tokenizer, tmp_path):
         run({"m": again}, tokenizer, EvalConfig(datasets=str(path), n_samples=3, temperature=1.0), tmp_path / "killed")
 
 
+@pytest.mark.e2e  # the evaluation stage with a real (random) model sampling
 def test_run_with_real_tiny_model(tokenizer, tmp_path):
     from ssb_jax.model.config import ModelConfig
     from ssb_jax.model.qwen2 import init_model

@@ -28,7 +28,7 @@ def ours_with_lora(model, config, lora, lora_config, tokens, mask, positions):
     return np.asarray(ssb_jax.compute_logits(with_adapters(model, lora, lora_config), config, tokens, mask, positions))
 
 
-def test_peft_adapter_loads_with_same_logits(tiny_untied_checkpoint, tmp_path):
+def test_peft_adapter_loads_with_same_logits(tiny_untied_checkpoint, tmp_path, rng):
     import torch
     from peft import PeftModel
     from transformers import Qwen2ForCausalLM
@@ -38,7 +38,7 @@ def test_peft_adapter_loads_with_same_logits(tiny_untied_checkpoint, tmp_path):
     export_peft_adapter(lora, lora_config, tmp_path / "adapter", str(tiny_untied_checkpoint))
     base = Qwen2ForCausalLM.from_pretrained(str(tiny_untied_checkpoint), attn_implementation="eager")
     model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    tokens, mask, positions = batch(config, np.random.default_rng())
+    tokens, mask, positions = batch(config, rng)
     theirs = hf_logits(model, tokens, mask, positions)
     ours = ours_with_lora(params, config, lora, lora_config, tokens, mask, positions)
     assert np.abs(ours - theirs)[mask].max() < 1e-4
@@ -48,12 +48,12 @@ def test_peft_adapter_loads_with_same_logits(tiny_untied_checkpoint, tmp_path):
     del torch
 
 
-def test_merged_model_loads_with_same_logits(tiny_checkpoint, tmp_path):
+def test_merged_model_loads_with_same_logits(tiny_checkpoint, tmp_path, rng):
     config, params = load_params(tiny_checkpoint)
     lora_config = LoraConfig(targets=("q", "v", "down"), rank=3, alpha=6.0, use_rslora=True)
     lora = random_trained_lora(config, lora_config, seed=2)
     out = export_merged_model(params, lora, lora_config, config, tmp_path / "merged")
-    tokens, mask, positions = batch(config, np.random.default_rng())
+    tokens, mask, positions = batch(config, rng)
     theirs = hf_logits(out, tokens, mask, positions)
     ours = ours_with_lora(params, config, lora, lora_config, tokens, mask, positions)
     assert np.abs(ours - theirs)[mask].max() < 1e-4

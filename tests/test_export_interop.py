@@ -94,10 +94,8 @@ def run_stock(cases: list, workdir: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, seed):
     """{tokenizer name: (what ssb_jax exported and generated, what stock tools loaded and generated)}."""
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"test_export_interop seed {seed}")
     rng = np.random.default_rng(seed)
     tokenizers = {"toy": (toy_tokenizer(), False),
                   "qwen2.5": (load_tokenizer(shared_data_path("qwen2.5_tokenizer")), True)}
@@ -120,6 +118,8 @@ def assert_same_greedy(ours, theirs, label):
         assert ours == theirs["generated"], label
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # `exported`: two exports, then stock transformers in a subprocess
 @pytest.mark.parametrize("which", ["toy", "qwen2.5"])
 def test_adapter_names_its_local_base_absolutely(exported, which):
     case, _, _ = exported[which]
@@ -127,6 +127,8 @@ def test_adapter_names_its_local_base_absolutely(exported, which):
     assert recorded == str((Path(case["root"]) / "runs" / "base").resolve())
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # `exported`: two exports, then stock transformers in a subprocess
 @pytest.mark.parametrize("which", ["toy", "qwen2.5"])
 def test_stock_tokenizer_gives_ssb_jax_ids(exported, which):
     case, stock, tokenizer = exported[which]
@@ -135,6 +137,8 @@ def test_stock_tokenizer_gives_ssb_jax_ids(exported, which):
         assert [r["prompt"] for r in stock[form]["results"]] == case["prompt_ids"], form
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # `exported`: two exports, then stock transformers in a subprocess
 @pytest.mark.parametrize("which", ["toy", "qwen2.5"])
 def test_stock_greedy_matches_ssb_jax_sampler(exported, which):
     case, stock, _ = exported[which]

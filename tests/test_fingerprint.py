@@ -73,10 +73,8 @@ def _fake_model(directory, values):
     save_file({"w": values}, str(directory / "model.safetensors"))
 
 
-def test_model_identity_sees_a_weight_change_in_the_middle_but_not_a_copy(tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("seed", seed)
-    values = np.random.default_rng(seed).standard_normal(3 * 2**20 // 4).astype(np.float32)  # 3 MiB of data
+def test_model_identity_sees_a_weight_change_in_the_middle_but_not_a_copy(tmp_path, rng):
+    values = rng.standard_normal(3 * 2**20 // 4).astype(np.float32)  # 3 MiB of data
     _fake_model(tmp_path / "m", values)
     identity = fp.model_identity(str(tmp_path / "m"))
     shutil.copytree(tmp_path / "m", tmp_path / "copy")

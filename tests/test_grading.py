@@ -195,10 +195,9 @@ def test_motif_rule_against_the_answer_graders(response, gold, rule, motif_label
     assert grade_response(response, gold, grader="math_verify").label == verify_label
 
 
-def test_motif_rule_is_the_authors_substring_check():
+def test_motif_rule_is_the_authors_substring_check(seed):
     """An independent restatement of the authors' checks (MATH500: f'\\boxed{{{y}}}' in x; AIME: y in x) on
     seeded random strings over a small alphabet, so that near misses are common."""
-    seed = random.randrange(2 ** 32)
     rng = random.Random(seed)
     alphabet = ["1", "2", "3", " ", "{", "}", "\\boxed{", "\\boxed{1", "}."]
     for _ in range(2000):
@@ -242,7 +241,7 @@ def test_exact_grader_reads_boxes_as_the_reference_code(response, gold, exact_la
     assert grade_response(response, gold, grader="string_match").label == string_label
 
 
-def test_verbatim_extraction_is_the_reference_scan():
+def test_verbatim_extraction_is_the_reference_scan(seed):
     """An independent restatement of the reference's brace-depth scan (every `\\boxed{`, depth counted
     char by char, the last closed one wins) on seeded random strings of box parts."""
     def reference_scan(text):
@@ -257,7 +256,6 @@ def test_verbatim_extraction_is_the_reference_scan():
                 last = text[start:i - 1]
         return last
 
-    seed = random.randrange(2 ** 32)
     rng = random.Random(seed)
     parts = ["\\boxed{", "\\boxed {", "{", "}", "\\", "1", " ", "\\{", "x"]
     for _ in range(3000):

@@ -272,6 +272,8 @@ class ScriptedPolicy:
         return groups
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # three GRPO runs in-process: uninterrupted, stopped, resumed
 def test_grpo_run_killed_and_resumed_repeats_the_uninterrupted_run(tiny, tmp_path):
     """Iteration position and sampled tokens survive the kill: the resumed run's records and adapters are
     the uninterrupted run's."""

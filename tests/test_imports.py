@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ssb_jax"
 
 # Run in a fresh interpreter. `import ssb_jax.x` always runs the package's own __init__ first, so a process
@@ -143,6 +145,7 @@ def test_the_walk_finds_the_package_layout():
     assert all(module_path(name).exists() for name in modules)
 
 
+@pytest.mark.slow  # a fresh interpreter imports every module of the package, one by one
 def test_every_module_imports_alone():
     """Each module, imported first in its interpreter (after the package's own __init__, as Python does)."""
     modules = package_modules()

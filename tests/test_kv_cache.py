@@ -21,13 +21,6 @@ SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_lay
                     head_dim=8)
 
 
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("seed", seed)
-    return np.random.default_rng(seed)
-
-
 def in_layout(model, layout):
     return to_decode_layout(model) if layout == "decode" else model
 
@@ -152,6 +145,7 @@ def test_greedy_generate_matches_transformers(tiny_checkpoint, rng, layout):
             assert got.tolist() == expected + [pad] * (new - len(expected)), (row, sample)
 
 
+@pytest.mark.multidevice
 def test_both_cache_layouts_hold_and_place_the_same_slots():
     """The decode layout's per-layer cache is the stacked cache cut along its layers: per layer the same
     shape, dtype and placement on a mesh (rows over data x fsdp, kv heads over tensor)."""

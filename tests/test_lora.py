@@ -38,10 +38,10 @@ def test_config_short_names_ranks_and_scales():
         LoraConfig(rank=0)
 
 
-def test_init_shapes_b_zero_and_student_equals_base():
+def test_init_shapes_b_zero_and_student_equals_base(seed, rng):
     config = tiny_model_config()
     lc = LoraConfig(rank={"q": 3, "gate": 5}, default_rank=4, alpha=8)
-    lora = init_lora(config, lc, jax.random.key(np.random.randint(1 << 30)))
+    lora = init_lora(config, lc, jax.random.key(seed))
     L, D, F = config.num_layers, config.hidden_size, config.intermediate_size
     factors = adapter_factors(lora)
     assert factors["q_proj"][0].shape == (L, D, 3)
@@ -55,8 +55,7 @@ def test_init_shapes_b_zero_and_student_equals_base():
         assert np.abs(a).max() <= 1 / math.sqrt(a.shape[1]) and a.std() > 0
     assert lora_param_count(lora) == sum(x.size for x in jax.tree_util.tree_leaves(lora))
 
-    model = init_model(config, np.random.randint(1 << 30), std=0.1)
-    rng = np.random.default_rng()
+    model = init_model(config, seed + 1, std=0.1)
     tokens = rng.integers(0, config.vocab_size, (2, 9))
     mask = np.ones((2, 9), bool)
     mask[1, 6:] = False
@@ -91,13 +90,13 @@ def test_filters_split_frozen_base_from_trainable_adapters():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_merge_equals_forward_with_lora(dtype):
+def test_merge_equals_forward_with_lora(dtype, jax_key, rng):
     config = tiny_model_config(dtype=dtype)
     lc = LoraConfig(rank=4, alpha=8, use_rslora=dtype == "bfloat16")
-    key = jax.random.key(np.random.randint(1 << 30))
+    key = jax_key
     model = init_model(config, key, std=0.1)
     lora = randomize_b(init_lora(config, lc, jax.random.fold_in(key, 1)), jax.random.fold_in(key, 2))
-    tokens = np.random.default_rng().integers(0, config.vocab_size, (2, 7))
+    tokens = rng.integers(0, config.vocab_size, (2, 7))
     mask = np.ones((2, 7), bool)
     pos = positions_from_mask(mask)
     with_lora, _ = with_adapters(model, lora, lc)(tokens, pos, mask)
@@ -108,7 +107,7 @@ def test_merge_equals_forward_with_lora(dtype):
     np.testing.assert_allclose(np.asarray(merged), np.asarray(with_lora), atol=tol)
 
 
-def test_peft_roundtrip_and_parity(tiny_checkpoint):
+def test_peft_roundtrip_and_parity(tiny_checkpoint, jax_key, rng):
     """Our LoRA exported under PEFT names and loaded into a PEFT model gives the same logits."""
     import torch
     from peft import LoraConfig as PeftLoraConfig, get_peft_model, set_peft_model_state_dict
@@ -117,7 +116,7 @@ def test_peft_roundtrip_and_parity(tiny_checkpoint):
     from ssb_jax.model.weights import load_params
     config, params = load_params(tiny_checkpoint)
     lc = LoraConfig(rank={"q": 4, "down": 2}, default_rank=3, alpha=6.0)
-    key = jax.random.key(np.random.randint(1 << 30))
+    key = jax_key
     lora = randomize_b(init_lora(config, lc, key), jax.random.fold_in(key, 1), scale=0.3)
     tensors = lora_to_peft(lora)
     back = lora_from_peft(tensors, config, lc)
@@ -131,7 +130,7 @@ def test_peft_roundtrip_and_parity(tiny_checkpoint):
                                                    use_rslora=cfg["use_rslora"]))
     result = set_peft_model_state_dict(peft_model, {k: torch.as_tensor(v) for k, v in tensors.items()})
     assert not [k for k in result.unexpected_keys if "lora" in k]
-    tokens = np.random.default_rng().integers(0, config.vocab_size, (1, 8))
+    tokens = rng.integers(0, config.vocab_size, (1, 8))
     mask = np.ones((1, 8), bool)
     with torch.no_grad():
         ref = peft_model(input_ids=torch.as_tensor(tokens)).logits.numpy()

@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every test runs `python -m ssb_jax.main` (or its processes); those that need the finished run are slow.
+pytestmark = pytest.mark.e2e
+
 # A smaller world and run than configs/tiny.py, so the suite stays fast; same code path.
 REDUCED = [
     "--config.world.num_train=200", "--config.world.num_test=24", "--config.world.pretrain_steps=1000",
@@ -61,6 +64,7 @@ def finished_run(tmp_path_factory):
     return workdir, log
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_every_artifact_is_produced(finished_run):
     workdir, _ = finished_run
     for relative in ["config.json", "world/train.jsonl", "world/model/config.json", "round_1/curate/records.jsonl",
@@ -78,6 +82,7 @@ def test_every_artifact_is_produced(finished_run):
     assert "Curation" in report and "Training" in report and "Evaluation" in report
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_second_run_skips_finished_stages(finished_run):
     workdir, _ = finished_run
     before = (workdir / "round_1/curate/records.jsonl").read_bytes()
@@ -94,6 +99,7 @@ def test_typo_in_override_is_named(tmp_path):
     assert "config.train has no key 'learnig_rate'; did you mean config.train.learning_rate?" in result.stderr
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_killed_during_training_resumes(finished_run, tmp_path):
     import shutil
     workdir = tmp_path / "run"
@@ -132,6 +138,7 @@ def _as_overrides(flags):
     return out
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     """The sft stage on the finished run's world and pairs: its own adapters and fingerprint, the CE alone
     as its loss, learning-curve points at the configured cadence from the same base, evaluated as 'sft'."""
@@ -179,6 +186,7 @@ def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     assert (rdir / "learning_curves.png").exists() and (rdir / "sft" / "curves.png").exists()
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_notebook_runs_top_to_bottom(finished_run, tmp_path):
     """CI executes notebooks/ssb_colab.ipynb on the (reduced) tiny config, so it cannot rot."""
     import shutil
@@ -212,6 +220,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_two_processes_match_one(finished_run, tmp_path):
     """Two JAX processes on localhost (gloo collectives, one CPU device each) run curation, training
     and evaluation; the merged records, the trained LoRA and the base model's evaluation outputs
@@ -307,6 +316,7 @@ def jax_leaves(tree):
     return [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_path):
     """num_rounds=2: round 2 curates and trains on top of round 1's merged student, with fresh
     rollouts; the exported model is base + round 1's LoRA + round 2's LoRA."""
@@ -352,6 +362,7 @@ def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_pat
         np.testing.assert_allclose(merged_kernels[t], kernel, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # one process arrives 40 s late on purpose
 def test_processes_meet_after_uneven_work():
     """Barriers and sums go through the coordination service, so one process may arrive long after
     the other (gloo collectives give up after 30 s)."""
@@ -386,6 +397,7 @@ def _copy_run(reference, workdir, *parts):
         shutil.copy(reference / name, workdir / name)
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_changed_training_setting_stops_then_overwrite_redoes_it(finished_run, tmp_path):
     reference = finished_run[0]
     workdir = tmp_path / "changed"
@@ -407,6 +419,7 @@ def test_changed_training_setting_stops_then_overwrite_redoes_it(finished_run, t
     assert "train: complete, skipped" in log and "deleting" not in log
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_changed_training_file_stops_curation(finished_run, tmp_path):
     workdir = tmp_path / "edited"
     _copy_run(finished_run[0], workdir, "world", "round_1")
@@ -418,6 +431,7 @@ def test_changed_training_file_stops_curation(finished_run, tmp_path):
     assert "--config.overwrite=curate" in line
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_given_paths_are_used_and_recorded(finished_run, tmp_path):
     """With configs/tiny.py, paths the user gives take effect: the world is neither built nor used."""
     world = finished_run[0] / "world"
@@ -433,6 +447,7 @@ def test_given_paths_are_used_and_recorded(finished_run, tmp_path):
         assert recorded[section][name] == value
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_world_fills_only_what_is_missing_and_config_json_records_it(finished_run):
     recorded = json.loads((finished_run[0] / "config.json").read_text())
     world = finished_run[0] / "world"
@@ -441,6 +456,7 @@ def test_world_fills_only_what_is_missing_and_config_json_records_it(finished_ru
     assert recorded["eval"]["datasets"] == f"world_test={world / 'test.jsonl'}"
 
 
+@pytest.mark.slow  # needs finished_run, the whole pipeline
 def test_curation_short_of_its_minimum_says_so_and_exits_3(finished_run, tmp_path):
     workdir = tmp_path / "short"
     _copy_run(finished_run[0], workdir, "world", "round_1")

@@ -57,20 +57,20 @@ def assert_parity(directory, rng, left, lengths=(9, 5, 1), total=9):
 
 @pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_logits_match_transformers(request, tied, left):
+def test_logits_match_transformers(request, tied, left, rng):
     directory = request.getfixturevalue("tiny_checkpoint" if tied else "tiny_untied_checkpoint")
-    config = assert_parity(directory, np.random.default_rng(), left)
+    config = assert_parity(directory, rng, left)
     assert config.tie_word_embeddings == tied
 
 
-def test_sharded_checkpoint_matches(tmp_path):
+def test_sharded_checkpoint_matches(tmp_path, rng):
     directory = make_hf_checkpoint(tmp_path, tie=False, seed=3, max_shard_size="40KB")
     assert (directory / "model.safetensors.index.json").exists()
     assert len(list(directory.glob("*.safetensors"))) > 2
-    assert_parity(directory, np.random.default_rng(), left=True)
+    assert_parity(directory, rng, left=True)
 
 
-def test_real_qwen05b_widths_and_vocab(tmp_path):
+def test_real_qwen05b_widths_and_vocab(tmp_path, rng):
     """Qwen2.5-0.5B's real widths and 151,936 vocab, 2 layers."""
     from ssb_jax.paths import shared_data_path
     real = json.loads(shared_data_path("qwen2.5_configs", "Qwen2.5-0.5B-Instruct", "config.json").read_text())
@@ -80,13 +80,12 @@ def test_real_qwen05b_widths_and_vocab(tmp_path):
                   num_key_value_heads=real["num_key_value_heads"], rope_theta=real["rope_theta"],
                   rms_norm_eps=real["rms_norm_eps"])
     directory = make_hf_checkpoint(tmp_path, tie=True, seed=4, **fields)
-    config = assert_parity(directory, np.random.default_rng(), left=True, lengths=(12, 7), total=12)
+    config = assert_parity(directory, rng, left=True, lengths=(12, 7), total=12)
     assert config.vocab_size == 151936 and config.hidden_size == 896
 
 
-def test_prefill_then_decode_equals_full_forward(tiny_checkpoint):
+def test_prefill_then_decode_equals_full_forward(tiny_checkpoint, rng):
     config, model = load_params(tiny_checkpoint)
-    rng = np.random.default_rng()
     total, prompt = 14, 6
     tokens, mask, positions = padded_batch(rng, config.vocab_size, (14, 10, 8), total, left=True)
     full, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))  # eager
@@ -98,7 +97,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_decode_layout_matches_transformers(request, tied):
+def test_decode_layout_matches_transformers(request, tied, rng):
     """The CPU decode layout (unstacked layers, [out, in] kernels, [V, D] head) gives HF's logits, both
     in one pass and prefill + one-token decode steps over per-layer caches."""
     directory = request.getfixturevalue("tiny_checkpoint" if tied else "tiny_untied_checkpoint")
@@ -112,7 +111,6 @@ def test_decode_layout_matches_transformers(request, tied):
                                   np.asarray(model.layers.attn.q_proj.bias[1]))
     assert (decode.head_t is not None) == (not tied)
     assert model.layers.mlp.gate_proj.kernel.shape[0] == config.num_layers  # the training model is untouched
-    rng = np.random.default_rng()
     total, prompt = 11, 5
     tokens, mask, positions = padded_batch(rng, config.vocab_size, (11, 7, 3), total, left=True)
     reference = hf_logits(directory, tokens, mask, positions)
@@ -123,11 +121,11 @@ def test_decode_layout_matches_transformers(request, tied):
     assert np.abs(incremental - reference)[mask].max() < TOL
 
 
-def test_bf16_params_close_to_f32(tiny_checkpoint):
+def test_bf16_params_close_to_f32(tiny_checkpoint, rng):
     config32, params32 = load_params(tiny_checkpoint)
     config16, params16 = load_params(tiny_checkpoint, dtype="bfloat16")
     assert params16.layers.attn.q_proj.kernel.dtype == jnp.bfloat16
-    tokens, mask, positions = padded_batch(np.random.default_rng(), config32.vocab_size, (10, 6), 10, left=True)
+    tokens, mask, positions = padded_batch(rng, config32.vocab_size, (10, 6), 10, left=True)
     l32 = np.asarray(ssb_jax.compute_logits(params32, config32, tokens, mask, positions))
     l16 = np.asarray(ssb_jax.compute_logits(params16, config16, tokens, mask, positions))
     assert l16.dtype == np.float32
@@ -135,7 +133,7 @@ def test_bf16_params_close_to_f32(tiny_checkpoint):
     assert rel < 2e-2, rel
 
 
-def test_save_load_bit_exact(tiny_untied_checkpoint, tmp_path):
+def test_save_load_bit_exact(tiny_untied_checkpoint, tmp_path, rng):
     config, params = load_params(tiny_untied_checkpoint)
     save_params(params, config, tmp_path / "one")
     save_params(params, config, tmp_path / "many", max_shard_bytes=20_000)
@@ -146,7 +144,7 @@ def test_save_load_bit_exact(tiny_untied_checkpoint, tmp_path):
         for a, b in zip(jax.tree.leaves(nnx.state(params)), jax.tree.leaves(nnx.state(params2)), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # and transformers reads what we wrote
-    tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (7, 4), 7, left=False)
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, (7, 4), 7, left=False)
     np.testing.assert_allclose(hf_logits(tmp_path / "many", tokens, mask, positions),
                                hf_logits(tiny_untied_checkpoint, tokens, mask, positions), atol=1e-6)
 
@@ -239,7 +237,8 @@ def test_real_configs_param_count(name):
     assert ModelConfig.from_json(path).param_count() == _meta_param_count(hf_fields)
 
 
-def test_sharded_forward_equals_single_device(tiny_untied_checkpoint):
+@pytest.mark.multidevice
+def test_sharded_forward_equals_single_device(tiny_untied_checkpoint, rng):
     from ssb_jax.sharding import make_mesh
     assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
     config, params = load_params(tiny_untied_checkpoint)
@@ -248,7 +247,7 @@ def test_sharded_forward_equals_single_device(tiny_untied_checkpoint):
     kernel = params_s.layers.attn.q_proj.kernel[...]
     assert len(kernel.sharding.device_set) == 8
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # (layers, embed, heads)
-    tokens, mask, positions = padded_batch(np.random.default_rng(), config.vocab_size, (8, 3, 8, 5), 8, left=True)
+    tokens, mask, positions = padded_batch(rng, config.vocab_size, (8, 3, 8, 5), 8, left=True)
     single = np.asarray(ssb_jax.compute_logits(params, config, tokens, mask, positions))
     from ssb_jax.sharding import batch_sharding
     batch = {k: jax.device_put(v, batch_sharding(mesh, v.shape))
@@ -263,11 +262,11 @@ def test_positions_from_mask():
     np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]])
 
 
-def test_remat_policies_and_attention_kernels_agree(tiny_checkpoint, monkeypatch):
+def test_remat_policies_and_attention_kernels_agree(tiny_checkpoint, monkeypatch, rng):
     """Every remat policy, and the chunked attention kernel (2-token blocks) under several of them, give
     the XLA kernel's logits and gradients."""
     monkeypatch.setattr(attention, "CHUNK_SIZE", 2)
-    tokens, mask, positions = padded_batch(np.random.default_rng(), 97, (6, 4), 6, left=True)
+    tokens, mask, positions = padded_batch(rng, 97, (6, 4), 6, left=True)
 
     def loss(state, graphdef):
         logits, _ = apply(graphdef, state, tokens, positions, mask)
@@ -307,12 +306,9 @@ def test_remat_policy_changes_the_compiled_backward():
         config.replace(remat="sometimes")
 
 
-def test_eager_call_equals_jitted_functional_call():
+def test_eager_call_equals_jitted_functional_call(seed, rng):
     """model(tokens, positions, mask) eagerly == jit(apply)(graphdef, state, ...) after one nnx.split,
     with and without a cache, and hidden states on request."""
-    seed = int(np.random.SeedSequence().entropy % 2**31)
-    print("seed", seed)
-    rng = np.random.default_rng(seed)
     config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4,
                          num_kv_heads=2, head_dim=8, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config, rngs=nnx.Rngs(seed))
@@ -350,6 +346,7 @@ def test_every_parameter_carries_logical_axes():
     assert variable_axes(variables[("embed", "embedding")]) == ("vocab", "embed")
 
 
+@pytest.mark.multidevice
 def test_indivisible_axis_is_replicated_and_logged(caplog):
     """On a tensor axis of 4, 6 query heads x 2 (12) divide, 3 kv heads x 2 (6) do not: the k/v
     projections' output dimension is replicated, with one log line naming the logical axis."""

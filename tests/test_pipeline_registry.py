@@ -62,6 +62,7 @@ def command(workdir, checkpoint, *extra):
             "--config.stages=echo,echo_reader,report", *extra]
 
 
+@pytest.mark.e2e  # the pipeline CLI in-process, with test stages
 def test_a_registered_stage_runs_is_fingerprinted_overwritten_and_reported(registered, tiny_checkpoint, tmp_path,
                                                                          capsys):
     echo, reader = registered
@@ -102,6 +103,7 @@ def test_overwrite_reaches_every_stage_that_reads_the_named_one():
         registry.unregister("echo")
 
 
+@pytest.mark.e2e  # run_pipeline in-process, with test stages
 def test_stale_outputs_name_the_stage(registered, tiny_checkpoint, tmp_path):
     """Through the library: run_pipeline raises StaleOutputsError (the CLI turns it into one line)."""
     from ssb_jax.config import parse_config_args

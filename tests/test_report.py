@@ -1,18 +1,10 @@
 """The report's comparison table (base / SSB / SFT / GRPO) from fabricated stage outputs."""
 import json
 
-import numpy as np
 import pytest
 
 from ssb_jax.curate import summarize
 from ssb_jax.report import comparison_table, training_costs, write_report
-
-
-@pytest.fixture
-def rng():
-    seed = int(np.random.SeedSequence().entropy % (1 << 31))
-    print(f"seed {seed}")  # pytest shows it when the test fails
-    return np.random.default_rng(seed)
 
 
 def _write(path, payload):

@@ -79,6 +79,7 @@ def test_problem_answers_are_right():
             assert toyworld.evaluate_solution(wrong) == int(extract_boxed(wrong))
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_splits_are_disjoint_and_load(built):
     from ssb_jax.data.datasets import load_problems
     _, paths, _ = built
@@ -99,6 +100,7 @@ def test_problems_and_tokenizer_are_deterministic():
 
 # ----------------------------------------------------------------------------- tokenizer
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_tokenizer_loads_and_renders_chatml(built):
     from transformers import AutoTokenizer
     from ssb_jax.model.tokenizer import encode_chat, load_tokenizer, render_chat, stop_token_ids
@@ -121,6 +123,7 @@ def test_tokenizer_loads_and_renders_chatml(built):
     assert stop_token_ids(tok) == sorted({im_end, eot})
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_tokenizer_round_trips_and_splits_digits(built):
     from ssb_jax.model.tokenizer import load_tokenizer
     _, paths, world = built
@@ -136,6 +139,7 @@ def test_tokenizer_round_trips_and_splits_digits(built):
 
 # ----------------------------------------------------------------------------- model
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_checkpoint_logits_match_memory(built):
     import ssb_jax
     from ssb_jax.model.tokenizer import load_tokenizer
@@ -156,6 +160,7 @@ def test_checkpoint_logits_match_memory(built):
     assert jnp.isfinite(loaded).all()
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_pretraining_reduces_loss(built):
     _, _, world = built
     losses = world.losses
@@ -165,6 +170,7 @@ def test_pretraining_reduces_loss(built):
     assert np.mean(losses[:3]) / np.mean(losses[-5:]) > 3.0, (losses[:3], losses[-5:])
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_build_is_idempotent(built, monkeypatch):
     out_dir, paths, _ = built
     before = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*") if p.is_file()}
@@ -179,6 +185,7 @@ def test_build_is_idempotent(built, monkeypatch):
         toyworld.build(dataclasses.replace(TINY, seed=4), out_dir)
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_a_world_of_an_older_format_is_refused(built, tmp_path):
     import json
     import shutil
@@ -206,6 +213,7 @@ class _ScriptedSampler:
                 for p in prompts]
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_measurement_counts(built):
     _, _, world = built
     tok, problems = world.tokenizer, world.test[:4]
@@ -224,6 +232,7 @@ def test_measurement_counts(built):
     assert toyworld.mixed_fraction(sampler, problems, k=4) == 0.5
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_measure_keys(built):
     _, _, world = built
     problems = world.test[:2]
@@ -235,6 +244,7 @@ def test_measure_keys(built):
         "plain_greedy": 1.0, "plain_sampled": 1.0, "hinted_greedy": 0.0, "mixed_fraction": 0.0, "num_problems": 2}
 
 
+@pytest.mark.e2e  # the `built` world: toyworld.build end to end
 def test_accuracy_with_real_sampler(built):
     _, _, world = built
     sampler = toyworld.make_sampler(world.model, world.tokenizer, batch_size=8)

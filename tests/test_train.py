@@ -115,6 +115,7 @@ def _tiny_run_config(**kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.e2e
 @pytest.mark.multidevice  # the trained adapters are loaded back onto a mesh too
 def test_training_drives_kl_down(model, tmp_path, rng):
     config, params = model
@@ -143,6 +144,7 @@ def test_training_drives_kl_down(model, tmp_path, rng):
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0
 
 
+@pytest.mark.e2e
 def test_kill_and_resume_reproduces_losses(model, tmp_path, rng):
     config, params = model
     records = random_records(rng, 10, config.vocab_size)
@@ -165,6 +167,8 @@ def test_kill_and_resume_reproduces_losses(model, tmp_path, rng):
     assert again["history"] == [] and again["start_step"] == 8
 
 
+@pytest.mark.e2e
+@pytest.mark.slow  # three training runs and two teacher caches
 def test_cached_teacher_full_vocab_trains_like_online(model, tmp_path, rng):
     config, params = model
     records = random_records(rng, 6, config.vocab_size)
