@@ -12,10 +12,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssb_jax.distill.batch import build_batch
+from ssb_jax.distill.batch import DistillBatch, build_batch
 from ssb_jax.distill.config import TrainConfig
-from ssb_jax.distill.step import (TrainStep, _jitted_step, batch_keys, distill_loss, graph_definitions, init_state,
-                                  place_batch)
+from ssb_jax.distill.step import TrainStep, distill_loss, graph_definitions, init_state, train_step_program
 from ssb_jax.distill.synthetic import random_records, tiny_model_config
 from ssb_jax.model.qwen2 import init_model
 from ssb_jax.sharding import make_mesh, shard_state
@@ -36,7 +35,7 @@ def params(seed):
     return nnx.state(init_model(CONFIG, seed, std=0.2))
 
 
-def _batch(seed: int) -> dict:
+def _batch(seed: int) -> DistillBatch:
     records = random_records(np.random.default_rng(seed), ROWS, CONFIG.vocab_size, solution=(3, 16))
     return build_batch(records, batch_size=ROWS, buckets=(T,), max_seq_len=T)
 
@@ -59,7 +58,7 @@ def _step_inputs(mesh, params, batch, seed: int, config=CONFIG):
         state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, placement))
     base = nnx.to_pure_dict(params if mesh is None else shard_state(params, mesh))
     placed = step.place_batch(batch)
-    return _jitted_step(config, TC, step.lora_config, 10, mesh, tuple(placed), ROWS), state, base, placed
+    return train_step_program(config, TC, step.lora_config, 10, mesh), state, base, placed
 
 
 def all_reduce_shapes(hlo_text: str) -> list[tuple[int, ...]]:
@@ -110,18 +109,18 @@ def test_loss_gradients_under_the_mesh_equal_the_single_device_ones(params, mesh
     """The adapters' gradients themselves (Adam's first step hides their size): the distillation loss
     differentiated under the mesh, with the model's activation constraints in force, against mesh None."""
     from ssb_jax.sharding import under_mesh
-    batch = {k: v for k, v in _batch(seed).items() if k in batch_keys(TC)}
+    batch = _batch(seed).for_step(TC.teacher_mode)
     step = TrainStep(CONFIG, TC, 10)
     lora = _random_adapters(init_state(CONFIG, step.lora_config, step.optimizer, jax.random.key(seed)),
                             jax.random.key(seed + 1))["lora"]
     loss_and_grads = jax.jit(functools.partial(jax.value_and_grad(distill_loss, has_aux=True),
                                                graphdefs=graph_definitions(CONFIG, step.lora_config), tc=TC))
-    (loss, _), grads = jax.device_get(loss_and_grads(lora, nnx.to_pure_dict(params), place_batch(batch, None)))
+    (loss, _), grads = jax.device_get(loss_and_grads(lora, nnx.to_pure_dict(params), batch.place(None)))
     mesh = make_mesh(MESHES[mesh_name])
     lora_shardings = jax.tree.map(lambda x: x.sharding,
                                   init_state(CONFIG, step.lora_config, step.optimizer, jax.random.key(0), mesh)["lora"])
     (loss_m, _), grads_m = jax.device_get(under_mesh(loss_and_grads, mesh)(
-        jax.device_put(lora, lora_shardings), nnx.to_pure_dict(shard_state(params, mesh)), place_batch(batch, mesh)))
+        jax.device_put(lora, lora_shardings), nnx.to_pure_dict(shard_state(params, mesh)), batch.place(mesh)))
     np.testing.assert_allclose(loss_m, loss, rtol=2e-5, err_msg=f"seed {seed}")
     largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
     assert largest > 1e-4
@@ -148,7 +147,8 @@ def test_grpo_programs_under_the_mesh_equal_the_single_device_ones(params, mesh_
     single-device numbers."""
     from ssb_jax.grpo.config import GRPOConfig
     from ssb_jax.grpo.loss import group_advantages
-    from ssb_jax.grpo.step import GRPOStep, rollout_batch
+    from ssb_jax.grpo.batch import rollout_batch
+    from ssb_jax.grpo.step import GRPOStep
     gc = GRPOConfig(group_size=ROWS, prompts_per_step=1, max_new_tokens=8, logits_chunk=3, grad_clip=0.0,
                     learning_rate=1e-3, adam_eps=1e-4, steps=1)
     prompt = rng.integers(0, CONFIG.vocab_size, 5).tolist()
@@ -164,7 +164,7 @@ def test_grpo_programs_under_the_mesh_equal_the_single_device_ones(params, mesh_
             state, jax.tree.map(lambda x: x.sharding, step.init_state(jax.random.key(0))))
         base = nnx.to_pure_dict(params if mesh is None else shard_state(params, mesh))
         policy, reference = step.logprobs(placed["lora"], base, batch), step.logprobs(None, base, batch)
-        new, metrics = step.update(placed, base, dict(batch, old_logprobs=policy - 0.01, advantages=advantages))
+        new, metrics = step.update(placed, base, batch.replace(old_logprobs=policy - 0.01, advantages=advantages))
         outputs.append(jax.device_get((policy, reference, metrics, new["lora"])))
     (policy, reference, metrics, lora), (policy_m, reference_m, metrics_m, lora_m) = outputs
     np.testing.assert_allclose(policy_m, policy, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")

@@ -16,7 +16,7 @@ from benchmarks.device_report import summary_lines
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, student_split
 from ssb_jax.model.qwen2 import abstract_model
-from ssb_jax.plan import ACCELERATORS
+from ssb_jax.plan.accelerators import ACCELERATORS
 from tests.test_launch import _shellcheck
 
 ROOT = Path(__file__).resolve().parents[1]

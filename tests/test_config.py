@@ -34,12 +34,10 @@ def test_override_checks_and_apply():
 
 
 def test_stage_list():
-    c = config_lib.base_config()
-    c.stages = "eval, report"
-    assert config_lib.stage_list(c) == ["eval", "report"]
-    c.stages = "curate,evl"
+    from ssb_jax.pipeline.registry import REGISTRY
+    assert REGISTRY.parse("eval, report") == ["eval", "report"]
     with pytest.raises(ValueError, match="did you mean 'eval'"):
-        config_lib.stage_list(c)
+        REGISTRY.parse("curate,evl")
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -55,7 +53,8 @@ def test_configs_load():
 def test_grpo_baseline_config_has_the_students_lora_shape():
     from ssb_jax.grpo.config import GRPOConfig
     ssb, grpo = (config_lib.load_config_file(str(CONFIGS / f"{name}.py")) for name in ("qwen3b", "qwen3b_grpo"))
-    assert "grpo" in config_lib.stage_list(grpo) and "grpo" not in config_lib.stage_list(ssb)
+    from ssb_jax.pipeline.registry import REGISTRY
+    assert "grpo" in REGISTRY.parse(grpo.stages) and "grpo" not in REGISTRY.parse(ssb.stages)
     assert dict(grpo.train) == dict(ssb.train) and dict(grpo.data) == dict(ssb.data)
     lora = config_lib.section_to(TrainConfig, grpo.train, "config.train").lora_config()
     assert (lora.rank, lora.alpha, len(lora.targets)) == (32, 32.0, 7)
@@ -133,17 +132,16 @@ def test_missing_config_file_is_one_line():
         config_lib.load_config_file("configs/nope.py")
 
 
-def test_overwrite_allows_the_named_stage_and_every_later_one():
+def test_overwrite_allows_the_named_stage_and_every_stage_that_reads_it():
+    from ssb_jax.pipeline.registry import REGISTRY
     c = config_lib.base_config()
-    assert config_lib.overwrite_stages(c) == set()
-    c.overwrite = "teacher_cache"
-    assert config_lib.overwrite_stages(c) == {"teacher_cache", "train", "sft", "eval", "export"}  # grpo reads none
-    assert "sft" not in config_lib.stage_list(c) and "grpo" not in config_lib.stage_list(c)  # baselines: only when named
-    c.overwrite = "grpo"
-    assert config_lib.overwrite_stages(c) == {"grpo", "eval", "export"}
-    c.overwrite = "trian"
+    assert REGISTRY.downstream(REGISTRY.parse(c.overwrite)) == set()
+    assert REGISTRY.downstream(["curate"]) == {"curate", "teacher_cache", "train", "sft", "eval", "export"}
+    assert REGISTRY.downstream(["teacher_cache"]) == {"teacher_cache", "train", "eval", "export"}  # sft reads no cache
+    assert "sft" not in REGISTRY.parse(c.stages) and "grpo" not in REGISTRY.parse(c.stages)  # baselines: when named
+    assert REGISTRY.downstream(["grpo"]) == {"grpo", "eval"}  # export reads the student only
     with pytest.raises(ValueError, match=r"unknown stage 'trian' in config.overwrite.*did you mean 'train'"):
-        config_lib.overwrite_stages(c)
+        REGISTRY.parse("trian", "config.overwrite")
 
 
 def test_read_only_workdir_is_named(tmp_path):

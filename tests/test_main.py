@@ -112,7 +112,7 @@ def test_killed_during_training_resumes(finished_run, tmp_path):
     log = _check(pipeline(workdir, "--config.stages=train"))
     assert "resumed from step" in log
     from ssb_jax.curves import read_curve
-    from ssb_jax.train import read_metrics
+    from ssb_jax.training.metrics import read_metrics
     steps = [record["step"] for record in read_metrics(metrics.parent)]
     assert steps == list(range(1, len(steps) + 1))  # no step twice, none missing
     done = json.loads((workdir / "round_1/train/DONE.json").read_text())
@@ -147,7 +147,8 @@ def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     from ssb_jax.curves import read_curve
     from ssb_jax.data.records import RecordStore
     from ssb_jax.model.config import ModelConfig
-    from ssb_jax.train import load_lora, read_metrics
+    from ssb_jax.distill.train import load_lora
+    from ssb_jax.training.metrics import read_metrics
     import jax
     import jax.numpy as jnp
 
@@ -247,7 +248,7 @@ def test_two_processes_match_one(finished_run, tmp_path):
     merged = list(curated.values())
     assert kept_pairs(merged, 16) == kept_pairs(single, 16)
 
-    from ssb_jax import train
+    from ssb_jax.distill import train
     from ssb_jax.model.config import ModelConfig
     model_config = ModelConfig.from_hf_dict(json.loads((reference / "world/model/config.json").read_text()))
     ours, _ = train.load_lora(workdir / "round_1/train", model_config)
@@ -325,7 +326,7 @@ def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_pat
     import numpy as np
 
     import ssb_jax
-    from ssb_jax import train
+    from ssb_jax.distill import train
     from ssb_jax.data.records import RecordStore
     reference = finished_run[0]
     workdir = tmp_path / "rounds"
