@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The accelerator check of ssb_jax, as one prepared run (about 8 minutes on one H200, offline):
 #   1. environment: versions, the GPU, which modules the image lacks (aborts if JAX sees no GPU);
-#   2. parity_tests: the HF-parity tests (tests/test_model.py, test_sampling.py, ...) on the GPU;
+#   2. parity_tests: the HF-parity tests (tests/model/test_model.py, tests/sampling/test_sampling.py, ...) on the GPU;
 #      skipped, with the reason, where torch / transformers / peft / pytest are missing;
 #   3. sampling at the Qwen2.5 0.5B and 3B shapes, bf16, batch 1 and 64, random weights, EOS
 #      suppressed: tokens/s, decode HBM-roofline fraction, prefill MFU, peak device memory;
@@ -62,8 +62,8 @@ else
   PARITY_SELECT+=" or chunked_equals_unchunked or (lora_grads_match_finite and online) or online_teacher_and_student"
   T_ENV=60 T_PARITY=130 T_SAMPLING=(75 100) T_TRAIN=(80 100)
 fi
-PARITY_FILES=(tests/test_model.py tests/test_sampling.py tests/test_lora.py tests/test_distill_loss.py
-              tests/test_distill_grad.py tests/test_distill_batch.py)
+PARITY_FILES=(tests/model/test_model.py tests/sampling/test_sampling.py tests/model/test_lora.py tests/distill/test_distill_loss.py
+              tests/distill/test_distill_grad.py tests/distill/test_distill_batch.py)
 PEER_FLAG=--no-peer
 [[ $PEER == 1 ]] && PEER_FLAG=--peer
 

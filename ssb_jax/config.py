@@ -233,7 +233,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def setting_help() -> dict[str, str]:
     """Every setting's one-line description, from the settings dataclasses' field metadata (`--print_config`
-    shows it; tests/test_cli.py fails on a setting without one)."""
+    shows it; tests/pipeline/test_cli.py fails on a setting without one)."""
     texts = {}
     for name, classes in SECTIONS.items():
         for cls in classes:

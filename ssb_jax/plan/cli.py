@@ -71,7 +71,7 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {stage} ({described}): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in terms.items() if k != "total" and v))
     lines.append("activations and working sets are modelled per program phase and checked against XLA:CPU's buffer "
-                 "assignment of the real programs (tests/test_plan.py, --check-compiled); a GPU/TPU compiler "
+                 "assignment of the real programs (tests/plan/test_plan.py, --check-compiled); a GPU/TPU compiler "
                  "schedules differently")
     t = p["time_estimate_s"]
     lines.append(f"time estimate: curate {t['curate'] / 60:.1f} min, train {t['train'] / 60:.1f} min, "

@@ -1,6 +1,6 @@
 """The planner checked by the compiler: the real sampling and training programs lowered with abstract
 inputs for the planned shapes and meshes, compiled for this machine's backend (nothing allocated), and
-their `memory_analysis()` set beside the plan (`--check-compiled`; tests/test_plan.py does it for the
+their `memory_analysis()` set beside the plan (`--check-compiled`; tests/plan/test_plan.py does it for the
 3B shape on 1 and 8 CPU devices)."""
 from __future__ import annotations
 

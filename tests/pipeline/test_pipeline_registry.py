@@ -10,7 +10,7 @@ from ssb_jax.fingerprint import FINGERPRINT_FILE, StaleOutputsError
 from ssb_jax.paths import shared_data_path
 from ssb_jax.pipeline import REGISTRY, Registry, Stage, cli
 
-TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+TINY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
 
 
 class EchoStage(Stage):

@@ -12,7 +12,7 @@ from ssb_jax.data.records import (
     DuplicateRecordError, RecordStore, RecordStoreError, ShardedRecordStore, fold_shards, merge_record_files,
     shard_path, shard_paths, write_json_atomic)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Appends records r0..r{total-1} in batches, skipping ids already stored (resumable).
 WRITER_SCRIPT = """

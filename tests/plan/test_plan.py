@@ -96,7 +96,7 @@ def test_plan_command_line_applies_overrides_and_names_a_typo(tmp_path, capsys, 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(TINY.to_hf_dict()))
-    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    config_file = str(Path(__file__).resolve().parents[2] / "configs" / "qwen3b.py")
     common = ["--config", config_file, f"--config.model.path={model_dir}", "--accelerator", "H200"]
     cli.main(common)
     default_out = capsys.readouterr().out
@@ -125,7 +125,7 @@ def test_planned_memory_of_3b_programs_is_within_15_percent_of_the_compilers(dev
     does not make, so bfloat16 on CPU would measure the CPU, not the program. 1 device: ~30 s of
     compiling; 8 devices (the config's mesh: everything on fsdp, so batch 8; sampling on the mesh
     sampling.mesh.sampling_mesh picks for the plan's accelerator): ~60-100 s on 2 cores."""
-    c = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py"))
+    c = load_config_file(str(Path(__file__).resolve().parents[2] / "configs" / "qwen3b.py"))
     c.model.dtype = "float32"
     c.train.batch_size = max(4, devices)  # a batch the data-parallel devices divide (8: one row each)
     results = check_against_compiler(c, devices)
@@ -221,7 +221,7 @@ def test_plan_command_line_overrides_reach_the_eval_stage(capsys, seed):
     """--config.eval.* overrides change the eval plan exactly as setting them in the config does (the
     real 3B config and the shared AIME 2024 prompts, tokenized with the shared Qwen2.5 tokenizer)."""
     n = random.Random(seed).randint(2, 30)
-    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    config_file = str(Path(__file__).resolve().parents[2] / "configs" / "qwen3b.py")
     common = ["--config", config_file, "--accelerator", "H200", "--config.eval.datasets=aime24"]
     cli.main(common + [f"--config.eval.n_samples={n}", "--config.eval.protocols=math_verify"])
     out = capsys.readouterr().out
@@ -239,7 +239,7 @@ def test_plan_command_line_overrides_reach_the_eval_stage(capsys, seed):
 def test_plan_command_line_checks_against_the_compiler(tmp_path, capsys):
     """--check-compiled prints the compiled programs' memory_analysis() beside the plan (tiny model, one
     device), naming the compiler whose buffer assignment it is."""
-    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    config_file = str(Path(__file__).resolve().parents[2] / "configs" / "qwen3b.py")
     cli.main(["--config", config_file, f"--config.model.path={_tiny_model_dir(tmp_path)}",
                       "--config.model.dtype=float32", "--config.sampler.max_prompt_tokens=64",
                       "--config.curate.rollout_max_new_tokens=16", "--config.curate.solution_max_new_tokens=16",
@@ -295,7 +295,7 @@ def test_plan_refuses_a_train_batch_the_mesh_does_not_divide(tmp_path, capsys):
     c.train.batch_size = 6
     with pytest.raises(ValueError, match=r"config.train.batch_size=6 is not a multiple of the data-parallel size 4"):
         plan(c, "v4-8")
-    config_file = str(Path(__file__).resolve().parents[1] / "configs" / "qwen3b.py")
+    config_file = str(Path(__file__).resolve().parents[2] / "configs" / "qwen3b.py")
     with pytest.raises(SystemExit):
         cli.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8"])
     assert "config.train.batch_size=4 is not a multiple of the data-parallel size 8" in capsys.readouterr().err

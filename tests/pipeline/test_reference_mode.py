@@ -10,7 +10,7 @@ from ssb_jax.config import apply_overrides, flat_settings, load_config_file, sec
 from ssb_jax.curate import CurationConfig
 from ssb_jax.distill.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # setting -> (value in configs/qwen3b_reference.py, the stage whose fingerprint must see it)
 REFERENCE_SWITCHES = {

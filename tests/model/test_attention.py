@@ -14,7 +14,7 @@ import ssb_jax
 from ssb_jax.model import attention
 from ssb_jax.model.config import ModelConfig
 from tests.hf_models import hf_logits
-from tests.test_model import padded_batch
+from tests.model.test_model import padded_batch
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 # Error allowed, relative to the reference's largest magnitude: float32 sums reorder, bfloat16 rounds

@@ -17,7 +17,7 @@ from ssb_jax.pipeline.context import CurationShortfall
 from ssb_jax import toyworld
 from ssb_jax.training import metrics
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_CONFIG = str(CONFIGS / "tiny.py")
 
 

@@ -1,6 +1,6 @@
 """The plain SFT baseline: its loss is the cross-entropy alone (float64 NumPy reference, value and
 gradient). The sft stage end to end (its own adapters beside SSB's, with learning curves) is in
-tests/test_main.py, on that file's finished run."""
+tests/pipeline/test_main.py, on that file's finished run."""
 import jax
 import jax.numpy as jnp
 import numpy as np

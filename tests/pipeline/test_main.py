@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Every test runs `python -m ssb_jax.main` (or its processes); those that need the finished run are slow.
 pytestmark = pytest.mark.e2e

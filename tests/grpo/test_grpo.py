@@ -328,7 +328,7 @@ GRPO_RUN = ["--config.world.num_train=48", "--config.world.num_test=8", "--confi
 def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
     import json
     import subprocess
-    from tests.test_main import _check, kill_after_steps, pipeline
+    from tests.pipeline.test_main import _check, kill_after_steps, pipeline
     workdir = tmp_path / "run"
     metrics = workdir / "grpo" / "metrics.jsonl"
     proc = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
