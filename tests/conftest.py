@@ -73,3 +73,19 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_untied_checkpoint(tmp_path_factory):
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny_untied"), tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """The reduced toy world (tests/pipeline_runs.py) that every end-to-end run starts from, built once per
+    test run: with pytest-xdist the workers share one build (a file lock in the run's common temp folder)."""
+    from filelock import FileLock
+
+    from ssb_jax.toyworld import build
+    from tests.pipeline_runs import reduced_world_config
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    directory = shared / "reduced_toy_world"
+    with FileLock(str(directory) + ".lock"):
+        build(reduced_world_config(), directory)  # returns at once when this config's world is already there
+    return directory

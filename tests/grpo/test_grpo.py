@@ -314,9 +314,8 @@ def test_grpo_run_killed_and_resumed_repeats_the_uninterrupted_run(tiny, tmp_pat
 
 # ----------------------------------------------------------------------------- the pipeline stage
 
-# On top of tests/test_main.py's reduced world: a smaller, shorter-trained one (GRPO only has to run).
-GRPO_RUN = ["--config.world.num_train=48", "--config.world.num_test=8", "--config.world.pretrain_steps=200",
-            "--config.world.pretrain_pool=1000", "--config.sampler.batch_size=8",
+# On the shared reduced toy world (tests/pipeline_runs.py): a short GRPO run (GRPO only has to run).
+GRPO_RUN = ["--config.sampler.batch_size=8",
             "--config.grpo.steps=4", "--config.grpo.prompts_per_step=4", "--config.grpo.group_size=4",
             "--config.grpo.max_new_tokens=48", "--config.grpo.checkpoint_every=1", "--config.grpo.kl_beta=0.04",
             "--config.grpo.learning_rate=1e-3", "--config.export.merged_model=False",
@@ -325,17 +324,18 @@ GRPO_RUN = ["--config.world.num_train=48", "--config.world.num_test=8", "--confi
 
 @pytest.mark.e2e
 @pytest.mark.slow  # builds a toy world, then a GRPO run killed and resumed, evaluation and report
-def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path):
+def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path, toy_world):
     import json
     import subprocess
-    from tests.pipeline.test_main import _check, kill_after_steps, pipeline
+    from tests.pipeline_runs import check, copy_world, kill_after_steps, pipeline
     workdir = tmp_path / "run"
+    copy_world(toy_world, workdir)
     metrics = workdir / "grpo" / "metrics.jsonl"
     proc = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after_steps(proc, metrics, 2, 900, "grpo")
     assert not (workdir / "grpo" / "DONE.json").exists()
 
-    log = _check(pipeline(workdir, *GRPO_RUN, "--config.stages=grpo,eval,report"))
+    log = check(pipeline(workdir, *GRPO_RUN, "--config.stages=grpo,eval,report"))
     assert "grpo: resumed from step" in log  # the iteration count is the training loop's step
     from ssb_jax.curves import read_curve
     from ssb_jax.training.metrics import read_metrics

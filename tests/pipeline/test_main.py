@@ -1,66 +1,24 @@
 """The whole pipeline on a reduced tiny config: every artifact, skip on rerun, resume after a kill."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.pipeline_runs import REDUCED, check, copy_world, kill_after_steps, pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Every test runs `python -m ssb_jax.main` (or its processes); those that need the finished run are slow.
 pytestmark = pytest.mark.e2e
 
-# A smaller world and run than configs/tiny.py, so the suite stays fast; same code path.
-REDUCED = [
-    "--config.world.num_train=200", "--config.world.num_test=24", "--config.world.pretrain_steps=1000",
-    "--config.world.pretrain_pool=4000", "--config.world.max_value=40", "--config.world.plain_batch=8",
-    "--config.world.hinted_batch=8", "--config.world.seed=1", "--config.world.hidden_size=64",
-    "--config.world.intermediate_size=192", "--config.world.head_dim=16", "--config.world.learning_rate=3e-3",
-    "--config.curate.target_pairs=16", "--config.curate.questions_per_batch=32",
-    "--config.curate.rollout_max_new_tokens=80", "--config.curate.solution_max_new_tokens=80",
-    "--config.curate.max_questions=96",
-    "--config.train.epochs=2", "--config.train.batch_size=4", "--config.train.checkpoint_every=2",
-    "--config.eval.n_samples=2", "--config.eval.max_new_tokens=80", "--config.eval.max_problems=8",
-    "--config.sampler.batch_size=32",
-]
-
-
-def pipeline(workdir, *extra, **popen):
-    cmd = [sys.executable, "-m", "ssb_jax.main", "--config", "configs/tiny.py", f"--config.workdir={workdir}",
-           *REDUCED, *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _check(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
-
-
-def kill_after_steps(proc, metrics: Path, steps: int, timeout_s: float, what: str) -> None:
-    """SIGKILL `proc` once `metrics` holds `steps` training records (learning-curve points, which share the
-    file, not counted); fails if the run ends first."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and proc.poll() is None:
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        if sum('"kind"' not in line for line in lines) >= steps:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"{what} finished (or failed) before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tmp_path_factory, toy_world):
     workdir = tmp_path_factory.mktemp("run")
-    log = _check(pipeline(workdir))
+    copy_world(toy_world, workdir)  # the run's world config: its build is skipped
+    log = check(pipeline(workdir))
     return workdir, log
 
 
@@ -86,7 +44,7 @@ def test_every_artifact_is_produced(finished_run):
 def test_second_run_skips_finished_stages(finished_run):
     workdir, _ = finished_run
     before = (workdir / "round_1/curate/records.jsonl").read_bytes()
-    log = _check(pipeline(workdir))
+    log = check(pipeline(workdir))
     for stage in ("toy world", "curate: complete, skipped", "train: complete, skipped", "export: complete, skipped"):
         assert stage in log, stage
     assert "distill" not in log.split("train: complete")[1][:200]
@@ -109,7 +67,7 @@ def test_killed_during_training_resumes(finished_run, tmp_path):
     metrics = workdir / "round_1" / "train" / "metrics.jsonl"
     proc = pipeline(workdir, "--config.stages=train", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after_steps(proc, metrics, 3, 600, "training")
-    log = _check(pipeline(workdir, "--config.stages=train"))
+    log = check(pipeline(workdir, "--config.stages=train"))
     assert "resumed from step" in log
     from ssb_jax.curves import read_curve
     from ssb_jax.training.metrics import read_metrics
@@ -155,7 +113,7 @@ def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     source, workdir = finished_run[0], tmp_path / "run"
     for part in ("world", "round_1/curate", "round_1/train", "eval"):  # only sft and its evaluation are new
         shutil.copytree(source / part, workdir / part)
-    log = _check(pipeline(workdir, "--config.stages=sft,eval,report"))
+    log = check(pipeline(workdir, "--config.stages=sft,eval,report"))
     rdir = workdir / "round_1"
     assert (rdir / "sft" / "DONE.json").exists() and "learning curve sft" in log
     ssb_fp, sft_fp = (json.loads((rdir / d / "FINGERPRINT.json").read_text()) for d in ("train", "sft"))
@@ -278,8 +236,8 @@ def test_two_processes_match_one(finished_run, tmp_path):
     assert len(two) == len(one) == len(pairs)
     assert len(list((workdir / "round_1/teacher_cache").glob("shard_p1of2_*"))) >= 1
     for record in pairs:
-        for key, value in one(record["id"]).items():
-            np.testing.assert_allclose(two(record["id"])[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+        for key, value in one(record["id"]).arrays().items():
+            np.testing.assert_allclose(two(record["id"]).arrays()[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def _two_processes(workdir, *extra, expect_success=True):
@@ -332,7 +290,7 @@ def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_pat
     workdir = tmp_path / "rounds"
     shutil.copytree(reference / "world", workdir / "world")
     shutil.copytree(reference / "round_1", workdir / "round_1")  # round 1 is complete: only round 2 runs
-    log = _check(pipeline(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export"))
+    log = check(pipeline(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export"))
     assert "round 1 curate: complete, skipped" in log and "round 1 train: complete, skipped" in log
     for relative in ("round_2/curate/records.jsonl", "round_2/train/DONE.json", "export/merged/model.safetensors"):
         assert (workdir / relative).exists(), relative
@@ -409,13 +367,13 @@ def test_changed_training_setting_stops_then_overwrite_redoes_it(finished_run, t
     done_before = (workdir / "round_1/train/DONE.json").read_text()
     assert done_before == (reference / "round_1/train/DONE.json").read_text()  # nothing redone or deleted
 
-    log = _check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
+    log = check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
                           "--config.train.epochs=1", "--config.overwrite=train"))
     assert "deleting the outputs" in log and "round 1 curate" not in log
     steps = json.loads((workdir / "round_1/train/DONE.json").read_text())["steps"]
     assert steps < json.loads(done_before)["steps"]  # retrained with one epoch instead of two
     # the same command again reuses what it just made
-    log = _check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
+    log = check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
                           "--config.train.epochs=1", "--config.overwrite=train"))
     assert "train: complete, skipped" in log and "deleting" not in log
 
@@ -439,7 +397,7 @@ def test_given_paths_are_used_and_recorded(finished_run, tmp_path):
     workdir = tmp_path / "given"
     given = {"model.path": str(world / "model"), "data.train": str(world / "train.jsonl"),
              "eval.datasets": f"held_out={world / 'test.jsonl'}"}
-    log = _check(pipeline(workdir, "--config.stages=report", *(f"--config.{k}={v}" for k, v in given.items())))
+    log = check(pipeline(workdir, "--config.stages=report", *(f"--config.{k}={v}" for k, v in given.items())))
     assert "toy world: not built" in log
     assert not (workdir / "world").exists()
     recorded = json.loads((workdir / "config.json").read_text())
