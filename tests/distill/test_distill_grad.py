@@ -19,6 +19,7 @@ from ssb_jax.model.lora import init_lora
 from ssb_jax.model.qwen2 import init_model
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.parametrize("mode", ["online", "cached"])
 def test_lora_grads_match_finite_differences_f64(mode, seed, rng):
     """The model computes norms, attention softmax and logits in float64 when its weights are float64."""

@@ -36,6 +36,7 @@ def _randomize_b(state, key):
     return {**state, "lora": lora}
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.multidevice
 def test_sharded_step_equals_single_device(model, rng, seed):
     assert jax.device_count() == 8
@@ -115,6 +116,7 @@ def _tiny_run_config(**kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.e2e
 @pytest.mark.multidevice  # the trained adapters are loaded back onto a mesh too
 def test_training_drives_kl_down(model, tmp_path, rng):
@@ -144,6 +146,7 @@ def test_training_drives_kl_down(model, tmp_path, rng):
     assert max(jax.tree_util.tree_leaves(diffs)) == 0.0
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.e2e
 def test_kill_and_resume_reproduces_losses(model, tmp_path, rng):
     config, params = model

@@ -213,6 +213,7 @@ def test_a_group_of_equal_rewards_moves_nothing(tiny, rng):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), lora_before, lora_after)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_sampler_takes_new_adapters_in_place_without_recompiling(tiny, rng):
     from ssb_jax.model.lora import init_lora, with_adapters
     from ssb_jax.sampling.driver import Sampler

@@ -262,6 +262,7 @@ def test_positions_from_mask():
     np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_remat_policies_and_attention_kernels_agree(tiny_checkpoint, monkeypatch, rng):
     """Every remat policy, and the chunked attention kernel (2-token blocks) under several of them, give
     the XLA kernel's logits and gradients."""

@@ -202,6 +202,7 @@ def test_too_long_prompt_is_named(tiny):
         sampler.generate_ids([[1] * 20], SamplingParams(max_new_tokens=2), ids=["q-7"])
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 @pytest.mark.multidevice
 def test_unrolled_layers_sample_like_scanned_ones(tiny, rng):
     """The unstacked-weights loop (CPU default) and the scan over stacked weights draw the same
