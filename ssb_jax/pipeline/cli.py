@@ -66,8 +66,8 @@ def usage() -> str:
 
 def run(config) -> Path:
     """The pipeline with the run's logging configured; returns the run directory."""
+    configure_logging(config.log_level)  # before the pipeline's imports: a library may configure logging on import
     from ssb_jax.pipeline.run import run_pipeline
-    configure_logging(config.log_level)
     run_pipeline(config)
     return Path(config.workdir)
 
