@@ -119,3 +119,7 @@ class LoraSettings(Settings):
             d["lora_rank"] = dict(self.lora_rank)
         d["lora_targets"] = list(self.lora_targets)
         return d
+
+
+# settings that change how a training run is kept or reported, not what it computes: left out of fingerprints
+OPERATIONAL_SETTINGS = (*(f.name for f in dataclasses.fields(CheckpointSettings)), "logits_chunk")

@@ -16,11 +16,9 @@ from ssb_jax.pipeline.context import Candidate
 from ssb_jax.pipeline.learning_curve import learning_curve
 from ssb_jax.pipeline.stage import Stage
 from ssb_jax.sharding import shard_state
+from ssb_jax.training.settings import OPERATIONAL_SETTINGS
 
 log = logging.getLogger("ssb_jax")
-
-# grpo settings that change how the run is kept or reported, not what it computes
-GRPO_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk")
 
 
 class GRPOStage(Stage):
@@ -35,7 +33,7 @@ class GRPOStage(Stage):
         return {"base": ctx.base_identity(1), "prompts": dataclasses.asdict(ctx.prompts),
                 "max_prompt_tokens": ctx.config.sampler.max_prompt_tokens,
                 "lora": ctx.train_config.lora_config().to_dict(),
-                "settings": {k: v for k, v in ctx.grpo_config.to_dict().items() if k not in GRPO_OPERATIONAL},
+                "settings": {k: v for k, v in ctx.grpo_config.to_dict().items() if k not in OPERATIONAL_SETTINGS},
                 "data": ctx.data_identity()}
 
     def run(self, ctx, r):

@@ -8,9 +8,7 @@ from ssb_jax.pipeline.context import Candidate, RunStopped
 from ssb_jax.pipeline.learning_curve import learning_curve
 from ssb_jax.pipeline.stage import Stage
 from ssb_jax.pipeline.stages.curate import curation_tokens, kept_examples
-
-# train settings that change how the run is kept or reported, not what it computes
-TRAIN_OPERATIONAL = ("checkpoint_every", "keep_checkpoints", "log_every", "logits_chunk")
+from ssb_jax.training.settings import OPERATIONAL_SETTINGS
 
 
 class TrainStage(Stage):
@@ -31,7 +29,7 @@ class TrainStage(Stage):
         function of exactly these, so no digest of it is needed)."""
         tc = self.settings(ctx).to_dict()
         return {"base": ctx.base_identity(r), "examples": fp.digest({"pairs": kept_examples(ctx, r)}),
-                "settings": {k: v for k, v in tc.items() if k not in TRAIN_OPERATIONAL}}
+                "settings": {k: v for k, v in tc.items() if k not in OPERATIONAL_SETTINGS}}
 
     def run(self, ctx, r):
         tc = self.settings(ctx)
