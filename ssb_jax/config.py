@@ -31,8 +31,8 @@ class RunSettings:
     workdir: str = setting("runs/default", "run directory: every stage's outputs, checkpoints and the report go here")
     stages: str = setting("", "comma-separated stages to run, in pipeline order (python -m ssb_jax.main --help lists "
                               "them; the baselines sft and grpo run only when named)")
-    overwrite: str = setting("", "stages whose outputs from other settings may be deleted and redone (with every "
-                                 "stage that reads them)")
+    overwrite: str = setting("", "stages whose outputs are deleted and redone, whatever made them (with every "
+                                 "stage that reads them); every run naming them redoes them")
     num_rounds: int = setting(1, "SSB rounds; each round's student is the next round's teacher and base")
     log_level: str = setting("INFO", "Python logging level of the run: DEBUG, INFO, WARNING or ERROR")
     compile_cache_dir: str = setting("~/.cache/ssb_jax/xla", "persistent XLA compilation cache shared by runs and "

@@ -1,15 +1,19 @@
 """Runs the registry's stages in order: the toy world (when configured), the base model, then each SSB
 round's per-round stages, then the others. Each stage is fingerprinted, skipped when complete and
-resumed when not, so rerunning the same command after a crash continues where it stopped."""
+resumed when not, so rerunning the same command after a crash continues where it stopped. A run holds
+its run directory's lock (pipeline/lock.py) throughout."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 
 import jax
 
 from ssb_jax.data.records import write_text_atomic
+from ssb_jax.distributed import barrier, is_main_process
 from ssb_jax.pipeline.context import CurationShortfall, RunContext, mark_done
+from ssb_jax.pipeline.lock import lock_workdir
 from ssb_jax.pipeline.registry import REGISTRY
 from ssb_jax.pipeline.stage import Registry, Stage
 from ssb_jax.pipeline.world import prepare_world
@@ -24,6 +28,8 @@ def execute(stage: Stage, ctx: RunContext, r: int | None) -> None:
         return
     fingerprint = stage.fingerprint(ctx, r)
     directory = stage.directory(ctx, r)
+    if stage.name in ctx.overwrite:
+        clear_outputs(ctx, directory, stage.name)
     if fingerprint is not None:
         ctx.check_fingerprint(directory, stage.name, fingerprint)
     if stage.done(ctx, r):
@@ -35,11 +41,31 @@ def execute(stage: Stage, ctx: RunContext, r: int | None) -> None:
         mark_done(directory, **{"wall_s": time.perf_counter() - started, **info})
 
 
+def clear_outputs(ctx: RunContext, directory, stage: str) -> None:
+    """--config.overwrite=STAGE: delete the stage's outputs whatever their fingerprint says (a stage
+    whose directory is the run directory itself, the report, is redone anyway and keeps it)."""
+    if directory.resolve() == ctx.workdir.resolve():
+        return
+    if is_main_process() and directory.exists():
+        log.warning("%s: deleting the outputs in %s (--config.overwrite=%s)", stage, directory, stage)
+        shutil.rmtree(directory)
+    barrier(f"overwrite:{directory}")
+
+
 def run_pipeline(config, registry: Registry = REGISTRY) -> RunContext:
     """Every selected stage of `registry` on `config`; returns the run's context. Raises CurationShortfall
     (after finishing) when a round's curation kept fewer pairs than count as success."""
     started = time.perf_counter()
     ctx = RunContext(config, registry)
+    lock = lock_workdir(ctx.workdir)  # before anything is read or written there
+    try:
+        return _run_stages(ctx, registry, started)
+    finally:
+        lock.release()
+
+
+def _run_stages(ctx: RunContext, registry: Registry, started: float) -> RunContext:
+    config = ctx.config
     prepare_world(ctx)
     if jax.process_index() == 0:  # the values in use, the world's paths included
         write_text_atomic(ctx.workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_runs import REDUCED, check, copy_world, kill_after_steps, pipeline
+from tests.pipeline_runs import (IN_PROCESS_MESH, REDUCED, check, copy_world, kill_after_steps, pipeline,
+                                 pipeline_in_process)
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Every test runs `python -m ssb_jax.main` (or its processes); those that need the finished run are slow.
+# Every test runs the CLI: in a subprocess where it kills the run or starts several processes, else in-process;
+# those that need the finished run are slow.
 pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def test_every_artifact_is_produced(finished_run):
 def test_second_run_skips_finished_stages(finished_run):
     workdir, _ = finished_run
     before = (workdir / "round_1/curate/records.jsonl").read_bytes()
-    log = check(pipeline(workdir))
+    log = check(pipeline_in_process(workdir))
     for stage in ("toy world", "curate: complete, skipped", "train: complete, skipped", "export: complete, skipped"):
         assert stage in log, stage
     assert "distill" not in log.split("train: complete")[1][:200]
@@ -52,7 +54,7 @@ def test_second_run_skips_finished_stages(finished_run):
 
 
 def test_typo_in_override_is_named(tmp_path):
-    result = pipeline(tmp_path, "--config.train.learnig_rate=1e-3")
+    result = pipeline_in_process(tmp_path, "--config.train.learnig_rate=1e-3")
     assert result.returncode != 0
     assert "config.train has no key 'learnig_rate'; did you mean config.train.learning_rate?" in result.stderr
 
@@ -113,7 +115,7 @@ def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     source, workdir = finished_run[0], tmp_path / "run"
     for part in ("world", "round_1/curate", "round_1/train", "eval"):  # only sft and its evaluation are new
         shutil.copytree(source / part, workdir / part)
-    log = check(pipeline(workdir, "--config.stages=sft,eval,report"))
+    log = check(pipeline_in_process(workdir, "--config.stages=sft,eval,report", *IN_PROCESS_MESH))
     rdir = workdir / "round_1"
     assert (rdir / "sft" / "DONE.json").exists() and "learning curve sft" in log
     ssb_fp, sft_fp = (json.loads((rdir / d / "FINGERPRINT.json").read_text()) for d in ("train", "sft"))
@@ -293,7 +295,8 @@ def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_pat
     workdir = tmp_path / "rounds"
     shutil.copytree(reference / "world", workdir / "world")
     shutil.copytree(reference / "round_1", workdir / "round_1")  # round 1 is complete: only round 2 runs
-    log = check(pipeline(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export"))
+    log = check(pipeline_in_process(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export",
+                                    *IN_PROCESS_MESH))
     assert "round 1 curate: complete, skipped" in log and "round 1 train: complete, skipped" in log
     for relative in ("round_2/curate/records.jsonl", "round_2/train/DONE.json", "export/merged/model.safetensors"):
         assert (workdir / relative).exists(), relative
@@ -364,20 +367,20 @@ def test_changed_training_setting_stops_then_overwrite_redoes_it(finished_run, t
     reference = finished_run[0]
     workdir = tmp_path / "changed"
     _copy_run(reference, workdir, "world", "round_1")
-    line = _error_line(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3"))
+    line = _error_line(pipeline_in_process(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3"))
     assert line.startswith("error: train: the outputs in ") and "settings.learning_rate: 0.0002 -> 0.001" in line
     assert "--config.overwrite=train" in line
     done_before = (workdir / "round_1/train/DONE.json").read_text()
     assert done_before == (reference / "round_1/train/DONE.json").read_text()  # nothing redone or deleted
 
-    log = check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
-                          "--config.train.epochs=1", "--config.overwrite=train"))
+    log = check(pipeline_in_process(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
+                                    "--config.train.epochs=1", "--config.overwrite=train", *IN_PROCESS_MESH))
     assert "deleting the outputs" in log and "round 1 curate" not in log
     steps = json.loads((workdir / "round_1/train/DONE.json").read_text())["steps"]
     assert steps < json.loads(done_before)["steps"]  # retrained with one epoch instead of two
-    # the same command again reuses what it just made
+    # without --config.overwrite the same settings reuse what it just made (with it, it is redone again)
     log = check(pipeline(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
-                          "--config.train.epochs=1", "--config.overwrite=train"))
+                          "--config.train.epochs=1"))
     assert "train: complete, skipped" in log and "deleting" not in log
 
 
@@ -388,7 +391,7 @@ def test_changed_training_file_stops_curation(finished_run, tmp_path):
     train_file = workdir / "world" / "train.jsonl"
     lines = train_file.read_text().splitlines(keepends=True)
     train_file.write_text("".join(lines[1:]))  # same file name, other questions
-    line = _error_line(pipeline(workdir, "--config.stages=curate"))
+    line = _error_line(pipeline_in_process(workdir, "--config.stages=curate"))
     assert line.startswith("error: curate: the outputs in ") and "data.train:" in line
     assert "--config.overwrite=curate" in line
 
@@ -400,7 +403,8 @@ def test_given_paths_are_used_and_recorded(finished_run, tmp_path):
     workdir = tmp_path / "given"
     given = {"model.path": str(world / "model"), "data.train": str(world / "train.jsonl"),
              "eval.datasets": f"held_out={world / 'test.jsonl'}"}
-    log = check(pipeline(workdir, "--config.stages=report", *(f"--config.{k}={v}" for k, v in given.items())))
+    log = check(pipeline_in_process(workdir, "--config.stages=report",
+                                    *(f"--config.{k}={v}" for k, v in given.items())))
     assert "toy world: not built" in log
     assert not (workdir / "world").exists()
     recorded = json.loads((workdir / "config.json").read_text())
@@ -422,7 +426,7 @@ def test_world_fills_only_what_is_missing_and_config_json_records_it(finished_ru
 def test_curation_short_of_its_minimum_says_so_and_exits_3(finished_run, tmp_path):
     workdir = tmp_path / "short"
     _copy_run(finished_run[0], workdir, "world", "round_1")
-    result = pipeline(workdir, "--config.stages=curate,report", "--config.curate.min_pairs=1000")
+    result = pipeline_in_process(workdir, "--config.stages=curate,report", "--config.curate.min_pairs=1000")
     assert result.returncode == 3, result.stderr[-3000:]
     kept = json.loads((workdir / "round_1/curate/curation_summary.json").read_text())["verdicts"]["kept"]
     line = result.stderr.strip().splitlines()[-1]
@@ -438,7 +442,7 @@ def test_curation_short_of_its_minimum_says_so_and_exits_3(finished_run, tmp_pat
 ])
 def test_bad_settings_stop_before_any_work_in_one_line(tmp_path, args, expected):
     workdir = tmp_path / "bad"
-    line = _error_line(pipeline(workdir, *args))
+    line = _error_line(pipeline_in_process(workdir, *args))
     assert line.startswith(expected), line
     assert not (workdir / "world").exists()
 
@@ -449,5 +453,5 @@ def test_missing_config_file_and_read_only_workdir_are_one_line(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert _error_line(result).startswith("error: --config=configs/nope.py: no such file")
     (tmp_path / "file").write_text("")  # a path under a file is unwritable for root too
-    line = _error_line(pipeline(tmp_path / "file" / "run"))
+    line = _error_line(pipeline_in_process(tmp_path / "file" / "run"))
     assert "config.workdir=" in line and "is not a writable directory" in line
