@@ -1,5 +1,10 @@
-"""The end-to-end runs tests share: `python -m ssb_jax.main` on a reduced tiny config, in a subprocess (one
-CPU device, as a user runs it), and the reduced toy world every such run starts from."""
+"""The end-to-end runs tests share: `python -m ssb_jax.main` on a reduced tiny config, either in a subprocess
+(one CPU device, as a user runs it; needed wherever a test kills the run or starts several processes) or in
+the test process (`pipeline_in_process`, no interpreter start or imports to pay for), and the reduced toy
+world every such run starts from."""
+import contextlib
+import io
+import logging
 import os
 import shutil
 import signal
@@ -25,6 +30,11 @@ REDUCED = [
 ]
 
 
+# A training mesh for the test process's 8 CPU devices that REDUCED's train.batch_size=4 divides (the default,
+# fsdp over every device, would need a multiple of 8); for in-process runs that train.
+IN_PROCESS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
+
+
 def pipeline(workdir, *extra, **popen):
     cmd = [sys.executable, "-m", "ssb_jax.main", "--config", "configs/tiny.py", f"--config.workdir={workdir}",
            *REDUCED, *extra]
@@ -32,6 +42,38 @@ def pipeline(workdir, *extra, **popen):
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, env=env, **popen)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def pipeline_in_process(workdir, *extra):
+    """`pipeline(workdir, *extra)` run by the CLI's own `main` inside the test process; returns what
+    `pipeline` does (a CompletedProcess with returncode, stdout and stderr, the log on stderr).
+
+    The test process has 8 CPU devices where a subprocess run has one, so a run that trains or samples
+    here uses 8-device meshes (REDUCED's batch sizes divide 8 or fit the auto mesh); results agree with a
+    one-device run up to the order of sharded sums, which no test compares bit for bit."""
+    from ssb_jax.pipeline import cli
+    args = ["ssb_jax.main", "--config", "configs/tiny.py", f"--config.workdir={workdir}", *REDUCED, *extra]
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    returncode = 0
+    try:
+        with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(args)
+            except SystemExit as stop:  # what the interpreter would do with sys.exit's argument
+                if isinstance(stop.code, str):
+                    print(stop.code, file=err)
+                    returncode = 1
+                else:
+                    returncode = stop.code or 0
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(args, returncode, out.getvalue(), err.getvalue())
 
 
 def check(result):
