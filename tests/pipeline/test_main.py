@@ -158,8 +158,8 @@ def test_notebook_runs_top_to_bottom(finished_run, tmp_path):
     shutil.copytree(finished_run[0] / "world", workdir / "world")  # same world config: its build is skipped
     nb = nbformat.read(REPO / "notebooks" / "ssb_colab.ipynb", as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = (f"CONFIG = 'configs/tiny.py'\nWORKDIR = {str(workdir)!r}\n"
-                     f"OVERRIDES = {_as_overrides(REDUCED)!r}")
+    params.source += (f"\nCONFIG = 'configs/tiny.py'\nWORKDIR = {str(workdir)!r}\n"
+                      f"OVERRIDES = {_as_overrides(REDUCED)!r}")  # the other settings as a user finds them
     env_backup = dict(os.environ)
     os.environ.update({"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
     try:
@@ -169,7 +169,7 @@ def test_notebook_runs_top_to_bottom(finished_run, tmp_path):
         os.environ.update(env_backup)
     outputs = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
                       for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "kept" in outputs and "peft_adapter" in outputs
+    assert "kept" in outputs and "peft_adapter" in outputs and "CpuDevice" in outputs  # jax.devices() printed
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert (workdir / "report.md").exists()
 
