@@ -45,25 +45,39 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+# Files of a model directory that change nothing the model sees or says (its card, its licence, git's)
+_NOT_MODEL_BEHAVIOUR = ("README", "LICENSE", "LICENCE", "NOTICE", "USE_POLICY")
+# Weight files are identified by samples (reading 6 GB per run to name a model would cost minutes)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
 def model_identity(path: str) -> str:
-    """A model by content, cheaply: a hub id as given; a local directory by its config.json and, for
-    each safetensors file, its size, its header (every tensor's name, shape and offsets) and sixteen
-    1 MiB samples spread through the data, so a 6 GB model is identified by reading ~16 MiB a file.
-    The directory's location does not count: a copied model is the same model."""
-    directory = Path(path)
+    """A model by content: everything in its directory that changes what the model sees or says.
+
+    Weights (each safetensors or other weight file) by size and sixteen 1 MiB samples spread through
+    the file, the header (every tensor's name, shape and offsets) included, so a 6 GB model is named by
+    reading ~16 MiB a file; every other file whole: config.json, generation_config.json, the tokenizer's
+    files (vocabulary, merges, tokenizer.json, tokenizer_config.json and the chat template it may hold,
+    chat_template.jinja / .json, special tokens). Left out: hidden files and the model card or licence
+    (README*, LICENSE*, *.md). The directory's location does not count: a copied model is the same model.
+    A path that is not a local directory (a hub id) is its own identity."""
+    directory = Path(path).expanduser()
     if not directory.is_dir():
         return path
     h = hashlib.sha256()
     for child in sorted(directory.iterdir()):
-        if child.name == "config.json":
-            h.update(b"config\0" + child.read_bytes())
-        elif child.suffix == ".safetensors":
+        if (not child.is_file() or child.name.startswith(".") or child.suffix == ".md"
+                or child.name.upper().startswith(_NOT_MODEL_BEHAVIOUR)):
+            continue
+        if child.suffix in _WEIGHT_SUFFIXES:
             size = child.stat().st_size
             h.update(child.name.encode() + b"\0" + str(size).encode() + b"\0")
             with open(child, "rb") as handle:
                 for offset in sorted({0, *(i * size // _SAMPLES for i in range(1, _SAMPLES)), max(0, size - _CHUNK)}):
                     handle.seek(offset)
                     h.update(handle.read(_CHUNK))
+        else:
+            h.update(child.name.encode() + b"\0" + file_digest(child).encode() + b"\n")
     return f"local#{h.hexdigest()[:16]}"
 
 

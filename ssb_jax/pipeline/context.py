@@ -212,10 +212,17 @@ class RunContext:
         barrier(f"fingerprint:{directory}")
 
     def base_identity(self, r: int) -> dict:
-        """What round r's base model is: the loaded weights, then each earlier round's student."""
+        """What round r's base model is: everything that changes what it sees or says (weights, config,
+        tokenizer files, chat template, generation config: fingerprint.model_identity of the model's
+        directory, and of model.tokenizer's when that is set), then each earlier round's student."""
         m = self.config.model
         if self._model_identity is None:
-            self._model_identity = fp.model_identity(m.path)
+            from ssb_jax.model.weights import resolve_checkpoint
+            local = Path(m.path).expanduser().is_dir()
+            model = m.path if local else str(resolve_checkpoint(m.path))  # a hub id: its downloaded snapshot
+            self._model_identity = fp.model_identity(model)
+            if m.tokenizer:
+                self._model_identity = {"checkpoint": self._model_identity, "tokenizer": fp.model_identity(m.tokenizer)}
         identity = {"model": self._model_identity, "dtype": m.dtype, "attention_impl": m.attention_impl}
         if r > 1:
             identity["students"] = [self.stage_digest(q, "train") for q in range(1, r)]
