@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from ssb_jax.evaluation.protocols import EvalConfig
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what may name a folder: a dataset label, a model
+# known datasets the motif protocol grades by the bare gold string anywhere in the response, as MOTIF's code
+# graded AIME24 (`y in x`; MATH500: `\boxed{y}` in x); local files opt in by label (EvalConfig.motif_contains_gold)
+MOTIF_CONTAINS_GOLD_SOURCES = frozenset({"aime24"})
 
 
 def dataset_specs(datasets: str) -> list[str]:

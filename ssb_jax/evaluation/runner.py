@@ -12,8 +12,8 @@ over all problems with it counted wrong.
 Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore), appended batch
 by batch, so a killed run resumes without redoing finished problems. Beside each, <protocol>.settings.json
 is its fingerprint (ssb_jax.fingerprint.check): what the outputs were made from (protocol, decoding,
-prompts, the dataset's content digest, the model's identity when the caller gives one,
-max_prompt_tokens); outputs made from anything else stop the run with `StaleOutputsError` before any
+prompts (the run's, or the evaluation-only ones of EvalConfig.prompts_for), the dataset's content digest,
+the model's identity when the caller gives one, max_prompt_tokens); outputs made from anything else stop the run with `StaleOutputsError` before any
 generation. Under several JAX processes each takes every process_count-th problem and appends to its
 own shard file, folded in at the end. The results table (results.json, results.md) is always
 recomputed from those files.
@@ -182,7 +182,7 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
         for dataset in datasets:
             for plan in plans:
                 path = outputs_path(out_dir, model, dataset, plan.protocol.name)
-                settings[path] = {**plan.settings(config.seed, prompts),
+                settings[path] = {**plan.settings(config.seed, config.prompts_for(dataset, prompts)),
                                   "grader": config.grader_name(plan.protocol.name, dataset), "dataset": inputs[dataset],
                                   "model": model_identities.get(model), "max_prompt_tokens": _prompt_limit(sampler)}
                 unchecked[path] = () if model in model_identities else ("model",)
@@ -197,7 +197,7 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
     for model, sampler in samplers.items():
         for dataset, problems in datasets.items():
             _evaluate_one(sampler, tokenizer, distributed.process_shard(problems), stores[model, dataset], plans,
-                          config, prompts, model, dataset)
+                          config, config.prompts_for(dataset, prompts), model, dataset)
     distributed.fold_process_shards(list(orders), "eval:end", orders)
 
     rows, complete = [], True
@@ -222,6 +222,7 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
         "sampling": {"temperature": config.temperature, "top_k": config.top_k, "top_p": config.top_p,
                      "seed": config.seed},
         "datasets": {name: len(problems) for name, problems in datasets.items()},
+        "system_prompts": {name: config.prompts_for(name, prompts).system_prompt for name in datasets},
         "dataset_inputs": {name: {**inputs[name], "skipped_records": problems.skipped}
                            for name, problems in datasets.items()},
         "models": list(samplers),

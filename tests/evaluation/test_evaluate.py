@@ -133,22 +133,25 @@ def test_known_dataset_name(tokenizer, tmp_path):
 
 
 def test_motif_grades_each_dataset_by_its_rule(tokenizer, tmp_path):
-    """AIME-style labels (motif_contains_gold patterns) are graded by the bare gold string, every other
-    dataset by \\boxed{gold}; the rule is part of each outputs file's settings."""
+    """The known aime24 and the local labels motif_contains_gold lists are graded by the bare gold string,
+    every other dataset by \\boxed{gold} whatever its label says; the rule is part of each outputs file's
+    settings."""
     aime_gold = {p.id: p.answer for p in load_problems("aime24")[:2]}
     rows = [{"problem": "Count them.", "answer": "33"}, {"problem": "Count again.", "answer": "12"}]
     aime25, amc23 = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows)
-    texts = {"AIME25-0": r"So 233 it is: \boxed{34}", "AIME25-1": r"\boxed{12} or maybe \boxed{13}",
-             "amc23-0": r"So 233 it is: \boxed{34}", "amc23-1": r"\boxed{12} or maybe \boxed{13}",
+    aime_x = write_jsonl(tmp_path / "c.jsonl", rows)
+    texts = {**{f"{label}-{i}": text for label in ("AIME25", "amc23", "aime_x")
+                for i, text in enumerate((r"So 233 it is: \boxed{34}", r"\boxed{12} or maybe \boxed{13}"))},
              **{key: f"The count is 1{gold}, not boxed." for key, gold in aime_gold.items()}}
     sampler = FakeSampler(tokenizer, greedy=texts)
-    config = EvalConfig(datasets=f"aime24,AIME25={aime25},amc23={amc23}", max_problems=2,
-                        protocols=("motif", "string_match"))
+    config = EvalConfig(datasets=f"aime24,AIME25={aime25},amc23={amc23},aime_x={aime_x}", max_problems=2,
+                        protocols=("motif", "string_match"), motif_contains_gold="AIME25")
     results = run({"m": sampler}, tokenizer, config, tmp_path / "eval")
     motif = {r["dataset"]: (r["grader"], r["correct"], r["no_answer_rate"])
              for r in results["rows"] if r["protocol"] == "motif"}
+    # aime_x is spelt like AIME but not listed: \boxed{gold}, as every dataset not declared AIME-style
     assert motif == {"aime24": ("motif:contains", 2, 0.0), "AIME25": ("motif:contains", 2, 0.0),
-                     "amc23": ("motif:boxed", 1, 0.0)}
+                     "amc23": ("motif:boxed", 1, 0.0), "aime_x": ("motif:boxed", 1, 0.0)}
     # the last-box grader disagrees everywhere but on a plain last box
     assert [row(results, dataset=d, protocol="string_match")["correct"] for d in ("aime24", "AIME25", "amc23")] == [0, 0, 0]
     assert row(results, dataset="aime24", protocol="string_match")["no_answer_rate"] == 1.0
@@ -157,11 +160,67 @@ def test_motif_grades_each_dataset_by_its_rule(tokenizer, tmp_path):
     assert settings["grader"] == "motif:boxed"
     # another rule for a dataset is another evaluation: its stored outputs are stale, named before any generation
     with pytest.raises(StaleOutputsError, match=r"amc23/motif.jsonl .*grader: 'motif:boxed' -> 'motif:contains'"):
-        run({"m": FakeSampler(tokenizer)}, tokenizer, dataclasses.replace(config, motif_contains_gold="aime*,amc*"),
+        run({"m": FakeSampler(tokenizer)}, tokenizer, dataclasses.replace(config, motif_contains_gold="AIME25,amc23"),
             tmp_path / "eval")
-    # from a config file or the command line the patterns come as one comma-separated string
-    assert EvalConfig(motif_contains_gold=" hmmt* , aime2? ").motif_contains_gold == ("hmmt*", "aime2?")
-    assert EvalConfig(motif_contains_gold="hmmt*").motif_rule("aime24") == "boxed"
+    # the known source decides, not the label: aime24 under another label is still AIME-style
+    assert EvalConfig(datasets="x=aime24,math500").motif_rule("x") == "contains"
+    assert EvalConfig(datasets="aime24,math500").motif_rule("math500") == "boxed"
+    # from a config file or the command line the labels come as one comma-separated string; a label of no
+    # dataset (a typo, or a pattern as older versions took) is refused by name
+    assert EvalConfig(datasets=f"a={aime25},b={amc23}", motif_contains_gold=" a , b ").motif_contains_gold == ("a", "b")
+    with pytest.raises(ValueError, match=r"motif_contains_gold names \['aime\*'\]"):
+        EvalConfig(motif_contains_gold="aime*")
+
+
+class PromptRecorder(FakeSampler):
+    """A FakeSampler that keeps each problem's prompt ids."""
+
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.prompts = {}
+
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None):
+        self.prompts.update(zip(ids, prompts))
+        return super().generate_ids(prompts, sampling, n=n, seed=seed, ids=ids)
+
+
+def test_evaluation_prompts_per_dataset_leave_the_run_prompts_alone(tokenizer, tmp_path):
+    """eval.system_prompt and eval.dataset_system_prompts change what the evaluated models see, per dataset,
+    and nothing else: the run's PromptSet is not modified, and each outputs file records its prompts."""
+    rows = [{"problem": "What is 2 + 2?", "answer": "4"}]
+    a, b, c = (write_jsonl(tmp_path / f"{n}.jsonl", rows) for n in "abc")
+    motif_base = ("You are a helpful assistant. In your response, you enclose your final answer in the box: "
+                  "\\boxed{}.")  # MOTIF's SYSTEM_PROMPT_base, typed here from its repository
+    config = EvalConfig(datasets=f"a={a},b={b},c={c}", protocols=("string_match",), system_prompt="motif_base",
+                        dataset_system_prompts="b=chat_default, c=")
+    run_prompts = dataclasses.replace(DEFAULT_PROMPTS, student_template="Solve: {question}")
+    before = dataclasses.asdict(run_prompts)
+    sampler = PromptRecorder(tokenizer, default=lambda key, i: box(4))
+    results = run({"m": sampler}, tokenizer, config, tmp_path / "eval", prompts=run_prompts)
+    question = "What is 2 + 2?"
+    expected = {
+        "a-0": [{"role": "system", "content": motif_base}, {"role": "user", "content": question}],
+        "b-0": [{"role": "user", "content": question}],   # no system message: the template's default
+        "c-0": [{"role": "system", "content": DEFAULT_PROMPTS.system_prompt},
+                {"role": "user", "content": f"Solve: {question}"}],   # "c=": the run's own prompts
+    }
+    for key, messages in expected.items():
+        assert sampler.prompts[key] == encode_chat(tokenizer, messages), key
+    assert "You are Qwen, created by Alibaba Cloud" in tokenizer.decode(sampler.prompts["b-0"])
+    assert dataclasses.asdict(run_prompts) == before
+    assert results["system_prompts"] == {"a": motif_base, "b": "", "c": DEFAULT_PROMPTS.system_prompt}
+    stored = json.loads(outputs_path(tmp_path / "eval", "m", "a", "string_match")
+                        .with_name("string_match.settings.json").read_text())
+    assert stored["prompts"]["system_prompt"] == motif_base
+    # another evaluation prompt is another evaluation: the stored outputs are stale
+    with pytest.raises(StaleOutputsError, match=r"a/string_match.jsonl .*system_prompt"):
+        run({"m": sampler}, tokenizer, dataclasses.replace(config, system_prompt=""), tmp_path / "eval",
+            prompts=run_prompts)
+    # a label of no dataset or an unknown preset is named
+    with pytest.raises(ValueError, match="dataset_system_prompts: 'd=motif_base'"):
+        dataclasses.replace(config, dataset_system_prompts="d=motif_base")
+    with pytest.raises(ValueError, match="dataset_system_prompts: 'a=motif'"):
+        dataclasses.replace(config, dataset_system_prompts="a=motif")
 
 
 def _vote(answers):
