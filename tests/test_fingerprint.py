@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ssb_jax import fingerprint as fp
+from ssb_jax.paths import shared_data_path
 
 
 def test_first_run_records_and_same_settings_pass(tmp_path):
@@ -124,3 +125,54 @@ def test_missing_or_unreadable_fingerprint_files_are_named(tmp_path):
     (folder / "a.settings.json").write_text("{")
     with pytest.raises(fp.StaleOutputsError, match="unreadable a.settings.json"):
         fp.check(folder, "eval", {"grader": "x"}, **options)
+
+
+@pytest.mark.parametrize("edit", ["chat_template.jinja", "template in tokenizer_config.json", "generation_config.json",
+                                  "merges.txt", "config.json"])
+def test_model_identity_covers_what_the_model_sees_or_says(tmp_path, rng, edit):
+    """Weights, config, tokenizer files, the chat template (a file of its own or inside tokenizer_config.json)
+    and the generation config each change the identity; the model card does not."""
+    model = tmp_path / "m"
+    _fake_model(model, rng.standard_normal(64).astype(np.float32))
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(shared_data_path("qwen2.5_tokenizer") / name, model / name)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.7}))
+    identity = fp.model_identity(str(model))
+    (model / "README.md").write_text("a model card")
+    assert fp.model_identity(str(model)) == identity
+    if edit == "template in tokenizer_config.json":
+        tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = tokenizer_config["chat_template"].replace("You are", "You were")
+        (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    else:
+        with open(model / edit, "a") as handle:
+            handle.write(" ")
+    assert fp.model_identity(str(model)) != identity
+
+
+def test_editing_the_chat_template_invalidates_finished_stages(tmp_path, rng):
+    """A finished stage fingerprinted with RunContext.base_identity stops as stale after the model's
+    chat_template.jinja changes (and after a separate model.tokenizer directory's template changes)."""
+    from types import SimpleNamespace
+
+    from ssb_jax.pipeline.context import RunContext
+    model, tokenizer = tmp_path / "model", tmp_path / "tokenizer"
+    _fake_model(model, rng.standard_normal(64).astype(np.float32))
+    tokenizer.mkdir()
+    for directory in (model, tokenizer):
+        (directory / "chat_template.jinja").write_text("{{ messages[0].content }}")
+
+    def stage_fingerprint(tokenizer_setting=""):
+        settings = SimpleNamespace(path=str(model), tokenizer=tokenizer_setting, dtype="float32", attention_impl="auto")
+        ctx = SimpleNamespace(config=SimpleNamespace(model=settings), _model_identity=None)
+        return {"base": RunContext.base_identity(ctx, 1)}
+
+    for tokenizer_setting, edited in (("", model), (str(tokenizer), tokenizer)):
+        stage = tmp_path / f"curate-{edited.name}"
+        fp.check(stage, "curate", stage_fingerprint(tokenizer_setting))
+        (stage / "records.jsonl").write_text("{}\n")
+        fp.check(stage, "curate", stage_fingerprint(tokenizer_setting))  # unchanged: reused
+        (edited / "chat_template.jinja").write_text("{{ messages[-1].content }}")
+        with pytest.raises(fp.StaleOutputsError, match=r"curate: .*base\.model"):
+            fp.check(stage, "curate", stage_fingerprint(tokenizer_setting))
