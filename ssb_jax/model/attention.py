@@ -24,16 +24,35 @@ Implementations (`ModelConfig.attention_impl`):
   splash   the Pallas TPU splash-attention kernel that ships with JAX: a causal mask and segment
            ids (1 real, 0 padding; a query sees only keys of its own segment), T padded to a
            multiple of 128, grouped-query heads as one MQA kernel per key/value head.
-  auto     (default) cudnn on GPU where it can run, splash on TPU, else the portable choice:
-           chunked for sequences of at least CHUNKED_MIN_LENGTH tokens, xla below.
+  auto     (default) cudnn on GPU where it can run (compute capability 8.0 and up), splash on TPU,
+           else the portable choice: chunked for sequences of at least CHUNKED_MIN_LENGTH tokens, xla below.
+
+The fused kernels (cudnn, splash) cannot be partitioned by XLA (Mosaic refuses outright; JAX's cuDNN
+partitioner needs q, k and v split alike), so on a mesh they run under `shard_map`: rows over the
+batch axes, heads over "tensor" where the key/value heads divide (else k and v are repeated to one per
+query head so that all three split alike, or heads stay whole). The mesh is the context mesh (the
+training programs, `sharding.under_mesh`), else the one `kernel_mesh` names (the sampler's). Where a
+fused kernel refuses at trace time (no cuDNN, an unsupported GPU or shape, a Pallas block it cannot
+tile), "auto" falls back to the chunked kernel and logs the reason once; a kernel named explicitly
+raises. A refusal when XLA compiles the program cannot be caught here. `lowering_for("tpu")` resolves
+"auto" as on that backend, so CPU tests can export the TPU program (tests/accelerators/).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import logging
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from ssb_jax.sharding import BATCH_AXES
+
+log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 MASKED = -1e30  # finite, so a query with no visible key (a pad) softmaxes to uniform, not NaN
@@ -282,21 +301,137 @@ def splash_attention(q, k, v, key_valid, interpret: bool = False):
 # ----------------------------------------------------------------------------- choice
 
 _KERNELS = {"xla": xla_attention, "chunked": chunked_attention, "cudnn": cudnn_attention, "splash": splash_attention}
+FUSED = ("cudnn", "splash")  # kernels XLA cannot partition: run under shard_map on a mesh
+# What a fused kernel raises while tracing when it refuses (no cuDNN, unsupported GPU or shape, a Pallas
+# block it cannot tile); "auto" then falls back to the chunked kernel.
+REFUSALS = (ValueError, NotImplementedError, RuntimeError)
+CUDNN_MIN_COMPUTE_CAPABILITY = 8.0  # cuDNN flash attention needs Ampere or newer (a T4 is 7.5)
+
+_target_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_target_backend", default=None)
+_kernel_mesh: contextvars.ContextVar = contextvars.ContextVar("attention_kernel_mesh", default=None)
+_reported_refusals: set = set()
 
 
-def resolve(impl: str, dtype, head_dim: int, length: int, backend: str | None = None) -> str:
-    """The kernel `impl` names; "auto" picks by backend, dtype and length (see the module docstring)."""
+@contextlib.contextmanager
+def lowering_for(backend: str):
+    """Trace programs as for `backend` ("tpu", "gpu"): "auto" resolves as there and splash is not
+    interpreted, so a CPU can `jax.export` the accelerator's program (platforms=[...])."""
+    jax.clear_caches()  # jit's trace caches do not know the target: trace afresh inside and after
+    token = _target_backend.set(backend)
+    try:
+        yield
+    finally:
+        _target_backend.reset(token)
+        jax.clear_caches()
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh):
+    """The mesh fused kernels are partitioned over (shard_map) where no context mesh is set: the
+    sampler's programs, which run on the sampling mesh without one."""
+    token = _kernel_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _kernel_mesh.reset(token)
+
+
+def target_backend() -> str:
+    return _target_backend.get() or jax.default_backend()
+
+
+def gpu_compute_capability() -> float | None:
+    """The first GPU's compute capability (8.0 for an A100), None without a GPU (cross-lowering)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    capability = getattr(devices[0], "compute_capability", None) if devices else None
+    return float(capability) if capability else None
+
+
+def resolve(impl: str, dtype, head_dim: int, length: int, backend: str | None = None,
+            compute_capability: float | None = None) -> str:
+    """The kernel `impl` names; "auto" picks by backend, dtype and length (see the module docstring).
+    compute_capability: the GPU's (None: this machine's first GPU, or assumed supported without one)."""
     if check_impl(impl) != "auto":
         return impl
-    backend = backend or jax.default_backend()
-    if backend == "gpu" and cudnn_supports(dtype, head_dim, length):
-        return "cudnn"
+    backend = backend or target_backend()
+    if backend == "gpu":
+        capability = compute_capability or gpu_compute_capability()
+        if (capability is None or capability >= CUDNN_MIN_COMPUTE_CAPABILITY) and cudnn_supports(dtype, head_dim, length):
+            return "cudnn"
     if backend == "tpu":
         return "splash"
     return "chunked" if length >= CHUNKED_MIN_LENGTH else "xla"
 
 
+def partition_mesh():
+    """The mesh a fused kernel is partitioned over: the context mesh, else `kernel_mesh`'s; None for
+    none or a single device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = _kernel_mesh.get()
+    return None if mesh is None or mesh.size == 1 else mesh
+
+
+def head_split(num_heads: int, num_kv_heads: int, tensor: int) -> tuple[bool, bool]:
+    """(split heads over "tensor", repeat k/v to one head per query head first): split where the
+    key/value heads divide; else, where the query heads divide, repeat k/v so q, k and v split alike."""
+    if tensor <= 1:
+        return False, False
+    if num_kv_heads % tensor == 0:
+        return True, False
+    return (True, True) if num_heads % tensor == 0 else (False, False)
+
+
+def partitioned(kernel, q, k, v, key_valid, mesh):
+    """`kernel` under shard_map over `mesh`: rows over the batch axes that divide them, heads over
+    "tensor" as head_split says; each device runs the kernel on its own rows and heads."""
+    if mesh is None:
+        return kernel(q, k, v, key_valid)
+    B, N, G = q.shape[0], q.shape[2], k.shape[2]
+    rows, split = [], 1
+    for axis in BATCH_AXES:
+        size = mesh.shape.get(axis, 1)
+        if size > 1 and B % (split * size) == 0:
+            rows.append(axis)
+            split *= size
+    heads, repeat = head_split(N, G, mesh.shape.get("tensor", 1))
+    if repeat:
+        k, v = (jnp.repeat(x, N // G, axis=2) for x in (k, v))
+    row_spec = tuple(rows) if rows else None
+    spec = P(row_spec, None, "tensor" if heads else None, None)
+    mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(row_spec, None)), out_specs=spec,
+                           check_vma=False)
+    return mapped(q, k, v, key_valid)
+
+
+def _fused_kernel(name: str):
+    if name == "splash":
+        return functools.partial(splash_attention, interpret=target_backend() != "tpu")
+    return _KERNELS[name]
+
+
+def report_refusal(kernel: str, error: Exception) -> None:
+    """One warning per (kernel, reason) naming why the kernel refused and what runs instead."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if (kernel, reason) not in _reported_refusals:
+        _reported_refusals.add((kernel, reason))
+        log.warning("attention kernel %s refused (%s: %s); using the chunked kernel instead",
+                    kernel, type(error).__name__, reason[:300])
+
+
 def causal_attention(q, k, v, key_valid, impl: str = "auto"):
     """Causal self-attention of a padded batch (module docstring). q [B,T,N,H]; k, v [B,T,G,H];
     key_valid [B,T] bool (False marks padding) -> [B,T,N,H] in q's dtype."""
-    return _KERNELS[resolve(impl, q.dtype, q.shape[-1], q.shape[1])](q, k, v, key_valid)
+    name = resolve(impl, q.dtype, q.shape[-1], q.shape[1])
+    if name not in FUSED:
+        return _KERNELS[name](q, k, v, key_valid)
+    try:
+        return partitioned(_fused_kernel(name), q, k, v, key_valid, partition_mesh())
+    except REFUSALS as error:
+        if impl != "auto":
+            raise
+        report_refusal(name, error)
+    return chunked_attention(q, k, v, key_valid)

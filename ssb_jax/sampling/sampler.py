@@ -18,6 +18,7 @@ import numpy as np
 
 from flax import nnx
 
+from ssb_jax.model.attention import kernel_mesh
 from ssb_jax.model.kv_cache import cache_shardings
 from ssb_jax.model.qwen2 import positions_from_mask
 
@@ -135,13 +136,14 @@ def choose_tokens(logits: jax.Array, row_keys: jax.Array, step, sampling: Sampli
 # ----------------------------------------------------------------------------- generation
 
 def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mask: jax.Array,
-             row_keys: jax.Array, *, sampling: SamplingParams, n: int = 1, mesh=None, knobs=None):
+             row_keys: jax.Array, *, sampling: SamplingParams, n: int = 1, mesh=None, knobs=None, row_caps=None):
     """Sample completions for left-padded prompts from the model `nnx.merge(graphdef, state)` (any
     Qwen2ForCausalLM: with or without adapters, in the training or the decode layout; `state` an
     nnx.State or its pure dict).
 
     prompt_tokens, prompt_mask [B, P]; row_keys [B * n] PRNG keys (one per output row); knobs: traced
-    [temperature, top_p] for `sampling.program()` (None: sampling's own values, compiled in).
+    [temperature, top_p] for `sampling.program()` (None: sampling's own values, compiled in); row_caps:
+    [B*n] int32, each row's own limit on new tokens (None: max_new_tokens for every row), a traced value.
     Returns a dict: tokens [B*n, M] int32 (pad after the end), lengths [B*n] (the stop token counts),
     finish_reason [B*n] (FINISH_STOP or FINISH_LENGTH), logprobs [B*n, M] float32.
     """
@@ -153,7 +155,8 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
     model = nnx.merge(graphdef, state)
     # One prefill of the B prompts, among themselves only, written n times into the R-row cache.
     cache = model.init_cache(R, P + M)
-    hidden, cache = model(prompt_tokens, positions, prompt_mask, cache, return_hidden=True, cache_is_empty=True)
+    with kernel_mesh(mesh):  # a fused attention kernel (splash, cuDNN) runs under shard_map on the sampling mesh
+        hidden, cache = model(prompt_tokens, positions, prompt_mask, cache, return_hidden=True, cache_is_empty=True)
     last_logits = jnp.repeat(model.logits(hidden[:, -1]), n, axis=0)
     next_position = jnp.repeat(jnp.sum(prompt_mask, axis=-1).astype(jnp.int32), n, axis=0)
     if mesh is not None:
@@ -161,11 +164,16 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
     stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
 
     first, first_lp = choose_tokens(last_logits, row_keys, 0, sampling, knobs)
+
+    def stopped(token, lengths):  # a stop token, or (with row caps) the row's cap reached
+        done = jnp.isin(token, stop_ids)
+        return done if row_caps is None else done | (lengths >= row_caps)
+
     state = {
         "step": jnp.int32(1),
         "tokens": jnp.full((R, M), sampling.pad_id, jnp.int32).at[:, 0].set(first),
         "logprobs": jnp.zeros((R, M), jnp.float32).at[:, 0].set(first_lp),
-        "done": jnp.isin(first, stop_ids),
+        "done": stopped(first, 1),
         "lengths": jnp.ones((R,), jnp.int32),
         "last": first,
         "cache": cache,
@@ -185,14 +193,15 @@ def generate(graphdef: nnx.GraphDef, state, prompt_tokens: jax.Array, prompt_mas
             "step": step + 1,
             "tokens": jax.lax.dynamic_update_slice_in_dim(s["tokens"], token[:, None], step, axis=1),
             "logprobs": jax.lax.dynamic_update_slice_in_dim(s["logprobs"], lp[:, None], step, axis=1),
-            "done": s["done"] | jnp.isin(token, stop_ids),
+            "done": s["done"] | stopped(token, s["lengths"] + 1),
             "lengths": s["lengths"] + (~s["done"]).astype(jnp.int32),
             "last": token,
             "cache": cache,
         }
 
     state = jax.lax.while_loop(keep_going, decode_step, state)
-    finished = jnp.where(state["done"], FINISH_STOP, FINISH_LENGTH)
+    stop_token = jnp.isin(jnp.take_along_axis(state["tokens"], state["lengths"][:, None] - 1, axis=1)[:, 0], stop_ids)
+    finished = jnp.where(state["done"] & stop_token, FINISH_STOP, FINISH_LENGTH)
     return {"tokens": state["tokens"], "lengths": state["lengths"], "finish_reason": finished,
             "logprobs": state["logprobs"]}
 

@@ -5,6 +5,8 @@ grouped-query heads (4 query / 2 key-value), lengths that are not a multiple of 
 Outputs are compared at real query rows only (padding queries are unspecified), gradients of a loss
 over the real rows with respect to q, k and v everywhere.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,63 @@ def test_model_matches_transformers_left_padded(tiny_checkpoint, monkeypatch, im
     ours = np.asarray(ssb_jax.compute_logits(model, config, tokens, mask, positions))
     reference = hf_logits(tiny_checkpoint, tokens, mask, positions)
     assert np.abs(ours - reference)[mask].max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- fused kernels on a mesh
+
+# (mesh, query heads, key/value heads): heads split with their key/value heads; k/v repeated so that
+# 4 query heads split over tensor = 4 although 2 key/value heads do not; heads whole (3 over tensor 2).
+MESH_CASES = {"data2_fsdp2_tensor2": ({"data": 2, "fsdp": 2, "tensor": 2}, 4, 2),
+              "fsdp2_tensor4": ({"data": 1, "fsdp": 2, "tensor": 4}, 4, 2),
+              "data4_tensor2_whole_heads": ({"data": 4, "fsdp": 1, "tensor": 2}, 3, 1)}
+
+
+def _on_mesh(mesh, heads, kv_heads, seed, total=40, dtype=jnp.float32):
+    """Inputs placed as the model places them (rows over the batch axes, heads over tensor where they divide)."""
+    from ssb_jax.sharding import named_sharding
+    rows = [(9, 40), (0, 23), (0, 40), (39, 40)]
+    rng = np.random.default_rng(seed)
+    key_valid = np.zeros((len(rows), total), bool)
+    for row, (start, stop) in enumerate(rows):
+        key_valid[row, start:stop] = True
+    shape_q, shape_kv = (len(rows), total, heads, 16), (len(rows), total, kv_heads, 16)
+    q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in (shape_q, shape_kv, shape_kv))
+    weights = jnp.asarray(rng.normal(size=shape_q) * key_valid[:, :, None, None], dtype)
+    place = lambda x, names: jax.device_put(x, named_sharding(names, x.shape, mesh))  # noqa: E731
+    return (place(q, ("batch", None, "heads", None)), place(k, ("batch", None, "kv_heads", None)),
+            place(v, ("batch", None, "kv_heads", None)), place(jnp.asarray(key_valid), ("batch", None)), weights)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("case", [pytest.param(name, marks=() if i == 0 else pytest.mark.slow)
+                                  for i, name in enumerate(MESH_CASES)])
+def test_splash_under_shard_map_equals_reference(case, seed):
+    """Splash (interpreted on CPU) under shard_map on the context mesh, as the training programs run it:
+    values and gradients equal the XLA reference."""
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    from ssb_jax.sharding import make_mesh
+    shape, heads, kv_heads = MESH_CASES[case]
+    mesh = make_mesh(shape)
+    q, k, v, key_valid, weights = _on_mesh(mesh, heads, kv_heads, seed)
+    with jax.set_mesh(mesh):
+        assert attention.partition_mesh() is not None
+        assert_matches_reference(lambda q, k, v, m: attention.causal_attention(q, k, v, m, "splash"),
+                                 q, k, v, key_valid, weights)
+
+
+@pytest.mark.multidevice
+def test_kernel_mesh_partitions_without_a_context_mesh(seed):
+    """The sampler's way (no context mesh, `kernel_mesh` names the sampling mesh): cuDNN's call (run by
+    JAX's XLA implementation) under shard_map with k/v repeated to split with q equals the reference."""
+    from ssb_jax.sharding import make_mesh
+    mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    q, k, v, key_valid, weights = _on_mesh(mesh, 4, 2, seed)
+    kernel = functools.partial(attention.cudnn_attention, implementation="xla")
+
+    def sharded(q, k, v, m):
+        with attention.kernel_mesh(mesh):
+            return attention.partitioned(kernel, q, k, v, m, attention.partition_mesh())
+    assert_matches_reference(sharded, q, k, v, key_valid, weights)
+    assert attention.head_split(4, 2, 4) == (True, True)
+    assert attention.head_split(4, 2, 2) == (True, False)
+    assert attention.head_split(3, 1, 2) == (False, False)
