@@ -21,6 +21,7 @@ from ssb_jax.curves import CurveConfig
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.evaluation.protocols import EvalConfig
 from ssb_jax.grpo.config import GRPOConfig
+from ssb_jax.onpolicy.config import OnPolicyConfig, OPSDConfig, SDPOConfig
 from ssb_jax.settings import help_texts, setting
 from ssb_jax.toyworld import ToyWorldConfig
 
@@ -113,6 +114,7 @@ SECTIONS: dict[str, tuple[type, ...]] = {
     "": (RunSettings,), "model": (ModelSettings,), "mesh": (MeshSettings,), "distributed": (DistributedSettings,),
     "sampler": (SamplerSettings,), "prompts": (PromptSettings,), "data": (DataSettings,),
     "curate": (CurationConfig,), "train": (TrainConfig,), "eval": (EvalConfig,), "grpo": (GRPOConfig,),
+    "onpolicy": (OnPolicyConfig,), "opsd": (OPSDConfig,), "sdpo": (SDPOConfig,),
     "curves": (CurveConfig,), "export": (ExportSettings,), "world": (WorldSwitch, ToyWorldConfig),
 }
 # sections whose base_config holds only the first dataclass's fields (the rest are added by a config file)

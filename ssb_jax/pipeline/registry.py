@@ -7,6 +7,7 @@ from ssb_jax.pipeline.stages.curate import CurateStage
 from ssb_jax.pipeline.stages.evaluate import EvalStage
 from ssb_jax.pipeline.stages.export import ExportStage
 from ssb_jax.pipeline.stages.grpo import GRPOStage
+from ssb_jax.pipeline.stages.onpolicy import OnPolicyStage
 from ssb_jax.pipeline.stages.report import ReportStage
 from ssb_jax.pipeline.stages.teacher_cache import TeacherCacheStage
 from ssb_jax.pipeline.stages.train import SFTStage, TrainStage
@@ -17,6 +18,9 @@ REGISTRY = Registry([
     TrainStage(),
     SFTStage(),
     GRPOStage(),
+    OnPolicyStage("onpolicy"),
+    OnPolicyStage("opsd"),
+    OnPolicyStage("sdpo"),
     EvalStage(),
     ExportStage(),
     ReportStage(),

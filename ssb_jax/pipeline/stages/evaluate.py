@@ -15,12 +15,12 @@ from ssb_jax.pipeline.stage import Stage
 log = logging.getLogger("ssb_jax")
 
 # the order models are evaluated and tabled in
-CANDIDATE_ORDER = ("base", "student", "grpo", "sft")
+CANDIDATE_ORDER = ("base", "student", "grpo", "sft", "onpolicy", "opsd", "sdpo")
 
 
 class EvalStage(Stage):
     name = "eval"
-    depends_on = ("train", "sft", "grpo")
+    depends_on = ("train", "sft", "grpo", "onpolicy", "opsd", "sdpo")
     uses = ("sampling",)
     summary = "the base, the student and the finished baselines on the eval datasets, per protocol"
 
