@@ -1,5 +1,5 @@
-"""The GRPO baseline next to SSB: Qwen2.5-3B-Instruct, GSM8K train questions, LoRA r = alpha = 32 on all
-seven projections (the SSB student's shape, from configs/qwen3b.py), evaluated like the SSB student.
+"""The GRPO baseline next to SSB: Qwen2.5-3B-Instruct, GSM8K train questions, LoRA r = alpha = 64 on all
+seven projections (MOTIF's; the SSB student of configs/qwen3b.py has 32), evaluated like the SSB student.
 
     python -m ssb_jax.main --config configs/qwen3b_grpo.py              # GRPO, then eval / export / report
     python -m ssb_jax.main --config configs/qwen3b_grpo.py --config.stages=curate,train,grpo,eval,report
@@ -18,9 +18,14 @@ under a <reasoning>/<answer> system prompt. Not stated: the TRL and unsloth vers
 pins none), so the loss normalisation, sampling temperature and the number of questions per step that
 this implies; the number of GPUs; whether exactly this script produced the paper's row.
 
-This config keeps SSB's comparison fixed instead (same LoRA shape, same tutor prompt, same math-verify
-grader, bf16 weights rather than 4 bit) and borrows MOTIF's optimiser settings, group size, lengths and
-beta. prompts_per_step, steps, temperature and the normalisation are this project's choices, marked so.
+This config takes MOTIF's LoRA shape (r = alpha = 64, grpo.lora_rank / lora_alpha; the SSB student keeps
+its 32), optimiser settings, group size, lengths and beta, and keeps the rest of SSB's comparison fixed
+(the tutor prompt, the math-verify grader, bf16 weights rather than 4 bit). prompts_per_step, steps,
+temperature and the normalisation are this project's choices, marked so. MOTIF's own reward is
+`--config.grpo.reward=motif` (2.0 for \\boxed{gold} anywhere plus its XML format rewards, ssb_jax.grpo.reward);
+its format rewards only pay under MOTIF's XML system prompt, which would also change curation's prompts in
+this workdir, so use it in a workdir of its own with --config.prompts.system_prompt set to
+ssb_jax.prompts.MOTIF_XML_SYSTEM_PROMPT.
 """
 from pathlib import Path
 
@@ -33,6 +38,8 @@ def get_config():
     c.stages = "grpo,eval,export,report"
 
     g = c.grpo
+    g.lora_rank = 64              # MOTIF: lora_rank = 64 (r), on the same seven projections
+    g.lora_alpha = 64.0           # MOTIF: lora_alpha = lora_rank
     g.group_size = 8              # MOTIF: num_generations = 8
     g.max_new_tokens = 1024       # MOTIF: max_completion_length = 1024
     g.kl_beta = 0.0               # MOTIF: beta = 0.0

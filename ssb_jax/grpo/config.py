@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ssb_jax import validate
+from ssb_jax.model.lora import LoraConfig
 from ssb_jax.settings import setting
 from ssb_jax.training.settings import CheckpointSettings, OptimizerSettings, redefault
 
@@ -13,8 +14,9 @@ NORMALIZATIONS = ("token_mean", "sequence_mean", "dr_grpo")
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(CheckpointSettings, OptimizerSettings):
-    """Frozen and hashable (a jit static argument). The LoRA shape is not here: GRPO trains adapters of
-    the SSB student's shape (the train section's lora_* settings), so the two are comparable. The
+    """Frozen and hashable (a jit static argument). GRPO trains adapters of the SSB student's shape (the
+    train section's lora_* settings), so the two are comparable, unless lora_rank / lora_alpha say
+    otherwise (MOTIF's GRPO used rank 64: configs/qwen3b_grpo.py). The
     optimiser and checkpoint settings are the shared ones (ssb_jax.training.settings), with GRPO's
     defaults; one step of the training loop is one iteration."""
     # optimiser and checkpoints: GRPO's defaults for the shared settings
@@ -32,7 +34,11 @@ class GRPOConfig(CheckpointSettings, OptimizerSettings):
     temperature: float = setting(1.0, "sampling temperature of the policy's samples (> 0)")
     top_k: int = setting(0, "top-k of the samples (0: off)")
     top_p: float = setting(1.0, "top-p of the samples (1.0: off)")
-    # reward: 1 for a correct \boxed answer, 0 otherwise, plus format_reward for having a \boxed answer at all
+    # reward (ssb_jax.grpo.reward): grader: 1 for a correct \boxed answer, 0 otherwise, plus format_reward for
+    # having a \boxed answer at all; motif: MOTIF's reward
+    reward: str = setting("grader", "grader (1 for a correct answer by grpo.grader, plus format_reward for any "
+                                    "\\boxed answer) or motif (MOTIF's: 2.0 when \\boxed{gold} appears anywhere, "
+                                    "plus its XML format rewards, up to 1.5)")
     format_reward: float = setting(0.0, "reward added for having a \\boxed answer at all (a correct answer earns 1)")
     grader: str = setting("math_verify", "answer grader of the reward: math_verify (lenient) or string_match "
                                          "(strict)")
@@ -49,6 +55,9 @@ class GRPOConfig(CheckpointSettings, OptimizerSettings):
     minibatches: int = setting(1, "optimiser steps per pass (must divide prompts_per_step * group_size)")
     logits_chunk: int = setting(128, "completion positions per sequence projected to the vocabulary at once "
                                      "(0: all)")
+    # the adapters' shape: the student's (the train section's) unless set here
+    lora_rank: int = setting(0, "LoRA rank of GRPO's adapters (0: the train section's, the SSB student's shape)")
+    lora_alpha: float = setting(0.0, "LoRA alpha of GRPO's adapters (0: the train section's)")
     seed: int = setting(0, "seed of the LoRA initialisation, the question order, the samples and the minibatch "
                            "order")
 
@@ -69,10 +78,19 @@ class GRPOConfig(CheckpointSettings, OptimizerSettings):
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError(f"minibatches ({self.minibatches}) must divide prompts_per_step * group_size "
                              f"({self.prompts_per_step * self.group_size})")
+        from ssb_jax.grpo.reward import REWARDS
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
+        validate.non_negative(self, "lora_rank", "lora_alpha")
         from ssb_jax.evaluation.grading import GRADERS
         if self.grader not in GRADERS:
             raise ValueError(f"grader must be one of {', '.join(sorted(GRADERS))}, got {self.grader!r}")
         super().__post_init__()
+
+    def lora_config(self, student: LoraConfig) -> LoraConfig:
+        """The adapters GRPO trains: the student's shape (`student`, the train section's) with lora_rank and
+        lora_alpha when set."""
+        return dataclasses.replace(student, rank=self.lora_rank or student.rank, alpha=self.lora_alpha or student.alpha)
 
     @property
     def rows_per_batch(self) -> int:

@@ -31,9 +31,9 @@ import numpy as np
 
 from ssb_jax.data.datasets import Problem
 from ssb_jax.distill.step import base_state_for_training
-from ssb_jax.evaluation.grading import grade_response
 from ssb_jax.grpo.config import GRPOConfig
 from ssb_jax.grpo.loss import group_advantages
+from ssb_jax.grpo.reward import reward
 from ssb_jax.grpo.batch import rollout_batch
 from ssb_jax.grpo.step import GRPOStep
 from ssb_jax.model.config import ModelConfig
@@ -66,13 +66,6 @@ def questions_for(iteration: int, problems: Sequence[Problem], gc: GRPOConfig) -
         random.Random(f"{gc.seed}:{epoch}").shuffle(order)
         out.append(problems[order[index]])
     return out
-
-
-def reward(text: str, gold: str, gc: GRPOConfig) -> tuple[float, bool, bool]:
-    """(reward, correct, has a \\boxed answer): 1 for a correct answer, plus format_reward for any answer."""
-    graded = grade_response(text, gold, grader=gc.grader)
-    has_answer = graded.answer is not None
-    return float(graded.correct) + gc.format_reward * has_answer, graded.correct, has_answer
 
 
 def _data_parallel(mesh) -> int:

@@ -1,5 +1,6 @@
-"""grpo: the RL baseline on data.train from the round-1 base, with LoRA of the student's shape; its
-adapters are exported to grpo/export (PEFT, and merged when export.merged_model)."""
+"""grpo: the RL baseline on data.train from the round-1 base, with LoRA of the student's shape (or of
+grpo.lora_rank / lora_alpha); its adapters are exported to grpo/export (PEFT, and merged when
+export.merged_model)."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,17 +30,17 @@ class GRPOStage(Stage):
 
     def fingerprint(self, ctx, r):
         """The round-1 base, the training questions, the prompt, its settings and the adapters' shape (the
-        train section's)."""
+        train section's, or its own lora_rank / lora_alpha)."""
         return {"base": ctx.base_identity(1), "prompts": dataclasses.asdict(ctx.prompts),
                 "max_prompt_tokens": ctx.config.sampler.max_prompt_tokens,
-                "lora": ctx.train_config.lora_config().to_dict(),
+                "lora": ctx.grpo_config.lora_config(ctx.train_config.lora_config()).to_dict(),
                 "settings": {k: v for k, v in ctx.grpo_config.to_dict().items() if k not in OPERATIONAL_SETTINGS},
                 "data": ctx.data_identity()}
 
     def run(self, ctx, r):
         out = self.directory(ctx, r)
         problems = ctx.load_training_problems()
-        lora_config = ctx.train_config.lora_config()
+        lora_config = ctx.grpo_config.lora_config(ctx.train_config.lora_config())
         # adapters placed as the trained ones will be: set_adapters keeps this placement
         placed = init_lora(ctx.model_config, lora_config, jax.random.key(0),
                            mesh=ctx.sample_mesh if ctx.sample_mesh.size > 1 else None)
@@ -71,7 +72,7 @@ class GRPOStage(Stage):
     def adapters(self, ctx):
         """The baseline's adapters on the sampling mesh (from its exported PEFT adapter) and their LoraConfig."""
         from safetensors.numpy import load_file
-        lora_config = ctx.train_config.lora_config()
+        lora_config = ctx.grpo_config.lora_config(ctx.train_config.lora_config())
         tensors = load_file(str(self.directory(ctx, None) / "export" / "peft_adapter" / ADAPTER_WEIGHTS))
         lora = lora_from_peft(tensors, ctx.model_config, lora_config)
         if ctx.sample_mesh.size > 1:
