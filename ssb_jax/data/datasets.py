@@ -167,15 +167,30 @@ def _text_value(value: Any, location: str, name: str) -> Any:
                         f"offset {error.start} of the value") from None
 
 
+def _scalar(value: Any, location: str, name: str, role: str) -> Any:
+    """A field's value when it is text or a finite number; a list, object, boolean or NaN is an error
+    (written as a gold, "{'v': 4}" would be an answer nobody can give)."""
+    import math
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        kind = {dict: "a JSON object", list: "a JSON array", bool: "a boolean"}.get(type(value), type(value).__name__)
+        raise DataError(f"{location}: field {name!r} ({role}) is {kind}, expected text or a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{location}: field {name!r} ({role}) is {value}, expected text or a finite number")
+    return value
+
+
 def _to_problem(record: Any, location: str, index: int, source: str,
                 question_field: str | None, answer_field: str | None) -> Problem:
     if not isinstance(record, Mapping):
         raise DataError(f"{location}: expected a JSON object, got {type(record).__name__}")
     question_key = _pick_field(record, location, question_field, QUESTION_FIELDS, "question")
     answer_key = _pick_field(record, location, answer_field, ANSWER_FIELDS, "answer")
-    question = str(_text_value(record[question_key], location, question_key)).strip()
-    raw_answer = _text_value(record[answer_key], location, answer_key)
+    question = str(_scalar(_text_value(record[question_key], location, question_key), location, question_key,
+                           "question")).strip()
+    raw_answer = _scalar(_text_value(record[answer_key], location, answer_key), location, answer_key, "answer")
     id_key = next((key for key in ID_FIELDS if record.get(key) not in (None, "")), None)
+    if id_key is not None:
+        _scalar(record[id_key], location, id_key, "id")
     extra = {key: value for key, value in record.items()
              if key not in (question_key, answer_key, id_key)
              and not (key in QUESTION_FIELDS and value == record[question_key])}

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from ssb_jax.data.datasets import Problem
-from ssb_jax.evaluation.grading import (LABEL_NO_ANSWER, grade_response, motif_grade, normalize_answer, numbers_close,
-                                        parse_number)
+from ssb_jax.evaluation.grading import (LABEL_NO_ANSWER, grade_response, motif_grade, normalize_answer, parse_number,
+                                        same_number)
 from ssb_jax.evaluation.protocols import MOTIF
 
 STATUS_OK = "ok"
@@ -19,10 +19,11 @@ STATUS_PROMPT_TOO_LONG = "prompt_too_long"
 
 
 def same_answer(a: str, b: str) -> bool:
-    """Numeric equality (relative 1e-6) when both are numbers, else equal normalized strings."""
+    """Equal values when both are numbers (grading.same_number: exact, a tolerance only against a value
+    no decimal equals), else equal normalized strings."""
     x, y = parse_number(a), parse_number(b)
     if x is not None and y is not None:
-        return numbers_close(x, y)
+        return same_number(x, y)
     return normalize_answer(a) == normalize_answer(b)
 
 

@@ -103,6 +103,27 @@ def test_missing_field_error_names_field_file_and_line(tmp_path):
         load_problems(path, question_field="prompt")
 
 
+@pytest.mark.parametrize("field, value, kind", [
+    ("answer", {"v": 4}, "a JSON object"), ("answer", [4], "a JSON array"), ("answer", True, "a boolean"),
+    ("question", {"text": "1+1"}, "a JSON object"), ("id", ["a"], "a JSON array"),
+])
+def test_a_field_that_is_not_text_or_a_number_is_an_error_naming_file_line_and_field(tmp_path, field, value, kind):
+    record = {"id": "x", "question": "1+1", "answer": "2", field: value}
+    path = tmp_path / "structured.jsonl"
+    path.write_text(json.dumps({"question": "2+2", "answer": 4}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=rf"structured.jsonl:2: field '{field}' \({field}\) is {kind}, expected text"):
+        load_problems(path)
+    skipped = load_problems(path, on_bad_line="skip")
+    assert [(p.question, p.answer) for p in skipped] == [("2+2", "4")] and skipped.skipped == 1
+
+
+def test_a_non_finite_answer_is_an_error(tmp_path):
+    path = tmp_path / "nan.jsonl"
+    path.write_text('{"question": "0/0", "answer": NaN}\n')
+    with pytest.raises(DataError, match=r"nan.jsonl:1: field 'answer' \(answer\) is nan"):
+        load_problems(path)
+
+
 def test_duplicate_ids_are_an_error(tmp_path):
     path = _write_jsonl(tmp_path / "dup.jsonl", [
         json.dumps({"id": 1, "question": "a", "answer": "1"}),

@@ -13,7 +13,8 @@ from ssb_jax.evaluation import grading
 from ssb_jax.evaluation.grading import compare, math_verify_worker, normalize
 from ssb_jax.evaluation.grading import (
     GradeResult, answers_match, extract_boxed, get_grader, grade_response, gsm8k_gold,
-    exact_match, extract_boxed_verbatim, motif_grade, normalize_answer, parse_number, string_match)
+    exact_match, extract_boxed_verbatim, motif_grade, normalize_answer, parse_number, same_number, string_match,
+    well_formed)
 from ssb_jax.paths import shared_data_dir
 
 # (response text, gold answer, expected correct) under the default math_verify grader.
@@ -39,8 +40,20 @@ GRADING_CASES = [
     (r"\boxed{50\%}", "50", True),
     (r"\boxed{5 \text{ cm}^2}", "5", True),
     (r"\boxed{5cm}", "5", True),
-    (r"\boxed{1000000.5}", "1000000", True),  # within relative 1e-6
-    (r"\boxed{1.00001}", "1", False),  # outside relative 1e-6
+    (r"\boxed{1000000.5}", "1000000", False),  # exact values compare exactly, however large
+    (r"\boxed{191999900}", "192000000", False),
+    (r"\boxed{192,000,000}", "192000000", True),
+    (r"\boxed{1.00001}", "1", False),
+    (r"\boxed{0.333333}", r"\frac{1}{3}", True),  # a decimal against 1/3 is a rounding: relative 1e-6
+    (r"\boxed{0.33}", r"\frac{1}{3}", False),
+    (r"\boxed{2/6}", r"\frac{1}{3}", True),
+    (r"\boxed{\frac{333333}{1000001}}", r"\frac{1}{3}", False),  # two fractions: exact
+    # malformed answers are wrong, however leniently math_verify would read them
+    (r"\boxed{5^^}", "5", False),
+    (r"\boxed{5^{}}", "5", False),
+    (r"\boxed{5))}", "5", False),
+    (r"\boxed{5+}", "5", False),
+    (r"\boxed{\sqrt{25}}", "5", True),
     (r"\boxed{18} wait, I made an error, it is \boxed{20}", "20", True),
     (r"\boxed{18} wait, I made an error, it is \boxed{20}", "18", False),
     (r"The answer is 18.", "18", False),  # no box -> no_answer by default
@@ -366,6 +379,46 @@ def test_real_gsm8k_golds_are_numbers():
     gold = gsm8k_gold(comma_row["answer"])
     assert grade_response(rf"\boxed{{{comma_row['answer'].rsplit('####', 1)[1].strip()}}}",
                           gold).correct
+
+
+def test_large_integer_golds_are_graded_and_voted_exactly():
+    """Every GSM8K gold at or above 10^6 (the shared data has 18): the gold matches itself written with
+    commas, and an integer 100 away is wrong, under the math_verify grader and in majority voting."""
+    from ssb_jax.evaluation.records import majority_vote
+    rows = _read_jsonl("gsm8k", "train.jsonl") + _read_jsonl("gsm8k", "test.jsonl")
+    large = [int(gold) for gold in (gsm8k_gold(row["answer"]) for row in rows) if abs(parse_number(gold)) >= 10**6]
+    assert len(large) >= 10
+    for gold in large:
+        assert grade_response(rf"\boxed{{{gold:,}}}", str(gold)).correct
+        for near in (gold - 100, gold + 1):
+            assert not grade_response(rf"\boxed{{{near}}}", str(gold)).correct, (near, gold)
+            assert not answers_match(str(near), str(gold))
+        assert majority_vote([str(gold - 100), str(gold), str(gold)]) == (1, 2)  # no group of three
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("191999900", "192000000", False), ("12.5", "12.50", True), ("0.1", "1/10", True), ("0.5", r"\frac{1}{2}", True),
+    ("3.14159", r"\frac{22}{7}", False), ("0.285714", r"\frac{2}{7}", True), ("0.2857", r"\frac{2}{7}", False),
+    ("-0.333333", r"-\frac{1}{3}", True), ("0.333333", r"-\frac{1}{3}", False),
+])
+def test_same_number_is_exact_unless_a_decimal_stands_for_a_value_no_decimal_equals(a, b, same):
+    assert same_number(parse_number(a), parse_number(b)) is same
+    assert same_number(parse_number(b), parse_number(a)) is same
+
+
+@pytest.mark.parametrize("answer, ok", [
+    ("5", True), ("x^2", True), ("10^\\circ", True), ("[1, 2)", True), (r"(-\infty, 3]", True), (r"\{1,2\}", True),
+    (r"\frac{1}{2}", True), ("5!", True), ("a_n", True), (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True),
+    ("5^^", False), ("5^", False), ("5^{}", False), ("5))", False), ("5+", False), ("5__", False),
+    (r"\frac{}{}5", False), ("{5", False), ("5}", False), ("3\\", False), ("1,2,", False), (")5(", False),
+])
+def test_well_formed(answer, ok):
+    assert well_formed(answer) is ok
+
+
+def test_a_very_long_numeral_is_no_number():
+    assert parse_number("1" * 5000) is None  # int() refuses numerals over 4300 digits
+    assert not answers_match("1" * 5000, "1" * 4999 + "2", timeout_s=2.0)
 
 
 def test_real_aime_golds_with_leading_zeros():

@@ -11,15 +11,15 @@ These modules import only the standard library (the worker process: and math_ver
 from ssb_jax.evaluation.grading.compare import (DEFAULT_TIMEOUT_S, EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER,
                                                 LABEL_WRONG, MOTIF_RULES, RELATIVE_TOLERANCE, GradeResult,
                                                 answers_match, exact_match, get_grader, grade_response, motif_grade,
-                                                numbers_close, string_match)
+                                                same_number, string_match)
 from ssb_jax.evaluation.grading.extract import (extract_boxed, extract_boxed_verbatim, extract_last_number,
                                                 gsm8k_gold)
 from ssb_jax.evaluation.grading.math_verify_worker import (MathVerifyTimeout, start_math_verify_worker,
                                                            stop_math_verify_worker)
-from ssb_jax.evaluation.grading.normalize import normalize_answer, parse_number
+from ssb_jax.evaluation.grading.normalize import normalize_answer, parse_number, well_formed
 
 __all__ = ["DEFAULT_TIMEOUT_S", "EXACT", "GRADERS", "LABEL_CORRECT", "LABEL_NO_ANSWER", "LABEL_WRONG", "MOTIF_RULES",
            "RELATIVE_TOLERANCE", "GradeResult", "answers_match", "exact_match", "get_grader", "grade_response",
-           "motif_grade", "numbers_close", "string_match", "extract_boxed", "extract_boxed_verbatim",
+           "motif_grade", "same_number", "string_match", "extract_boxed", "extract_boxed_verbatim",
            "extract_last_number", "gsm8k_gold", "MathVerifyTimeout", "start_math_verify_worker",
-           "stop_math_verify_worker", "normalize_answer", "parse_number"]
+           "stop_math_verify_worker", "normalize_answer", "parse_number", "well_formed"]

@@ -3,8 +3,9 @@
 Answer graders, picked by name (`GRADERS`, `get_grader`), compare the last `\\boxed{}` answer with
 the gold answer:
 
-* "math_verify" (`answers_match`): numeric comparison, then normalized string equality, then
-  `math_verify` for LaTeX (fractions, radicals, intervals, tuples), in a worker process
+* "math_verify" (`answers_match`): numeric comparison (`same_number`: exact values, a tolerance only
+  where one side is inexact), then normalized string equality, then `math_verify` for LaTeX
+  (fractions, radicals, intervals, tuples) on a well-formed prediction, in a worker process
   (math_verify_worker) killed when the time is up.
 * "string_match" (`string_match`): normalized string equality only; ssb_jax's strict grader (it is
   not the MOTIF papers' rule, which `motif_grade` implements).
@@ -20,26 +21,45 @@ check) or the gold string anywhere (rule "contains", their AIME check).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 from ssb_jax.evaluation.grading.extract import extract_boxed, extract_boxed_verbatim, extract_last_number
 from ssb_jax.evaluation.grading.math_verify_worker import math_verify_any
-from ssb_jax.evaluation.grading.normalize import normalize_answer, parse_number
+from ssb_jax.evaluation.grading.normalize import normalize_answer, parse_number, well_formed
 
 DEFAULT_TIMEOUT_S = 5.0
-RELATIVE_TOLERANCE = 1e-6
+RELATIVE_TOLERANCE = Fraction(1, 10**6)  # only between a decimal and a value no decimal equals (same_number)
 
 LABEL_CORRECT = "correct"
 LABEL_WRONG = "wrong"
 LABEL_NO_ANSWER = "no_answer"
 
 
-def numbers_close(a: float, b: float) -> bool:
-    """Equal within relative RELATIVE_TOLERANCE (absolute 1e-12 near zero)."""
-    return math.isclose(a, b, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12)
+def _finite_decimal(value: Fraction) -> bool:
+    """Whether some decimal numeral equals `value` (its reduced denominator has no prime but 2 and 5)."""
+    denominator = value.denominator
+    for prime in (2, 5):
+        while denominator % prime == 0:
+            denominator //= prime
+    return denominator == 1
+
+
+def same_number(a: Fraction, b: Fraction) -> bool:
+    """The numeric rule of every grader that compares values (math_verify's first step, majority votes).
+
+    Values compare exactly: integers, decimals and fractions as written (191999900 is not 192000000,
+    12.5 is not 12.50001, 0.5 is 1/2). A tolerance applies only where one side is inexact: a decimal
+    against a value that no decimal numeral equals (1/3, 2/7) can only be a rounding of it, and matches
+    within relative RELATIVE_TOLERANCE (0.333333 for 1/3; 0.33 is wrong).
+    """
+    if a == b:
+        return True
+    if _finite_decimal(a) == _finite_decimal(b):  # both exact as written, or two different fractions
+        return False
+    return abs(a - b) <= RELATIVE_TOLERANCE * max(abs(a), abs(b))
 
 
 def string_match(prediction: object, gold: object) -> bool:
@@ -59,11 +79,13 @@ def exact_match(prediction: object, gold: object) -> bool:
 
 
 def answers_match(prediction: object, gold: object, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Lenient grader: numbers within relative 1e-6, normalized strings, then math_verify.
+    """Lenient grader: numbers by value (`same_number`: exact, a tolerance only against a value no
+    decimal equals), normalized strings, then math_verify for a well-formed prediction.
 
-    When both sides are plain numbers the numeric result is final (math_verify is not
-    consulted). The whole call is bounded by `timeout_s` (math_verify gets what is left;
-    see module docstring); a timeout or any exception counts as False.
+    When both sides are plain numbers the numeric result is final (math_verify is not consulted). A
+    malformed prediction (`5^^`, `5))`: `normalize.well_formed`) never reaches math_verify, which would
+    read it leniently. The whole call is bounded by `timeout_s` (math_verify gets what is left; see
+    module docstring); a timeout or any exception counts as False.
     """
     return _answers_match_by(prediction, gold, time.monotonic() + timeout_s)
 
@@ -78,9 +100,11 @@ def _answers_match_by(prediction: object, gold: object, deadline: float) -> bool
             return False
         pred_value, gold_value = parse_number(pred), parse_number(ref)
         if pred_value is not None and gold_value is not None:
-            return numbers_close(pred_value, gold_value)
+            return same_number(pred_value, gold_value)
         if normalize_answer(pred) == normalize_answer(ref):
             return True
+        if not well_formed(pred):
+            return False
         remaining_s = deadline - time.monotonic()
         if remaining_s <= 0:  # out of time before math_verify: wrong, and the worker lives on
             return False

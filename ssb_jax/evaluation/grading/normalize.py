@@ -1,5 +1,5 @@
-"""Canonical forms of answers: `normalize_answer` (for equality checks) and `parse_number` (the
-value of a plain numeric answer).
+"""Canonical forms of answers: `normalize_answer` (for equality checks), `parse_number` (the exact
+value of a plain numeric answer) and `well_formed` (whether an answer is a complete expression).
 
 Linear time in the answer's length whatever a model writes: see the note on the patterns below.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from fractions import Fraction
 
 _LEADING_SPACE = re.compile(r"\s*")
 
@@ -206,26 +207,63 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 _PLAIN_NUMBER = re.compile(_NUMBER)
 _LATEX_FRACTION = re.compile(r"([-+]?)\\frac\{(" + _NUMBER + r")\}\{(" + _NUMBER + r")\}")
 _SLASH_FRACTION = re.compile(r"(" + _NUMBER + r")/(" + _NUMBER + r")")
+# Longer numerals are no numbers to a grader (and int() of more than 4300 digits raises): compared as strings
+MAX_NUMBER_DIGITS = 1000
 
 
-def parse_number(s: object) -> float | None:
-    """The value of a plain numeric answer ("025", "-3.5", "$1,080", "\\frac{3}{4}", "3/4").
+def parse_number(s: object) -> Fraction | None:
+    """The exact value of a plain numeric answer ("025", "-3.5", "$1,080", "\\frac{3}{4}", "3/4") as a
+    Fraction, so 191999900 and 192000000 differ and 0.1 is one tenth (compare with `==`; see
+    compare.same_number for where a tolerance applies).
 
-    None for anything else (expressions, tuples, zero denominators).
+    None for anything else (expressions, tuples, zero denominators, numerals over MAX_NUMBER_DIGITS).
     """
     text = normalize_answer(s)
+    if len(text) > MAX_NUMBER_DIGITS:
+        return None
     if _PLAIN_NUMBER.fullmatch(text):
-        return float(text)
+        return Fraction(text)
     fraction = _LATEX_FRACTION.fullmatch(text)
     if fraction:
         sign, numerator, denominator = fraction.groups()
-        value = _divide(float(numerator), float(denominator))
+        value = _divide(Fraction(numerator), Fraction(denominator))
         return None if value is None else (-value if sign == "-" else value)
     fraction = _SLASH_FRACTION.fullmatch(text)
     if fraction:
-        return _divide(float(fraction.group(1)), float(fraction.group(2)))
+        return _divide(Fraction(fraction.group(1)), Fraction(fraction.group(2)))
     return None
 
 
-def _divide(numerator: float, denominator: float) -> float | None:
+def _divide(numerator: Fraction, denominator: Fraction) -> Fraction | None:
     return None if denominator == 0 else numerator / denominator
+
+
+_GROUP_BRACE = re.compile(r"\\.|[{}]", re.S)  # a backslash escapes the next character: \{ is no group
+_ROUND_OR_SQUARE = re.compile(r"\\.|[()\[\]]", re.S)
+# `^` or `_` with no argument (`5^^`, `x_}`, `5^`, `5^{}`), an empty argument of a command (`\frac{}{}`), or
+# an operator at the end (`5+`, `3\`); each alternative starts at its own operator and scans only the
+# spaces after it, so a failing search takes linear time.
+_INCOMPLETE = re.compile(r"[\^_]\s*(?:[\^_}]|$)|[\^_]\s*\{\s*\}|\\[A-Za-z]+\s*\{\s*\}|[-+*/=,\\]\s*$")
+
+
+def well_formed(answer: object) -> bool:
+    """Whether an answer is a complete expression, so a grader that parses leniently (math_verify reads
+    `5^^`, `5^{}`, `5))` and `5+` as 5) never matches a malformed one: `{}` groups balanced (escaped
+    braces aside); `(`/`[` and `)`/`]` balanced as one kind (an interval `[1, 2)` pairs the two), never
+    closed before opened; no `^` or `_` without an argument; no empty command argument; no operator
+    at the end. Linear time."""
+    text = str(answer)
+    if _INCOMPLETE.search(text):
+        return False
+    for pattern, opening in ((_GROUP_BRACE, "{"), (_ROUND_OR_SQUARE, "([")):
+        depth = 0
+        for match in pattern.finditer(text):
+            char = match.group()
+            if len(char) == 2:  # an escaped character
+                continue
+            depth += 1 if char in opening else -1
+            if depth < 0:
+                return False
+        if depth:
+            return False
+    return True
