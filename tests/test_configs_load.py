@@ -47,3 +47,17 @@ def test_the_recipes_say_what_they_claim():
     assert motif.protocols == ("motif",) and motif.prompts_for("math500", DEFAULT_PROMPTS).system_prompt.startswith(
         "You are a helpful assistant. In your response")
     assert (motif.motif_rule("aime24"), motif.motif_rule("math500")) == ("contains", "boxed")
+
+
+def test_the_on_policy_recipes_hold_every_row():
+    """qwen3b_sdpo.py loads qwen3b_opsd.py and qwen3b_grpo.py: its eval table can hold every row, and the
+    papers' stated settings are the ones set."""
+    from ssb_jax.onpolicy.config import SECTION_CONFIGS
+    c = config_lib.load_config_file(str(CONFIGS[0].with_name("qwen3b_sdpo.py")))
+    opsd, sdpo, onpolicy = (config_lib.section_to(SECTION_CONFIGS[n], c[n], n) for n in ("opsd", "sdpo", "onpolicy"))
+    assert (opsd.context, opsd.teacher, opsd.lora_rank, opsd.lora_alpha, opsd.learning_rate, opsd.clip) == (
+        "reference", "base", 64, 128.0, 2e-5, 0.05)
+    assert (sdpo.context, sdpo.teacher, sdpo.loss, sdpo.jsd_alpha, sdpo.topk, sdpo.samples_per_prompt) == (
+        "peer", "ema", "jsd", 0.5, 100, 8)
+    assert onpolicy.context == "ssb" and onpolicy.steps == opsd.steps
+    assert c.grpo.lora_rank == 64 and c.workdir == "runs/qwen3b"
