@@ -146,6 +146,16 @@ def under_mesh(jitted, mesh: Mesh | None):
     return jitted if mesh is None else MeshBound(jitted, mesh)
 
 
+def placement_mesh(tree):
+    """The mesh of the first array in `tree` placed by a NamedSharding over more than one device, or None:
+    what a program without a context mesh runs on (the teacher cache on the sampling mesh)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
 def named_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 

@@ -33,8 +33,10 @@ from safetensors.numpy import save_file
 from ssb_jax import distributed
 from ssb_jax.distill.batch import CachedTeacher, build_batch
 from ssb_jax.distill.loss import gather_positions
+from ssb_jax.model.attention import kernel_mesh
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.qwen2 import apply
+from ssb_jax.sharding import placement_mesh
 
 log = logging.getLogger(__name__)
 INDEX = "index.json"
@@ -57,11 +59,13 @@ def topk_from_logits(logits, k: int, temperature: float, targets) -> CachedTeach
     return CachedTeacher(logprobs=top_lp, ids=top_ids.astype(jnp.int32), tail_logprob=tail, target_logprob=target)
 
 
-def _teacher_topk(graphdef, state, tokens, positions, mask, index, targets, *, k: int, temperature: float,
+def _teacher_topk(graphdef, mesh, state, tokens, positions, mask, index, targets, *, k: int, temperature: float,
                   chunk: int) -> CachedTeacher:
     """The cached teacher's arrays [B, A(, k)] for the teacher sequences tokens/positions/mask [B, T] at
-    the answer positions `index` [B, A], whose solution tokens are `targets` [B, A]."""
-    hidden, _ = apply(graphdef, state, tokens, positions, mask, return_hidden=True)
+    the answer positions `index` [B, A], whose solution tokens are `targets` [B, A]. mesh: the one the
+    state is placed on (a fused attention kernel runs under shard_map over it), or None."""
+    with kernel_mesh(mesh):
+        hidden, _ = apply(graphdef, state, tokens, positions, mask, return_hidden=True)
     hidden = gather_positions(hidden, index)          # [B, A, D]
     head = nnx.merge(graphdef, state).head_matrix()
     B, A = targets.shape
@@ -81,8 +85,8 @@ def _teacher_topk(graphdef, state, tokens, positions, mask, index, targets, *, k
 
 
 @functools.lru_cache(maxsize=8)
-def _teacher_topk_jit(graphdef):
-    return jax.jit(functools.partial(_teacher_topk, graphdef), static_argnames=("k", "temperature", "chunk"))
+def _teacher_topk_jit(graphdef, mesh=None):
+    return jax.jit(functools.partial(_teacher_topk, graphdef, mesh), static_argnames=("k", "temperature", "chunk"))
 
 
 def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Mapping], directory, *, k: int = 64,
@@ -125,7 +129,7 @@ def build_teacher_cache(model, model_config: ModelConfig, examples: Sequence[Map
         records = examples[start:start + batch_size]
         batch = build_batch(records, batch_size=batch_size, buckets=buckets, min_bucket=min_bucket,
                             max_seq_len=max_seq_len)
-        teacher = jax.device_get(_teacher_topk_jit(graphdef)(
+        teacher = jax.device_get(_teacher_topk_jit(graphdef, placement_mesh(state))(
             state, batch.teacher_tokens, batch.teacher_positions, batch.teacher_mask, batch.teacher_index,
             batch.answer_tokens, k=k, temperature=float(temperature), chunk=chunk))
         for i, rec in enumerate(records):
