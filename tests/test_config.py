@@ -136,10 +136,12 @@ def test_overwrite_allows_the_named_stage_and_every_stage_that_reads_it():
     from ssb_jax.pipeline.registry import REGISTRY
     c = config_lib.base_config()
     assert REGISTRY.downstream(REGISTRY.parse(c.overwrite)) == set()
-    assert REGISTRY.downstream(["curate"]) == {"curate", "teacher_cache", "train", "sft", "eval", "export"}
+    assert REGISTRY.downstream(["curate"]) == {"curate", "teacher_cache", "train", "sft", "onpolicy", "opsd", "sdpo",
+                                               "eval", "export"}  # the on-policy stages may read curation
     assert REGISTRY.downstream(["teacher_cache"]) == {"teacher_cache", "train", "eval", "export"}  # sft reads no cache
     assert "sft" not in REGISTRY.parse(c.stages) and "grpo" not in REGISTRY.parse(c.stages)  # baselines: when named
     assert REGISTRY.downstream(["grpo"]) == {"grpo", "eval"}  # export reads the student only
+    assert REGISTRY.downstream(["opsd"]) == {"opsd", "eval"}
     with pytest.raises(ValueError, match=r"unknown stage 'trian' in config.overwrite.*did you mean 'train'"):
         REGISTRY.parse("trian", "config.overwrite")
 
