@@ -66,6 +66,19 @@ def decode_layout_by_default() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def split_for_sampling(model, unstack: bool | None, decode_copies: dict | None = None):
+    """(the model in the layout samplers run, its graph definition, its state as a pure dict); unstack None:
+    decode_layout_by_default(). Split once: the state travels as a plain dict of arrays and the graph
+    definition is closed over (as a static argument it was hashed on every call; Variables cost more to
+    flatten)."""
+    if unstack is None:
+        unstack = decode_layout_by_default()
+    if unstack:
+        model = to_decode_layout(model, decode_copies)
+    graphdef, state = nnx.split(model)
+    return model, graphdef, nnx.to_pure_dict(state)
+
+
 class Sampler:
     """Holds the model, split once, and the compiled programs; generate() is the entry point."""
 
@@ -80,16 +93,9 @@ class Sampler:
         decode_copies: shared by samplers of the same base, so they hold one decode-layout copy.
         mesh: the mesh the model's weights are on (the sampling mesh, sampling.mesh.sampling_mesh); each
         batch's rows are split over its data axes."""
-        if unstack is None:
-            unstack = decode_layout_by_default()
-        if unstack:
-            model = to_decode_layout(model, decode_copies)
+        model, graphdef, self.state = split_for_sampling(model, unstack, decode_copies)
         self.config, self.tokenizer = model.config, tokenizer
-        # Split once; the state travels as a plain dict of arrays and the graph definition is closed
-        # over (as a static argument it was hashed on every call; Variables cost more to flatten).
-        graphdef, state = nnx.split(model)
         self.graphdef = graphdef  # the graph the program runs (the decode layout on CPU)
-        self.state = nnx.to_pure_dict(state)
         self.mesh = mesh
         # Every batch is padded with filler rows to a multiple of the data-parallel size, so that each
         # device decodes its own rows (a batch the mesh does not divide would run on every device).
@@ -113,9 +119,10 @@ class Sampler:
             pure = unstacked_layers(pure, self.config.num_layers)
         self.state = _with_replaced(self.state, pure, ())
 
-    def _traced_generate(self, graphdef, state, tokens, mask, keys, knobs, *, sampling, n):
+    def _traced_generate(self, graphdef, state, tokens, mask, keys, knobs, caps=None, *, sampling, n):
         self.num_compilations += 1
-        return generate(graphdef, state, tokens, mask, keys, sampling=sampling, n=n, mesh=self.mesh, knobs=knobs)
+        return generate(graphdef, state, tokens, mask, keys, sampling=sampling, n=n, mesh=self.mesh, knobs=knobs,
+                        row_caps=caps)
 
     # ------------------------------------------------------------------ public
 
@@ -128,7 +135,9 @@ class Sampler:
         return self.generate_ids(prompts, sampling, n=n, seed=seed, ids=ids)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, n: int = 1,
-                     seed: int = 0, ids: Sequence | None = None) -> list[list[Completion]]:
+                     seed: int = 0, ids: Sequence | None = None,
+                     caps: Sequence[int] | None = None) -> list[list[Completion]]:
+        """caps: each prompt's own limit on new tokens (at most sampling.max_new_tokens; None: that for all)."""
         ids = list(range(len(prompts))) if ids is None else list(ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
@@ -145,7 +154,7 @@ class Sampler:
         for begin in range(0, len(order), self.batch_size):
             chunk = order[begin:begin + self.batch_size]
             out = self._run_batch([prompts[i] for i in chunk], [stable_row_id(ids[i]) for i in chunk],
-                                  sampling, n, seed)
+                                  sampling, n, seed, None if caps is None else [caps[i] for i in chunk])
             for row, i in enumerate(chunk):
                 results[i] = out[row * n:(row + 1) * n]
             generated += sum(len(c.token_ids) for c in out)
@@ -158,7 +167,7 @@ class Sampler:
 
     # ------------------------------------------------------------------ internals
 
-    def _run_batch(self, prompts, row_ids, sampling, n, seed) -> list[Completion]:
+    def _run_batch(self, prompts, row_ids, sampling, n, seed, caps=None) -> list[Completion]:
         rows = bucket_for(len(prompts), self.batch_buckets)
         width = bucket_for(max(len(p) for p in prompts), self.prompt_buckets)
         tokens = np.full((rows, width), sampling.pad_id, np.int32)
@@ -169,8 +178,10 @@ class Sampler:
         # filler rows reuse row id 0; their outputs are dropped
         keys = row_keys_for(seed, list(row_ids) + [0] * (rows - len(prompts)), n)
         tokens, mask, keys = self._place(tokens), self._place(mask), self._place(keys)
+        if caps is not None:  # filler rows stop after one token
+            caps = self._place(np.repeat(np.array(list(caps) + [1] * (rows - len(prompts)), np.int32), n))
         # temperature and top-p travel as values: changing them reuses the compiled program
-        out = jax.device_get(self._generate(self.state, tokens, mask, keys, jnp.asarray(sampling.knobs()),
+        out = jax.device_get(self._generate(self.state, tokens, mask, keys, jnp.asarray(sampling.knobs()), caps,
                                             sampling=sampling.program(), n=n))
         completions = []
         for r in range(len(prompts) * n):

@@ -1,0 +1,194 @@
+"""A paged KV cache: a pool of fixed-size pages, a page table per row, and the model run over it.
+
+The pool holds the keys and values of every layer in pages of `page_size` slots: stacked
+{"k", "v": [L, pages, page_size, kv_heads, head_dim]} for the scan layout, or lists of L arrays
+[pages, page_size, kv_heads, head_dim] for the CPU decode layout (ssb_jax.sampling.decode_layout).
+A row's logical slot s (its token at position s) lives in page `page_table[row, s // page_size]` at
+offset `s % page_size`. Page 0 (NULL_PAGE) belongs to nobody: padding tokens and idle rows write
+there and unused page-table entries point there, so every index stays in bounds and nothing
+real is ever overwritten.
+
+`PagedLayerCache` has the two methods the model's attention calls on a layer cache (`write`,
+`attend`; see ssb_jax.model.qwen2.Attention), so the model's own layers run over the pool
+unchanged (`paged_forward`). Attention gathers the row's whole page-table row: a static shape
+(rows x max pages per row), masked by position, with no data-dependent loop inside the step (the
+XLA reference path; `pallas.py` holds the TPU kernel wiring). `PageAllocator` is the host side:
+free list and reference counts (the prompt's pages are shared by its n samples).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssb_jax.model.attention import MASKED, at_least_f32
+from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.kv_cache import CACHE_AXES
+from ssb_jax.sharding import array_bytes_per_device
+
+NULL_PAGE = 0
+
+
+def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None, *, per_layer: bool = False) -> dict:
+    """An empty page pool of `num_pages` pages (page 0 included: the null page)."""
+    dtype = dtype or config.jnp_dtype
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    if per_layer:
+        return {"k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+                "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]}
+    return {"k": jnp.zeros((config.num_layers,) + shape, dtype), "v": jnp.zeros((config.num_layers,) + shape, dtype)}
+
+
+def page_bytes(config: ModelConfig, page_size: int, axes: dict | None = None) -> int:
+    """Bytes of one page of keys and values over all layers on one device (the planner's table: the
+    cache's kv_heads axis is split over `tensor` like the weights' heads)."""
+    axes = axes or {"data": 1, "fsdp": 1, "tensor": 1}
+    shape = (config.num_layers, 1, page_size, config.num_kv_heads, config.head_dim)
+    return 2 * array_bytes_per_device(CACHE_AXES["k"], shape, axes, np.dtype(config.jnp_dtype).itemsize)
+
+
+def pages_for_memory(config: ModelConfig, page_size: int, memory_bytes: float, weight_bytes: float,
+                     working_bytes: float, axes: dict | None = None, share: float = 0.9) -> int:
+    """How many pages fit in `share` of a device's memory next to the weights and a step's working set."""
+    free = share * memory_bytes - weight_bytes - working_bytes
+    return max(int(free // page_bytes(config, page_size, axes)), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedLayerCache:
+    """One layer's view of the pool during a call (a trace-time helper, like kv_cache.LayerCache).
+
+    k, v: the stacked pool with `layer` the traced layer index, or one layer's pool with layer None.
+    page_table [B, P]: each row's pages; write_slots [B, T]: the flat pool slot (page * page_size +
+    offset) each new token is written to (NULL_PAGE's for padding); query_positions [B, T]: each new
+    token's position, so a query sees the row's slots at or before it.
+    """
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array | None
+    page_table: jax.Array
+    write_slots: jax.Array
+    query_positions: jax.Array
+
+    def _flat(self, pool):
+        return pool.reshape(pool.shape[:-4] + (-1,) + pool.shape[-2:])
+
+    def write(self, k, v) -> "PagedLayerCache":
+        """These tokens' keys and values [B, T, G, H] into their slots of the pool."""
+        slots = self.write_slots.reshape(-1)
+
+        def put(pool, new):
+            flat = self._flat(pool)
+            new = new.astype(pool.dtype).reshape((-1,) + new.shape[-2:])
+            if self.layer is None:
+                flat = flat.at[slots].set(new, mode="promise_in_bounds")
+            else:
+                flat = flat.at[self.layer, slots].set(new, mode="promise_in_bounds")
+            return flat.reshape(pool.shape)
+        return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
+
+    def gathered(self, pool, dtype):
+        """The row's pages in order [B, P * page_size, G, H]."""
+        pages = pool[self.page_table] if self.layer is None else pool[self.layer, self.page_table]
+        B, P, S = pages.shape[:3]
+        return pages.reshape((B, P * S) + pages.shape[3:]).astype(dtype)
+
+    def attend(self, q) -> jax.Array:
+        """q [B, T, N, H] -> [B, T, N, H] over each row's slots at or before the query's position.
+
+        The same scores and normalisation as attention.dense_attention over one static-width gather of
+        the row's pages: positions beyond the query (later, unfilled, or another row's stale data in a
+        reused page) get the finite MASKED score and weigh nothing.
+        """
+        B, T, N, H = q.shape
+        keys, values = self.gathered(self.k, q.dtype), self.gathered(self.v, q.dtype)
+        G = keys.shape[-2]
+        acc_dtype = at_least_f32(q.dtype)
+        grouped = q.reshape(B, T, G, N // G, H)
+        slots = jnp.arange(keys.shape[1])
+        visible = slots[None, None, :] <= self.query_positions[:, :, None]  # [B, T, S]
+        scores = jnp.einsum("btgnh,bsgh->bgnts", grouped, keys, preferred_element_type=acc_dtype)
+        scores = jnp.where(visible[:, None, None], scores * (1.0 / np.sqrt(H)), MASKED)
+        weights = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bgnts,bsgh->btgnh", weights.astype(values.dtype), values, preferred_element_type=acc_dtype)
+        return out.astype(q.dtype).reshape(B, T, N, H)
+
+
+def flat_slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
+    """The pool slot of each (row, position) [B, T]; NULL_PAGE's first slot where not valid."""
+    pages = jnp.take_along_axis(page_table, positions // page_size, axis=1)
+    return jnp.where(valid, pages * page_size + positions % page_size, NULL_PAGE * page_size)
+
+
+def paged_forward(model, pool: dict, tokens, positions, page_table, write_slots):
+    """The model's layers over the pool: tokens, positions, write_slots [B, T]; page_table [B, P].
+    Returns (final-normed hidden states [B, T, D], the updated pool). Works for the stacked model
+    (layers under scan, the pool in the carry) and the CPU decode layout (an unrolled layer loop)."""
+    hidden = model.embed(tokens)
+    view = functools.partial(PagedLayerCache, page_table=page_table, write_slots=write_slots,
+                             query_positions=positions)
+    if isinstance(pool["k"], list):
+        new_k, new_v = [], []
+        for i, layer in enumerate(model.layers):
+            hidden, layer_cache = layer(hidden, positions, None, view(pool["k"][i], pool["v"][i], None))
+            new_k.append(layer_cache.k)
+            new_v.append(layer_cache.v)
+        pool = {"k": new_k, "v": new_v}
+    else:
+        graphdef, state = nnx.split(model.layers)
+
+        def body(carry, xs):
+            h, k, v = carry
+            layer_state, layer = xs
+            h, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, None, view(k, v, layer))
+            return (h, layer_cache.k, layer_cache.v), None
+
+        layers = jnp.arange(model.config.num_layers)
+        (hidden, k, v), _ = jax.lax.scan(body, (hidden, pool["k"], pool["v"]), (state, layers))
+        pool = {"k": k, "v": v}
+    return model.final_norm(hidden), pool
+
+
+def copy_pages(pool: dict, sources: jax.Array, targets: jax.Array) -> dict:
+    """Each target page becomes a copy of its source page (NULL_PAGE -> NULL_PAGE pairs are no-ops):
+    a sample's own copy of its prompt's partly filled last page."""
+    def copy(array):
+        if array.ndim == 5:
+            return array.at[:, targets].set(array[:, sources])
+        return array.at[targets].set(array[sources])
+    return {name: [copy(a) for a in value] if isinstance(value, list) else copy(value) for name, value in pool.items()}
+
+
+class PageAllocator:
+    """The host's book of the pool: a free list and a reference count per page (page 0 never given out)."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"a page pool needs at least 2 pages (one is the null page), got {num_pages}")
+        self.num_pages = num_pages
+        self.free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
+        self.refs = np.zeros(num_pages, np.int32)
+
+    @property
+    def available(self) -> int:
+        return len(self.free)
+
+    def take(self, count: int, refs: int = 1) -> list[int]:
+        if count > len(self.free):
+            raise MemoryError(f"{count} pages asked, {len(self.free)} free")
+        pages = [self.free.pop() for _ in range(count)]
+        self.refs[pages] = refs
+        return pages
+
+    def release(self, pages) -> None:
+        """Drop one reference to each page; a page nobody holds goes back to the free list at once."""
+        for page in pages:
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                self.free.append(page)
+            elif self.refs[page] < 0:
+                raise RuntimeError(f"page {page} released more often than taken")
