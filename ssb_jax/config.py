@@ -49,6 +49,8 @@ class ModelSettings:
     attention_impl: str = setting("auto", "full-sequence attention kernel: auto (cudnn on GPU, splash on TPU, else "
                                   "chunked from 128 tokens, xla below), xla, chunked, cudnn or splash")
     remat: str = setting("none", "per-layer rematerialisation in training: none, full, dots or dots_no_batch")
+    check_weights: str = setting("sample", "NaN/infinity check of the weights at load: sample (4096 values a tensor, "
+                                 "free), full (every value: one more pass over the weights) or off")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,51 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
+# safetensors dtypes a model can be loaded from: floating point only (integer and float8 weights are
+# quantized: cast to float they would load silently as nonsense)
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# finite_check: "sample" reads FINITE_SAMPLES values spread through each tensor (a whole layer of NaNs,
+# or an overflow in the cast, is caught for free); "full" reads every value; "off" none
+FINITE_CHECKS = ("sample", "full", "off")
+FINITE_SAMPLES = 4096
+
+
+def _check_finite(values: np.ndarray, source: np.ndarray, file: Path, name: str, mode: str,
+                  transposed: bool) -> None:
+    """Raise CheckpointError naming the tensor when `values` (one tensor as loaded, after the cast to the
+    model's dtype; contiguous) holds a NaN or infinity; `source`: the same tensor as stored (in the
+    model's layout, `transposed` from the file's), to say which it was and where."""
+    if mode == "off" or values.size == 0:
+        return
+    flat = values.reshape(-1)
+    if mode == "full":
+        where = np.flatnonzero(~np.isfinite(flat))
+    else:
+        where = np.arange(0, flat.size, max(1, flat.size // FINITE_SAMPLES))
+        where = where[~np.isfinite(flat[where])]
+    if where.size == 0:
+        return
+    position = tuple(int(i) for i in np.unravel_index(int(where[0]), values.shape))
+    stored = source[position]
+    if transposed:
+        position = position[::-1]
+    cause = (f"stored as {stored}" if not np.isfinite(stored)
+             else f"{stored} overflows the model's dtype {values.dtype}")
+    raise CheckpointError(f"{file}: tensor {name!r} holds a non-finite value at {position} ({cause}); "
+                          "the checkpoint is corrupt or was saved from a diverged run")
+
+
+def check_vocabulary(tokenizer, config: ModelConfig, checkpoint: str | Path, tokenizer_path: str | Path) -> None:
+    """A tokenizer whose ids reach past the embedding's rows would index outside it (XLA clamps the index,
+    silently): raise CheckpointError naming both."""
+    vocab = tokenizer.get_vocab()
+    top = max(max(vocab.values(), default=-1), len(tokenizer) - 1)
+    if top >= config.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_path}: the tokenizer has ids up to {top}, but model.embed_tokens.weight in {checkpoint} "
+            f"has {config.vocab_size} rows (vocab_size); the tokenizer belongs to another model")
+
+
 # ----------------------------------------------------------------------------- locating
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
@@ -143,10 +188,14 @@ def _readable(file: Path):
 
 
 def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dtype: str | None = None,
-                mesh=None, overrides: dict | None = None):
+                mesh=None, overrides: dict | None = None, finite_check: str = "sample"):
     """Load a Qwen2 HF checkpoint into (ModelConfig, Qwen2ForCausalLM), each weight placed on `mesh`
     by its logical axes (ssb_jax.sharding), or on the default device without a mesh. overrides:
-    ModelConfig fields to change (dtype among them)."""
+    ModelConfig fields to change (dtype among them). Integer (quantized) weights are refused, and
+    NaN or infinite values (`finite_check`: "sample", "full" or "off", see FINITE_CHECKS) stop the load,
+    each with one line naming the file and tensor."""
+    if finite_check not in FINITE_CHECKS:
+        raise ValueError(f"finite_check={finite_check!r}; expected one of {', '.join(FINITE_CHECKS)}")
     directory = resolve_checkpoint(path_or_id)
     if config is None:
         config = ModelConfig.from_json(directory / "config.json")
@@ -175,6 +224,11 @@ def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dt
                     continue  # some tied checkpoints store the shared matrix twice
                 full_shape = _get(shapes, leaf)
                 want = full_shape[1:] if layer is not None else full_shape
+                stored_dtype = f.get_slice(name).get_dtype()
+                if stored_dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} is stored as {stored_dtype}, not floating point (a quantized "
+                        f"checkpoint?); ssb_jax loads {', '.join(FLOAT_DTYPES)} weights: dequantize it first")
                 tensor = f.get_tensor(name)
                 got = tuple(reversed(tensor.shape)) if transpose else tuple(tensor.shape)
                 if got != tuple(want):
@@ -186,13 +240,17 @@ def load_params(path_or_id: str | Path, config: ModelConfig | None = None, *, dt
                 if leaf not in filled:
                     _set(buffers, leaf, np.empty(full_shape, np_dtype))
                     filled[leaf] = set()
-                if layer is None:
-                    _get(buffers, leaf)[...] = tensor
-                    filled[leaf].add(None)
-                else:
-                    _get(buffers, leaf)[layer] = tensor
-                    filled[leaf].add(layer)
-                del tensor
+                with np.errstate(over="ignore"):  # an overflow in the cast is reported by _check_finite
+                    if layer is None:
+                        _get(buffers, leaf)[...] = tensor
+                        filled[leaf].add(None)
+                        loaded = _get(buffers, leaf)
+                    else:
+                        _get(buffers, leaf)[layer] = tensor
+                        filled[leaf].add(layer)
+                        loaded = _get(buffers, leaf)[layer]
+                _check_finite(loaded, tensor, file, name, finite_check, transpose)
+                del tensor, loaded
 
     expected = {path: shape for path, shape in _leaf_paths(shapes)}
     for leaf in expected:

@@ -115,17 +115,19 @@ class RunContext:
         import ssb_jax
         from ssb_jax.model.config import ModelConfig
         from ssb_jax.model.tokenizer import load_tokenizer
-        from ssb_jax.model.weights import resolve_checkpoint
+        from ssb_jax.model.weights import check_vocabulary, resolve_checkpoint
         m, s = self.config.model, self.config.sampler
         model_config = ModelConfig.from_json(resolve_checkpoint(m.path) / "config.json").replace(dtype=m.dtype)
+        self.tokenizer = load_tokenizer(m.tokenizer or m.path)  # before the weights: its checks are cheaper
+        check_vocabulary(self.tokenizer, model_config, m.path, m.tokenizer or m.path)
         try:
             self.sample_mesh = sampling_mesh(model_config, jax.local_devices(), shape=self.sample_mesh_setting,
                                              memory_per_device=s.memory_per_device_gib * 2**30 or None)
         except ValueError as error:  # an explicit shape this process's devices cannot fill
             raise ValueError(f"config.sampler.mesh={s.mesh!r}: {error}") from None
         self.model_config, self.base_model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh,
-                                                                attention_impl=m.attention_impl, remat=m.remat)
-        self.tokenizer = load_tokenizer(m.tokenizer or m.path)
+                                                                attention_impl=m.attention_impl, remat=m.remat,
+                                                                finite_check=m.check_weights)
         self.round_model = self.base_model
         self.candidates["base"] = Candidate(self.base_model, fp.digest(self.base_identity(1)))
         log.info("model %s: %.1fM parameters, %s, training mesh %s, sampling mesh %s", m.path,
@@ -153,7 +155,7 @@ class RunContext:
         import ssb_jax
         m = self.config.model
         _, model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.mesh, attention_impl=m.attention_impl,
-                                      remat=m.remat)
+                                      remat=m.remat, finite_check="off")  # checked when loaded for sampling
         return model
 
     def training_base(self, r: int):
