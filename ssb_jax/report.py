@@ -139,15 +139,20 @@ def _learning_curves(workdir: Path, r: int) -> list[str]:
 
 
 # eval model name -> the method's name in the comparison, in the table's order
-METHODS = {"base": "base", "student": "SSB", "sft": "SFT", "grpo": "GRPO"}
+METHODS = {"base": "base", "student": "SSB", "sft": "SFT", "grpo": "GRPO", "onpolicy": "onpolicy", "opsd": "opsd",
+           "sdpo": "sdpo"}
+# stages that sample their own training data from the round-1 base, each in <workdir>/<name>/, recording
+# "sampled_tokens" and "updates" in DONE.json's final_metrics
+SAMPLING_METHODS = ("grpo", "onpolicy", "opsd", "sdpo")
 
 
 def training_costs(workdir: Path, num_rounds: int = 1) -> dict[str, dict]:
     """{eval model: {"sampled_tokens", "optimizer_steps", "wall_s"}}: what training each method cost, from
     the stages' DONE.json files (None where a stage did not record it). SSB: every round's curation
     (rollouts and teacher solutions) and distillation; SFT: the rounds before the last as SSB (its base),
-    then the last round's curation (the same pairs) and its own training; GRPO: its own rollouts and
-    updates. Wall times are those of the sessions that finished each stage, learning-curve points included."""
+    then the last round's curation (the same pairs) and its own training; GRPO and the on-policy stages:
+    their own samples and updates. Wall times are those of the sessions that finished each stage,
+    learning-curve points included."""
     def cost(curate_dir: Path, train_dir: Path) -> dict:
         curated, trained = _json(curate_dir / "DONE.json") or {}, _json(train_dir / "DONE.json") or {}
         summary = _json(curate_dir / "curation_summary.json") or {}
@@ -164,11 +169,12 @@ def training_costs(workdir: Path, num_rounds: int = 1) -> dict[str, dict]:
     costs = {"base": {"sampled_tokens": 0, "optimizer_steps": 0, "wall_s": 0.0},
              "student": total(ssb),
              "sft": total(ssb[:-1] + [cost(rounds[-1] / "curate", rounds[-1] / "sft")])}
-    grpo = _json(workdir / "grpo" / "DONE.json")
-    if grpo:
-        m = grpo.get("final_metrics", {})
-        costs["grpo"] = {"sampled_tokens": m.get("sampled_tokens"), "optimizer_steps": m.get("updates"),
-                         "wall_s": grpo.get("wall_s")}
+    for name in SAMPLING_METHODS:
+        done = _json(workdir / name / "DONE.json")
+        if done:
+            m = done.get("final_metrics", {})
+            costs[name] = {"sampled_tokens": m.get("sampled_tokens"), "optimizer_steps": m.get("updates"),
+                           "wall_s": done.get("wall_s")}
     return costs
 
 
