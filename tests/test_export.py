@@ -57,3 +57,78 @@ def test_merged_model_loads_with_same_logits(tiny_checkpoint, tmp_path, rng):
     theirs = hf_logits(out, tokens, mask, positions)
     ours = ours_with_lora(params, config, lora, lora_config, tokens, mask, positions)
     assert np.abs(ours - theirs)[mask].max() < 1e-4
+
+
+SYSTEM_PROMPT = "Tutor's rule: reason step by step; put the answer in \\boxed{}. {{ x }} café 🙂\nEnd."
+
+
+def _info():
+    from ssb_jax.export import ExportInfo, generation_settings
+    from ssb_jax.prompts import PromptSet
+    generation = generation_settings(0.7, 0.9, 0, 48, [3, 5], None)
+    return ExportInfo(prompts=PromptSet(system_prompt=SYSTEM_PROMPT), generation=generation,
+                      card={"Base model": "`tiny`", "Evaluation": "| model | acc |\n|---|---|\n| student | 71.5 |",
+                            "Empty": ""})
+
+
+def test_exports_carry_prompt_generation_config_card_and_are_world_readable(tiny_checkpoint, tmp_path):
+    """Stock transformers on each export: a chat without a system message renders the training system
+    prompt; generation_config.json has the sampling settings; a model card; files 0644, directories 0755;
+    ssb_jax's load_prompts reads the prompts back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ssb_jax.export import load_prompts
+    from ssb_jax.model.tokenizer import encode_chat, load_tokenizer
+    from ssb_jax.paths import shared_data_path
+    tokenizer = load_tokenizer(shared_data_path("qwen2.5_tokenizer"))
+    template = tokenizer.chat_template
+    config, params = load_params(tiny_checkpoint)
+    lora_config = LoraConfig(targets=("q", "v"), rank=2, alpha=4.0)
+    lora = random_trained_lora(config, lora_config, seed=3)
+    merged = export_merged_model(params, lora, lora_config, config, tmp_path / "merged", tokenizer=tokenizer,
+                                 info=_info())
+    adapter = export_peft_adapter(lora, lora_config, tmp_path / "adapter", str(tiny_checkpoint),
+                                  tokenizer=tokenizer, info=_info())
+    assert tokenizer.chat_template == template  # the run's tokenizer is unchanged
+    question = "Ana has 17 apples and buys 25 more. How many?"
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                              {"role": "user", "content": question}],
+                                             tokenize=False, add_generation_prompt=True)
+    for out in (merged, adapter):
+        stock = AutoTokenizer.from_pretrained(str(out))
+        bare = stock.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+        assert bare == expected, out
+        other = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
+        assert stock.apply_chat_template(other, tokenize=False) == tokenizer.apply_chat_template(other, tokenize=False)
+        # Sampler.generate encodes a bare question with the exported tokenizer: the trained prompt
+        assert encode_chat(load_tokenizer(out), question) == encode_chat(tokenizer, question,
+                                                                         system_prompt=SYSTEM_PROMPT)
+        generation = GenerationConfig.from_pretrained(str(out))
+        assert (generation.do_sample, generation.temperature, generation.top_p, generation.top_k,
+                generation.max_new_tokens, generation.eos_token_id) == (True, 0.7, 0.9, 0, 48, [3, 5])
+        card = (out / "README.md").read_text()
+        assert "## Base model" in card and "71.5" in card and "## Empty" not in card
+        assert load_prompts(out).system_prompt == SYSTEM_PROMPT
+        assert (out.stat().st_mode & 0o777) == 0o755
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+        assert set(modes.values()) == {0o644}, modes
+        assert {"model.safetensors", "adapter_model.safetensors"} & set(modes)
+    assert "library_name: peft" in (adapter / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(str(merged))
+    assert model.generation_config.temperature == 0.7 and model.generation_config.top_k == 0
+
+
+def test_load_prompts_from_a_run_directory(tmp_path):
+    import json
+
+    import pytest
+
+    from ssb_jax.export import load_prompts
+    from ssb_jax.prompts import DEFAULT_PROMPTS
+    (tmp_path / "config.json").write_text(json.dumps({"prompts": {"system_prompt": "S", "student_template": "",
+                                                                  "hinted_template": ""}}))
+    prompts = load_prompts(tmp_path)
+    assert prompts.system_prompt == "S" and prompts.student_template == DEFAULT_PROMPTS.student_template
+    with pytest.raises(ValueError, match="neither an export"):
+        load_prompts(tmp_path / "missing")
