@@ -30,8 +30,8 @@ REDUCED = [
 ]
 
 
-# A training mesh for the test process's 8 CPU devices that REDUCED's train.batch_size=4 divides (the default,
-# fsdp over every device, would need a multiple of 8); for in-process runs that train.
+# The training mesh of in-process runs: 8 CPU devices that REDUCED's train.batch_size=4 divides (the default,
+# fsdp over every device, would need a multiple of 8).
 IN_PROCESS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
 
 
@@ -48,11 +48,12 @@ def pipeline_in_process(workdir, *extra):
     """`pipeline(workdir, *extra)` run by the CLI's own `main` inside the test process; returns what
     `pipeline` does (a CompletedProcess with returncode, stdout and stderr, the log on stderr).
 
-    The test process has 8 CPU devices where a subprocess run has one, so a run that trains or samples
-    here uses 8-device meshes (REDUCED's batch sizes divide 8 or fit the auto mesh); results agree with a
-    one-device run up to the order of sharded sums, which no test compares bit for bit."""
+    The test process has 8 CPU devices where a subprocess run has one, so these runs train on
+    IN_PROCESS_MESH (`extra` may override it) and sample on the auto mesh over 8 devices; results agree
+    with a one-device run up to the order of sharded sums, which no test compares bit for bit."""
     from ssb_jax.pipeline import cli
-    args = ["ssb_jax.main", "--config", "configs/tiny.py", f"--config.workdir={workdir}", *REDUCED, *extra]
+    args = ["ssb_jax.main", "--config", "configs/tiny.py", f"--config.workdir={workdir}", *REDUCED, *IN_PROCESS_MESH,
+            *extra]
     out, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(err)
     handler.setFormatter(logging.Formatter(cli.LOG_FORMAT))

@@ -328,7 +328,7 @@ GRPO_RUN = ["--config.sampler.batch_size=8",
 def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path, toy_world):
     import json
     import subprocess
-    from tests.pipeline_runs import check, copy_world, kill_after_steps, pipeline
+    from tests.pipeline_runs import check, copy_world, kill_after_steps, pipeline, pipeline_in_process
     workdir = tmp_path / "run"
     copy_world(toy_world, workdir)
     metrics = workdir / "grpo" / "metrics.jsonl"
@@ -361,5 +361,5 @@ def test_grpo_stage_runs_resumes_after_a_kill_and_is_evaluated(tmp_path, toy_wor
     assert "GRPO baseline" in (workdir / "report.md").read_text()
 
     # a changed GRPO setting stops the stage rather than mixing runs
-    stale = pipeline(workdir, *GRPO_RUN, "--config.stages=grpo", "--config.grpo.clip_epsilon=0.3")
+    stale = pipeline_in_process(workdir, *GRPO_RUN, "--config.stages=grpo", "--config.grpo.clip_epsilon=0.3")
     assert stale.returncode != 0 and "config.overwrite=grpo" in stale.stderr, stale.stderr[-2000:]

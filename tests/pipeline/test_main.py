@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_runs import (IN_PROCESS_MESH, REDUCED, check, copy_world, kill_after_steps, pipeline,
-                                 pipeline_in_process)
+from tests.pipeline_runs import REDUCED, check, copy_world, kill_after_steps, pipeline, pipeline_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +114,7 @@ def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     source, workdir = finished_run[0], tmp_path / "run"
     for part in ("world", "round_1/curate", "round_1/train", "eval"):  # only sft and its evaluation are new
         shutil.copytree(source / part, workdir / part)
-    log = check(pipeline_in_process(workdir, "--config.stages=sft,eval,report", *IN_PROCESS_MESH))
+    log = check(pipeline_in_process(workdir, "--config.stages=sft,eval,report"))
     rdir = workdir / "round_1"
     assert (rdir / "sft" / "DONE.json").exists() and "learning curve sft" in log
     ssb_fp, sft_fp = (json.loads((rdir / d / "FINGERPRINT.json").read_text()) for d in ("train", "sft"))
@@ -295,8 +294,7 @@ def test_second_round_starts_from_the_first_rounds_student(finished_run, tmp_pat
     workdir = tmp_path / "rounds"
     shutil.copytree(reference / "world", workdir / "world")
     shutil.copytree(reference / "round_1", workdir / "round_1")  # round 1 is complete: only round 2 runs
-    log = check(pipeline_in_process(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export",
-                                    *IN_PROCESS_MESH))
+    log = check(pipeline_in_process(workdir, "--config.num_rounds=2", "--config.stages=curate,train,export"))
     assert "round 1 curate: complete, skipped" in log and "round 1 train: complete, skipped" in log
     for relative in ("round_2/curate/records.jsonl", "round_2/train/DONE.json", "export/merged/model.safetensors"):
         assert (workdir / relative).exists(), relative
@@ -374,7 +372,7 @@ def test_changed_training_setting_stops_then_overwrite_redoes_it(finished_run, t
     assert done_before == (reference / "round_1/train/DONE.json").read_text()  # nothing redone or deleted
 
     log = check(pipeline_in_process(workdir, "--config.stages=train", "--config.train.learning_rate=1e-3",
-                                    "--config.train.epochs=1", "--config.overwrite=train", *IN_PROCESS_MESH))
+                                    "--config.train.epochs=1", "--config.overwrite=train"))
     assert "deleting the outputs" in log and "round 1 curate" not in log
     steps = json.loads((workdir / "round_1/train/DONE.json").read_text())["steps"]
     assert steps < json.loads(done_before)["steps"]  # retrained with one epoch instead of two
