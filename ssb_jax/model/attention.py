@@ -268,7 +268,8 @@ def splash_block(length: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(length: int, heads_per_kv: int, interpret: bool):
+def _splash_kernel(length: int, heads_per_kv: int, interpret: bool, mesh):
+    """mesh: the abstract mesh traced under (shard_map's manual one), whose axes the kernel's constants carry."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
     block = splash_block(length)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
@@ -289,7 +290,7 @@ def splash_attention(q, k, v, key_valid, interpret: bool = False):
     grouped_q = jnp.pad(scaled, widths).reshape(B, length, G, N // G, H).transpose(0, 2, 3, 1, 4)  # [B,G,n,T,H]
     k, v = (jnp.pad(x, widths).transpose(0, 2, 1, 3) for x in (k, v))                            # [B,G,T,H]
     segments = splash_segment_ids(key_valid, length)
-    kernel = _splash_kernel(length, N // G, interpret)
+    kernel = _splash_kernel(length, N // G, interpret, jax.sharding.get_abstract_mesh())
 
     def one(q_g, k_g, v_g, segment):
         return kernel(q_g, k_g, v_g, segment_ids=SegmentIds(q=segment, kv=segment))
