@@ -114,9 +114,9 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
         return path
     if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
         raise CheckpointError(f"{path_or_id}: no such local directory, and not a hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download  # only when reaching for the hub
+    from ssb_jax.hub import hub_snapshot  # only when reaching for the hub: the cache, else a quick probe
     try:
-        local = snapshot_download(
+        local = hub_snapshot(
             str(path_or_id),
             allow_patterns=["*.json", "*.safetensors", "*.txt", "tokenizer*", "*.jinja"])
     except Exception as e:  # offline, no such repo, gated...

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from huggingface_hub import hf_hub_download
 
 from ssb_jax.config import section_to
 from ssb_jax.curate import CurationConfig
@@ -21,6 +20,7 @@ from ssb_jax.data.datasets import known_dataset_file, load_problems
 from ssb_jax.distill.batch import bucket_length
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.evaluation import PROTOCOLS, EvalConfig, parse_datasets
+from ssb_jax.hub import hub_file
 from ssb_jax.model.attention import chunk_layout, resolve
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.kv_cache import CACHE_AXES
@@ -531,7 +531,7 @@ def model_config_of(config) -> ModelConfig:
         if local.exists():
             mc = ModelConfig.from_json(local)
         else:
-            mc = ModelConfig.from_json(hf_hub_download(str(config.model.path), "config.json"))
+            mc = ModelConfig.from_json(hub_file(str(config.model.path), "config.json"))
     return mc.replace(dtype=config.model.dtype, remat=config.model.remat,
                       attention_impl=config.model.attention_impl)
 

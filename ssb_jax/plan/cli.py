@@ -103,6 +103,8 @@ def main(argv=None):
         result = plan(config, args.accelerator, args.devices, args.keep_rate)
     except ValueError as e:  # a setting that cannot work (a train batch the mesh does not divide): one line
         parser.error(str(e))
+    except OSError as e:  # a model's config.json neither here nor downloadable (ssb_jax.hub): what to fetch
+        sys.exit(f"error: {e}")
     print(format_plan(result))
     if args.check_compiled:
         print(format_check(check_against_compiler(config, result["devices"])))
