@@ -16,6 +16,10 @@ Three pieces, written to one directory by `build` (world.py):
   better, and distilling the teacher into the plain student fixes the slip on held-out questions.
   Pre-training also sees short arithmetic drill texts, which make the arithmetic learnable in a few
   CPU minutes.
+  `problem_family=several_slips` (configs/tiny_compare.py) makes the group step go wrong three ways
+  and be right two ways (`b * e`, `e * b`), and shows the privileged prompt in each kind the on-policy
+  stages use (SSB's hint, a reference solution, a successful peer), so a soft target carries more than
+  one solution and every privileged context is one the base can read.
 
 `measure` (and plain_accuracy / hinted_accuracy / mixed_fraction; measurement.py) reads these
 properties off a model through the real sampler and grader. ToyWorldConfig (config.py) holds every

@@ -13,6 +13,10 @@ from ssb_jax.settings import setting
 class ToyWorldConfig:
     seed: int = setting(0, "seed of the whole world: problems, tokenizer, model initialisation and pre-training")
     # problems
+    problem_family: str = setting(
+        "one_slip", "one_slip: a group step goes wrong one way (b + e); several_slips: three ways (b + e, e * e, "
+                    "b * (e + 1)) and is written right two ways (b * e, e * b), so a soft target carries more "
+                    "than one solution (configs/tiny_compare.py)")
     num_train: int = setting(1000, "curation (train split) problems")
     num_test: int = setting(200, "held-out (test split) problems")
     min_steps: int = setting(1, "fewest steps in a problem")
@@ -44,3 +48,8 @@ class ToyWorldConfig:
     length_buckets: int = setting(3, "length buckets pre-training batches are padded to (one compile each)")
     log_every: int = setting(
         100, "pre-training steps between loss lines when stderr is not a terminal (a terminal shows a progress bar)")
+
+    def __post_init__(self):
+        from ssb_jax.toyworld.problems import FAMILIES
+        if self.problem_family not in FAMILIES:
+            raise ValueError(f"problem_family must be one of {', '.join(FAMILIES)}, got {self.problem_family!r}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.toyworld.config import ToyWorldConfig
-from ssb_jax.toyworld.problems import Problem
+from ssb_jax.toyworld.problems import SLIP_KINDS, SWAPPED, Problem
 from ssb_jax.training.loop import Hooks, TrainingLoop
 from ssb_jax.training.optim import make_optimizer
 from ssb_jax.training.settings import OptimizerSettings
@@ -98,12 +98,41 @@ def pretraining_examples(problems: Sequence[Problem], config: ToyWorldConfig, rn
                          prompts: PromptSet = DEFAULT_PROMPTS):
     """(plain, hinted) lists of (messages, solution). Plain solutions slip on each group step with
     probability slip_prob; hinted ones (whose prompt shows a correct and a wrong trace) never do."""
+    kinds = SLIP_KINDS[config.problem_family]
+    if len(kinds) > 1:
+        return _several_slips_examples(problems, config, rng, prompts, kinds)
     plain, hinted = [], []
     for p in problems:
         slips = [rng.random() < config.slip_prob for _ in p.steps]
         plain.append((prompts.student_messages(p.question()), p.solution(slips)))
         right = p.solution()
         hinted.append((prompts.hinted_messages(p.question(), right, p.wrong_solution(rng)), right))
+    return plain, hinted
+
+
+def _several_slips_examples(problems: Sequence[Problem], config: ToyWorldConfig, rng: random.Random,
+                            prompts: PromptSet, kinds: Sequence[str]):
+    """The several_slips family's examples: a plain group step slips with probability slip_prob, one of
+    `kinds` at random; a right group step (plain or hinted) is written `b * e` or `e * b` at random, so the
+    hinted teacher learns both right orders. The privileged prompt is, at random, each of the three kinds
+    the on-policy stages show a teacher (ssb_jax.onpolicy.contexts: SSB's correct and wrong traces, a
+    reference solution, a successful peer), so the toy base can read each, as an instruct model reads
+    all three; its shown trace is drawn independently of the solution it teaches."""
+    from ssb_jax.onpolicy.contexts import KINDS, PrivilegedContext, StudentInput, TeacherInput, teacher_messages
+
+    def right(p):
+        return p.solution([SWAPPED if rng.random() < 0.5 else False for _ in p.steps])
+
+    plain, hinted = [], []
+    for index, p in enumerate(problems):
+        slips = [rng.choice(kinds) if rng.random() < config.slip_prob else (SWAPPED if rng.random() < 0.5 else False)
+                 for _ in p.steps]
+        plain.append((prompts.student_messages(p.question()), p.solution(slips)))
+        kind, shown = rng.choice(KINDS), right(p)
+        context = (PrivilegedContext(kind, correct_trace=shown, wrong_trace=p.wrong_solution(rng, kinds))
+                   if kind == "ssb" else PrivilegedContext(kind, text=shown))
+        student = StudentInput(f"pretrain-{index}", p.question())
+        hinted.append((teacher_messages(TeacherInput(student, context), prompts), right(p)))
     return plain, hinted
 
 

@@ -4,6 +4,13 @@
 step, ending in `\\boxed{N}`. A "b groups of e" step is where the slip lives: a slipped solution
 writes `b + e` for `b * e` (see `Problem.solution`); `wrong_solution` gives a plausible wrong trace
 for the hinted prompt.
+
+Two problem families (`ToyWorldConfig.problem_family`):
+  * "one_slip" (the default): the group step goes wrong one way (`b + e`) and is right one way (`b * e`).
+  * "several_slips": the group step goes wrong three ways (`b + e`; `e * e`, the group size squared;
+    `b * (e + 1)`, one too many in each group) and is right two ways (`b * e` or `e * b`), so the base's
+    plain answers spread over several wrong modes, and the hinted teacher's next-token distribution at
+    the group step holds both right orders: a soft target carries more than one solution's tokens.
 """
 from __future__ import annotations
 
@@ -19,6 +26,31 @@ _NAMES = (("Ana", "She"), ("Ben", "He"), ("Cara", "She"), ("Dev", "He"), ("Eli",
 _ITEMS = ("apples", "marbles", "stickers", "cookies", "pencils", "shells", "coins", "cards", "stamps", "beads")
 _CONTAINERS = ("bags", "boxes", "packs", "jars")
 OPS = ("add", "sub", "group_add", "group_sub")
+# problem family -> the ways a group step can go wrong ("add": b + e, "square": e * e, "one_more": b * (e + 1))
+SLIP_KINDS = {"one_slip": ("add",), "several_slips": ("add", "square", "one_more")}
+FAMILIES = tuple(SLIP_KINDS)
+SWAPPED = "swapped"   # a slips entry that writes a right group step as `e * b` (several_slips)
+
+
+def _slip_kind(slips: Sequence, i: int):
+    """The slip of step i: None (right), or a kind of SLIP_KINDS (True is the one_slip world's "add")."""
+    value = slips[i] if i < len(slips) else False
+    if value is True:
+        return "add"
+    return None if value in (False, None, SWAPPED) else value
+
+
+def _group_part(kind, a: int, b: int, swapped: bool = False) -> tuple[str, int]:
+    """The group step's written product and its value, right (kind None) or slipped."""
+    if kind is None:
+        return (f"{b} * {a}" if swapped else f"{a} * {b}"), a * b
+    if kind == "add":
+        return f"{a} + {b}", a + b
+    if kind == "square":
+        return f"{b} * {b}", b * b
+    if kind == "one_more":
+        return f"{a} * {b + 1}", a * (b + 1)
+    raise ValueError(f"unknown slip kind {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +83,12 @@ class Problem:
         sentences.append(f"How many {self.item} does {self.name} have now?")
         return " ".join(sentences)
 
-    def totals(self, slips: Sequence[bool] = ()) -> list[int]:
-        """Running totals after each step; slips[i] makes group step i use a + b instead of a * b."""
+    def totals(self, slips: Sequence = ()) -> list[int]:
+        """Running totals after each step; slips[i] makes group step i go wrong: True or "add" uses a + b
+        instead of a * b, "square" b * b, "one_more" a * (b + 1) (SLIP_KINDS)."""
         totals, t = [], self.start
         for i, s in enumerate(self.steps):
-            slipped = i < len(slips) and slips[i]
-            amount = s.a if s.op in ("add", "sub") else (s.a + s.b if slipped else s.a * s.b)
+            amount = s.a if s.op in ("add", "sub") else _group_part(_slip_kind(slips, i), s.a, s.b)[1]
             t = t + amount if s.op in ("add", "group_add") else t - amount
             totals.append(t)
         return totals
@@ -64,20 +96,21 @@ class Problem:
     def answer(self) -> int:
         return self.totals()[-1]
 
-    def solution(self, slips: Sequence[bool] = ()) -> str:
-        """The worked solution, one line per step; each slipped group step adds instead of multiplying."""
+    def solution(self, slips: Sequence = ()) -> str:
+        """The worked solution, one line per step; each slipped group step goes wrong its way (see
+        `totals`), and a group step marked SWAPPED is written right as `e * b`."""
         lines, t = [f"{self.name} has {self.start}."], self.start
         for i, (s, new) in enumerate(zip(self.steps, self.totals(slips))):
-            slipped = i < len(slips) and slips[i]
             if s.op == "add":
                 lines.append(f"Finds {s.a}: {t} + {s.a} = {new}.")
             elif s.op == "sub":
                 lines.append(f"Gives away {s.a}: {t} - {s.a} = {new}.")
             else:
                 verb = f"Buys {s.a} {s.container}" if s.op == "group_add" else f"Gives {s.a} friends"
-                op, part = ("+", s.a + s.b) if slipped else ("*", s.a * s.b)
+                swapped = i < len(slips) and slips[i] == SWAPPED
+                written, part = _group_part(_slip_kind(slips, i), s.a, s.b, swapped)
                 sign = "+" if s.op == "group_add" else "-"
-                lines.append(f"{verb} of {s.b}: {s.a} {op} {s.b} = {part}. {t} {sign} {part} = {new}.")
+                lines.append(f"{verb} of {s.b}: {written} = {part}. {t} {sign} {part} = {new}.")
             t = new
         lines.append(f"The answer is \\boxed{{{t}}}.")
         return "\n".join(lines)
@@ -85,18 +118,26 @@ class Problem:
     def group_steps(self) -> list[int]:
         return [i for i, s in enumerate(self.steps) if s.op.startswith("group")]
 
-    def slip_patterns(self) -> list[tuple[bool, ...]]:
-        """Every way the slip can hit the group steps (the all-False pattern first)."""
+    def slip_patterns(self, kinds: Sequence[str] = ("add",)) -> list[tuple]:
+        """Every way the slips of `kinds` can hit the group steps (the all-right pattern first); with the
+        one kind "add", as bools."""
         groups = self.group_steps()
-        return [tuple(i in groups and bool(mask >> groups.index(i) & 1) for i in range(len(self.steps)))
-                for mask in range(2 ** len(groups))]
+        options = [False, True] if tuple(kinds) == ("add",) else [None, *kinds]
+        patterns = []
+        for index in range(len(options) ** len(groups)):
+            pattern = [False] * len(self.steps)
+            for g, step in enumerate(groups):
+                pattern[step] = options[index // len(options) ** g % len(options)]
+            patterns.append(tuple(pattern))
+        return patterns
 
-    def wrong_solution(self, rng: random.Random) -> str:
-        """A plausible wrong trace: the slip on one group step, else one step off by one."""
+    def wrong_solution(self, rng: random.Random, kinds: Sequence[str] = ("add",)) -> str:
+        """A plausible wrong trace: a slip of one of `kinds` on one group step, else one step off by one."""
         groups = self.group_steps()
         if groups:
             slips = [False] * len(self.steps)
-            slips[rng.choice(groups)] = True
+            step = rng.choice(groups)
+            slips[step] = True if tuple(kinds) == ("add",) else rng.choice(tuple(kinds))
             return self.solution(slips)
         text = self.solution()
         # No group step: corrupt the last result by one (the boxed answer follows it).
@@ -123,7 +164,10 @@ def _all_in_range(values: Iterable[int], max_value: int) -> bool:
 
 
 def random_problem(rng: random.Random, config: ToyWorldConfig) -> Problem:
-    """A problem whose running totals, right and with any slip pattern, stay in [0, max_value]."""
+    """A problem whose running totals, right and with any slip pattern of its family, stay in
+    [0, max_value]."""
+    kinds = SLIP_KINDS[config.problem_family]
+    several = len(kinds) > 1
     name, pronoun = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     num_steps = rng.randint(config.min_steps, config.max_steps)
@@ -134,13 +178,14 @@ def random_problem(rng: random.Random, config: ToyWorldConfig) -> Problem:
             if rng.random() < config.group_step_prob:
                 op = rng.choice(("group_add", "group_sub"))
                 a, b = rng.randint(2, 5), rng.randint(2, 6)
-                while a + b == a * b:  # 2 groups of 2: the slip would not change the answer
+                # 2 groups of 2: the slip would not change the answer; several slips: b * b would equal a * b
+                while a + b == a * b or (several and a == b):
                     a, b = rng.randint(2, 5), rng.randint(2, 6)
                 steps.append(Step(op, a, b, rng.choice(_CONTAINERS) if op == "group_add" else ""))
             else:
                 steps.append(Step(rng.choice(("add", "sub")), rng.randint(1, config.max_amount)))
         problem = Problem(name, pronoun, item, start, tuple(steps))
-        if all(_all_in_range(problem.totals(slips), config.max_value) for slips in problem.slip_patterns()):
+        if all(_all_in_range(problem.totals(slips), config.max_value) for slips in problem.slip_patterns(kinds)):
             return problem
 
 
@@ -156,7 +201,8 @@ def make_problems(config: ToyWorldConfig, count: int, rng: random.Random, exclud
     return problems
 
 
-def problem_record(problem: Problem, index: int, split: str, rng: random.Random) -> dict:
+def problem_record(problem: Problem, index: int, split: str, rng: random.Random,
+                   kinds: Sequence[str] = ("add",)) -> dict:
     return {"id": f"toy-{split}-{index}", "question": problem.question(), "answer": str(problem.answer()),
-            "solution": problem.solution(), "wrong_solution": problem.wrong_solution(rng),
+            "solution": problem.solution(), "wrong_solution": problem.wrong_solution(rng, kinds),
             "steps": len(problem.steps)}

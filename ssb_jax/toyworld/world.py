@@ -21,7 +21,7 @@ from ssb_jax.toyworld.config import ToyWorldConfig
 from ssb_jax.toyworld.measurement import make_sampler, measure
 from ssb_jax.toyworld.pretraining import (arithmetic_drill, encode_examples, encode_texts, model_config, pretrain,
                                           pretraining_examples)
-from ssb_jax.toyworld.problems import make_problems, problem_record
+from ssb_jax.toyworld.problems import SLIP_KINDS, make_problems, problem_record
 from ssb_jax.toyworld.tokenizer import save_tokenizer, tokenizer_corpus, train_tokenizer
 from ssb_jax.training.metrics import format_duration
 
@@ -63,8 +63,9 @@ def make_world(config: ToyWorldConfig, *, log_fn=None, progress: bool = False) -
     pool = make_problems(config, config.pretrain_pool, rng,
                          exclude={p.question() for p in train} | {p.question() for p in test})
     records_rng = _rng(config, "records")
-    train_records = [problem_record(p, i, "train", records_rng) for i, p in enumerate(train)]
-    test_records = [problem_record(p, i, "test", records_rng) for i, p in enumerate(test)]
+    kinds = SLIP_KINDS[config.problem_family]
+    train_records = [problem_record(p, i, "train", records_rng, kinds) for i, p in enumerate(train)]
+    test_records = [problem_record(p, i, "test", records_rng, kinds) for i, p in enumerate(test)]
 
     tokenizer = train_tokenizer(tokenizer_corpus(pool[:2000], _rng(config, "tokenizer"), DEFAULT_PROMPTS),
                                 config.vocab_size)
@@ -131,6 +132,19 @@ def save_world(world: World, out_dir: str | Path, extra: dict | None = None) -> 
     return paths
 
 
+def _identity(config: dict | None) -> dict | None:
+    """A world config as `build` compares it: settings added after worlds were built (ADDED_SETTINGS) count
+    only when they differ from their defaults, so a world built before they existed is still reused."""
+    if config is None:
+        return None
+    return {k: v for k, v in config.items() if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+
+
+# settings added to ToyWorldConfig after worlds were built with WORLD_FORMAT 2, and their defaults (which
+# make the world such a build made)
+ADDED_SETTINGS = {"problem_family": "one_slip"}
+
+
 def build(config: ToyWorldConfig, out_dir: str | Path, *, measure_problems: int = 0) -> dict[str, Path]:
     """Build the world into out_dir (train.jsonl, test.jsonl, model/ with weights and tokenizer) and
     return their paths. Does nothing when out_dir already holds a finished world of this config; a
@@ -143,7 +157,7 @@ def build(config: ToyWorldConfig, out_dir: str | Path, *, measure_problems: int 
             raise ValueError(f"{out_dir} holds a toy world built by an older ssb_jax (format {marker.get('format', 1)}, "
                              f"now {WORLD_FORMAT}: its tokenizer loads differently in stock tools); use a fresh "
                              "--config.workdir, or delete that directory to rebuild it")
-        if built != dataclasses.asdict(config):
+        if _identity(built) != _identity(dataclasses.asdict(config)):
             raise ValueError(f"{out_dir} holds a toy world built with another config ({built}); "
                              f"use a fresh directory for {dataclasses.asdict(config)}")
         log.info("toy world in %s is complete; skipping", out_dir)
