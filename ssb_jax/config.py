@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from ssb_jax import validate
 from ssb_jax.curate import CurationConfig
 from ssb_jax.curves import CurveConfig
 from ssb_jax.distill.config import TrainConfig
@@ -29,13 +30,15 @@ from ssb_jax.toyworld import ToyWorldConfig
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """The top-level settings."""
-    workdir: str = setting("runs/default", "run directory: every stage's outputs, checkpoints and the report go here")
+    workdir: str = setting("runs/default", "run directory: every stage's outputs, checkpoints and the report go here",
+                           check=validate.non_empty)
     stages: str = setting("", "comma-separated stages to run, in pipeline order (python -m ssb_jax.main --help lists "
                               "them; the baselines sft and grpo run only when named)")
     overwrite: str = setting("", "stages whose outputs are deleted and redone, whatever made them (with every "
                                  "stage that reads them); every run naming them redoes them")
     num_rounds: int = setting(1, "SSB rounds; each round's student is the next round's teacher and base")
-    log_level: str = setting("INFO", "Python logging level of the run: DEBUG, INFO, WARNING or ERROR")
+    log_level: str = setting("INFO", "Python logging level of the run: DEBUG, INFO, WARNING or ERROR",
+                             check=validate.one_of("DEBUG", "INFO", "WARNING", "ERROR", ignore_case=True))
     compile_cache_dir: str = setting("~/.cache/ssb_jax/xla", "persistent XLA compilation cache shared by runs and "
                                      "stages, so a resumed run reuses compiled programs (empty: off)")
 
@@ -45,12 +48,16 @@ class ModelSettings:
     path: str = setting("Qwen/Qwen2.5-3B-Instruct", "Hugging Face hub id or local HF directory of the base model "
                         "(tiny config: set by the world)")
     tokenizer: str = setting("", "tokenizer hub id or directory; empty: the model's own")
-    dtype: str = setting("bfloat16", "parameter and activation dtype: bfloat16 or float32")
+    dtype: str = setting("bfloat16", "parameter and activation dtype: bfloat16 or float32",
+                         check=validate.one_of("bfloat16", "float32", "float16"))
     attention_impl: str = setting("auto", "full-sequence attention kernel: auto (cudnn on GPU, splash on TPU, else "
-                                  "chunked from 128 tokens, xla below), xla, chunked, cudnn or splash")
-    remat: str = setting("none", "per-layer rematerialisation in training: none, full, dots or dots_no_batch")
+                                  "chunked from 128 tokens, xla below), xla, chunked, cudnn or splash",
+                                  check=validate.one_of("auto", "xla", "chunked", "cudnn", "splash"))
+    remat: str = setting("none", "per-layer rematerialisation in training: none, full, dots or dots_no_batch",
+                         check=validate.one_of("none", "full", "dots", "dots_no_batch"))
     check_weights: str = setting("sample", "NaN/infinity check of the weights at load: sample (4096 values a tensor, "
-                                 "free), full (every value: one more pass over the weights) or off")
+                                 "free), full (every value: one more pass over the weights) or off",
+                                 check=validate.one_of("sample", "full", "off"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +69,8 @@ class MeshSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DistributedSettings:
-    initialize: str = setting("auto", "jax.distributed.initialize: auto (TPU VMs, SLURM, env vars), yes or no")
+    initialize: str = setting("auto", "jax.distributed.initialize: auto (TPU VMs, SLURM, env vars), yes or no",
+                              check=validate.one_of("auto", "yes", "no"))
     coordinator_address: str = setting("", "host:port of process 0 (empty: detected from the environment)")
     num_processes: int = setting(0, "number of JAX processes (0: detected from the environment)")
     process_id: int = setting(-1, "this process's index (-1: detected from the environment)")
@@ -95,7 +103,8 @@ class DataSettings:
                          ".jsonl/.parquet path (tiny config: set by the world)")
     question_field: str = setting("", "record field holding the question (empty: detected from common names)")
     answer_field: str = setting("", "record field holding the reference answer (empty: detected from common names)")
-    on_bad_line: str = setting("error", "malformed input record: error (stop, naming it) or skip (count it)")
+    on_bad_line: str = setting("error", "malformed input record: error (stop, naming it) or skip (count it)",
+                               check=validate.one_of("error", "skip"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +153,23 @@ def section_to(cls, section: ml_collections.ConfigDict | dict, where: str):
             raise ValueError(f"config key {where}.{key} is not a setting of {cls.__name__}{hint}")
     for name, f in fields.items():
         if isinstance(f.default, tuple) and isinstance(values.get(name), str):
-            items = [x.strip() for x in values[name].split(",") if x.strip()]
-            values[name] = tuple(int(x) for x in items) if "int" in str(f.type) else tuple(items)
+            values[name] = list_setting(f, values[name], f"{where}.{name}")
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:  # the dataclass names the field; add where it is set
         raise ValueError(f"{where}: {error}") from None
+
+
+def list_setting(field: dataclasses.Field, text: str, key: str) -> tuple:
+    """A tuple setting from its comma-separated form ("128,256" -> (128, 256) for a tuple of ints); a
+    value that is not a list of such items is an error naming `key`."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if "int" not in str(field.type):
+        return tuple(items)
+    try:
+        return tuple(int(x) for x in items)
+    except ValueError:
+        raise ValueError(f"{key} must be comma-separated integers, got {text!r}") from None
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -164,8 +184,22 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def check_values(config) -> None:
-    """The settings outside the stage dataclasses (which check their own): refuse absurd values
-    before any work."""
+    """Refuse absurd values before any work (a run, --print_config): every setting of every section
+    against its declaration (finite numbers, the `check` of its `setting(...)`, lists that parse), then
+    the checks that span settings."""
+    for section, classes in SECTIONS.items():
+        node = config if not section else config.get(section)
+        if node is None:
+            continue
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.name not in node or isinstance(node[f.name], ml_collections.ConfigDict):
+                    continue
+                key, value = f"config.{section}.{f.name}" if section else f"config.{f.name}", node[f.name]
+                if isinstance(f.default, tuple) and isinstance(value, str):
+                    list_setting(f, value, key)
+                else:
+                    validate.check_setting(f, value, key)
     for key in ("num_rounds", "sampler.batch_size", "sampler.max_prompt_tokens", "sampler.min_prompt_bucket"):
         section, _, name = key.rpartition(".")
         value = (config[section] if section else config)[name]
@@ -176,8 +210,6 @@ def check_values(config) -> None:
     memory = config.sampler.memory_per_device_gib
     if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not 0 <= memory < float("inf"):
         raise ValueError(f"config.sampler.memory_per_device_gib must be a number >= 0 (0: ask the device), got {memory!r}")
-    if config.data.on_bad_line not in ("error", "skip"):
-        raise ValueError(f"config.data.on_bad_line must be 'error' or 'skip', got {config.data.on_bad_line!r}")
 
 
 def writable_directory(path: str, setting: str) -> Path:
@@ -291,4 +323,5 @@ def parse_config_args(argv: list[str], default_path: str | None = None):
         rest = registry(command_line, known_only=True)[1:]
     except flags.Error as error:
         raise ValueError(str(error)) from None
+    check_values(registry.config)  # as a run would, so --print_config and the planner refuse what it refuses
     return registry.config, rest

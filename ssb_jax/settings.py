@@ -1,14 +1,20 @@
-"""Settings carry their help text: `setting(default, "what it does")` declares a dataclass field whose
-one-line description `--print_config` shows (config.describe_config reads it from the field metadata)."""
+"""Settings carry their help text and their valid values: `setting(default, "what it does", check=...)`
+declares a dataclass field whose one-line description `--print_config` shows (config.describe_config
+reads it from the field metadata) and whose values `validate.check_setting` accepts: every number must
+be finite, and `check` (validate.between, validate.one_of, ...) says what else."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the metadata key the CLI table reads
-    """A dataclass field with a default and its one-line description."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, check: Callable[[Any], str | None] | None = None) -> Any:  # noqa: A002
+    """A dataclass field with a default, its one-line description (the metadata key the CLI table reads)
+    and optionally `check`: value -> None when valid, else what it must be ("in [0, 1)")."""
+    metadata = {"help": help}
+    if check is not None:
+        metadata["check"] = check
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def help_texts(cls) -> dict[str, str]:

@@ -161,3 +161,64 @@ def test_read_only_workdir_is_named(tmp_path):
             config_lib.writable_directory(target, "config.workdir")
     finally:
         locked.chmod(0o700)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("eval.temperature=inf", "config.eval.temperature must be finite, got inf"),
+    ("curate.rollout_temperature=nan", "config.curate.rollout_temperature must be finite, got nan"),
+    ("train.adam_b1=1.5", "config.train.adam_b1 must be in [0, 1), got 1.5"),
+    ("grpo.adam_b2=1.0", "config.grpo.adam_b2 must be in [0, 1), got 1.0"),
+    ("train.warmup_ratio=5", "config.train.warmup_ratio must be in [0, 1], got 5.0"),
+    ("log_level=bogus", "config.log_level must be one of DEBUG, INFO, WARNING, ERROR, got 'bogus'"),
+    ("workdir=", "config.workdir must be a non-empty value, got ''"),
+    ("workdir= ", "config.workdir must be a non-empty value, got ' '"),
+    ("train.length_buckets=abc", "config.train.length_buckets must be comma-separated integers, got 'abc'"),
+    ("model.check_weights=some", "config.model.check_weights must be one of sample, full, off, got 'some'"),
+    ("model.remat=al", "config.model.remat must be one of none, full, dots, dots_no_batch, got 'al'"),
+])
+def test_bad_settings_are_refused_at_parse_naming_the_setting(override, expected):
+    """parse_config_args validates as a run does (a run, --print_config and the planner all parse)."""
+    with pytest.raises(ValueError) as error:
+        config_lib.parse_config_args([f"--config.{override}"], default_path=str(CONFIG_DIR / "tiny.py"))
+    assert str(error.value) == expected
+
+
+def test_good_spellings_pass():
+    config, _ = config_lib.parse_config_args(["--config.log_level=debug", "--config.train.adam_b1=0",
+                                              "--config.train.warmup_ratio=1", "--config.train.length_buckets=64, 128"],
+                                             default_path=str(CONFIG_DIR / "tiny.py"))
+    assert config_lib.section_to(TrainConfig, config.train, "config.train").length_buckets == (64, 128)
+
+
+def test_settings_built_in_python_check_their_declarations():
+    from ssb_jax.training.settings import OptimizerSettings
+    with pytest.raises(ValueError, match=r"^adam_b1 must be in \[0, 1\), got 1.5$"):
+        OptimizerSettings(adam_b1=1.5)
+    with pytest.raises(ValueError, match=r"^warmup_ratio must be in \[0, 1\], got 5"):
+        TrainConfig(warmup_ratio=5)
+    with pytest.raises(ValueError, match=r"^weight_decay must be finite, got inf"):
+        TrainConfig(weight_decay=float("inf"))
+
+
+def test_print_config_refuses_what_a_run_refuses(capsys):
+    from ssb_jax.pipeline import cli
+    with pytest.raises(SystemExit, match=r"^error: config.train.adam_b1 must be in \[0, 1\), got 1.5$"):
+        cli.main(["ssb_jax.main", f"--config={CONFIG_DIR / 'tiny.py'}", "--config.train.adam_b1=1.5", "--print_config"])
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("override", [{"train.adam_b1": 1.5}, {"train.batch_size": 3}])
+def test_a_refused_run_leaves_no_run_directory(tmp_path, override):
+    """Refused in run_pipeline (settings changed after parsing, or a batch the mesh cannot split): no
+    directory is made."""
+    from ssb_jax.pipeline import run_pipeline
+    workdir = tmp_path / "run"
+    config, _ = config_lib.parse_config_args([f"--config={CONFIG_DIR / 'tiny.py'}", f"--config.workdir={workdir}",
+                                              "--config.compile_cache_dir="])
+    config_lib.apply_overrides(config, override)
+    with pytest.raises(ValueError, match=f"config.{next(iter(override))}"):
+        run_pipeline(config)
+    assert not workdir.exists()

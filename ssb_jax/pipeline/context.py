@@ -89,8 +89,6 @@ class RunContext:
         except OSError as error:  # a cache is an optimisation: an unwritable place costs compile time only
             log.warning("config.compile_cache_dir=%r unusable (%s); compiling without a persistent cache",
                         config.compile_cache_dir, error)
-        self.workdir = config_lib.writable_directory(config.workdir, "config.workdir")
-        check_shared_directory(self.workdir)
         self.curation = config_lib.section_to(CurationConfig, config.curate, "config.curate")
         self.train_config = config_lib.section_to(TrainConfig, config.train, "config.train")
         self.eval_config = config_lib.section_to(EvalConfig, config.eval, "config.eval")
@@ -100,6 +98,9 @@ class RunContext:
         self.mesh = make_mesh(dict(config.mesh))
         if any("training" in registry.get(name).uses for name in self.stages):  # before any stage runs
             check_batch_divides(self.train_config.batch_size, self.mesh, "config.train.batch_size")
+        # after every settings check: a refused run makes no run directory
+        self.workdir = config_lib.writable_directory(config.workdir, "config.workdir")
+        check_shared_directory(self.workdir)
         self.sample_mesh_setting = parse_mesh_setting(config.sampler.mesh)
         self.sample_mesh = None  # chosen in load_base once the model's size is known
         self.model_config = self.base_model = self.tokenizer = None

@@ -23,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger("ssb_jax")
 
 LOCK_FILE = ".run.lock"
-_GUARD_FILE = ".run.lock.guard"
+GUARD_FILE = ".run.lock.guard"
 
 
 class WorkdirLocked(OSError):
@@ -72,7 +72,7 @@ def read_holder(directory: str | os.PathLike) -> dict | None:
 @contextlib.contextmanager
 def _guard(directory: Path):
     import fcntl
-    with open(directory / _GUARD_FILE, "a") as handle:
+    with open(directory / GUARD_FILE, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

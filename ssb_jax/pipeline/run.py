@@ -7,18 +7,21 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
 import jax
 
 from ssb_jax.data.records import write_text_atomic
 from ssb_jax.distributed import barrier, is_main_process
 from ssb_jax.pipeline.context import CurationShortfall, RunContext, mark_done
-from ssb_jax.pipeline.lock import lock_workdir
+from ssb_jax.pipeline.lock import GUARD_FILE, LOCK_FILE, lock_workdir
 from ssb_jax.pipeline.registry import REGISTRY
 from ssb_jax.pipeline.stage import Registry, Stage
 from ssb_jax.pipeline.world import prepare_world
 
 log = logging.getLogger("ssb_jax")
+
+_BOOKKEEPING = {".processes", LOCK_FILE, GUARD_FILE}
 
 
 def execute(stage: Stage, ctx: RunContext, r: int | None) -> None:
@@ -56,12 +59,25 @@ def run_pipeline(config, registry: Registry = REGISTRY) -> RunContext:
     """Every selected stage of `registry` on `config`; returns the run's context. Raises CurationShortfall
     (after finishing) when a round's curation kept fewer pairs than count as success."""
     started = time.perf_counter()
-    ctx = RunContext(config, registry)
-    lock = lock_workdir(ctx.workdir)  # before anything is read or written there
+    new_workdir = not Path(config.workdir).exists()
+    try:
+        ctx = RunContext(config, registry)
+        lock = lock_workdir(ctx.workdir)  # before anything is read or written there
+    except BaseException:
+        if new_workdir:
+            _remove_if_unused(Path(config.workdir))
+        raise
     try:
         return _run_stages(ctx, registry, started)
     finally:
         lock.release()
+
+
+def _remove_if_unused(workdir: Path) -> None:
+    """A run directory this run created and left holding only its own bookkeeping (the lock's guard,
+    the processes' marks) is removed, so a refused run leaves nothing behind."""
+    if is_main_process() and workdir.is_dir() and all(p.name in _BOOKKEEPING for p in workdir.iterdir()):
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run_stages(ctx: RunContext, registry: Registry, started: float) -> RunContext:

@@ -25,7 +25,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 def redefault(cls: type, name: str, default: Any, help: str | None = None) -> Any:  # noqa: A002
     """`cls`'s field `name` with another default, keeping its description unless `help` is given."""
     inherited = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return setting(default, help or inherited.metadata["help"])
+    return setting(default, help or inherited.metadata["help"], check=inherited.metadata.get("check"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class Settings:
     """Base of the settings dataclasses: the end of the `__post_init__` chain, and (de)serialisation."""
 
     def __post_init__(self):
-        pass
+        validate.check_declared(self)  # every field's declared check (ssb_jax.settings.setting)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -59,12 +59,14 @@ class Settings:
 class OptimizerSettings(Settings):
     """AdamW on a warmup-then-decay learning-rate schedule (training.optim.make_optimizer)."""
     learning_rate: float = setting(2e-4, "peak learning rate of AdamW")
-    schedule: str = setting("linear", "learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant")
+    schedule: str = setting("linear", "learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant",
+                            check=validate.one_of(*SCHEDULES))
     warmup_steps: int = setting(0, "linear warmup steps")
-    warmup_ratio: float = setting(0.0, "warmup as a fraction of all steps, used when warmup_steps is 0")
+    warmup_ratio: float = setting(0.0, "warmup as a fraction of all steps, used when warmup_steps is 0",
+                                  check=validate.between(0, 1))
     weight_decay: float = setting(0.0, "AdamW weight decay")
-    adam_b1: float = setting(0.9, "AdamW beta1")
-    adam_b2: float = setting(0.999, "AdamW beta2")
+    adam_b1: float = setting(0.9, "AdamW beta1", check=validate.between(0, 1, high_open=True))
+    adam_b2: float = setting(0.999, "AdamW beta2", check=validate.between(0, 1, high_open=True))
     adam_eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "global-norm gradient clip (<= 0: off)")
 
