@@ -11,6 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+if os.environ.get("SSB_TEST_START_BACKEND") == "1":
+    # the GPU run (benchmarks/device_check.sh): start JAX's backend, and with it JAX's own cuDNN, before any
+    # test module imports torch (a torch with an older cuDNN loaded first can keep JAX from using cuDNN)
+    jax.devices()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
