@@ -24,14 +24,13 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 TOLERANCE = {"float32": 2e-5, "bfloat16": 3e-2}
 
 
-def random_inputs(seed, batch_lengths, total, dtype):
+def random_inputs(seed, batch_lengths, total, dtype, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM):
     """q, k, v, key_valid, and loss weights that are zero on padding queries."""
-    print("seed", seed)
     rng = np.random.default_rng(seed)
     key_valid = np.zeros((len(batch_lengths), total), bool)
     for row, (start, stop) in enumerate(batch_lengths):
         key_valid[row, start:stop] = True
-    shape_q, shape_kv = (len(batch_lengths), total, HEADS, HEAD_DIM), (len(batch_lengths), total, KV_HEADS, HEAD_DIM)
+    shape_q, shape_kv = (len(batch_lengths), total, heads, head_dim), (len(batch_lengths), total, kv_heads, head_dim)
     q, k, v = (jnp.asarray(rng.normal(size=s), dtype) for s in (shape_q, shape_kv, shape_kv))
     weights = jnp.asarray(rng.normal(size=shape_q) * key_valid[:, :, None, None], dtype)
     return q, k, v, jnp.asarray(key_valid), weights
@@ -116,6 +115,9 @@ def test_chunked_never_forms_the_whole_score_matrix():
 def test_auto_picks_by_backend_dtype_and_length():
     bf16, f32 = jnp.bfloat16, jnp.float32
     assert attention.resolve("auto", bf16, 64, 2048, backend="gpu") == "cudnn"
+    # not on a GPU cuDNN flash attention does not support (a T4 is compute capability 7.5)
+    assert attention.resolve("auto", bf16, 64, 2048, backend="gpu", compute_capability=7.5) == "chunked"
+    assert attention.resolve("auto", bf16, 64, 2048, backend="gpu", compute_capability=8.0) == "cudnn"
     assert attention.resolve("auto", jnp.float16, 128, 512, backend="gpu") == "cudnn"
     long, short = attention.CHUNKED_MIN_LENGTH, attention.CHUNKED_MIN_LENGTH - 2
     # float32, an odd length (training with cuDNN's bias) or a too-wide head: no cuDNN
@@ -212,3 +214,52 @@ def test_kernel_mesh_partitions_without_a_context_mesh(seed):
     assert attention.head_split(4, 2, 4) == (True, True)
     assert attention.head_split(4, 2, 2) == (True, False)
     assert attention.head_split(3, 1, 2) == (False, False)
+
+
+def test_a_fused_kernel_that_refuses_falls_back_to_chunked_with_one_warning(monkeypatch, caplog, seed):
+    """"auto" on a GPU whose cuDNN refuses at trace time: the chunked kernel's result, one warning naming
+    the kernel and the reason however often it is traced; a kernel named explicitly raises instead."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cuDNN is not detected.")
+    monkeypatch.setitem(attention._KERNELS, "cudnn", refuse)
+    monkeypatch.setattr(attention, "_reported_refusals", set())
+    q, k, v, key_valid, _ = random_inputs(seed, ROWS, 37, jnp.bfloat16)
+    with attention.lowering_for("gpu"), caplog.at_level("WARNING", logger=attention.__name__):
+        assert attention.resolve("auto", q.dtype, HEAD_DIM, 36) == "cudnn"
+        outs = [np.asarray(attention.causal_attention(q[:, :36], k[:, :36], v[:, :36], key_valid[:, :36]), np.float32)
+                for _ in range(2)]
+        with pytest.raises(RuntimeError, match="not detected"):
+            attention.causal_attention(q[:, :36], k[:, :36], v[:, :36], key_valid[:, :36], "cudnn")
+    expected = np.asarray(attention.chunked_attention(q[:, :36], k[:, :36], v[:, :36], key_valid[:, :36]), np.float32)
+    np.testing.assert_array_equal(outs[0], expected)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "cudnn" in warnings[0] and "cuDNN is not detected" in warnings[0] and "chunked" in warnings[0]
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("shape, heads, kv_heads", [({"data": 2, "fsdp": 1, "tensor": 4}, 4, 2),
+                                                    ({"data": 1, "fsdp": 2, "tensor": 4}, 8, 4),
+                                                    ({"data": 4, "fsdp": 1, "tensor": 2}, 3, 1)])
+def test_fused_kernels_get_q_k_v_split_alike(shape, heads, kv_heads):
+    """What JAX's cuDNN partitioner requires (and Mosaic, which partitions nothing): inside shard_map each
+    device's q, k and v hold the same rows and matching heads, here with Qwen2.5's 2 KV heads on tensor = 4
+    (k/v repeated per query head), with KV heads that divide, and with heads that stay whole."""
+    from ssb_jax.sharding import make_mesh
+    mesh = make_mesh(shape)
+    seen = []
+
+    def kernel(q, k, v, key_valid):
+        seen.append((q.shape, k.shape, v.shape, key_valid.shape))
+        return q
+
+    q = jax.ShapeDtypeStruct((8, 32, heads, 16), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((8, 32, kv_heads, 16), jnp.bfloat16)
+    jax.eval_shape(lambda q, k, v, m: attention.partitioned(kernel, q, k, v, m, mesh), q, kv, kv,
+                   jax.ShapeDtypeStruct((8, 32), jnp.bool_))
+    (q_local, k_local, v_local, valid_local), = seen
+    rows = 8 // (shape["data"] * shape["fsdp"])
+    assert q_local[0] == k_local[0] == valid_local[0] == rows
+    assert k_local == v_local and q_local[2] % k_local[2] == 0
+    split, _ = attention.head_split(heads, kv_heads, shape["tensor"])
+    assert q_local[2] == (heads // shape["tensor"] if split else heads)
