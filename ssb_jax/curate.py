@@ -73,6 +73,7 @@ class CurationConfig:
         "exact (the reference code's: the last \\boxed{} verbatim equal to the gold string)")
 
     def __post_init__(self):
+        validate.check_declared(self)  # finite numbers and each field's declared check
         validate.non_negative(self, "rollout_temperature", "solution_temperature", "rollout_top_k", "solution_top_k",
                               "target_pairs", "min_pairs", "max_questions")
         validate.positive(self, "rollout_max_new_tokens", "solution_max_new_tokens", "questions_per_batch")

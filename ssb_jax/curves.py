@@ -65,6 +65,7 @@ class CurveConfig:
     dataset: str = setting("", "learning-curve problems: one eval dataset spec (empty: the first of eval.datasets)")
 
     def __post_init__(self):
+        validate.check_declared(self)  # finite numbers and each field's declared check
         validate.non_negative(self, "eval_every", "max_new_tokens")
         validate.positive(self, "eval_size")
 

@@ -201,6 +201,10 @@ def test_settings_built_in_python_check_their_declarations():
         TrainConfig(warmup_ratio=5)
     with pytest.raises(ValueError, match=r"^weight_decay must be finite, got inf"):
         TrainConfig(weight_decay=float("inf"))
+    from ssb_jax.evaluation import EvalConfig
+    for cls, name in ((EvalConfig, "temperature"), (CurationConfig, "solution_temperature")):
+        with pytest.raises(ValueError, match=rf"^{name} must be finite, got nan"):
+            cls(**{name: float("nan")})
 
 
 def test_print_config_refuses_what_a_run_refuses(capsys):

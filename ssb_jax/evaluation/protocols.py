@@ -89,6 +89,7 @@ class EvalConfig:
         "or empty for the run's prompts)")
 
     def __post_init__(self):
+        validate.check_declared(self)  # finite numbers and each field's declared check
         validate.non_negative(self, "temperature", "top_k")
         validate.probability(self, "top_p")
         validate.positive(self, "max_new_tokens")
