@@ -14,7 +14,8 @@ log = logging.getLogger("ssb_jax")
 
 def learning_curve(ctx, model, lora_config, metrics_path: Path, label: str):
     """A curves.LearningCurve of adapters on `model` (the round's base on the sampling mesh), or None when
-    curves.eval_every is 0. Its problems: curves.dataset, else the first of eval.datasets."""
+    curves.eval_every is 0. Its problems: curves.dataset, else the first of eval.datasets; its prompts: the
+    evaluation's for that dataset (eval.system_prompt / dataset_system_prompts, else the run's)."""
     cc = ctx.curve_config
     if not cc.enabled:
         return None
@@ -28,6 +29,7 @@ def learning_curve(ctx, model, lora_config, metrics_path: Path, label: str):
     log.info("learning curve %s: every %d steps on %d problems of %s", label, cc.eval_every, len(problems),
              spec.label)
     return curves.LearningCurve(cc, problems, ctx.tokenizer, model, lora_config, metrics_path, label=label,
-                                make_sampler=ctx.sampler, prompts=ctx.prompts, grader=protocol.grader,
+                                make_sampler=ctx.sampler, prompts=ctx.eval_config.prompts_for(spec.label, ctx.prompts),
+                                grader=protocol.grader,
                                 max_new_tokens=protocol.max_new_tokens or ctx.eval_config.max_new_tokens,
                                 place=ctx.place_for_sampling())
