@@ -3,7 +3,7 @@
 
 Each part is a known dataset name, `label=path` (or `label=known name`), or a bare local JSONL/Parquet
 path labelled by the file's stem; the label names the outputs folder, so it must be a safe file name
-and unique. Fields are detected as in curation (the caller's question/answer field names apply to
+and unique (also without case, as on macOS and Windows). Fields are detected as in curation (the caller's question/answer field names apply to
 local files only; known datasets have their own).
 """
 from __future__ import annotations
@@ -19,7 +19,16 @@ from ssb_jax.fingerprint import dataset_identity
 if TYPE_CHECKING:
     from ssb_jax.evaluation.protocols import EvalConfig
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # what may name a folder: a dataset label, a model
+# What may name a folder (a dataset label, a model): one path component of letters, digits, '.', '_' and '-',
+# not starting with '.' (so never '.', '..' or a hidden name, which fingerprint checks pass over)
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+SAFE_NAME_RULE = "letters, digits, '.', '_' or '-', not starting with '.'"
+
+
+def folder_key(name: str) -> str:
+    """What a folder name is on every file system: names with equal keys are one folder somewhere
+    (case-insensitive file systems: macOS, Windows; Windows drops trailing dots)."""
+    return name.casefold().rstrip(".")
 # known datasets the motif protocol grades by the bare gold string anywhere in the response, as MOTIF's code
 # graded AIME24 (`y in x`; MATH500: `\boxed{y}` in x); local files opt in by label (EvalConfig.motif_contains_gold)
 MOTIF_CONTAINS_GOLD_SOURCES = frozenset({"aime24"})
@@ -58,12 +67,13 @@ def parse_datasets(datasets: str) -> list[DatasetSpec]:
         if not source:
             raise ValueError(f"datasets: {part!r} names no dataset after '='")
         if not SAFE_NAME.fullmatch(label):
-            raise ValueError(f"datasets: the label {label!r} of {part!r} must be letters, digits, '.', '_' or '-' "
-                             "(it names a folder); give one as label=path")
-        clash = next((s for s in specs if s.label == label), None)
+            raise ValueError(f"datasets: the label {label!r} of {part!r} must be {SAFE_NAME_RULE} (it names the "
+                             "outputs folder); give one as label=path")
+        clash = next((s for s in specs if folder_key(s.label) == folder_key(label)), None)
         if clash is not None:
-            raise ValueError(f"datasets: {clash.part!r} and {part!r} are both labelled {label!r}; "
-                             "give one another label as label=path")
+            same = (f"both labelled {label!r}" if clash.label == label else
+                    f"labelled {clash.label!r} and {label!r}, one folder on case-insensitive file systems")
+            raise ValueError(f"datasets: {clash.part!r} and {part!r} are {same}; give one another label as label=path")
         specs.append(DatasetSpec(label, source, part))
     return specs
 

@@ -32,7 +32,7 @@ import jax
 from ssb_jax import distributed, fingerprint
 from ssb_jax.data.datasets import OnBadLine, Problem
 from ssb_jax.data.records import ShardedRecordStore, shard_paths, write_json_atomic
-from ssb_jax.evaluation.datasets import SAFE_NAME, dataset_inputs, load_datasets, parse_datasets
+from ssb_jax.evaluation.datasets import SAFE_NAME, SAFE_NAME_RULE, dataset_inputs, load_datasets, parse_datasets
 from ssb_jax.evaluation.metrics import ACCURACY_DENOMINATOR, format_markdown, metric_rows
 from ssb_jax.evaluation.protocols import PROTOCOLS, EvalConfig, Protocol
 from ssb_jax.evaluation.records import STATUS_PROMPT_TOO_LONG, problem_record, too_long_record
@@ -167,7 +167,7 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
     stored outputs were made from other settings, another dataset content or another model."""
     for model in samplers:
         if not SAFE_NAME.fullmatch(model):
-            raise ValueError(f"model name {model!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+            raise ValueError(f"model name {model!r} must be {SAFE_NAME_RULE} (it names a folder)")
     model_identities = dict(model_identities or {})
     if set(model_identities) - set(samplers):
         raise ValueError(f"model_identities names {sorted(set(model_identities) - set(samplers))}, which are not "
