@@ -128,7 +128,12 @@ class Sampler:
 
     def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, n: int = 1, seed: int = 0,
                  ids: Sequence | None = None, system_prompt: str | None = None) -> list[list[Completion]]:
-        """Chat prompts (strings or message lists) -> n completions each, in input order."""
+        """Chat prompts (strings or message lists) -> n completions each, in input order.
+
+        A string is one user turn, after `system_prompt` when given (else the chat template's default). To
+        prompt a model as it was trained: `prompts = ssb_jax.export.load_prompts(export_or_run_dir)`, then
+        `generate([prompts.student_messages(q) for q in questions], ...)`; an export's own tokenizer
+        already defaults to its training system prompt (docs/api.md)."""
         if self.tokenizer is None:
             raise ValueError("Sampler.generate needs a tokenizer; use generate_ids for token ids")
         prompts = [encode_chat(self.tokenizer, chat, system_prompt=system_prompt) for chat in chats]
@@ -159,8 +164,8 @@ class Sampler:
                 results[i] = out[row * n:(row + 1) * n]
             generated += sum(len(c.token_ids) for c in out)
             if progress is not None:
-                progress.update(len(chunk) * n)
-                progress.set_postfix(tok_s=f"{generated / (time.perf_counter() - start):.1f}")
+                progress.update(begin * n + len(chunk) * n,
+                                {"tok/s": f"{generated / (time.perf_counter() - start):.1f}"})
         if progress is not None:
             progress.close()
         return results
@@ -219,8 +224,13 @@ def _with_replaced(state: dict, new: dict, path: tuple) -> dict:
     return out
 
 
+# off a terminal, a log line at most this often (a sampler runs many short calls; each logged would flood the log)
+PROGRESS_LOG_INTERVAL_S = 30.0
+
+
 def _progress(total: int, enabled: bool):
+    """A bar on a terminal, else a log line every PROGRESS_LOG_INTERVAL_S (training.metrics.Progress)."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="sampling", unit="seq")
+    from ssb_jax.training.metrics import Progress
+    return Progress(total, 1, desc="sampling", unit="seq", interval_s=PROGRESS_LOG_INTERVAL_S)

@@ -94,32 +94,37 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """How far a loop is, on the main process only: a tqdm bar (with its ETA) when stderr is a terminal,
-    else, since a bar's redraws would flood a log file, a log line every `every` steps (and after the
+    else, since a bar's redraws would flood a log file, a log line every `every` items (and after the
     session's first, which includes compiling) with the elapsed time and an ETA.
 
-    update(done, postfix) after each step: `done` steps of `total` are finished, `postfix` ({name: text})
-    is shown beside the bar or in the line. `initial`: steps done before this session (a resumed run).
-    `label` names the loop in log lines (default: `desc`, the bar's description).
+    update(done, postfix) as items finish: `done` of `total` are finished (it may jump by more than one),
+    `postfix` ({name: text}) is shown beside the bar or in the line. `initial`: items done before this
+    session (a resumed run). `label` names the loop in log lines (default: `desc`, the bar's description);
+    `unit` names an item. `interval_s` > 0: off a terminal, a line only when that many seconds passed since
+    the last one (or the start), so many short calls (a sampler's) stay silent and a long one still reports.
     """
 
     def __init__(self, total: int, every: int, *, desc: str, label: str | None = None, initial: int = 0,
-                 terminal: bool | None = None, main_process: bool | None = None, enabled: bool = True):
+                 terminal: bool | None = None, main_process: bool | None = None, enabled: bool = True,
+                 unit: str = "step", interval_s: float = 0.0):
         if main_process is None:
             import jax
             main_process = jax.process_index() == 0
         self.total, self.every, self.initial = total, max(1, every), initial
-        self.label = label or desc
+        self.label, self.unit, self.interval_s = label or desc, unit, interval_s
         self.enabled = enabled and main_process
         self.start = time.perf_counter()
-        self.first_step_done = None  # time after the session's first step: later steps estimate the ETA
+        self.first_step_done = None  # time after the session's first update: later ones estimate the ETA
+        self.first_done = initial    # items done at that time
+        self.last_logged, self.last_line = initial, self.start
         self.bar = None
         if self.enabled and (sys.stderr.isatty() if terminal is None else terminal):
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step")
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit)
 
     def eta_seconds(self, done: int, now: float) -> float:
-        """The remaining steps at the pace of those after the session's first (which includes compiling)."""
-        return (now - self.first_step_done) / max(done - self.initial - 1, 1) * (self.total - done)
+        """The remaining items at the pace of those after the session's first update (which includes compiling)."""
+        return (now - self.first_step_done) / max(done - self.first_done, 1) * (self.total - done)
 
     def update(self, done: int, postfix: Mapping[str, str] | None = None) -> None:
         if not self.enabled:
@@ -128,19 +133,26 @@ class Progress:
         now = time.perf_counter()
         first = self.first_step_done is None
         if first:
-            self.first_step_done = now
+            self.first_step_done, self.first_done = now, done
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(1)
+            self.bar.update(done - self.bar.n)
             return
         shown = ", ".join(f"{name} {text}" for name, text in postfix.items())
-        if first:
-            log.info("%s step %d/%d: %s (compiling included, it took %s)", self.label, done, self.total, shown,
-                     format_duration(now - self.start))
-        elif done % self.every == 0 or done == self.total:
-            log.info("%s step %d/%d (%d%%): %s, %s elapsed, ETA %s", self.label, done, self.total,
-                     100 * done // self.total, shown, format_duration(now - self.start),
-                     format_duration(self.eta_seconds(done, now)))
+        if self.interval_s > 0:
+            if now - self.last_line < self.interval_s:
+                return
+        elif first:
+            log.info("%s %s %d/%d: %s (compiling included, it took %s)", self.label, self.unit, done, self.total,
+                     shown, format_duration(now - self.start))
+            self.last_logged, self.last_line = done, now
+            return
+        elif done // self.every == self.last_logged // self.every and done != self.total:
+            return
+        log.info("%s %s %d/%d (%d%%): %s, %s elapsed, ETA %s", self.label, self.unit, done, self.total,
+                 100 * done // self.total, shown, format_duration(now - self.start),
+                 format_duration(self.eta_seconds(done, now)))
+        self.last_logged, self.last_line = done, now
 
     def close(self) -> None:
         if self.bar is not None:
