@@ -37,9 +37,42 @@ def load_tokenizer(path_or_id: str | Path):
                     "differently, so exports may tokenize differently in stock tools; rebuild the tokenizer (for the "
                     "toy world: a fresh world directory)", config_file, declared, type(tokenizer).__name__)
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
-        return tokenizer
     except Exception as e:
         raise ValueError(f"could not load a tokenizer from {path_or_id!r}: {e}") from e
+    check_chat_template(tokenizer, template_source(path) if path.exists() else str(path_or_id))
+    return tokenizer
+
+
+def template_source(directory: Path) -> str:
+    """Where a tokenizer directory's chat template is read from (transformers prefers a file of its own)."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (directory / name).exists():
+            return str(directory / name)
+    return f"{directory / 'tokenizer_config.json'} (its chat_template)"
+
+
+def check_chat_template(tokenizer, where: str) -> None:
+    """Render the chat template once, as a run will (a system and a user turn, the assistant's turn
+    opened), so a broken or hostile template stops the load with one line naming `where` instead of a
+    traceback at the first prompt after the model has loaded: a Jinja syntax error, an operation the
+    sandbox refuses, an undefined name. A template that refuses a system turn on purpose (its own
+    `raise_exception`) passes if it renders a lone user turn. No template: nothing to check."""
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    from jinja2 import TemplateError
+    try:
+        try:
+            render_chat(tokenizer, "2 + 2?", system_prompt="You are a tutor.")
+        except TemplateError as refusal:
+            if type(refusal) is not TemplateError:  # raise_exception raises the base class itself
+                raise
+            render_chat(tokenizer, "2 + 2?")
+    except Exception as error:  # one line, whatever Jinja or transformers raised
+        line = getattr(error, "lineno", None)
+        detail = " ".join(str(getattr(error, "message", None) or error).split())
+        raise ValueError(f"{where}: the chat template cannot be rendered ({type(error).__name__}"
+                         f"{f' at line {line}' if line else ''}: {detail}); fix it or use another tokenizer "
+                         "(config.model.tokenizer)") from None
 
 
 def as_messages(chat: Chat, system_prompt: str | None = None) -> list[Message]:
