@@ -113,14 +113,24 @@ class DistillBatch(TypedBatch):
 
 
 def bucket_length(n: int, buckets: Sequence[int] = (), min_bucket: int = 16) -> int:
-    """Smallest configured bucket >= n; without a list, the next power of two >= max(n, min_bucket)."""
+    """Smallest configured bucket >= n; without a list, the smallest quarter-power-of-two length
+    (`quarter_power_of_two`) >= max(n, min_bucket)."""
     if buckets:
         for b in buckets:
             if b >= n:
                 return int(b)
         raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
-    n = max(int(n), int(min_bucket), 1)
-    return 1 << (n - 1).bit_length()
+    return quarter_power_of_two(max(int(n), int(min_bucket), 1))
+
+
+def quarter_power_of_two(n: int) -> int:
+    """The smallest length >= n of the form m * 2**e with m in {4, 5, 6, 7} (every length up to 8):
+    ..., 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... Padding is under 25% of n (the next power of two
+    padded up to 2x), for four compiled lengths per doubling instead of one."""
+    if n <= 8:
+        return max(int(n), 1)
+    step = 1 << ((n - 1).bit_length() - 3)  # a quarter of the power of two below n
+    return -(-n // step) * step
 
 
 def _prompt_keys(student_format: str) -> dict[str, str]:

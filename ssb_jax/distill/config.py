@@ -29,8 +29,8 @@ class TrainConfig(LoraSettings, CheckpointSettings, OptimizerSettings):
                                           "before training)")
     topk: int = setting(64, "cached teacher mode: log-probabilities kept per answer token")
     # batching: sequences are right padded to the smallest bucket >= their length
-    length_buckets: tuple[int, ...] = setting((), "comma-separated padded sequence lengths (empty: powers of two "
-                                                  ">= min_bucket)")
+    length_buckets: tuple[int, ...] = setting((), "comma-separated padded sequence lengths (empty: 4-7 times a "
+                                                  "power of two >= min_bucket, under 25% padding)")
     min_bucket: int = setting(16, "smallest padded sequence length")
     max_seq_len: int = setting(0, "> 0: solutions are truncated so both sequences fit in this many tokens")
     # the student's input and targets (the SSB reference code: "plain", False; see docs/reference_differences.md)

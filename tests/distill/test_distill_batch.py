@@ -23,9 +23,18 @@ def model(seed):
     return config, init_model(config, seed, std=0.15)
 
 
+def test_default_buckets_pad_at_most_a_quarter():
+    """Without configured buckets a length is padded by at most 25% (powers of two padded up to 2x), with
+    four lengths per doubling."""
+    lengths = np.arange(16, 20_000)
+    padded = np.array([bucket_length(int(n)) for n in lengths])
+    assert (padded >= lengths).all() and (padded <= 1.25 * lengths).all()
+    assert len(set(padded[(lengths > 1024) & (lengths <= 2048)].tolist())) == 4
+
+
 def test_bucket_length():
-    assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 32, 64, 64, 128]
-    assert bucket_length(5, min_bucket=4) == 8
+    assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 20, 40, 64, 80]
+    assert bucket_length(5, min_bucket=4) == 5
     assert bucket_length(40, buckets=(32, 48, 96)) == 48
     with pytest.raises(ValueError):
         bucket_length(100, buckets=(32, 48, 96))
