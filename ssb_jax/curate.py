@@ -216,21 +216,27 @@ def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
     records_path = out_dir / RECORDS_FILE
     distributed.fold_process_shards([records_path], "curate:start", {records_path: position})
     store = ShardedRecordStore(records_path, index, count)
-    done = store.done_ids()  # the fold above left every earlier record in the merged file
-    kept = sum(r.get("verdict") == "kept" for r in store.merged.read_all())
+    # the fold above left every earlier record in the merged file: {id: kept?}
+    stored_kept = {r["id"]: r.get("verdict") == "kept" for r in store.merged.read_all()}
+    done = frozenset(stored_kept)
     if done:
-        log.info("curation: resuming with %d questions done (%d pairs kept)", len(done), kept)
+        log.info("curation: resuming with %d questions done (%d pairs kept)", len(done), sum(stored_kept.values()))
+    # Stop where an uninterrupted run stops: after the first whole wave that reaches the target, counting
+    # each wave's pairs, stored or new. A wave cut short by a kill (a prefix of its records stored) is
+    # finished first, so resuming never stops inside a wave and the counts do not depend on where it was cut.
     wave = config.questions_per_batch * count
+    kept = 0
     for begin in range(0, len(order), wave):
         if config.target_pairs and kept >= config.target_pairs:
             break
-        batch = [p for p in order[begin:begin + wave][index::count] if p.id not in done]
-        new_kept = 0
+        share = order[begin:begin + wave][index::count]
+        batch = [p for p in share if p.id not in done]
+        wave_kept = sum(stored_kept.get(p.id, False) for p in share)
         if batch:
             records = _process_batch(batch, sampler, tokenizer, config, prompts)
             store.append(records)
-            new_kept = sum(r["verdict"] == "kept" for r in records)
-        kept += distributed.sum_over_processes(new_kept)
+            wave_kept += sum(r["verdict"] == "kept" for r in records)
+        kept += distributed.sum_over_processes(wave_kept)
         log.info("curation: %d of %d questions looked at, %d pairs kept", min(begin + wave, len(order)), len(order),
                  kept)
     distributed.fold_process_shards([records_path], "curate:end", {records_path: position})

@@ -12,9 +12,14 @@ lines. Those records are complete and count as done; resuming by id (write what 
 not in `done_ids()`) therefore still reaches the same final content.
 
 One writer per file: ids are cached in memory after the first read.
+
+A failed write (a full disk, say) is a `WriteError`, an OSError naming the file; an append rolls its
+batch back and an atomic write leaves the old file, so rerunning after freeing space resumes.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -132,7 +137,7 @@ class RecordStore:
         data = "".join(json.dumps(dict(record), ensure_ascii=False) + "\n" for record in batch)
         payload = data.encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as handle:
+        with _naming(self.path), open(self.path, "ab") as handle:
             start = handle.seek(0, os.SEEK_END)
             try:
                 handle.write(payload)
@@ -146,6 +151,24 @@ class RecordStore:
         return len(batch)
 
 
+class WriteError(OSError):
+    """A write that failed (a full disk, a quota, an I/O error), naming the file; `errno` is the cause's."""
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError while writing `path` (write, flush and fsync name no file: "[Errno 28] No space left on
+    device") becomes a WriteError naming it, with what to do when the disk is full."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        hint = ("; free space there (or use another --config.workdir), then rerun the same command: the run resumes"
+                if error.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+        raise WriteError(error.errno, f"cannot write {path}: {error.strerror or error}{hint}") from error
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """Write JSON so readers see the old file or the new one, never a partial one."""
     write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
@@ -154,23 +177,24 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` by a durable temp-file rename (readers never see a partial file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                             dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; keep the old file's mode, else a usual 0644.
-        os.chmod(temp_name, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                                 dir=path.parent)
         try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+            # mkstemp makes the file 0600; keep the old file's mode, else a usual 0644.
+            os.chmod(temp_name, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, path)
+        except BaseException:
+            try:
+                os.unlink(temp_name)
+            except FileNotFoundError:
+                pass
+            raise
     try:  # make the rename itself durable
         directory = os.open(path.parent, os.O_RDONLY)
         try:

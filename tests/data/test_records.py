@@ -183,3 +183,44 @@ def test_fold_refuses_conflicting_records(tmp_path):
     ShardedRecordStore(path, 1, 2).own.path.write_text(json.dumps({"id": "a", "v": 1}) + "\n")
     assert [r["v"] for r in fold_shards(path)] == [1]  # the same record twice is one record
 
+
+
+# --- a full disk names the file and loses nothing ------------------------------------------------------------
+
+def _disk_full(monkeypatch):
+    import errno
+
+    def no_space(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", no_space)  # as a full disk fails the flush to the device
+
+
+def test_a_full_disk_while_appending_names_the_file_and_rolls_the_batch_back(tmp_path, monkeypatch):
+    import errno
+
+    from ssb_jax.data.records import WriteError
+    path = tmp_path / "round_1" / "curate" / "records.jsonl"
+    store = RecordStore(path)
+    store.append([{"id": "a"}])
+    before = path.read_bytes()
+    _disk_full(monkeypatch)
+    with pytest.raises(WriteError) as error:
+        store.append([{"id": "b"}, {"id": "c"}])
+    message = str(error.value)
+    assert error.value.errno == errno.ENOSPC and isinstance(error.value, OSError)
+    assert f"cannot write {path}: No space left on device; free space there" in message and "\n" not in message
+    assert path.read_bytes() == before  # the batch was rolled back
+    monkeypatch.undo()
+    assert store.append([{"id": "b"}, {"id": "c"}]) == 2  # after freeing space the same batch goes in
+    assert [r["id"] for r in RecordStore(path).read_all()] == ["a", "b", "c"]
+
+
+def test_a_full_disk_during_an_atomic_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from ssb_jax.data.records import WriteError
+    path = tmp_path / "curation_summary.json"
+    write_json_atomic(path, {"kept": 1})
+    _disk_full(monkeypatch)
+    with pytest.raises(WriteError, match=rf"^\[Errno 28\] cannot write {path}: No space left on device"):
+        write_json_atomic(path, {"kept": 2})
+    assert json.loads(path.read_text()) == {"kept": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["curation_summary.json"]  # no temp file left
