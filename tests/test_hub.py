@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssb_jax import hub
+from ssb_jax.model import hub
 
 REPO = Path(__file__).resolve().parents[1]
 

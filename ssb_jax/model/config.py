@@ -6,11 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
-from ssb_jax.model.attention import check_impl
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # jax.numpy's names; jax is imported when a dtype is asked for
 # The seven linear maps of a decoder layer, in HF order (LoRA targets name these).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What each decoder layer keeps for the backward pass (see qwen2.remat_policy):
@@ -57,11 +53,13 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.cache_block < 1:
             raise ValueError(f"ModelConfig.cache_block must be >= 1, got {self.cache_block}")
+        from ssb_jax.model.attention import check_impl
         check_impl(self.attention_impl)
 
     @property
     def jnp_dtype(self):
-        return _DTYPES[self.dtype]
+        import jax.numpy as jnp
+        return getattr(jnp, self.dtype)
 
     @property
     def q_size(self) -> int:

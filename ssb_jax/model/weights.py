@@ -114,7 +114,7 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
         return path
     if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
         raise CheckpointError(f"{path_or_id}: no such local directory, and not a hub id of the form 'org/name'")
-    from ssb_jax.hub import hub_snapshot  # only when reaching for the hub: the cache, else a quick probe
+    from ssb_jax.model.hub import hub_snapshot  # only when reaching for the hub: the cache, else a quick probe
     try:
         local = hub_snapshot(
             str(path_or_id),

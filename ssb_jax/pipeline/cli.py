@@ -6,8 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-from ssb_jax import config as config_lib
-
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DESCRIPTION = """Runs the pipeline's stages in order: (the toy world, for the offline tiny config) then per SSB round
 curate -> teacher_cache -> train (and sft when named), then grpo (when named), eval, export and report. Each
@@ -75,9 +73,10 @@ def run(config) -> Path:
 def main(argv=None):
     """The command line; argv as sys.argv (the program name first)."""
     args = list(sys.argv if argv is None else argv)[1:]
-    if "--help" in args or "-h" in args:
+    if "--help" in args or "-h" in args:  # before importing the settings (and with them jax): it answers at once
         print(DESCRIPTION + "\n\n" + usage())
         return
+    from ssb_jax import config as config_lib
     try:
         config, rest = config_lib.parse_config_args(args, default_path="configs/tiny.py")
     except ValueError as e:

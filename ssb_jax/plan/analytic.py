@@ -20,9 +20,9 @@ from ssb_jax.data.datasets import known_dataset_file, load_problems
 from ssb_jax.distill.batch import bucket_length
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.evaluation import PROTOCOLS, EvalConfig, parse_datasets
-from ssb_jax.hub import hub_file
 from ssb_jax.model.attention import chunk_layout, resolve
 from ssb_jax.model.config import ModelConfig
+from ssb_jax.model.hub import hub_file
 from ssb_jax.model.kv_cache import CACHE_AXES
 from ssb_jax.model.lora import student_split
 from ssb_jax.model.tokenizer import encode_chat, load_tokenizer
@@ -32,8 +32,8 @@ from ssb_jax.plan.accelerators import ACCELERATORS
 from ssb_jax.prompts import prompts_from_config
 from ssb_jax.sampling.driver import bucket_for, power_of_two_buckets
 from ssb_jax.sampling.mesh import sampling_mesh_shape
-from ssb_jax.sharding import (MESH_AXES, array_bytes_per_device, check_batch_divides, data_parallel_size,
-                              parse_mesh_setting, state_bytes_per_device)
+from ssb_jax.sharding import (MESH_AXES, array_bytes_per_device, auto_mesh_shape, check_batch_divides,
+                              data_parallel_size, parse_mesh_setting, state_bytes_per_device)
 
 GIB = 2**30
 
@@ -425,9 +425,9 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
     acc = ACCELERATORS[accelerator]
     devices = devices or acc.devices
     backend = backend or acc.backend
-    axes = mesh_shape(dict(config.mesh), devices)
     model_config = model_config_of(config)
     tc = section_to(TrainConfig, config.train, "config.train")
+    axes = auto_mesh_shape(dict(config.mesh), devices, tc.batch_size, model_config.num_kv_heads)
     cur = section_to(CurationConfig, config.curate, "config.curate")
     # the run's stages, read from the registry, with what each asks of the devices
     stage_uses = {name: REGISTRY.get(name).uses for name in REGISTRY.parse(config.stages)}

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssb_jax import validate
 from ssb_jax.model.config import PROJECTIONS
-from ssb_jax.model.lora import LoraConfig
 from ssb_jax.settings import setting
+
+if TYPE_CHECKING:  # imported where used: these settings are read without jax (the command line's --help)
+    from ssb_jax.model.lora import LoraConfig
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -112,6 +114,7 @@ class LoraSettings(Settings):
         super().__post_init__()
 
     def lora_config(self) -> LoraConfig:
+        from ssb_jax.model.lora import LoraConfig
         return LoraConfig(targets=self.lora_targets, rank=self.lora_rank, alpha=self.lora_alpha,
                           use_rslora=self.use_rslora, dtype=self.lora_dtype)
 

@@ -223,3 +223,21 @@ def test_exit_status_and_one_line_errors_of_a_failing_run(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run", failing(RuntimeError("a bug")))
     with pytest.raises(RuntimeError):  # anything else keeps its traceback
         main_module.main(argv)
+
+
+def test_help_answers_without_importing_jax():
+    """`python -m ssb_jax.main --help` lists the registry's stages and imports neither jax nor numpy
+    (python -X importtime names every module a process imports)."""
+    import subprocess
+    import sys
+
+    from ssb_jax.pipeline.registry import REGISTRY
+    repo = CONFIGS.parent
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "ssb_jax.main", "--help"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "ssb_jax.pipeline.registry" in imported  # the stages come from the registry itself
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers"))
+    assert not heavy, heavy
+    assert all(stage.name in done.stdout for stage in REGISTRY)

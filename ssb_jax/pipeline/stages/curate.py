@@ -6,9 +6,7 @@ import dataclasses
 import json
 import logging
 
-from ssb_jax import curate
 from ssb_jax.data.records import RecordStore
-from ssb_jax.pipeline.context import RunStopped
 from ssb_jax.pipeline.stage import Stage
 
 log = logging.getLogger("ssb_jax")
@@ -29,10 +27,12 @@ class CurateStage(Stage):
                 "max_prompt_tokens": ctx.config.sampler.max_prompt_tokens, "data": ctx.data_identity()}
 
     def done(self, ctx, r):
+        from ssb_jax import curate
         path = self.directory(ctx, r) / curate.SUMMARY_FILE
         return path.exists() and curate.finished(json.loads(path.read_text()), ctx.round_curation(r))
 
     def run(self, ctx, r):
+        from ssb_jax import curate
         problems = ctx.load_training_problems()
         log.info("round %d curate: %d questions from %s", r, len(problems), ctx.config.data.train)
         summary = curate.run(problems, ctx.sampler(ctx.round_model), ctx.tokenizer, ctx.round_curation(r),
@@ -40,6 +40,7 @@ class CurateStage(Stage):
         return {"sampled_tokens": summary["sampled_tokens"]["total"]}
 
     def warnings(self, ctx):
+        from ssb_jax import curate
         lines = []
         for r in range(1, ctx.config.num_rounds + 1):
             path = self.directory(ctx, r) / curate.SUMMARY_FILE
@@ -51,6 +52,8 @@ class CurateStage(Stage):
 
 def kept_examples(ctx, r: int) -> list[dict]:
     """Round r's kept pairs: what the teacher cache, SSB and SFT train on."""
+    from ssb_jax import curate
+    from ssb_jax.pipeline.context import RunStopped
     directory = ctx.registry.get("curate").directory(ctx, r)
     pairs = curate.kept_pairs(RecordStore(directory / curate.RECORDS_FILE).read_all(), ctx.curation.target_pairs)
     if not pairs:
@@ -61,5 +64,6 @@ def kept_examples(ctx, r: int) -> list[dict]:
 def curation_tokens(ctx, r: int) -> int:
     """Tokens round r's curation sampled (rollouts and teacher solutions): SSB's and SFT's training cost in
     samples, the learning curves' x-axis."""
+    from ssb_jax import curate
     directory = ctx.registry.get("curate").directory(ctx, r)
     return curate.sampled_tokens(RecordStore(directory / curate.RECORDS_FILE).read_all())["total"]

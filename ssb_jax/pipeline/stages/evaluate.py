@@ -5,10 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 
-import jax
-
-from ssb_jax import evaluation
-from ssb_jax.distributed import barrier
 from ssb_jax.fingerprint import StaleOutputsError
 from ssb_jax.pipeline.stage import Stage
 
@@ -29,6 +25,9 @@ class EvalStage(Stage):
 
     def run(self, ctx, r):
         """Evaluate; outputs made from other inputs are deleted and redone only under --config.overwrite=eval."""
+        import jax
+
+        from ssb_jax.distributed import barrier
         try:
             self._evaluate(ctx)
         except StaleOutputsError:
@@ -42,6 +41,7 @@ class EvalStage(Stage):
         return {}  # DONE.json: its wall time, for the report (done() still rechecks every outputs file)
 
     def _evaluate(self, ctx):
+        from ssb_jax import evaluation
         labels = sorted(ctx.candidates, key=lambda k: (CANDIDATE_ORDER + (k,)).index(k))
         samplers = {label: ctx.sampler(*ctx.candidates[label].sampler_args()) for label in labels}
         identities = {label: ctx.candidates[label].identity for label in labels}

@@ -6,18 +6,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
-
 from ssb_jax import fingerprint as fp
-from ssb_jax.distributed import to_host
-from ssb_jax.export import ADAPTER_WEIGHTS, export_merged_model, export_peft_adapter
-from ssb_jax.grpo import run as grpo_run
-from ssb_jax.model.lora import init_lora, lora_from_peft
-from ssb_jax.pipeline.context import Candidate
-from ssb_jax.pipeline.learning_curve import learning_curve
 from ssb_jax.pipeline.stage import Stage
-from ssb_jax.sharding import shard_state
-from ssb_jax.training.settings import OPERATIONAL_SETTINGS
 
 log = logging.getLogger("ssb_jax")
 
@@ -31,6 +21,7 @@ class GRPOStage(Stage):
     def fingerprint(self, ctx, r):
         """The round-1 base, the training questions, the prompt, its settings and the adapters' shape (the
         train section's, or its own lora_rank / lora_alpha)."""
+        from ssb_jax.training.settings import OPERATIONAL_SETTINGS
         return {"base": ctx.base_identity(1), "prompts": dataclasses.asdict(ctx.prompts),
                 "max_prompt_tokens": ctx.config.sampler.max_prompt_tokens,
                 "lora": ctx.grpo_config.lora_config(ctx.train_config.lora_config()).to_dict(),
@@ -38,6 +29,13 @@ class GRPOStage(Stage):
                 "data": ctx.data_identity()}
 
     def run(self, ctx, r):
+        import jax
+
+        from ssb_jax.distributed import to_host
+        from ssb_jax.export import export_merged_model, export_peft_adapter
+        from ssb_jax.grpo import run as grpo_run
+        from ssb_jax.model.lora import init_lora
+        from ssb_jax.pipeline.learning_curve import learning_curve
         out = self.directory(ctx, r)
         problems = ctx.load_training_problems()
         lora_config = ctx.grpo_config.lora_config(ctx.train_config.lora_config())
@@ -64,6 +62,7 @@ class GRPOStage(Stage):
         return {"iterations": result["iterations"], "final_metrics": last}
 
     def publish(self, ctx, r):
+        from ssb_jax.pipeline.context import Candidate
         if not self.done(ctx, r):
             return
         identity = fp.digest({"base": ctx.base_identity(1), "grpo": ctx.stage_digest(None, self.name)})
@@ -72,6 +71,10 @@ class GRPOStage(Stage):
     def adapters(self, ctx):
         """The baseline's adapters on the sampling mesh (from its exported PEFT adapter) and their LoraConfig."""
         from safetensors.numpy import load_file
+
+        from ssb_jax.export import ADAPTER_WEIGHTS
+        from ssb_jax.model.lora import lora_from_peft
+        from ssb_jax.sharding import shard_state
         lora_config = ctx.grpo_config.lora_config(ctx.train_config.lora_config())
         tensors = load_file(str(self.directory(ctx, None) / "export" / "peft_adapter" / ADAPTER_WEIGHTS))
         lora = lora_from_peft(tensors, ctx.model_config, lora_config)

@@ -7,18 +7,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
-
-from ssb_jax import config as config_lib
 from ssb_jax import fingerprint as fp
-from ssb_jax.distributed import to_host
-from ssb_jax.export import ADAPTER_WEIGHTS, export_merged_model, export_peft_adapter
-from ssb_jax.model.lora import init_lora, lora_from_peft
 from ssb_jax.onpolicy.config import SECTION_CONFIGS
-from ssb_jax.pipeline.context import Candidate, RunStopped
-from ssb_jax.pipeline.learning_curve import learning_curve
 from ssb_jax.pipeline.stage import Stage
-from ssb_jax.sharding import shard_state
 from ssb_jax.training.settings import OPERATIONAL_SETTINGS
 
 log = logging.getLogger("ssb_jax")
@@ -43,6 +34,7 @@ class OnPolicyStage(Stage):
         self.summary = SUMMARIES[name]
 
     def settings(self, ctx):
+        from ssb_jax import config as config_lib
         return config_lib.section_to(SECTION_CONFIGS[self.name], ctx.config[self.name], f"config.{self.name}")
 
     def fingerprint(self, ctx, r):
@@ -69,6 +61,7 @@ class OnPolicyStage(Stage):
     def _curation_records(self, ctx):
         from ssb_jax import curate
         from ssb_jax.data.records import RecordStore
+        from ssb_jax.pipeline.context import RunStopped
         path = ctx.registry.get("curate").directory(ctx, 1) / curate.RECORDS_FILE
         if not path.exists():
             raise RunStopped(f"{self.name}: {path} does not exist; run the curate stage first "
@@ -76,7 +69,13 @@ class OnPolicyStage(Stage):
         return RecordStore(path).read_all()
 
     def run(self, ctx, r):
+        import jax
+
+        from ssb_jax.distributed import to_host
+        from ssb_jax.export import export_merged_model, export_peft_adapter
+        from ssb_jax.model.lora import init_lora
         from ssb_jax.onpolicy import run as onpolicy_run
+        from ssb_jax.pipeline.learning_curve import learning_curve
         from ssb_jax.pipeline.stages.curate import kept_examples
         oc = self.settings(ctx)
         out = self.directory(ctx, r)
@@ -106,6 +105,7 @@ class OnPolicyStage(Stage):
         return {"iterations": oc.steps, "final_metrics": last}
 
     def publish(self, ctx, r):
+        from ssb_jax.pipeline.context import Candidate
         if not self.done(ctx, r):
             return
         identity = fp.digest({"base": ctx.base_identity(1), self.name: ctx.stage_digest(None, self.name)})
@@ -114,6 +114,10 @@ class OnPolicyStage(Stage):
     def adapters(self, ctx):
         """The stage's adapters on the sampling mesh (from its exported PEFT adapter) and their LoraConfig."""
         from safetensors.numpy import load_file
+
+        from ssb_jax.export import ADAPTER_WEIGHTS
+        from ssb_jax.model.lora import lora_from_peft
+        from ssb_jax.sharding import shard_state
         lora_config = self.settings(ctx).lora_config()
         tensors = load_file(str(self.directory(ctx, None) / "export" / "peft_adapter" / ADAPTER_WEIGHTS))
         lora = lora_from_peft(tensors, ctx.model_config, lora_config)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-import jax
-
 from ssb_jax.pipeline.stage import DONE_FILE, Stage
-from ssb_jax.report import write_report
 
 log = logging.getLogger("ssb_jax")
 
@@ -24,6 +21,9 @@ class ReportStage(Stage):
         return False  # cheap, and always from the latest outputs
 
     def run(self, ctx, r):
+        import jax
+
+        from ssb_jax.report import write_report
         if jax.process_index() == 0:
             warnings = [line for stage in ctx.registry for line in stage.warnings(ctx)]
             path = write_report(ctx.workdir, ctx.config.num_rounds, warnings=warnings,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ssb_jax import fingerprint as fp
-from ssb_jax.distill.teacher_cache import build_teacher_cache_sharded
 from ssb_jax.pipeline.stage import Stage
 from ssb_jax.pipeline.stages.curate import kept_examples
 
@@ -29,6 +28,7 @@ class TeacherCacheStage(Stage):
         return (self.directory(ctx, r) / "index.json").exists()
 
     def run(self, ctx, r):
+        from ssb_jax.distill.teacher_cache import build_teacher_cache_sharded
         tc = ctx.train_config
         build_teacher_cache_sharded(ctx.round_model, ctx.model_config, kept_examples(ctx, r), self.directory(ctx, r),
                                     k=tc.topk, temperature=tc.temperature, batch_size=tc.batch_size,

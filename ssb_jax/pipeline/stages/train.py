@@ -3,12 +3,8 @@ pairs): LoRA adapters on the round's base, trained on the kept pairs."""
 from __future__ import annotations
 
 from ssb_jax import fingerprint as fp
-from ssb_jax.distill import train as distill_train
-from ssb_jax.pipeline.context import Candidate, RunStopped
-from ssb_jax.pipeline.learning_curve import learning_curve
 from ssb_jax.pipeline.stage import Stage
 from ssb_jax.pipeline.stages.curate import curation_tokens, kept_examples
-from ssb_jax.training.settings import OPERATIONAL_SETTINGS
 
 
 class TrainStage(Stage):
@@ -27,11 +23,14 @@ class TrainStage(Stage):
     def fingerprint(self, ctx, r):
         """The round's base, its training examples and the settings they read (the teacher cache is a
         function of exactly these, so no digest of it is needed)."""
+        from ssb_jax.training.settings import OPERATIONAL_SETTINGS
         tc = self.settings(ctx).to_dict()
         return {"base": ctx.base_identity(r), "examples": fp.digest({"pairs": kept_examples(ctx, r)}),
                 "settings": {k: v for k, v in tc.items() if k not in OPERATIONAL_SETTINGS}}
 
     def run(self, ctx, r):
+        from ssb_jax.distill import train as distill_train
+        from ssb_jax.pipeline.learning_curve import learning_curve
         tc = self.settings(ctx)
         out = self.directory(ctx, r)
         curve = learning_curve(ctx, ctx.round_model, tc.lora_config(), out / distill_train.METRICS_FILE, self.label)
@@ -45,6 +44,7 @@ class TrainStage(Stage):
         return {"steps": result["total_steps"], "final_metrics": last}
 
     def publish(self, ctx, r):
+        from ssb_jax.pipeline.context import Candidate, RunStopped
         if not self.done(ctx, r):
             if r < ctx.config.num_rounds and self.candidate == "student":
                 raise RunStopped(f"round {r} has no trained student, so round {r + 1} has no base; "
