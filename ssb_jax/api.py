@@ -8,11 +8,12 @@ from ssb_jax.model.qwen2 import apply, positions_from_mask
 from ssb_jax.model.weights import load_params
 
 
-def load_model(path_or_id, *, dtype=None, mesh=None, **config_overrides):
+def load_model(path_or_id, *, dtype=None, mesh=None, finite_check="sample", **config_overrides):
     """(ModelConfig, Qwen2ForCausalLM) from a local HF checkpoint directory or a hub id; each weight is
     placed on `mesh` by its logical axes if a mesh is given. config_overrides: ModelConfig fields that
-    are not in config.json (attention_impl="chunked", remat="full")."""
-    return load_params(path_or_id, dtype=dtype, mesh=mesh, overrides=config_overrides)
+    are not in config.json (attention_impl="chunked", remat="full"). finite_check: "sample", "full" or
+    "off" (the NaN/infinity check of the weights, model.weights.FINITE_CHECKS)."""
+    return load_params(path_or_id, dtype=dtype, mesh=mesh, overrides=config_overrides, finite_check=finite_check)
 
 
 def compute_logits(model, config, tokens, mask=None, positions=None):
