@@ -25,8 +25,14 @@
 # --dry-run prints every command (gcloud, tar, ...) instead of running it and needs no gcloud.
 set -euo pipefail
 
+usage() {  # the comment block at the top of this file
+  sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+if [[ $# == 0 || ${1:-} == -h || ${1:-} == --help ]]; then usage; exit $(( $# == 0 ? 2 : 0 )); fi
+
 DRY_RUN=0
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+if [[ $# == 0 ]]; then usage >&2; exit 2; fi
 
 quote() {  # the arguments as one shell line
   local arg out=()
@@ -62,7 +68,8 @@ case ${1:-} in
     exit 0 ;;
 esac
 
-NAME=${1:?slice name}; ZONE=${2:?zone}; TYPE=${3:?accelerator type, e.g. v4-32}
+if (( $# < 3 )); then say "error: NAME ZONE ACCELERATOR_TYPE are required"; usage >&2; exit 2; fi
+NAME=$1; ZONE=$2; TYPE=$3
 CONFIG=${4:-configs/qwen3b.py}; shift $(( $# < 4 ? $# : 4 ))
 EXTRA=("$@")
 
