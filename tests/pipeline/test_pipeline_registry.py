@@ -55,6 +55,16 @@ def registered(seed):
             REGISTRY.unregister(stage.name)
 
 
+@pytest.fixture(scope="module")
+def qwen_vocab_checkpoint(tmp_path_factory):
+    """A tiny random model whose embedding holds every id of the Qwen2.5 tokenizer the runs load (a run
+    refuses a tokenizer with ids past the embedding's rows)."""
+    from tests.hf_models import make_hf_checkpoint
+    return make_hf_checkpoint(tmp_path_factory.mktemp("qwen_vocab"), tie=True, seed=0, vocab_size=151936,
+                              hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                              num_hidden_layers=1)
+
+
 def command(workdir, checkpoint, *extra):
     return ["ssb_jax.main", "--config", TINY_CONFIG, f"--config.workdir={workdir}",
             f"--config.model.path={checkpoint}", f"--config.model.tokenizer={shared_data_path('qwen2.5_tokenizer')}",
@@ -63,14 +73,14 @@ def command(workdir, checkpoint, *extra):
 
 
 @pytest.mark.e2e  # the pipeline CLI in-process, with test stages
-def test_a_registered_stage_runs_is_fingerprinted_overwritten_and_reported(registered, tiny_checkpoint, tmp_path,
-                                                                         capsys):
+def test_a_registered_stage_runs_is_fingerprinted_overwritten_and_reported(registered, qwen_vocab_checkpoint,
+                                                                         tmp_path, capsys):
     echo, reader = registered
     cli.main(["ssb_jax.main", "--help"])
     assert "echo " in capsys.readouterr().out  # the CLI lists it
 
     workdir = tmp_path / "run"
-    cli.main(command(workdir, tiny_checkpoint))
+    cli.main(command(workdir, qwen_vocab_checkpoint))
     assert (echo.runs, reader.runs) == (1, 1)
     assert (workdir / "echo" / "value.txt").read_text() == echo.value
     assert json.loads((workdir / "echo" / FINGERPRINT_FILE).read_text()) == {"value": echo.value}
@@ -79,14 +89,14 @@ def test_a_registered_stage_runs_is_fingerprinted_overwritten_and_reported(regis
     assert "| echo | yes | yes |" in report and "| echo_reader | yes | yes |" in report
     assert "| curate (round 1) | no | no |" in report
 
-    cli.main(command(workdir, tiny_checkpoint))  # complete: skipped
+    cli.main(command(workdir, qwen_vocab_checkpoint))  # complete: skipped
     assert (echo.runs, reader.runs) == (1, 1)
 
     echo.value = echo.value + "-changed"
     with pytest.raises(SystemExit, match="echo: the outputs in .* were made from other settings"):
-        cli.main(command(workdir, tiny_checkpoint))
+        cli.main(command(workdir, qwen_vocab_checkpoint))
     assert echo.runs == 1
-    cli.main(command(workdir, tiny_checkpoint, "--config.overwrite=echo"))  # redoes echo and what reads it
+    cli.main(command(workdir, qwen_vocab_checkpoint, "--config.overwrite=echo"))  # redoes echo and what reads it
     assert (echo.runs, reader.runs) == (2, 2)
     assert (workdir / "echo" / "value.txt").read_text() == echo.value
 
@@ -104,12 +114,12 @@ def test_overwrite_reaches_every_stage_that_reads_the_named_one():
 
 
 @pytest.mark.e2e  # run_pipeline in-process, with test stages
-def test_stale_outputs_name_the_stage(registered, tiny_checkpoint, tmp_path):
+def test_stale_outputs_name_the_stage(registered, qwen_vocab_checkpoint, tmp_path):
     """Through the library: run_pipeline raises StaleOutputsError (the CLI turns it into one line)."""
     from ssb_jax.config import parse_config_args
     from ssb_jax.pipeline import run_pipeline
     echo, _ = registered
-    config, _ = parse_config_args(command(tmp_path, tiny_checkpoint)[1:])
+    config, _ = parse_config_args(command(tmp_path, qwen_vocab_checkpoint)[1:])
     run_pipeline(config)
     echo.value = "other"
     with pytest.raises(StaleOutputsError, match=r"^echo: .*value: '.*' -> 'other'"):
