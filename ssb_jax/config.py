@@ -62,9 +62,12 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSettings:
-    data: int = setting(1, "devices on the data-parallel mesh axis (-1: whatever the other axes leave)")
-    fsdp: int = setting(-1, "devices the weights are sharded over (fully sharded data parallel; -1: the rest)")
-    tensor: int = setting(1, "devices each layer's heads and MLP are split over (tensor parallel)")
+    """The training mesh; axes left at 0 are chosen from the devices, the batch and the model's KV heads
+    (sharding.auto_mesh_shape)."""
+    data: int = setting(0, "devices on the data-parallel mesh axis (0: auto; -1: whatever the other axes leave)")
+    fsdp: int = setting(0, "devices the weights are sharded over (fully sharded data parallel; 0: auto; -1: the rest)")
+    tensor: int = setting(0, "devices each layer's heads and MLP are split over (tensor parallel; 0: auto, only as "
+                          "far as the batch needs and the KV heads allow)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,6 +81,57 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+AUTO = 0  # a config.mesh axis chosen by auto_mesh_shape
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def auto_mesh_shape(requested: Mapping[str, int], devices: int, batch_size: int, kv_heads: int | None = None,
+                    processes: int = 1) -> dict[str, int]:
+    """The training mesh (config.mesh) on `devices` devices: each axis a size, -1 (the devices the others
+    leave) or 0 (chosen here). The chosen axes take as much data parallelism as the batch allows (data x
+    fsdp divides batch_size) and put the rest on tensor, but only as far as the model's KV heads divide
+    (kv_heads None: unknown, no limit); fsdp before data, except one data row per process under several
+    processes. A request nothing fits is a one-line ValueError naming the settings to change."""
+    sizes = {axis: int(requested.get(axis, AUTO)) for axis in MESH_AXES}
+    named = ", ".join(f"config.mesh.{axis}={size}" for axis, size in sizes.items())
+    if any(size < -1 for size in sizes.values()) or list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"{named}: each axis is a positive size, -1 (the rest, at most one axis) or 0 (auto)")
+    fixed = math.prod(size for size in sizes.values() if size > 0)
+    if devices % fixed:
+        raise ValueError(f"{named} cannot fill {devices} devices: {fixed} does not divide {devices}; "
+                         "change config.mesh (0 lets an axis be chosen)")
+    free = [axis for axis, size in sizes.items() if size <= 0]
+    if not free:
+        if fixed != devices:
+            raise ValueError(f"{named} needs {fixed} devices, {devices} are available; change config.mesh "
+                             "(0 lets an axis be chosen)")
+        return sizes
+    rest = devices // fixed
+    fixed_rows = math.prod(sizes[a] for a in BATCH_AXES if sizes[a] > 0)
+    if "tensor" in free and not all(sizes[a] > 0 for a in BATCH_AXES):
+        # the least tensor parallelism that leaves a data-parallel size dividing the batch
+        choices = [t for t in _divisors(rest) if batch_size % (fixed_rows * (rest // t)) == 0
+                   and (t == 1 or kv_heads is None or kv_heads % t == 0)]
+        if not choices:
+            raise ValueError(f"config.train.batch_size={batch_size} cannot be split over {devices} devices with "
+                             f"{named}: data x fsdp must divide the batch and tensor (the rest) the model's "
+                             f"{kv_heads} KV heads; change config.train.batch_size (e.g. to a multiple of "
+                             f"{devices // fixed * fixed_rows}) or config.mesh")
+        sizes["tensor"], rest = choices[0], rest // choices[0]
+    elif "tensor" in free:
+        sizes["tensor"], rest = rest, 1
+    rows = [a for a in BATCH_AXES if a in free]
+    if len(rows) == 2:
+        data = processes if processes > 1 and rest % processes == 0 else 1
+        sizes["data"], sizes["fsdp"] = data, rest // data
+    elif rows:
+        sizes[rows[0]] = rest
+    return sizes
+
+
 def _mesh_axes_for(name: str | None) -> tuple[str, ...]:
     if name is None:
         return ()

@@ -31,7 +31,7 @@ from ssb_jax.grpo.config import GRPOConfig
 from ssb_jax.pipeline.stage import DONE_FILE, Registry
 from ssb_jax.prompts import prompts_from_config
 from ssb_jax.sampling.mesh import sampling_mesh
-from ssb_jax.sharding import check_batch_divides, make_mesh, parse_mesh_setting, shard_state
+from ssb_jax.sharding import auto_mesh_shape, check_batch_divides, make_mesh, parse_mesh_setting, shard_state
 
 log = logging.getLogger("ssb_jax")
 
@@ -74,6 +74,19 @@ def mark_done(directory: Path, **info) -> None:
     barrier(f"done:{directory}")  # no process reads the marker before it exists
 
 
+def kv_heads_hint(config) -> int | None:
+    """The model's KV heads as its config.json says, for the automatic training mesh; None when it cannot
+    be read yet (the toy world builds its model later)."""
+    if not config.model.path:
+        return None
+    from ssb_jax.plan.analytic import model_config_of
+    try:
+        return model_config_of(config).num_kv_heads
+    except Exception as error:  # noqa: BLE001 (a hint: unreadable means no limit from the heads)
+        log.info("the training mesh is chosen without the model's KV heads (%s)", error)
+        return None
+
+
 class RunContext:
     """The run's shared pieces; stages read and publish through it."""
 
@@ -95,7 +108,8 @@ class RunContext:
         self.grpo_config = config_lib.section_to(GRPOConfig, config.grpo, "config.grpo")
         self.curve_config = config_lib.section_to(CurveConfig, config.curves, "config.curves")
         self.prompts = prompts_from_config(config)
-        self.mesh = make_mesh(dict(config.mesh))
+        self.mesh = make_mesh(auto_mesh_shape(dict(config.mesh), jax.device_count(), self.train_config.batch_size,
+                                              kv_heads_hint(config), jax.process_count()))
         if any("training" in registry.get(name).uses for name in self.stages):  # before any stage runs
             check_batch_divides(self.train_config.batch_size, self.mesh, "config.train.batch_size")
         # after every settings check: a refused run makes no run directory

@@ -293,11 +293,14 @@ def test_plan_refuses_a_train_batch_the_mesh_does_not_divide(tmp_path, capsys):
     c = base_config()
     c.model.path = str(directory)
     c.train.batch_size = 6
+    assert plan(c, "v4-8")["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}  # the automatic mesh fits the batch
+    c.mesh.data, c.mesh.tensor = 1, 1  # tensor fixed: the 4 devices are data parallel whatever the batch
     with pytest.raises(ValueError, match=r"config.train.batch_size=6 is not a multiple of the data-parallel size 4"):
         plan(c, "v4-8")
     config_file = str(Path(__file__).resolve().parents[2] / "configs" / "qwen3b.py")
     with pytest.raises(SystemExit):
-        cli.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8"])
+        cli.main(["--config", config_file, f"--config.model.path={directory}", "--accelerator", "v5e-8",
+                  "--config.mesh.tensor=1"])
     assert "config.train.batch_size=4 is not a multiple of the data-parallel size 8" in capsys.readouterr().err
 
 

@@ -140,7 +140,9 @@ def test_pipeline_refuses_a_train_batch_the_mesh_does_not_divide_before_any_stag
     from ssb_jax.pipeline import REGISTRY, RunContext
     c = config_lib.base_config()
     c.workdir, c.compile_cache_dir = str(tmp_path / "run"), ""
-    c.train.batch_size = 4  # the default mesh puts all 8 devices on fsdp
+    c.train.batch_size = 4  # the automatic mesh fits it: 4 rows over fsdp, the model's 2 KV heads over tensor
+    assert dict(RunContext(c, REGISTRY).mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1  # an explicit mesh is used as given
     with pytest.raises(ValueError) as error:
         RunContext(c, REGISTRY)
     assert str(error.value) == ("config.train.batch_size=4 is not a multiple of the data-parallel size 8 (data x fsdp "
@@ -162,7 +164,7 @@ def test_explicit_sampling_mesh_setting():
 
 
 def test_pipeline_places_the_base_on_the_sampling_mesh(tmp_path, checkpoint, prompts_and_reference):
-    """The run context: the training mesh is config.mesh (all 8 devices on fsdp), the base is loaded onto
+    """The run context: the training mesh is config.mesh (auto: all 8 devices on fsdp for 8 rows), the base is loaded onto
     the sampling mesh (this toy fits a device: 8-way data parallel, weights whole on each device), and
     its samplers give the single-device greedy tokens; an explicit sampler.mesh is used as given, one
     the devices cannot fill is named."""
