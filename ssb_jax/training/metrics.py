@@ -63,6 +63,25 @@ def tensorboard_writer(workdir, start: int):
     return SummaryWriter(str(Path(workdir) / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
 
 
+def write_eval_tensorboard(eval_dir, rows: list[Mapping]) -> Path:
+    """Evaluation results as TensorBoard scalars in eval_dir/tb/<model> (one TensorBoard run per model, so
+    `tensorboard --logdir <workdir>` shows them beside the training curves): accuracy (%) and mean tokens
+    per dataset/protocol/metric. Rewritten whole each time, as results.json is."""
+    import shutil
+
+    from tensorboardX import SummaryWriter
+    root = Path(eval_dir) / TENSORBOARD_DIR
+    shutil.rmtree(root, ignore_errors=True)
+    for model in sorted({row["model"] for row in rows}):
+        with SummaryWriter(str(root / model)) as writer:
+            for row in (r for r in rows if r["model"] == model):
+                metric = row["metric"].replace("@", "_at_")  # TensorBoard tags take no "@" (pass@1 -> pass_at_1)
+                tag = f"eval/{row['dataset']}/{row['protocol']}/{metric}"
+                write_scalars(writer, {"accuracy_pct": 100 * row["accuracy"], "mean_tokens": row.get("mean_tokens")},
+                              tag, 0)
+    return root
+
+
 def subplots(rows: int, columns: int, **kwargs):
     """(figure, axes) of a new matplotlib figure, drawn off screen (no display needed)."""
     import matplotlib

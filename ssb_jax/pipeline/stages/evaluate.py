@@ -2,6 +2,7 @@
 datasets under each protocol; outputs are checked per file against the models' identities."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -38,6 +39,11 @@ class EvalStage(Stage):
                 shutil.rmtree(self.directory(ctx, r))
             barrier("eval:overwrite")
             self._evaluate(ctx)
+        from ssb_jax.evaluation import RESULTS_JSON
+        results = self.directory(ctx, r) / RESULTS_JSON
+        if jax.process_index() == 0 and results.exists():
+            from ssb_jax.training.metrics import write_eval_tensorboard
+            write_eval_tensorboard(self.directory(ctx, r), json.loads(results.read_text())["rows"])
         return {}  # DONE.json: its wall time, for the report (done() still rechecks every outputs file)
 
     def _evaluate(self, ctx):
