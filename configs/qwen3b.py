@@ -1,10 +1,10 @@
 """The paper's setting: Qwen2.5-3B-Instruct, 256 pairs from GSM8K train, evaluated on MATH500 and AIME 2024.
 
     python -m ssb_jax.main --config configs/qwen3b.py
-Needs an accelerator (one 80 GB GPU or a TPU v4-8/v5e-8 and up). The training mesh puts every device on
-fsdp, and train.batch_size must be a multiple of data x fsdp: on 8 devices add --config.mesh.tensor=2 (or
---config.train.batch_size=8); on a pod slice set e.g. --config.mesh.data=4 --config.mesh.fsdp=-1 with a
-batch to match. Sampling picks its own mesh (config.sampler.mesh, auto).
+Needs an accelerator (one 80 GB GPU or a TPU v4-8/v5e-8 and up). The training mesh is chosen to fit
+train.batch_size (config.mesh auto: on 8 devices 4 rows over fsdp and the 2 KV heads over tensor); on a pod
+slice set e.g. --config.mesh.data=4 (one per host) with a batch to match (--config.train.batch_size=16 on
+16 chips). Sampling picks its own mesh (config.sampler.mesh, auto).
 """
 from ssb_jax.config import base_config
 

@@ -4,7 +4,7 @@
 #   launch/tpu_pod.sh [--dry-run] NAME ZONE ACCELERATOR_TYPE [CONFIG] [extra --config.key=value ...]
 #   launch/tpu_pod.sh [--dry-run] attach NAME ZONE     # follow worker 0's log again (after a dropped ssh)
 #   launch/tpu_pod.sh [--dry-run] fetch NAME ZONE      # copy the run directory back from worker 0
-#   e.g. launch/tpu_pod.sh ssb-v4 us-central2-b v4-32 configs/qwen3b.py --config.mesh.data=2
+#   e.g. launch/tpu_pod.sh ssb-v4 us-central2-b v4-32 configs/qwen3b.py --config.mesh.data=4 --config.train.batch_size=16
 #
 # Creates the slice if it does not exist, with the runtime image of its generation (v4 and older:
 # tpu-ubuntu2204-base, v5e/v5litepod: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e;

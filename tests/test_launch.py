@@ -214,3 +214,57 @@ def _shellcheck():
 def test_shellcheck_is_clean(script):
     done = subprocess.run([_shellcheck(), "--shell=bash", str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+# ----------------------------------------------------------------------------- the launchers' examples
+
+# chips of a TPU slice type: v2, v3, v4 and v5p name TensorCores (two per chip), v5e and v6e name chips
+_CORES_PER_CHIP = {"v2": 2, "v3": 2, "v4": 2, "v5p": 2, "v5litepod": 1, "v5e": 1, "v6e": 1}
+
+
+def _examples(script: Path, command: str) -> list[list[str]]:
+    """The example command lines in a launcher's header comment that run `command`, as argument lists
+    (the trailing comment dropped)."""
+    found = []
+    for line in script.read_text().splitlines():
+        if not line.startswith("#") or command not in line:
+            continue
+        words = line.lstrip("#").split("#")[0].split()
+        found.append(words[words.index(command):] if command in words else words)
+    return found
+
+
+def _mesh_of_example(config_file: str, overrides: list[str], devices: int) -> dict:
+    """The training mesh a run of this example would start with on `devices` devices (mesh auto), or the
+    one-line error it would stop with."""
+    from ssb_jax.config import parse_config_args
+    from ssb_jax.plan.analytic import model_config_of
+    from ssb_jax.sharding import auto_mesh_shape, check_batch_divides
+    config, _ = parse_config_args([f"--config={ROOT / config_file}", *overrides])
+    shape = auto_mesh_shape(dict(config.mesh), devices, config.train.batch_size,
+                            model_config_of(config).num_kv_heads)
+    check_batch_divides(config.train.batch_size, shape, "config.train.batch_size")
+    return shape
+
+
+def test_sbatch_examples_start_on_the_nodes_they_name():
+    gpus = int(next(line.split("=")[1] for line in SBATCH.read_text().splitlines()
+                    if line.startswith("#SBATCH --gpus-per-node=")))
+    examples = [words for words in _examples(SBATCH, "sbatch") if "launch/gpu_slurm.sbatch" in words]
+    assert len(examples) >= 2
+    for words in examples:
+        nodes = next((int(w.split("=")[1]) for w in words if w.startswith("--nodes=")), 1)
+        rest = words[words.index("launch/gpu_slurm.sbatch") + 1:]
+        rest = [w for w in rest if w != "--dry-run"]
+        shape = _mesh_of_example(rest[0], rest[1:], nodes * gpus)
+        assert shape["data"] * shape["fsdp"] * shape["tensor"] == nodes * gpus, words
+
+
+def test_tpu_pod_examples_start_on_the_slices_they_name():
+    examples = [words for words in _examples(TPU_POD, "launch/tpu_pod.sh") if len(words) > 4 and "NAME" not in words]
+    assert examples
+    for words in examples:
+        kind, size = words[3].rsplit("-", 1)
+        chips = int(size) // _CORES_PER_CHIP[kind]
+        shape = _mesh_of_example(words[4], words[5:], chips)
+        assert shape["data"] * shape["fsdp"] * shape["tensor"] == chips, words
