@@ -5,8 +5,10 @@ answer the same `eval_size` held-out problems greedily (the student's plain prom
 asks it). Each point records accuracy (with its binomial SE), the mean completion length in tokens,
 the share of completions cut at the token budget, and two x-axes: the optimiser step and the tokens
 sampled *for training* so far (SSB and SFT: everything curation sampled, rollouts plus hinted teacher
-solutions, all spent before step 0, so their points stand on one vertical line; GRPO: its own running
-count of rollout tokens). Tokens sampled for the curve itself are not counted.
+solutions, all spent before step 0, so their points share one x; GRPO: its own running
+count of rollout tokens). Tokens sampled for the curve itself are not counted. `plot_curves` draws an
+up-front cost as an offset: a dashed segment from 0 to the cost, the points at its end, said in the legend
+and the figure's caption.
 
 The held-out subset: the first `eval_size` problems, in file order, of `CurveConfig.dataset` (default:
 the first dataset of eval.datasets; on the toy world its held-out test split). The eval stage grades the
@@ -51,7 +53,6 @@ from ssb_jax.training.metrics import append_record, read_records, save_plot, sub
 log = logging.getLogger(__name__)
 
 KIND = "curve"
-PLOT_FILE = "curves.png"
 PLOTTED = (("accuracy", "greedy accuracy"), ("mean_tokens", "mean completion length (tokens)"),
            ("truncated_rate", "share cut at the token budget"))
 
@@ -187,24 +188,71 @@ class LearningCurve:
         self._prompt_ids = [self._prompt_ids[i] for i in fits]
 
 
+# The smallest span a panel's y-axis shows (key -> absolute span, share of the mean): a curve that moves by
+# 0.06 tokens is flat, and an axis zoomed onto it would draw noise as a trend.
+MIN_SPAN = {"accuracy": (0.1, 0.0), "truncated_rate": (0.1, 0.0), "mean_tokens": (8.0, 0.2)}
+CAPTION = ("Right column: tokens generated to train. SSB and SFT sample everything in curation, before step 0: "
+           "the dashed segment is that cost, an offset from 0, and their curve stands at its end; GRPO samples "
+           "as it trains.")
+
+
+def upfront_cost(points: Sequence[Mapping]) -> int | None:
+    """The tokens a method sampled before its first step, when it samples nothing while training (SSB and
+    SFT: all of curation); None for a method whose count grows with its steps (GRPO)."""
+    counts = {p["sampled_tokens"] for p in points}
+    return counts.pop() if len(counts) == 1 and len(points) > 1 else None
+
+
+def widen(low: float, high: float, key: str) -> tuple[float, float]:
+    """The data range (low, high) widened about its middle to MIN_SPAN[key]; accuracies and shares stay
+    within [0, 1], lengths at or above 0."""
+    absolute, relative = MIN_SPAN.get(key, (0.0, 0.0))
+    span = max(absolute, relative * abs(low + high) / 2)
+    if high - low >= span:
+        return low, high
+    middle = (low + high) / 2
+    low, high = middle - span / 2, middle + span / 2
+    if key in ("accuracy", "truncated_rate"):  # shift rather than cross a bound
+        low, high = (0.0, span) if low < 0 else (1.0 - span, 1.0) if high > 1 else (low, high)
+    return max(low, 0.0), high
+
+
 def plot_curves(curves: Mapping[str, Sequence[Mapping]], out) -> Path | None:
     """One figure of several methods' points ({label: curve records}): accuracy, mean length and the
-    truncated share (rows) against optimiser steps and against sampled tokens (columns)."""
+    truncated share (rows) against optimiser steps and against sampled tokens (columns). A method that
+    samples everything before step 0 is drawn in the tokens column at its cost, reached by a dashed
+    segment from 0 (the caption says so); every y-axis spans at least MIN_SPAN."""
     curves = {label: sorted(points, key=lambda p: p["step"]) for label, points in curves.items() if points}
     if not curves:
         return None
-    fig, axes = subplots(len(PLOTTED), 2, figsize=(12, 3.2 * len(PLOTTED)), squeeze=False)
+    fig, axes = subplots(len(PLOTTED), 2, figsize=(12, 3.2 * len(PLOTTED) + 0.6), squeeze=False)
     for label, points in curves.items():
+        offset = upfront_cost(points)
         for row, (key, title) in enumerate(PLOTTED):
             shown = [p for p in points if p.get(key) is not None]
-            for column, x in enumerate(("step", "sampled_tokens")):
-                axes[row][column].plot([p[x] for p in shown], [p[key] for p in shown], marker="o", markersize=3,
-                                       label=label)
-                axes[row][column].set_title(title)
-    for row in axes:
-        row[0].set_xlabel("optimiser step")
-        row[1].set_xlabel("tokens sampled for training")
-        for ax in row:
+            ys = [p[key] for p in shown]
+            line, = axes[row][0].plot([p["step"] for p in shown], ys, marker="o", markersize=3, label=label)
+            tokens_axis = axes[row][1]
+            if offset is None or not shown:
+                tokens_axis.plot([p["sampled_tokens"] for p in shown], ys, marker="o", markersize=3, label=label,
+                                 color=line.get_color())
+            else:
+                tokens_axis.plot([0, offset], [ys[0], ys[0]], linestyle="--", color=line.get_color(), alpha=0.6)
+                tokens_axis.plot([offset] * len(ys), ys, marker="o", markersize=3, color=line.get_color(),
+                                 label=f"{label}: {offset:,} tokens sampled before step 0")
+            axes[row][0].set_title(title)
+            tokens_axis.set_title(title)
+    for row, (key, _) in enumerate(PLOTTED):
+        values = [y for ax in axes[row] for line in ax.get_lines() for y in line.get_ydata()]
+        if values:
+            low, high = widen(min(values), max(values), key)
+            pad = 0.05 * (high - low) or 0.5
+            for ax in axes[row]:
+                ax.set_ylim(low - pad, high + pad)
+        axes[row][0].set_xlabel("optimiser step")
+        axes[row][1].set_xlabel("tokens sampled for training")
+        for ax in axes[row]:
             ax.grid(alpha=0.3)
-            ax.legend()
-    return save_plot(fig, out)
+            ax.legend(fontsize=8)
+    fig.text(0.5, 0.005, CAPTION, ha="center", va="bottom", fontsize=8, wrap=True)
+    return save_plot(fig, out, rect=(0, 0.03, 1, 1))

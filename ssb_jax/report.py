@@ -67,13 +67,35 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=(), stages=(
         if (workdir / "grpo" / "grpo.png").exists():
             lines += ["![GRPO dynamics](grpo/grpo.png)", ""]
     lines += comparison_table(workdir, num_rounds)
-    table = workdir / "eval" / "results.md"
-    if table.exists():
-        lines += ["## Evaluation", "", table.read_text().strip(), ""]
+    lines += evaluation_details(workdir)
     lines += stage_table(stages)
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def evaluation_details(workdir: Path) -> list[str]:
+    """What the comparison table does not show (each number once in the report): per metric and model the
+    counts behind each accuracy, prompts too long, no-answer and truncated shares; then the protocols'
+    legend from eval/results.md, which holds the whole table."""
+    results = _json(workdir / "eval" / "results.json")
+    if not results:
+        return []
+    def percent(value):
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    lines = ["## Evaluation details", "",
+             "Accuracies and greedy lengths are in the comparison table; every column together is in "
+             "`eval/results.md`.", "",
+             "| dataset | protocol | metric | model | correct / all | prompt too long | no answer % | truncated % |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['model']} | "
+                     f"{r.get('correct', '–')}/{r.get('out_of', '–')} | {r.get('prompt_too_long', '–')} | "
+                     f"{percent(r.get('no_answer_rate'))} | {percent(r.get('truncated_rate'))} |")
+    markdown = workdir / "eval" / "results.md"
+    legend = markdown.read_text().partition("\nProtocols:")[2] if markdown.exists() else ""
+    return lines + ([""] + ["Protocols:" + legend.rstrip()] if legend else []) + [""]
 
 
 def stage_table(rows) -> list[str]:

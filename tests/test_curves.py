@@ -163,7 +163,8 @@ def test_killed_training_neither_loses_nor_repeats_points(tokenizer, tmp_path, s
     assert {p["sampled_tokens"] for p in points} == {1234} and {p["accuracy"] for p in points} == {1.0}
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
     assert built == [1, 1] and scripted.swaps == 4  # built once per run, then swapped (2, 4; then 6, 8)
-    assert (tmp_path / "curves.png").exists() and (tmp_path / "training.png").exists()
+    assert (tmp_path / "training.png").exists()  # the curve's figure is the report's learning_curves.png only
+    assert not (tmp_path / "curves.png").exists()
 
 
 @pytest.mark.parametrize("key,value,message", [("eval_every", -1, ">= 0"), ("eval_size", 0, "> 0"),
@@ -175,3 +176,41 @@ def test_curve_settings_are_range_checked(key, value, message):
     section[key] = value
     with pytest.raises(ValueError, match=f"config.curves: {key} must be {message}"):
         section_to(CurveConfig, section, "config.curves")
+
+
+def test_widen_gives_each_axis_a_minimum_span(rng):
+    from ssb_jax.curves import MIN_SPAN, widen
+    mean = float(rng.uniform(20, 300))
+    low, high = widen(mean, mean + 0.06, "mean_tokens")  # the 0.06-token axis of a flat length curve
+    assert high - low >= max(MIN_SPAN["mean_tokens"][0], MIN_SPAN["mean_tokens"][1] * mean) - 1e-9
+    assert low <= mean and high >= mean + 0.06
+    assert widen(0.0, 0.0, "truncated_rate") == (0.0, MIN_SPAN["truncated_rate"][0])  # shifted, not below 0
+    assert widen(0.99, 1.0, "accuracy") == (1.0 - MIN_SPAN["accuracy"][0], 1.0)
+    assert widen(0.2, 0.7, "accuracy") == (0.2, 0.7)  # wide enough already
+
+
+def test_upfront_sampling_is_drawn_as_an_offset_and_said(monkeypatch, tmp_path, rng):
+    """SSB's points (all sampled before step 0) stand at x = its cost, reached by a dashed segment from 0; the
+    legend and caption say so; GRPO's points follow its own count; every y-axis spans its minimum."""
+    from ssb_jax import curves as curves_module
+    figures = []
+    monkeypatch.setattr(curves_module, "save_plot", lambda fig, out, rect=None: figures.append(fig) or out)
+    cost = int(rng.integers(1000, 90000))
+    ssb = [{"step": s, "sampled_tokens": cost, "accuracy": 0.5 + 0.01 * s, "mean_tokens": 30 + 0.01 * s,
+            "truncated_rate": 0.0} for s in (0, 4, 8)]
+    grpo = [{"step": s, "sampled_tokens": 500 * s, "accuracy": 0.4, "mean_tokens": 40.0, "truncated_rate": 0.1}
+            for s in (0, 5, 10)]
+    plot_curves({"ssb": ssb, "grpo": grpo}, tmp_path / "c.png")
+    (fig,) = figures
+    tokens_axes = fig.axes[1::2]  # row by row: (steps, tokens)
+    for ax, (key, _) in zip(tokens_axes, curves_module.PLOTTED):
+        lines = ax.get_lines()
+        dashed = [line for line in lines if line.get_linestyle() == "--"]
+        assert len(dashed) == 1 and list(dashed[0].get_xdata()) == [0, cost]
+        ssb_points = next(line for line in lines if "before step 0" in line.get_label())
+        assert set(ssb_points.get_xdata()) == {cost} and f"{cost:,}" in ssb_points.get_label()
+        grpo_points = next(line for line in lines if line.get_label() == "grpo")
+        assert list(grpo_points.get_xdata()) == [0, 2500, 5000]
+        low, high = ax.get_ylim()
+        assert high - low >= curves_module.MIN_SPAN[key][0]
+    assert any("before step 0" in text.get_text() for text in fig.texts)

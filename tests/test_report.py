@@ -95,3 +95,39 @@ def test_missing_costs_show_a_dash_and_the_report_holds_the_table(tmp_path, rng)
     report = write_report(tmp_path).read_text()
     assert "## Comparison" in report and "| world_test | math_verify | GRPO |" in report
     assert comparison_table(tmp_path / "nothing") == []
+
+
+def _tables(text: str) -> list[list[str]]:
+    """Each Markdown table of a report as its data rows' cells."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append([cell.strip() for row in current[2:] for cell in row.strip("|").split("|")])
+            current = []
+    return tables
+
+
+def test_report_states_each_number_in_one_table(tmp_path, rng):
+    """An accuracy, its SE or a length shown in the comparison table is not repeated in another table; the
+    evaluation section adds the counts behind them instead."""
+    _, _, accuracy = _fabricate(tmp_path, rng)
+    results = json.loads((tmp_path / "eval/results.json").read_text())
+    for row in results["rows"]:
+        row.update(correct=int(rng.integers(0, 200)), out_of=200, prompt_too_long=0,
+                   no_answer_rate=float(rng.uniform()), truncated_rate=float(rng.uniform()))
+    (tmp_path / "eval/results.json").write_text(json.dumps(results))
+    (tmp_path / "eval/results.md").write_text("| a full table |\n|---|\n| 1 |\n\nProtocols:\n- **math_verify**: legend\n")
+    report = write_report(tmp_path).read_text()
+    accuracies = [{cell for cell in table if "±" in cell} for table in _tables(report)]
+    assert sum(map(bool, accuracies)) == 1  # accuracies with their SE: one table only
+    for model, metric in accuracy:
+        acc, se, _ = accuracy[model, metric]
+        assert report.count(f"{100 * acc:.1f} ± {100 * se:.1f}") == 1, (model, metric)
+    headers = [line for line in report.splitlines() if line.startswith("| dataset |")]
+    assert sum("mean tokens" in header for header in headers) == 1  # greedy lengths: the comparison's column
+    assert "## Evaluation details" in report and "- **math_verify**: legend" in report
+    assert "| a full table |" not in report  # results.md's table is not copied in
+    row = results["rows"][0]
+    assert f"| {row['correct']}/200 |" in report

@@ -8,7 +8,8 @@ solutions, run by the shared training loop (ssb_jax.training.loop).
 `records` are dicts with "id", "teacher_prompt_ids", "student_prompt_ids", "solution_ids".
 workdir gets: checkpoints/ (orbax: LoRA, optimizer state, step, grain iterator state),
 metrics.jsonl, tb/ (TensorBoard), training.png, train_config.json, lora_config.json; with a learning
-curve (ssb_jax.curves) also its points in metrics.jsonl ("kind": "curve") and curves.png.
+curve (ssb_jax.curves) also its points in metrics.jsonl ("kind": "curve"), drawn by the report beside the
+other methods' in round_<r>/learning_curves.png (no per-run copy of that figure).
 """
 from __future__ import annotations
 
@@ -121,12 +122,6 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
     batches = iterator_batches(iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))))
     state = init_state(model_config, lora_config, optimizer, jax.random.key(tc.seed), mesh)
 
-    def plot_run(directory):
-        plot_metrics(directory)
-        if curve is not None:
-            from ssb_jax.curves import PLOT_FILE as CURVE_PLOT, plot_curves, read_curve
-            plot_curves({curve.label: read_curve(directory / METRICS_FILE)}, directory / CURVE_PLOT)
-
     hooks = Hooks()
     if curve is not None:
         hooks.curve_point = lambda step, total_steps, state, writer: curve.maybe_record(
@@ -136,7 +131,7 @@ def run(tc: TrainConfig, model_config: ModelConfig, model, examples: Sequence[Ma
         checkpoints=tc, desc="distill", tag="train", hooks=hooks, progress=progress, tensorboard=tensorboard,
         postfix=lambda r: {"loss": f"{r['loss']:.4g}", "kl": f"{r['kl']:.3g}", "gnorm": f"{r['grad_norm']:.3g}"},
         config_files={CONFIG_FILE: tc.to_json(), "lora_config.json": json.dumps(lora_config.to_dict(), indent=2)},
-        plot=plot_run if plot else None, position_item=DATA_ITEM)
+        plot=plot_metrics if plot else None, position_item=DATA_ITEM)
     result = loop.run(state, batches, resume=resume, stop_after=stop_after)
     return {"state": result.state, "lora": as_lora_state(result.state["lora"], model_config, lora_config),
             "history": result.history, "total_steps": total, "workdir": workdir, "interrupted": result.interrupted,

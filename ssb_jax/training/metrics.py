@@ -90,10 +90,11 @@ def subplots(rows: int, columns: int, **kwargs):
     return plt.subplots(rows, columns, **kwargs)
 
 
-def save_plot(fig, out) -> Path:
-    """Lay out, write (PNG at 100 dpi) and close a figure; the file's path."""
+def save_plot(fig, out, rect=None) -> Path:
+    """Lay out (within `rect`, figure fractions, when room is kept for a caption), write (PNG at 100 dpi)
+    and close a figure; the file's path."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

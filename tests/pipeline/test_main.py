@@ -143,7 +143,7 @@ def test_sft_stage_beside_ssb_with_learning_curves(finished_run, tmp_path):
     assert {row["model"] for row in results["rows"]} == {"base", "student", "sft"}
     report = (workdir / "report.md").read_text()
     assert "SFT baseline" in report and "Learning curves" in report
-    assert (rdir / "learning_curves.png").exists() and (rdir / "sft" / "curves.png").exists()
+    assert (rdir / "learning_curves.png").exists() and not (rdir / "sft" / "curves.png").exists()  # one figure
 
 
 @pytest.mark.slow  # needs finished_run, the whole pipeline
