@@ -128,12 +128,13 @@ class OnPolicyStep:
         return placed
 
     def update(self, state, base_state, batch: dict):
-        fn = _jitted_update(self.model_config, self.lora_config, self.oc, self.tc, self.mesh)
+        fn = _jitted_update(self.model_config, self.lora_config, self.oc, self.tc, self.mesh, batch["onpolicy"].rows)
         return fn(state, base_state, self.place(batch))
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_update(model_config: ModelConfig, lora_config: LoraConfig, oc: OnPolicyConfig, tc, mesh: Mesh | None):
+def _jitted_update(model_config: ModelConfig, lora_config: LoraConfig, oc: OnPolicyConfig, tc, mesh: Mesh | None,
+                   rows: int):
     optimizer, schedule = make_optimizer(oc, oc.steps)
     graphdefs = graph_definitions(model_config, lora_config)
     fn = functools.partial(onpolicy_update, graphdefs, optimizer, schedule, oc, tc)
@@ -144,6 +145,6 @@ def _jitted_update(model_config: ModelConfig, lora_config: LoraConfig, oc: OnPol
     if oc.teacher == "ema":
         state_sh["ema"] = state_sh["lora"]
     base_sh = nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh))
-    rows = batch_sharding(mesh, (oc.rows_per_step,))  # every batch field: its rows over the data axes
-    return under_mesh(jax.jit(fn, in_shardings=(state_sh, base_sh, rows), out_shardings=(state_sh, NamedSharding(
+    rows_sh = batch_sharding(mesh, (rows,))  # every batch field: its rows over the data axes
+    return under_mesh(jax.jit(fn, in_shardings=(state_sh, base_sh, rows_sh), out_shardings=(state_sh, NamedSharding(
         mesh, P())), donate_argnums=0, compiler_options=options), mesh)
