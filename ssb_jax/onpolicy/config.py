@@ -100,8 +100,12 @@ class OnPolicyConfig(LoraSettings, CheckpointSettings, OptimizerSettings):
 
 @dataclasses.dataclass(frozen=True)
 class OPSDConfig(OnPolicyConfig):
-    """OPSD-style defaults (Zhao et al. 2026): the reference solution as context, forward KL over the full
-    vocabulary at T = 1 with per-token clipping, the frozen base as teacher, one sample per question."""
+    """OPSD-style defaults (Zhao et al. 2026, as issue 24 describes them): the reference solution as context,
+    forward KL over the full vocabulary at T = 1 with per-token clipping, the frozen base as teacher, one sample
+    per question. The clip threshold (10 nats per token) is this project's choice. The authors' public code
+    (github.com/siyan-zhao/OPSD, scripts/run_opsd.sh) trains with loss=jsd, jsd_alpha=0.5 over the full
+    vocabulary at T = 1.1 (the sampling temperature too, top-p 0.95, top-k 20), a fixed (base) teacher, LoRA
+    r 64 / alpha 128 at lr 2e-4, 1024 new tokens, and no clipping; set those keys to run it that way."""
     context: str = redefault(OnPolicyConfig, "context", "reference")
     topk: int = redefault(OnPolicyConfig, "topk", 0)
     temperature: float = redefault(OnPolicyConfig, "temperature", 1.0)
