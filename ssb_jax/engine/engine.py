@@ -49,7 +49,7 @@ OnFinish = Callable[[int, int, Completion], None]
 class _Prompt:
     index: int
     tokens: list[int]
-    cap: int
+    caps: list[int]                 # each sample's limit on new tokens
     samples: list[int]              # the sample indices still to run
     pages: list[int] | None = None  # the prefix's pages (all tokens but the last), shared by the samples
     prefilled: int = 0              # prefix tokens written so far
@@ -65,8 +65,13 @@ class _Row:
     sample: int
     shared: list[int]               # the prompt's full pages this row reads (one reference each)
     own: list[int]                  # pages this row writes (its copy of a partial page, then its own)
+    order: int                      # when the row was placed: the oldest gets pages first
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def cap(self) -> int:
+        return self.prompt.caps[self.sample]
 
     @property
     def position(self) -> int:  # the position of the next token fed: the prompt's last one, then each new one
@@ -75,6 +80,21 @@ class _Row:
     @property
     def pages(self) -> list[int]:
         return self.shared + self.own
+
+
+def per_sample_caps(caps, prompts: int, n: int, max_new_tokens: int) -> list[list[int]]:
+    """Each prompt's caps as n ints, at most max_new_tokens: from None, an int per prompt or n per prompt."""
+    if caps is None:
+        return [[max_new_tokens] * n for _ in range(prompts)]
+    if len(caps) != prompts:
+        raise ValueError(f"{len(caps)} caps for {prompts} prompts")
+    out = []
+    for cap in caps:
+        cap = [int(cap)] * n if np.ndim(cap) == 0 else [int(c) for c in cap]
+        if len(cap) != n:
+            raise ValueError(f"{len(cap)} caps for a prompt of {n} samples")
+        out.append([min(c, max_new_tokens) for c in cap])
+    return out
 
 
 def _next_power_of_two(x: int) -> int:
@@ -112,7 +132,8 @@ class Engine:
         self.show_progress = show_progress
         self.pool, self.allocator = None, None
         self.num_compilations = 0
-        self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, busy_slot_steps, prefill_calls
+        self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, busy_slot_steps, prefill_calls,
+        # preemptions
         self._decode = jax.jit(functools.partial(self._traced_decode, graphdef),
                                static_argnames=("sampling", "steps"), donate_argnames=("pool",))
         self._prefill = jax.jit(functools.partial(self._traced_prefill, graphdef), donate_argnames=("pool",))
@@ -186,7 +207,8 @@ class Engine:
                      on_finish: OnFinish | None = None) -> list[list[Completion]]:
         """Token-id prompts -> n completions each, in input order. caps: each prompt's own limit on new tokens
         (at most sampling.max_new_tokens). on_finish(prompt index, sample index, completion) is called as each
-        row finishes, so a caller can record it before the others are done."""
+        row finishes, so a caller can record it before the others are done. A cap may also be a sequence of n,
+        one per sample."""
         results = [[None] * n for _ in prompts]
         for i, j, completion in self.stream_ids(prompts, sampling, n=n, seed=seed, ids=ids, caps=caps):
             results[i][j] = completion
@@ -201,17 +223,14 @@ class Engine:
         ids = list(range(len(prompts))) if ids is None else list(ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
-        caps = [sampling.max_new_tokens] * len(prompts) if caps is None else [min(int(c), sampling.max_new_tokens)
-                                                                             for c in caps]
-        if len(caps) != len(prompts):
-            raise ValueError(f"{len(caps)} caps for {len(prompts)} prompts")
+        caps = per_sample_caps(caps, len(prompts), n, sampling.max_new_tokens)
         for key, prompt, cap in zip(ids, prompts, caps):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {key!r} is empty")
             if len(prompt) > self.max_prompt_tokens:
                 raise PromptTooLongError(f"prompt {key!r} has {len(prompt)} tokens, more than max_prompt_tokens="
                                          f"{self.max_prompt_tokens}")
-            if cap < 1:
+            if min(cap) < 1:
                 raise ValueError(f"prompt {key!r}: cap {cap} < 1")
         if not prompts:
             return
@@ -251,7 +270,7 @@ class _Schedule:
     def __init__(self, engine: Engine, prompts, sampling: SamplingParams, n: int, seed: int, ids, caps):
         self.e, self.sampling, self.n = engine, sampling, n
         ps = engine.page_size
-        longest = max(len(p) - 1 + c for p, c in zip(prompts, caps))
+        longest = max(len(p) - 1 + max(c) for p, c in zip(prompts, caps))
         self.pages_per_row = _next_power_of_two(math.ceil(longest / ps))
         engine._ensure_pool(engine.pool_pages(self.pages_per_row))
         self.alloc = engine.allocator
@@ -260,6 +279,7 @@ class _Schedule:
         self.ready: collections.deque = collections.deque()  # (prompt, sample) whose prompt is prefilled
         self.rows: list[_Row | None] = [None] * engine.slots
         self.copies: list[tuple[int, int]] = []
+        self.placed = 0
         # the compiled program shapes on these only: temperature and top-p travel as knobs, caps per row
         self.program = dataclasses.replace(sampling.program(), max_new_tokens=1)
         self.knobs = jnp.asarray(sampling.knobs())
@@ -295,7 +315,9 @@ class _Schedule:
             prompt = self.queue[0]
             if prompt.pages is None:
                 count = math.ceil(prompt.prefix / ps)
-                reserve = len(prompt.samples) * 2  # each sample's partial copy and first page
+                # each sample's partial copy and first page; one sample's when nothing else runs
+                idle = not self.ready and not any(self.rows)
+                reserve = 2 if idle else 2 * len(prompt.samples)
                 if self.alloc.available < count + reserve:
                     return
                 prompt.pages = self.alloc.take(count, refs=len(prompt.samples))
@@ -339,35 +361,37 @@ class _Schedule:
             self.ready.popleft()
             own = self.alloc.take(len(partial))
             self.copies += list(zip(partial, own))
-            self.rows[slot] = _Row(prompt, sample, shared=prompt.pages[:full], own=own)
+            self.rows[slot] = _Row(prompt, sample, shared=prompt.pages[:full], own=own, order=self.placed)
+            self.placed += 1
 
     def _reserve(self) -> np.ndarray:
-        """Pages for each row's next steps; returns the position each row may write up to (exclusive)."""
+        """Pages for each row's next steps, oldest row first; returns the position each row may write up to
+        (exclusive). When every row waits for a page, the youngest is preempted (its own pages freed, the row
+        back at the head of the ready queue, to restart from step 0): the oldest row always gets pages first,
+        so it finishes, and no row is preempted forever."""
         ps, M = self.e.page_size, self.e.steps_per_call
-        limits = np.zeros(len(self.rows), np.int32)
-        for slot, row in enumerate(self.rows):
-            if row is None:
-                continue
-            end = row.prompt.prefix + row.prompt.cap  # positions the row writes: prefix .. prefix + cap - 1
-            want = math.ceil(min(row.position + M, end) / ps) - len(row.pages)
-            if want > 0:
-                row.own += self.alloc.take(min(want, self.alloc.available))
-            limits[slot] = len(row.pages) * ps
-        waiting = [s for s, r in enumerate(self.rows) if r is not None and limits[s] <= r.position]
-        if waiting and len(waiting) == sum(r is not None for r in self.rows):
-            # every row waits for a page and none is free: restart the row holding the most pages later
-            victim = max(waiting, key=lambda s: len(self.rows[s].own))
+        while True:
+            limits = np.zeros(len(self.rows), np.int32)
+            running = sorted((row.order, slot) for slot, row in enumerate(self.rows) if row is not None)
+            for _, slot in running:
+                row = self.rows[slot]
+                end = row.prompt.prefix + row.cap  # the positions a row writes: prefix .. prefix + cap - 1
+                want = math.ceil(min(row.position + M, end) / ps) - len(row.pages)
+                if want > 0:
+                    row.own += self.alloc.take(min(want, self.alloc.available))
+                limits[slot] = len(row.pages) * ps
+            if not running or any(limits[slot] > self.rows[slot].position for _, slot in running):
+                return limits
+            if len(running) == 1:
+                raise MemoryError(f"the page pool ({self.alloc.num_pages} pages of {ps}) cannot hold one row")
+            victim = running[-1][1]
             row = self.rows[victim]
-            if not row.own:
-                raise MemoryError(f"the page pool ({self.alloc.num_pages} pages) is too small for one row")
             log.info("page pool full: preempting a row of prompt %d (it restarts from its prompt)", row.prompt.index)
+            self.e.stats["preemptions"] += 1
+            self.copies = [(source, target) for source, target in self.copies if target not in row.own]
             self.alloc.release(row.own)
-            row.own, row.tokens, row.logprobs = [], [], []
             self.rows[victim] = None
-            self.ready.appendleft((row.prompt, row.sample))  # it keeps its reference to the shared pages
-            self._place()
-            return self._reserve()
-        return limits
+            self.ready.appendleft((row.prompt, row.sample))  # it keeps its references to the prompt's pages
 
     def _decode(self, limits: np.ndarray) -> list[tuple[_Row, Completion]]:
         e, S = self.e, len(self.rows)
@@ -381,7 +405,7 @@ class _Schedule:
                 continue
             table[slot] = self._table_row(row.pages)
             last[slot] = row.tokens[-1] if row.tokens else row.prompt.tokens[-1]
-            position[slot], step[slot], cap[slot], live[slot] = row.position, len(row.tokens), row.prompt.cap, True
+            position[slot], step[slot], cap[slot], live[slot] = row.position, len(row.tokens), row.cap, True
             key_data[slot] = self.key_data[row.prompt.index * self.n + row.sample]
         assert len(self.copies) <= S, "one copy per placement, at most one placement per slot"
         copy_from, copy_to = np.array(self.copies + [(NULL_PAGE, NULL_PAGE)] * (S - len(self.copies)), np.int32).T

@@ -59,11 +59,32 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int | None:
     return None
 
 
+LAYERS_LAYOUTS = ("auto", "scan", "unrolled")
+
+
+def unrolled_layers(layout: str = "auto", backend: str | None = None) -> bool:
+    """Whether samplers run the decode layout (sampling.decode_layout: each layer's weights apart, an
+    unrolled layer loop) rather than the stacked weights under `scan`, for `sampler.layers_layout`.
+
+    auto: unrolled on CPU and GPU, scan on TPU. CPU: measured faster (docs/benchmarks.md, "CPU sampling:
+    decode layout vs scan layout"). GPU: inside the scan each step slices its layer out of the stacked
+    weights, and XLA:GPU does not fuse that dynamic slice into the products (its dynamic-slice fusion is
+    off by default), so a decode step copies every weight before reading it: about 3x the weight traffic
+    that bounds decoding, against once unrolled. benchmarks/device_check.sh times both on the GPU
+    (benchmarks.sampling --layers-layout scan|unrolled); until a GPU has run it this default rests on
+    that argument, not a measurement. TPU keeps the scan: not measured either, and the decode layout is a
+    second copy of the weights while the training layout is alive, which small-HBM chips cannot spare.
+    """
+    if layout not in LAYERS_LAYOUTS:
+        raise ValueError(f"sampler.layers_layout must be one of {', '.join(LAYERS_LAYOUTS)}, got {layout!r}")
+    if layout == "auto":
+        return (backend or jax.default_backend()) in ("cpu", "gpu", "cuda", "rocm")
+    return layout == "unrolled"
+
+
 def decode_layout_by_default() -> bool:
-    """Whether samplers use the decode layout of the weights (sampling.decode_layout) unless told:
-    on the CPU backend, where it decodes faster than the stacked layers under `scan` (docs/benchmarks.md);
-    accelerators keep the stacked layout."""
-    return jax.default_backend() == "cpu"
+    """Whether samplers use the decode layout unless told (`unrolled_layers("auto")`)."""
+    return unrolled_layers("auto")
 
 
 def split_for_sampling(model, unstack: bool | None, decode_copies: dict | None = None):
@@ -88,8 +109,8 @@ class Sampler:
                  decode_copies: dict | None = None):
         """model: a Qwen2ForCausalLM, with adapters for a student (ssb_jax.model.lora.with_adapters).
         unstack: sample with the decode layout of the weights (a copy: an unrolled layer loop and
-        transposed matrices; see ssb_jax.sampling.decode_layout). Default: on the CPU backend only
-        (decode_layout_by_default).
+        transposed matrices; see ssb_jax.sampling.decode_layout). Default: on CPU and GPU, not TPU
+        (unrolled_layers: the `sampler.layers_layout` setting).
         decode_copies: shared by samplers of the same base, so they hold one decode-layout copy.
         mesh: the mesh the model's weights are on (the sampling mesh, sampling.mesh.sampling_mesh); each
         batch's rows are split over its data axes."""
@@ -142,7 +163,7 @@ class Sampler:
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, n: int = 1,
                      seed: int = 0, ids: Sequence | None = None,
                      caps: Sequence[int] | None = None) -> list[list[Completion]]:
-        """caps: each prompt's own limit on new tokens (at most sampling.max_new_tokens; None: that for all)."""
+        """caps: each prompt's own limit on new tokens, or n of them, one per sample (None: max_new_tokens)."""
         ids = list(range(len(prompts))) if ids is None else list(ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
@@ -184,7 +205,8 @@ class Sampler:
         keys = row_keys_for(seed, list(row_ids) + [0] * (rows - len(prompts)), n)
         tokens, mask, keys = self._place(tokens), self._place(mask), self._place(keys)
         if caps is not None:  # filler rows stop after one token
-            caps = self._place(np.repeat(np.array(list(caps) + [1] * (rows - len(prompts)), np.int32), n))
+            caps = [[c] * n if np.ndim(c) == 0 else list(c) for c in caps] + [[1] * n] * (rows - len(prompts))
+            caps = self._place(np.array(caps, np.int32).reshape(-1))
         # temperature and top-p travel as values: changing them reuses the compiled program
         out = jax.device_get(self._generate(self.state, tokens, mask, keys, jnp.asarray(sampling.knobs()), caps,
                                             sampling=sampling.program(), n=n))
