@@ -51,7 +51,8 @@ def bucket_logprobs(s_logits, teacher, head, temperature: float):
     if teacher.ids.shape[-1] >= s_logits.shape[-1]:
         return t_k, s_k
     in_topk = jnp.put_along_axis(jnp.zeros(s_logp.shape, bool), teacher.ids, True, axis=-1, inplace=False)
-    s_tail = jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, s_logp), axis=-1)
+    # an empty bucket is -1e30, not -inf: 0 * (-inf) in the divergences would be nan
+    s_tail = jnp.maximum(jax.nn.logsumexp(jnp.where(in_topk, -jnp.inf, s_logp), axis=-1), -1e30)
     t_tail = jnp.maximum(jax.lax.stop_gradient(teacher.tail_logprob).astype(s_logp.dtype), -1e30)
     return jnp.concatenate([t_k, t_tail[..., None]], -1), jnp.concatenate([s_k, s_tail[..., None]], -1)
 
