@@ -6,8 +6,11 @@ L arrays [B, S, kv_heads, head_dim] instead (`per_layer=True`). All rows share t
 `index` (prompts are left-padded to a common length), while each row carries its own positions, so
 left padding changes nothing in the math. A cached call writes only its own slots of each layer
 (`dynamic_update_slice` into the cache, which XLA does in place when the cache is a loop carry or a
-donated argument: jit a decode step with `donate_argnames="cache"`) and attends only over the
-blocks of `ModelConfig.cache_block` slots that hold filled slots (`LayerCache.attend`).
+donated argument: jit a decode step with `donate_argnames="cache"`) and attends blockwise, over
+blocks of `ModelConfig.cache_block` slots, up to a static bound (`LayerCache.attend`): the sampler
+decodes in phases whose bounds follow the filled length (`decode_phases`), so no loop inside a step
+has a trip count that depends on data (on GPU each iteration of such a loop copies its predicate to
+the host and waits).
 """
 from __future__ import annotations
 
@@ -61,7 +64,8 @@ class LayerCache:
     (the decode layout's per-layer list). Either way a call writes and reads slices of the one
     buffer, never a layer's whole slab, so XLA updates the cache in place. valid [B, S]: the
     filled slots, this call's included; index: the first slot this call writes; block: the slots
-    per attended block (ModelConfig.cache_block).
+    per attended block (ModelConfig.cache_block); slots: a static bound on the slots this call may
+    see (index + T <= slots; None: the whole allocated cache).
     """
     k: jax.Array
     v: jax.Array
@@ -69,6 +73,7 @@ class LayerCache:
     valid: jax.Array
     index: jax.Array
     block: int
+    slots: int | None = None  # static: attend over the first `slots` slots only (None: all of them)
 
     def _start(self, slot) -> tuple:
         return ((self.layer,) if self.layer is not None else ()) + (0, slot, 0, 0)
@@ -91,12 +96,14 @@ class LayerCache:
     def attend(self, q) -> jax.Array:
         """q [B, T, N, H] at slots [index, index + T) over the filled slots before and among them -> [B, T, N, H].
 
-        A loop over only the blocks that hold slots below index + T, with a running max and sum
-        (online softmax), so a step's cost follows the filled length, not the allocated one. Chosen
-        over decoding in phases of statically sliced caches: one compiled program, exact (the same
-        scores and normalisation as `attention.dense_attention`, summed in another order), and plain XLA ops that
-        every backend runs. Masked scores are the same finite -1e30: a block with no visible slot
-        contributes weight exp(-1e30 - max) = 0 once a visible one has been seen.
+        A loop over the blocks below the static bound `slots`, with a running max and sum (online
+        softmax): its trip count is known at compile time, so on GPU no iteration waits on the host
+        (a trip count read from the traced index did, once per block and layer and step). Blocks past
+        the filled ones are masked whole and add exactly zero (weight exp(-1e30 - max) = 0, rescale 1),
+        so the result does not depend on the bound: a caller keeps the cost near the filled length by
+        choosing it (the sampler's phases, `decode_phases`). Exact (the same scores and normalisation
+        as `attention.dense_attention`, summed in another order), and plain XLA ops that every
+        backend runs. Masked scores are the same finite -1e30.
         """
         B, T, N, H = q.shape
         S, G = self.k.shape[-3], self.k.shape[-2]
@@ -127,7 +134,32 @@ class LayerCache:
 
         stats = jnp.full((B, G, N // G, T), MASKED, acc_dtype)
         init = (stats, jnp.zeros_like(stats), jnp.zeros((B, G, N // G, T, H), acc_dtype))
-        blocks = (self.index + T + size - 1) // size
-        _, total, acc = jax.lax.fori_loop(0, blocks, add_block, init)
+        blocks = -(-min(S if self.slots is None else self.slots, S) // size)
+        if blocks == 1:
+            _, total, acc = add_block(0, init)
+        else:  # static bounds: a scan, whose trip count XLA knows
+            _, total, acc = jax.lax.fori_loop(0, blocks, add_block, init)
         out = (acc / total[..., None]).astype(q.dtype)
         return jnp.moveaxis(out, 3, 1).reshape(B, T, N, H)
+
+
+def decode_phases(prompt_slots: int, max_new_tokens: int, block: int) -> list[int]:
+    """The attention bounds (slots) of a decode loop's phases, in order, for a cache of
+    prompt_slots + max_new_tokens slots whose first prompt_slots are filled by the prefill.
+
+    Decode step s (1 <= s < max_new_tokens) attends over prompt_slots + s slots; a phase of bound b
+    runs the steps with prompt_slots + s <= b, each attending over b slots (LayerCache.slots). The
+    bounds are whole blocks, doubling from the first step's blocks up to the allocated cache, so a
+    step attends over less than twice its filled blocks, and a program holds a copy of the decode step
+    per phase: at most log2(cache blocks) + 1 of them (one while the cache fits in a block)."""
+    slots = prompt_slots + max_new_tokens
+    size = min(block, slots)
+    if max_new_tokens < 2:
+        return []
+    blocks, last = -(-(prompt_slots + 1) // size), -(-(slots - 1) // size)
+    bounds = []
+    while True:
+        bounds.append(min(blocks * size, slots))
+        if blocks >= last:
+            return bounds
+        blocks *= 2

@@ -97,9 +97,14 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         if self.lora_a is not None:
-            a, b = self.lora_a[...], self.lora_b[...]
-            low_rank = jnp.einsum("...i,ir->...r", x.astype(a.dtype), a)
-            y = y + (self.lora_scale * jnp.einsum("...r,ro->...o", low_rank, b)).astype(y.dtype)
+            # The factors are master weights (LoraConfig.dtype, float32 by default: the optimiser updates
+            # them there); the products run in the input's dtype with float32 sums, so a bf16 model's
+            # projections stay bf16 instead of upcasting every input to float32.
+            compute, sums = x.dtype, _at_least_f32(x.dtype)
+            a, b = self.lora_a[...].astype(compute), self.lora_b[...].astype(compute)
+            low_rank = jnp.einsum("...i,ir->...r", x, a, preferred_element_type=sums).astype(compute)
+            delta = jnp.einsum("...r,ro->...o", low_rank, b, preferred_element_type=sums)
+            y = y + (self.lora_scale * delta).astype(y.dtype)
         return y
 
 
@@ -239,7 +244,8 @@ class Qwen2ForCausalLM(nnx.Module):
     # ------------------------------------------------------------------ forward
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: dict | None = None, *, return_hidden: bool = False, cache_is_empty: bool = False):
+                 cache: dict | None = None, *, return_hidden: bool = False, cache_is_empty: bool = False,
+                 attend_slots: int | None = None):
         """tokens, positions [B, T] int; mask [B, T] bool (False marks padding; default all True;
         positions default to counting the unmasked tokens).
 
@@ -248,6 +254,9 @@ class Qwen2ForCausalLM(nnx.Module):
         (T = prompt length) and decode (T = 1) alike. `cache_is_empty` (static) promises that the cache
         holds no filled slot yet: the tokens then attend among themselves only, by the same attention
         as without a cache, and the cache may have n * B rows, each row written n times in a row.
+        `attend_slots` (static) promises that every token sees only the first attend_slots slots
+        (index + T <= attend_slots): the attention over the cache then stops there (LayerCache.slots;
+        None: over the whole allocated cache, whose unfilled blocks are masked).
 
         Returns (float32 logits [B, T, V], or with return_hidden the final-normed hidden states
         [B, T, D]; the updated cache or None).
@@ -269,13 +278,13 @@ class Qwen2ForCausalLM(nnx.Module):
                                                         cache["index"], axis=1)
             new_cache = {"k": cache["k"], "v": cache["v"], "valid": valid, "index": cache["index"]}
             visible = visible if cache_is_empty else None
-        hidden, new_cache = self.run_layers(hidden, positions, visible, new_cache)
+        hidden, new_cache = self.run_layers(hidden, positions, visible, new_cache, attend_slots)
         hidden = self.final_norm(hidden)
         if new_cache is not None:
             new_cache["index"] = new_cache["index"] + T
         return (hidden if return_hidden else self.logits(hidden)), new_cache
 
-    def run_layers(self, hidden, positions, visible, cache):
+    def run_layers(self, hidden, positions, visible, cache, attend_slots=None):
         """The stacked layers under lax.scan (each step merges one layer's slice of the state). Without a
         cache, with the configured remat policy. With one ({"k", "v", "valid", "index"}, this call's
         slots already marked valid), the whole stacked k and v ride in the scan carry and each layer
@@ -294,7 +303,8 @@ class Qwen2ForCausalLM(nnx.Module):
         def cached_body(carry, xs):
             h, k, v = carry
             layer_state, layer = xs
-            layer_cache = LayerCache(k, v, layer, cache["valid"], cache["index"], self.config.cache_block)
+            layer_cache = LayerCache(k, v, layer, cache["valid"], cache["index"], self.config.cache_block,
+                                     attend_slots)
             h, layer_cache = nnx.merge(graphdef, layer_state)(h, positions, visible, layer_cache)
             return (constrain(h, HIDDEN_AXES), layer_cache.k, layer_cache.v), None
 
@@ -320,7 +330,7 @@ class Qwen2ForCausalLM(nnx.Module):
 # ----------------------------------------------------------------------------- functional use
 
 def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cache=None, *, return_hidden=False,
-          cache_is_empty=False):
+          cache_is_empty=False, attend_slots=None):
     """The model as a pure function of (graph definition, state(s), inputs), for use under jit.
     `state` is one nnx.State or a tuple of them (base and LoRA, split apart), or their pure dicts
     (`nnx.to_pure_dict(state)`: the graph definition restores the variable types and metadata). Jit it
@@ -329,7 +339,7 @@ def apply(graphdef: nnx.GraphDef, state, tokens, positions=None, mask=None, cach
     decode step 635 -> 247 us of host time, `python -m benchmarks.overhead`)."""
     states = state if isinstance(state, tuple) else (state,)
     return nnx.merge(graphdef, *states)(tokens, positions, mask, cache, return_hidden=return_hidden,
-                                        cache_is_empty=cache_is_empty)
+                                        cache_is_empty=cache_is_empty, attend_slots=attend_slots)
 
 
 def init_model(config: ModelConfig, key: jax.Array | int = 0, *, lora_config: LoraConfig | None = None,

@@ -74,12 +74,12 @@ class DecodeLayoutModel(Qwen2ForCausalLM):
             layers.append(layer)
         self.layers = nnx.List(layers)
 
-    def run_layers(self, hidden, positions, visible, cache):
+    def run_layers(self, hidden, positions, visible, cache, attend_slots=None):
         """The unrolled layer loop; a cache holds one [B, S, G, H] array per layer, each written in place."""
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else LayerCache(cache["k"][i], cache["v"][i], None, cache["valid"],
-                                                                cache["index"], self.config.cache_block)
+                                                                cache["index"], self.config.cache_block, attend_slots)
             hidden, layer_cache = layer(hidden, positions, visible, layer_cache)
             if layer_cache is not None:
                 new_k.append(layer_cache.k)

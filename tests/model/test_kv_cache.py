@@ -67,8 +67,9 @@ def random_model(rng, dtype, block):
 
 
 # max |cached - full| over real tokens, relative to the logits' scale; bf16 rounds the attention weights
-# (and the values they multiply) differently when they are summed block by block
-LOGIT_TOL = {"float32": 1e-5, "bfloat16": 3e-2}
+# (and the values they multiply) differently when they are summed block by block (SSB_TEST_SEED=593479819
+# gave 0.031, with the code before and after issue 20's static block counts alike)
+LOGIT_TOL = {"float32": 1e-5, "bfloat16": 4e-2}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -164,3 +165,30 @@ def test_both_cache_layouts_hold_and_place_the_same_slots():
     for name in ("valid", "index"):
         assert per_layer[name].shape == stacked[name].shape
         assert placed_per_layer[name].spec == placed[name].spec
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_does_not_depend_on_the_static_bound(rng, dtype):
+    """Blocks past the filled slots are masked whole and add exactly zero: attending over the first
+    `slots` slots (the sampler's phases) or over the whole cache gives the same bits."""
+    from ssb_jax.model.kv_cache import LayerCache
+    B, S, G, N, H, block, index = 3, 23, 2, 4, 8, 4, 9
+    k, v = (jnp.asarray(rng.normal(size=(B, S, G, H)), dtype) for _ in range(2))
+    valid = jnp.asarray(rng.random((B, S)) < 0.8).at[:, index + 1:].set(False)
+    q = jnp.asarray(rng.normal(size=(B, 1, N, H)), dtype)
+    outputs = [np.asarray(jax.jit(LayerCache(k, v, None, valid, jnp.int32(index), block, slots).attend)(q), np.float32)
+               for slots in (index + 1, 12, 16, None)]
+    for out in outputs[1:]:
+        np.testing.assert_array_equal(out, outputs[0])
+
+
+def test_decode_phases_cover_every_step_within_twice_its_blocks():
+    from ssb_jax.model.kv_cache import decode_phases
+    for prompt, new, block in [(8, 20, 4), (16, 4080, 256), (128, 128, 256), (5, 2, 4), (3, 1, 4), (30, 200, 7)]:
+        bounds, slots = decode_phases(prompt, new, block), prompt + new
+        assert bounds == sorted(set(bounds)) and (not bounds or bounds[-1] == slots)
+        assert len(bounds) <= 1 + int(np.log2(-(-slots // block))) if bounds else new < 2
+        for step in range(1, new):
+            needed = prompt + step  # slots a decode step attends over
+            bound = next(b for b in bounds if needed <= b)
+            assert -(-bound // block) < 2 * -(-needed // block) or bound == slots, (prompt, new, block, step)
