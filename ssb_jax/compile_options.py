@@ -14,17 +14,28 @@ default. The timings behind this are in docs/benchmarks.md ("XLA:CPU compile opt
 
 The option is set per program (`jax.jit(..., compiler_options=...)`), never in XLA_FLAGS, so it
 touches nothing else in the process; a user who sets the flag in XLA_FLAGS keeps their setting.
+
+Results depend on the CPU: XLA:CPU generates code for the machine's vector units (`xla_cpu_max_isa`
+defaults to the best the CPU has), YNNPACK picks its matrix kernels by the CPU's features whatever that
+flag says, and dots and reductions are split over as many threads as there are cores. Each changes the
+order of float32 additions, and a toy world pre-trained from scratch amplifies such differences into
+other models and other accuracies (docs/benchmarks.md, "Same program, other CPU"). `machine()` names what
+a result was computed on; the eval stage records it and the report prints it.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import platform
 
 import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# the /proc/cpuinfo flags that decide which kernels XLA:CPU and YNNPACK run
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 YNN_DOTS_ONLY = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
@@ -59,3 +70,29 @@ def vocab_program_options() -> dict[str, str]:
                  str(error).splitlines()[0][:200])
         return {}
     return options
+
+
+def machine() -> dict:
+    """What a CPU result was computed on: the CPU's name, family and model numbers (a cloud's "AMD EPYC"
+    names neither the generation nor the vector units), its vector flags, the cores, jax's version and
+    backend, and XLA_FLAGS."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    try:
+        first = open("/proc/cpuinfo").read().split("\n\n", 1)[0]
+    except OSError:
+        return info
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    info["cpu"] = fields.get("model name", info["cpu"])
+    info["family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    info["vector_flags"] = [f for f in VECTOR_FLAGS if f in fields.get("flags", "").split()]
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """machine() in one line: "AMD EPYC (family/model 25/1; avx2, fma; 2 cores), jax 0.10.2 on cpu"."""
+    detail = "; ".join(part for part in (f"family/model {info['family_model']}" if "family_model" in info else "",
+                                          ", ".join(info.get("vector_flags", [])),
+                                          f"{info.get('cores')} cores") if part)
+    flags = f", XLA_FLAGS={info['xla_flags']}" if info.get("xla_flags") else ""
+    return f"{info.get('cpu')} ({detail}), jax {info.get('jax')} on {info.get('backend')}{flags}"

@@ -68,6 +68,10 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=(), stages=(
             lines += ["![GRPO dynamics](grpo/grpo.png)", ""]
     lines += comparison_table(workdir, num_rounds)
     lines += evaluation_details(workdir)
+    evaluated = (_json(workdir / "eval" / "DONE.json") or {}).get("machine")
+    if evaluated:  # toy-world numbers depend on the CPU (ssb_jax.compile_options)
+        from ssb_jax.compile_options import describe_machine
+        lines += [f"Evaluated on {describe_machine(evaluated)}.", ""]
     lines += stage_table(stages)
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")

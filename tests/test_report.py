@@ -131,3 +131,16 @@ def test_report_states_each_number_in_one_table(tmp_path, rng):
     assert "| a full table |" not in report  # results.md's table is not copied in
     row = results["rows"][0]
     assert f"| {row['correct']}/200 |" in report
+
+
+def test_report_names_the_machine_that_evaluated(tmp_path, rng):
+    from ssb_jax.compile_options import describe_machine, machine
+    _fabricate(tmp_path, rng)
+    info = machine()
+    assert info["cores"] >= 1 and info["backend"] == "cpu" and isinstance(info["cpu"], str)
+    _write(tmp_path / "eval" / "DONE.json", {"wall_s": 3.0, "machine": {**info, "cpu": "Intel Xeon", "cores": 7}})
+    line = next(line for line in write_report(tmp_path).read_text().splitlines() if line.startswith("Evaluated on"))
+    assert "Intel Xeon" in line and "7 cores" in line
+    assert describe_machine({"cpu": "X", "family_model": "6/143", "vector_flags": ["avx512f"], "cores": 4,
+                             "jax": "0.10.2", "backend": "cpu", "xla_flags": ""}) == \
+        "X (family/model 6/143; avx512f; 4 cores), jax 0.10.2 on cpu"

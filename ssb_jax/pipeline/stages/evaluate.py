@@ -44,7 +44,9 @@ class EvalStage(Stage):
         if jax.process_index() == 0 and results.exists():
             from ssb_jax.training.metrics import write_eval_tensorboard
             write_eval_tensorboard(self.directory(ctx, r), json.loads(results.read_text())["rows"])
-        return {}  # DONE.json: its wall time, for the report (done() still rechecks every outputs file)
+        from ssb_jax.compile_options import machine
+        # DONE.json: its wall time and the machine (results differ by CPU); done() still rechecks every file
+        return {"machine": machine()}
 
     def _evaluate(self, ctx):
         from ssb_jax import evaluation
