@@ -275,10 +275,15 @@ def machine_info() -> dict:
     return info
 
 
-def write_results(name: str, results: dict, directory: str | Path | None = None) -> Path:
+def write_results(name: str, results: dict, directory: str | Path | None = None, echo: bool = True) -> Path:
+    """Write results to directory/name.json atomically (a benchmark rewrites it after every row, so a run
+    cut short keeps the rows it finished); echo: print them too."""
     directory = Path(directory or RESULTS_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(path)
+    if echo:
+        print(json.dumps(results, indent=2))
     return path

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The accelerator check of ssb_jax, as one prepared run (about 8 minutes on one H200, offline):
+# The accelerator check of ssb_jax, as one prepared run (under 8 minutes on one H200, offline). The numbers
+# come first, each benchmark row written to its JSON as it finishes (a timeout keeps the rows done):
 #   1. environment: versions, the GPU, which modules the image lacks (aborts if JAX sees no GPU);
-#   2. parity_tests: the HF-parity tests (tests/model/test_model.py, tests/sampling/test_sampling.py, ...) on the GPU;
-#      skipped, with the reason, where torch / transformers / peft / pytest are missing;
-#   3. sampling at the Qwen2.5 0.5B and 3B shapes, bf16, batch 1 and 64, random weights, EOS
+#   2. sampling at the Qwen2.5 0.5B and 3B shapes, bf16, batch 1 and 64, random weights, EOS
 #      suppressed: tokens/s, decode HBM-roofline fraction, prefill MFU, peak device memory;
+#   3. decode_layout_3b: the 3B batch-1 row again with unrolled layers (sampling_3b runs the layer scan);
 #   4. the distillation train step at the 3B shape, bf16, sequence 1024, batch 1 and 8, remat:
-#      step time, tokens/s, MFU, peak device memory, XLA's memory analysis.
-# Each step has its own timeout inside one total budget; a step the budget cannot fit is skipped.
+#      step time, tokens/s, MFU, peak device memory, XLA's memory analysis;
+#   5. rollout_3b: the rollout engine (benchmarks/rollout.py; skipped, saying so, where it is absent);
+#   6. parity_tests: cuDNN attention against the XLA reference (tests/accelerators/test_gpu_attention.py), the
+#      in-place cache update and the HF-parity tests (tests/model/test_model.py, ...) on the GPU, JAX's backend
+#      started before any test imports torch; skipped, with the reason, where torch / transformers / peft /
+#      pytest are missing.
+# Each step has its own timeout; they add up to less than the total budget, so none is cut for lack of it.
 #
 #   bash benchmarks/device_check.sh             # on the GPU machine, from the repo root
 #   bash benchmarks/device_check.sh --dry-run   # print the steps and their commands, run nothing
 #   SMOKE=1 bash benchmarks/device_check.sh     # the same steps at tiny shapes on the CPU (a minute or two)
 #
 # Uses the image's own jax (nothing is installed: the checkout goes on PYTHONPATH).
-# Writes under $OUT (default ./device_check_out), at most 7 files: summary.txt, log.txt, parity_junit.xml,
-# sampling_<shape>_<dtype>.json (2), train_step_<shape>_b<batch>.json (2).
-# Knobs (environment): PY (python3), TOTAL_S (470: the whole budget, seconds), ONLY (comma-separated step
+# Writes under $OUT (default ./device_check_out), at most 9 files: summary.txt, log.txt, parity_junit.xml,
+# sampling_<shape>_<dtype>.json (2), sampling_3b_unrolled_<dtype>.json, train_step_<shape>_b<batch>.json (2),
+# the rollout benchmark's JSON.
+# Knobs (environment): PY (python3), TOTAL_S (450: the whole budget, seconds), ONLY (comma-separated step
 # names to run), PEER=1 (time transformers generate on the GPU too), REMAT (full), MODES (sampling),
 # SSB_PEAK_TFLOPS / SSB_HBM_GBS (override the device table: dense bf16 TFLOP/s, HBM GB/s).
 set -uo pipefail
@@ -37,7 +43,7 @@ cd "$ROOT" || exit 2
 
 PY=${PY:-python3}
 OUT=${OUT:-$ROOT/device_check_out}
-TOTAL_S=${TOTAL_S:-470}
+TOTAL_S=${TOTAL_S:-450}
 ONLY=${ONLY:-}
 PEER=${PEER:-0}
 MODES=${MODES:-sampling}
@@ -50,19 +56,28 @@ if [[ ${SMOKE:-0} == 1 ]]; then
   SAMPLE_SHAPES=(tiny) SAMPLE_BATCHES=(2) PROMPT=8 NEW_TOKENS=32 REPEATS=3 COPY_MB=16
   TRAIN_SHAPE=tiny TRAIN_BATCHES=(1 2) SEQ=32 TEACHER_PROMPT=8 STUDENT_PROMPT=4 RANK=4 CHUNK=8 STEPS=1
   PARITY_SELECT="logits_match_transformers and not untied and right_padded"
-  T_ENV=120 T_PARITY=300 T_SAMPLING=(300) T_TRAIN=(300 300)  # generous: a shared CPU can be slow
+  LAYOUT_SHAPE=tiny ROLLOUT_SHAPE=tiny
+  T_ENV=120 T_PARITY=300 T_SAMPLING=(300) T_LAYOUT=300 T_TRAIN=(300 300) T_ROLLOUT=300  # a shared CPU can be slow
 else
   PLATFORM=cuda BACKEND=gpu DTYPE=bfloat16
   SAMPLE_SHAPES=(0.5b 3b) SAMPLE_BATCHES=(1 64) PROMPT=128 NEW_TOKENS=256 REPEATS=2 COPY_MB=512
   TRAIN_SHAPE=3b TRAIN_BATCHES=(1 8) SEQ=1024 TEACHER_PROMPT=256 STUDENT_PROMPT=128 RANK=32 CHUNK=128 STEPS=3
   # HF parity of what runs on the GPU (forward, cached decode, scanned sampling, LoRA, loss, gradients);
   # the CPU decode layout, PEFT export and sampler-only tests stay with the CPU suite
-  PARITY_SELECT="logits_match_transformers or prefill_then_decode or bf16_params_close or remat_policies_and_dpa"
-  PARITY_SELECT+=" or (greedy_matches_transformers and scan) or merge_equals_forward or loss_matches_torch"
-  PARITY_SELECT+=" or chunked_equals_unchunked or (lora_grads_match_finite and online) or online_teacher_and_student"
-  T_ENV=60 T_PARITY=130 T_SAMPLING=(75 100) T_TRAIN=(80 100)
+  # cuDNN against the XLA reference, the in-place cache update, and HF parity of what runs on the GPU (forward,
+  # cached decode, scanned sampling, LoRA, loss, gradients); the CPU decode layout, PEFT export and sampler-only
+  # tests stay with the CPU suite. Every term names a test that exists (tests/test_benchmarks.py checks it).
+  PARITY_SELECT="cudnn_equals_reference or auto_runs_cudnn or decode_updates_the_cache_in_place"
+  PARITY_SELECT+=" or logits_match_transformers or prefill_then_decode or bf16_params_close"
+  PARITY_SELECT+=" or remat_policies_and_attention_kernels or (greedy_matches_transformers and scan)"
+  PARITY_SELECT+=" or merge_equals_forward or loss_matches_torch or chunked_equals_unchunked"
+  PARITY_SELECT+=" or (lora_grads_match_finite and online) or online_teacher_and_student"
+  LAYOUT_SHAPE=3b ROLLOUT_SHAPE=3b
+  # seconds per step, 410 in all: under TOTAL_S - RESERVE_S, so the budget never cuts a step short
+  T_ENV=20 T_SAMPLING=(45 75) T_LAYOUT=45 T_TRAIN=(55 65) T_ROLLOUT=45 T_PARITY=60
 fi
-PARITY_FILES=(tests/model/test_model.py tests/sampling/test_sampling.py tests/model/test_lora.py tests/distill/test_distill_loss.py
+PARITY_FILES=(tests/accelerators/test_gpu_attention.py tests/model/test_kv_cache.py tests/model/test_model.py
+              tests/sampling/test_sampling.py tests/model/test_lora.py tests/distill/test_distill_loss.py
               tests/distill/test_distill_grad.py tests/distill/test_distill_batch.py)
 PEER_FLAG=--no-peer
 [[ $PEER == 1 ]] && PEER_FLAG=--peer
@@ -77,6 +92,7 @@ done
 export XLA_FLAGS="${kept_flags[*]}"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SSB_TEST_START_BACKEND=1  # tests/conftest.py starts JAX's backend (its cuDNN) before a test imports torch
 
 SUMMARY=$OUT/summary.txt LOG=$OUT/log.txt
 START=$SECONDS
@@ -135,7 +151,40 @@ if ! step environment "$T_ENV" "$PY" -m benchmarks.device_report environment --e
 fi
 (( DRY_RUN )) || grep -E '^(nvidia-smi|versions|benchmarks|parity_tests|jax backend)' "$LOG" | sed 's/^/    /' >>"$SUMMARY"
 
-# ---------------------------------------------------------------- 2. HF-parity tests
+# ---------------------------------------------------------------- 2. sampling
+for i in "${!SAMPLE_SHAPES[@]}"; do
+  shape=${SAMPLE_SHAPES[$i]}
+  # shellcheck disable=SC2086  # MODES is a list of words
+  step "sampling_$shape" "${T_SAMPLING[$i]}" "$PY" -m benchmarks.sampling --shape "$shape" --dtype "$DTYPE" \
+    --batches "${SAMPLE_BATCHES[@]}" --modes $MODES --prompt "$PROMPT" --new-tokens "$NEW_TOKENS" \
+    --repeats "$REPEATS" --copy-mb "$COPY_MB" "$PEER_FLAG" --out-dir "$OUT" --name "sampling_${shape}_$DTYPE"
+done
+
+# ---------------------------------------------------------------- 3. the layer scan against unrolled layers
+# the batch-1 row of sampling_3b with the layers unrolled (one weight slice per layer, no dynamic slicing)
+step "decode_layout_$LAYOUT_SHAPE" "$T_LAYOUT" "$PY" -m benchmarks.sampling --shape "$LAYOUT_SHAPE" --dtype "$DTYPE" \
+  --batches "${SAMPLE_BATCHES[0]}" --modes "${MODES%% *}" --prompt "$PROMPT" --new-tokens "$NEW_TOKENS" \
+  --repeats "$REPEATS" --copy-mb "$COPY_MB" --layers-layout unrolled --no-peer --out-dir "$OUT" \
+  --name "sampling_${LAYOUT_SHAPE}_unrolled_$DTYPE"
+
+# ---------------------------------------------------------------- 4. distillation train step
+for i in "${!TRAIN_BATCHES[@]}"; do
+  batch=${TRAIN_BATCHES[$i]}
+  step "train_${TRAIN_SHAPE}_b$batch" "${T_TRAIN[$i]}" "$PY" benchmarks/train_step.py --shape "$TRAIN_SHAPE" \
+    --dtype "$DTYPE" --seq "$SEQ" --teacher-prompt "$TEACHER_PROMPT" --student-prompt "$STUDENT_PROMPT" \
+    --batch "$batch" --rank "$RANK" --chunk "$CHUNK" --remat "$REMAT" --steps "$STEPS" --variants jax_chunked \
+    --out "$OUT/train_step_${TRAIN_SHAPE}_b$batch.json"
+done
+
+# ---------------------------------------------------------------- 5. the rollout engine
+if [[ -f benchmarks/rollout.py ]]; then
+  step "rollout_$ROLLOUT_SHAPE" "$T_ROLLOUT" "$PY" -m benchmarks.rollout --shape "$ROLLOUT_SHAPE" --dtype "$DTYPE" \
+    --out-dir "$OUT"
+else
+  skip "rollout_$ROLLOUT_SHAPE" "benchmarks/rollout.py is not in this checkout"
+fi
+
+# ---------------------------------------------------------------- 6. GPU attention, cache and HF-parity tests
 missing=$( (( DRY_RUN )) || "$PY" -m benchmarks.device_report environment --need parity_tests 2>/dev/null)
 if [[ -n $missing ]]; then
   skip parity_tests "missing on this image: $missing (the tests compare with transformers on torch)"
@@ -156,23 +205,6 @@ else
   fi
 fi
 
-# ---------------------------------------------------------------- 3. sampling
-for i in "${!SAMPLE_SHAPES[@]}"; do
-  shape=${SAMPLE_SHAPES[$i]}
-  # shellcheck disable=SC2086  # MODES is a list of words
-  step "sampling_$shape" "${T_SAMPLING[$i]}" "$PY" -m benchmarks.sampling --shape "$shape" --dtype "$DTYPE" \
-    --batches "${SAMPLE_BATCHES[@]}" --modes $MODES --prompt "$PROMPT" --new-tokens "$NEW_TOKENS" \
-    --repeats "$REPEATS" --copy-mb "$COPY_MB" "$PEER_FLAG" --out-dir "$OUT" --name "sampling_${shape}_$DTYPE"
-done
-
-# ---------------------------------------------------------------- 4. distillation train step
-for i in "${!TRAIN_BATCHES[@]}"; do
-  batch=${TRAIN_BATCHES[$i]}
-  step "train_${TRAIN_SHAPE}_b$batch" "${T_TRAIN[$i]}" "$PY" benchmarks/train_step.py --shape "$TRAIN_SHAPE" \
-    --dtype "$DTYPE" --seq "$SEQ" --teacher-prompt "$TEACHER_PROMPT" --student-prompt "$STUDENT_PROMPT" \
-    --batch "$batch" --rank "$RANK" --chunk "$CHUNK" --remat "$REMAT" --steps "$STEPS" --variants jax_chunked \
-    --out "$OUT/train_step_${TRAIN_SHAPE}_b$batch.json"
-done
 
 # ---------------------------------------------------------------- summary
 (( DRY_RUN )) && exit 0

@@ -79,7 +79,7 @@ def summary_lines(directory: Path) -> list[str]:
             continue
         config, peaks = data["config"], data["peaks"]
         lines.append(f"sampling {config['shape']} {config['dtype']} prompt {config['prompt']} + {config['new_tokens']}"
-                     f" new ({data['backend']}, {peaks['device_kind']}; ceilings: {_fmt(peaks['bandwidth_gbs'], '.0f')}"
+                     f" new, layers {data.get('layers_layout', '?')} ({data['backend']}, {peaks['device_kind']}; ceilings: {_fmt(peaks['bandwidth_gbs'], '.0f')}"
                      f" GB/s, {_fmt(peaks['bf16_tflops'], '.1f')} TFLOP/s)")
         for row in data["rows"]:
             ours = row["ssb_jax"]
@@ -106,6 +106,11 @@ def summary_lines(directory: Path) -> list[str]:
             lines.append(f"  {name:13s} step {r['step_s']:8.3f} s  tok/s {_fmt(r.get('tokens_per_s'), '9.0f')}"
                          f"  MFU {_fmt(r.get('mfu'), '5.3f')}  peak {_gib(r.get('device_peak_bytes'))} GiB"
                          f"  xla temp {_gib(xla.get('temp_size_in_bytes'))} GiB  compile {_fmt(r.get('compile_s'), '.1f')} s")
+    for path in sorted(directory.glob("rollout*.json")):  # benchmarks/rollout.py's own fields, the numbers only
+        data = json.loads(path.read_text())
+        numbers = {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        lines.append(f"rollout {path.stem}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+                     + ("" if numbers else "(see the JSON)"))
     return lines
 
 

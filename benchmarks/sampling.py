@@ -165,6 +165,9 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = Qwen2ForCausalLM(hf_config(config)).to(device=device, dtype=torch_dtype).eval()
     rows = []
+    name = args.name or f"sampling_{backend}_{args.shape}_{args.dtype}"
+    results = {"config": vars(args), "backend": backend, "layers_layout": layout,
+               "peaks": dataclasses.asdict(peaks), "machine": machine_info(), "rows": rows}
     for batch in args.batches:
         for mode in args.modes:
             row = {"batch": batch, "mode": mode}
@@ -179,10 +182,8 @@ def main(argv=None):
             row["device_memory_after"] = device_memory()
             rows.append(row)
             print(row, flush=True)
-    name = args.name or f"sampling_{backend}_{args.shape}_{args.dtype}"
-    write_results(name, {"config": vars(args), "backend": backend, "layers_layout": layout,
-                         "peaks": dataclasses.asdict(peaks), "machine": machine_info(), "rows": rows},
-                  args.out_dir)
+            write_results(name, results, args.out_dir, echo=False)  # each row as it finishes: a timeout keeps them
+    write_results(name, results, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -306,24 +306,13 @@ def main(argv=None):
                 "torch_peft": ["--worker", "torch"]}
     env = worker_env()
     results = {}
-    backend = None
-    for name in args.variants.split(","):
-        if name == "torch_peft" and backend not in (None, "cpu") and not args.peer:
-            results[name] = {"skipped": f"JAX ran on {backend}; the PyTorch peer is the CPU comparison (--peer runs it)"}
-            print(f"== {name}: skipped ({results[name]['skipped']})", flush=True)
-            continue
-        cmd = cleaned + variants[name]
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        results[name] = run_worker(cmd, env)
-        backend = backend or results[name].get("backend")
-        print(json.dumps(results[name], indent=1), flush=True)
     teacher_len, student_len, answer_len = sequence_lengths(args)
     out = {
         "command": "python benchmarks/train_step.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
         "shape": {"preset": args.shape, **model_fields(args), "teacher_seq": teacher_len, "student_seq": student_len,
                   "answer_tokens": answer_len * args.batch, "batch": args.batch, "lora_rank": args.rank,
                   "dtype": args.dtype, "remat": args.remat, "temperature": 2.0},
-        "backend": backend,
+        "backend": None,
         "method": "each variant in a fresh subprocess, sequentially; step_s = mean of the timed steps after one "
                   "warm-up step (ssb_jax compiled ahead, compile_s separate); tokens_per_s = (teacher + student "
                   "tokens) / step_s; mfu = benchmarks.common.train_step_flops (teacher forward + student forward "
@@ -335,11 +324,30 @@ def main(argv=None):
         "machine": cpu_info(),
         "results": results,
     }
-    name = f"train_step_{backend or 'unknown'}_{args.shape}_{args.dtype}_b{args.batch}.json"
-    path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}")
+
+    def save() -> Path:
+        """The results so far (after every variant, so a run cut short keeps the variants it finished)."""
+        name = f"train_step_{out['backend'] or 'unknown'}_{args.shape}_{args.dtype}_b{args.batch}.json"
+        path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(out, indent=1))
+        partial.replace(path)
+        return path
+
+    for name in args.variants.split(","):
+        backend = out["backend"]
+        if name == "torch_peft" and backend not in (None, "cpu") and not args.peer:
+            results[name] = {"skipped": f"JAX ran on {backend}; the PyTorch peer is the CPU comparison (--peer runs it)"}
+            print(f"== {name}: skipped ({results[name]['skipped']})", flush=True)
+            continue
+        cmd = cleaned + variants[name]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        results[name] = run_worker(cmd, env)
+        out["backend"] = backend or results[name].get("backend")
+        print(json.dumps(results[name], indent=1), flush=True)
+        save()
+    print(f"wrote {save()}")
 
 
 if __name__ == "__main__":

@@ -148,16 +148,70 @@ def test_dry_run_prints_the_device_steps_and_runs_nothing(tmp_path):
     done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     steps = {line.split()[0]: line for line in done.stdout.splitlines()}
-    assert list(steps) == ["environment", "parity_tests", "sampling_0.5b", "sampling_3b", "train_3b_b1", "train_3b_b8"]
+    # the numbers first, the tests last
+    assert list(steps) == ["environment", "sampling_0.5b", "sampling_3b", "decode_layout_3b", "train_3b_b1",
+                           "train_3b_b8", "rollout_3b", "parity_tests"]
+    # the step timeouts fit the budget (450 s by default) with the summary's reserve: none is cut short by it,
+    # and the whole run stays under 8 minutes on the device
+    limits = [int(line.split()[1].rstrip("s")) for line in steps.values()]
+    assert sum(limits) <= 450 - 15 < 480, limits
     assert "--expect-backend gpu" in steps["environment"]
     for shape in ("0.5b", "3b"):
         assert "--dtype bfloat16 --batches 1 64" in steps[f"sampling_{shape}"]
+    layout = steps["decode_layout_3b"]
+    assert "--shape 3b" in layout and "--layers-layout unrolled" in layout and "--batches 1 " in layout
+    assert "-m benchmarks.rollout --shape 3b --dtype bfloat16 --out-dir" in steps["rollout_3b"]
+    assert all(name in steps["parity_tests"] for name in
+               ("tests/accelerators/test_gpu_attention.py", "decode_updates_the_cache_in_place", "cudnn_equals_reference"))
     for batch in (1, 8):
         assert all(flag in steps[f"train_3b_b{batch}"] for flag in
                    ("--dtype bfloat16", "--seq 1024", f"--batch {batch}", "--remat full", "--variants jax_chunked"))
     assert not (tmp_path / "out").exists()
     bad = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+def _parity_selection() -> tuple[list[str], str]:
+    """(the parity step's test files, its -k expression) as the script's --dry-run prints them."""
+    import shlex
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env={k: v for k, v in os.environ.items() if k != "SMOKE"},
+                          capture_output=True, text=True, timeout=60)
+    words = shlex.split(next(line for line in done.stdout.splitlines() if line.startswith("parity_tests")))
+    return [w for w in words if w.startswith("tests/")], words[words.index("-k") + 1]
+
+
+def _matches(expression: str, test_id: str) -> bool:
+    """pytest's -k matching on a test id: each name is a case-insensitive substring of the file, function
+    or parameter names; and / or / not / parentheses as in Python."""
+    words = [w for w in expression.replace("(", " ( ").replace(")", " ) ").split()]
+    haystack = test_id.lower()
+    code = " ".join(w if w in ("and", "or", "not", "(", ")") else repr(w.lower() in haystack) for w in words)
+    return eval(code)  # noqa: S307 - built from True/False and operators only
+
+
+@pytest.mark.slow  # collects the parity files in a subprocess (imports torch and transformers)
+def test_every_parity_term_names_a_test_that_exists():
+    """Each `or` term of the device check's PARITY_SELECT selects at least one collected test (a renamed test
+    would otherwise drop out of the GPU run in silence)."""
+    files, expression = _parity_selection()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    test_ids = [line for line in done.stdout.splitlines() if "::" in line]
+    assert test_ids, done.stdout[-2000:] + done.stderr[-2000:]
+    terms, depth, current = [], 0, []
+    for word in expression.replace("(", " ( ").replace(")", " ) ").split():  # split on the top-level `or`s
+        depth += (word == "(") - (word == ")")
+        if word == "or" and depth == 0:
+            terms.append(" ".join(current))
+            current = []
+        else:
+            current.append(word)
+    terms.append(" ".join(current))
+    assert len(terms) >= 10
+    unmatched = [term for term in terms if not any(_matches(term, test_id) for test_id in test_ids)]
+    assert not unmatched, f"PARITY_SELECT terms that select no test: {unmatched}"
+    assert not _matches("remat_policies_and_dpa", "\n".join(test_ids))  # the stale name this test was written for
 
 
 @pytest.mark.slow  # the device-check script's smoke run: three benchmark processes
