@@ -141,31 +141,62 @@ def _block_scores(q_block, k_block, valid_block, i, j, size):
     return jnp.where(visible, scores, MASKED)
 
 
+def causal_block_pairs(blocks: int, queries_outer: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The (query block, key block) pairs of the causal triangle (key block <= query block) in the order a
+    loop visits them: queries_outer, every query block with its key blocks 0..i; else every key block with
+    its query blocks j..blocks-1. A static list, so the loop's trip count does not depend on a traced
+    index (on a GPU each data-dependent loop bound is a copy to the host and a wait)."""
+    pairs = [(i, j) for i in range(blocks) for j in range(i + 1)] if queries_outer else \
+        [(i, j) for j in range(blocks) for i in range(j, blocks)]
+    query_blocks, key_blocks = (np.asarray(column, np.int32) for column in zip(*pairs))
+    return query_blocks, key_blocks
+
+
+def _over_block_pairs(blocks: int, queries_outer: bool, init, step, finish, outputs):
+    """One static loop over causal_block_pairs: the carry starts from `init` at each outer block's first
+    pair, `step(i, j, carry)` accumulates a pair, and `finish(carry)` is written into the outer block's slot
+    of `outputs` (arrays with a leading blocks axis): the last write, after its last pair, is the result."""
+    query_blocks, key_blocks = causal_block_pairs(blocks, queries_outer)
+    outer = query_blocks if queries_outer else key_blocks
+    first = np.concatenate([[True], outer[1:] != outer[:-1]])
+    query_blocks, key_blocks, outer, first = (jnp.asarray(x) for x in (query_blocks, key_blocks, outer, first))
+
+    def body(p, carry):
+        acc, written = carry
+        acc = jax.tree.map(lambda a, fresh: jnp.where(first[p], fresh, a), acc, init)
+        acc = step(query_blocks[p], key_blocks[p], acc)
+        written = jax.tree.map(lambda buffer, x: buffer.at[outer[p]].set(x), written, finish(acc))
+        return acc, written
+
+    return jax.lax.fori_loop(0, len(first), body, (init, outputs))[1]
+
+
 def _flash_forward(size, q, k, v, valid):
     """q [B,G,n,T,H], k, v [B,G,T,H] -> (out [B,G,n,T,H] in q's dtype, log-sum-exp [B,G,n,T] float32)."""
     B, G, n, T, H = q.shape
     wide = at_least_f32(q.dtype)
+    blocks = T // size
 
-    def query_block(i):
-        q_i = _block(q, i, size, 3)
+    def key_block(i, j, carry):
+        running_max, total, acc = carry
+        scores = _block_scores(_block(q, i, size, 3), _block(k, j, size, 2), _block(valid, j, size, 1), i, j, size)
+        new_max = jnp.maximum(running_max, scores.max(-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        values = jnp.einsum("bgnqk,bgkh->bgnqh", probs.astype(v.dtype), _block(v, j, size, 2),
+                            preferred_element_type=wide)
+        acc = acc * rescale[..., None] + values
+        return new_max, total * rescale + probs.sum(-1), acc
 
-        def key_block(j, carry):
-            running_max, total, acc = carry
-            scores = _block_scores(q_i, _block(k, j, size, 2), _block(valid, j, size, 1), i, j, size)
-            new_max = jnp.maximum(running_max, scores.max(-1))
-            probs = jnp.exp(scores - new_max[..., None])
-            rescale = jnp.exp(running_max - new_max)
-            values = jnp.einsum("bgnqk,bgkh->bgnqh", probs.astype(v.dtype), _block(v, j, size, 2),
-                                preferred_element_type=wide)
-            acc = acc * rescale[..., None] + values
-            return new_max, total * rescale + probs.sum(-1), acc
-
-        init = (jnp.full((B, G, n, size), MASKED, wide), jnp.zeros((B, G, n, size), wide),
-                jnp.zeros((B, G, n, size, H), wide))
-        running_max, total, acc = jax.lax.fori_loop(0, i + 1, key_block, init)  # causal: key blocks 0..i
+    def finish(carry):
+        running_max, total, acc = carry
         return (acc / total[..., None]).astype(q.dtype), running_max + jnp.log(total)
 
-    out, lse = jax.lax.map(query_block, jnp.arange(T // size))   # [blocks, B,G,n,size,(H)]
+    init = (jnp.full((B, G, n, size), MASKED, wide), jnp.zeros((B, G, n, size), wide),
+            jnp.zeros((B, G, n, size, H), wide))
+    outputs = (jnp.zeros((blocks, B, G, n, size, H), q.dtype), jnp.zeros((blocks, B, G, n, size), wide))
+    # causal: query block i meets key blocks 0..i, in that order
+    out, lse = _over_block_pairs(blocks, True, init, key_block, finish, outputs)   # [blocks, B,G,n,size,(H)]
     return (jnp.moveaxis(out, 0, 3).reshape(B, G, n, T, H), jnp.moveaxis(lse, 0, 3).reshape(B, G, n, T))
 
 
@@ -199,28 +230,28 @@ def _flash_bwd(size, residuals, d_out):
         d_probs = jnp.einsum("bgnqh,bgkh->bgnqk", _block(d_out, i, size, 3), v_j, preferred_element_type=wide)
         return probs, probs * (d_probs - _block(out_dot, i, size, 3)[..., None])
 
-    def dq_block(i):
-        def step(j, acc):
-            _, d_scores = tile(i, j)
-            return acc + jnp.einsum("bgnqk,bgkh->bgnqh", d_scores.astype(q.dtype), _block(k, j, size, 2),
-                                    preferred_element_type=wide)
-        return (jax.lax.fori_loop(0, i + 1, step, jnp.zeros((B, G, n, size, H), wide)) * scale).astype(q.dtype)
+    def dq_step(i, j, acc):
+        _, d_scores = tile(i, j)
+        return acc + jnp.einsum("bgnqk,bgkh->bgnqh", d_scores.astype(q.dtype), _block(k, j, size, 2),
+                                preferred_element_type=wide)
 
-    def dkv_block(j):
-        def step(i, acc):
-            d_k, d_v = acc
-            probs, d_scores = tile(i, j)
-            d_v = d_v + jnp.einsum("bgnqk,bgnqh->bgkh", probs.astype(v.dtype), _block(d_out, i, size, 3),
-                                   preferred_element_type=wide)
-            d_k = d_k + jnp.einsum("bgnqk,bgnqh->bgkh", d_scores.astype(q.dtype), _block(q, i, size, 3),
-                                   preferred_element_type=wide)
-            return d_k, d_v
-        zeros = jnp.zeros((B, G, size, H), wide)
-        d_k, d_v = jax.lax.fori_loop(j, blocks, step, (zeros, zeros))  # causal: query blocks j..end
-        return (d_k * scale).astype(k.dtype), d_v.astype(v.dtype)
+    def dkv_step(i, j, acc):
+        d_k, d_v = acc
+        probs, d_scores = tile(i, j)
+        d_v = d_v + jnp.einsum("bgnqk,bgnqh->bgkh", probs.astype(v.dtype), _block(d_out, i, size, 3),
+                               preferred_element_type=wide)
+        d_k = d_k + jnp.einsum("bgnqk,bgnqh->bgkh", d_scores.astype(q.dtype), _block(q, i, size, 3),
+                               preferred_element_type=wide)
+        return d_k, d_v
 
-    d_q = jnp.moveaxis(jax.lax.map(dq_block, jnp.arange(blocks)), 0, 3).reshape(q.shape)
-    d_k, d_v = jax.lax.map(dkv_block, jnp.arange(blocks))
+    # causal: dq of query block i sums over key blocks 0..i; dk, dv of key block j over query blocks j..end
+    d_q = _over_block_pairs(blocks, True, jnp.zeros((B, G, n, size, H), wide), dq_step,
+                            lambda acc: (acc * scale).astype(q.dtype), jnp.zeros((blocks, B, G, n, size, H), q.dtype))
+    zeros = jnp.zeros((B, G, size, H), wide)
+    buffers = (jnp.zeros((blocks, B, G, size, H), k.dtype), jnp.zeros((blocks, B, G, size, H), v.dtype))
+    d_k, d_v = _over_block_pairs(blocks, False, (zeros, zeros), dkv_step,
+                                 lambda acc: ((acc[0] * scale).astype(k.dtype), acc[1].astype(v.dtype)), buffers)
+    d_q = jnp.moveaxis(d_q, 0, 3).reshape(q.shape)
     d_k, d_v = (jnp.moveaxis(d, 0, 2).reshape(k.shape) for d in (d_k, d_v))
     return d_q, d_k, d_v, None
 
@@ -360,7 +391,8 @@ def resolve(impl: str, dtype, head_dim: int, length: int, backend: str | None = 
     backend = backend or target_backend()
     if backend == "gpu":
         capability = compute_capability or gpu_compute_capability()
-        if (capability is None or capability >= CUDNN_MIN_COMPUTE_CAPABILITY) and cudnn_supports(dtype, head_dim, length):
+        supported_gpu = capability is None or capability >= CUDNN_MIN_COMPUTE_CAPABILITY
+        if supported_gpu and cudnn_supports(dtype, head_dim, length):
             return "cudnn"
     if backend == "tpu":
         return "splash"

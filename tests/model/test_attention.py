@@ -8,6 +8,7 @@ over the real rows with respect to q, k and v everywhere.
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -96,6 +97,28 @@ def test_splash_segment_ids_give_the_causal_padding_mask(rng):
     real = np.asarray(key_valid)
     np.testing.assert_array_equal(allowed[:, :50, :50][real], visible[real])
     assert allowed.any(-1).all()
+
+
+def test_chunked_loops_have_static_trip_counts():
+    """The chunked kernel's loops visit the causal triangle's block pairs from a static list: the forward
+    and backward trace to scans (fixed trip counts) and no while loop, whose data-dependent bound would cost
+    a copy to the host and a wait per iteration on a GPU."""
+    q, k, v, key_valid, _ = random_inputs(0, ROWS, 37, jnp.float32)
+
+    def primitives(jaxpr, found):
+        for eqn in jaxpr.eqns:
+            found.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                primitives(sub, found)
+        return found
+
+    grad = jax.grad(lambda q, k, v: jnp.sum(attention.chunked_attention(q, k, v, key_valid, chunk=8)), argnums=(0, 1, 2))
+    used = primitives(jax.make_jaxpr(grad)(q, k, v).jaxpr, set())
+    assert "scan" in used and "while" not in used, sorted(used)
+    query_blocks, key_blocks = attention.causal_block_pairs(3, queries_outer=True)
+    assert list(zip(query_blocks, key_blocks)) == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2)]
+    query_blocks, key_blocks = attention.causal_block_pairs(3, queries_outer=False)
+    assert list(zip(query_blocks, key_blocks)) == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (2, 2)]
 
 
 def test_chunked_never_forms_the_whole_score_matrix():
