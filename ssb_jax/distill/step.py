@@ -113,6 +113,8 @@ def train_state_shardings(model_config: ModelConfig, lora_config: LoraConfig, op
 
 def init_state(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
                key: jax.Array, mesh: Mesh | None = None) -> dict:
+    """A fresh train state {"lora", "opt_state", "step"}: adapters from `key` (B = 0, so the student starts as
+    its base) and the optimizer's state for them, placed on `mesh` when one is given."""
     def make(key):
         lora = nnx.to_pure_dict(init_lora(model_config, lora_config, key))
         return {"lora": lora, "opt_state": optimizer.init(lora), "step": jnp.zeros((), jnp.int32)}

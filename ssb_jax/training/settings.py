@@ -114,6 +114,7 @@ class LoraSettings(Settings):
         super().__post_init__()
 
     def lora_config(self) -> LoraConfig:
+        """The adapters these settings describe (targets, rank, alpha, rsLoRA, dtype)."""
         from ssb_jax.model.lora import LoraConfig
         return LoraConfig(targets=self.lora_targets, rank=self.lora_rank, alpha=self.lora_alpha,
                           use_rslora=self.use_rslora, dtype=self.lora_dtype)
