@@ -42,10 +42,11 @@ PROBE_CHAT = [{"role": "system", "content": "You are a helpful math tutor. Put t
 class ExportInfo:
     """What an export carries besides weights and tokenizer: the prompts it was trained with, the sampling
     settings for `generation_config.json` (transformers' field names), and the model card's sections
-    (title -> markdown; empty ones are left out)."""
+    (title -> markdown; empty ones are left out) under `model` (the card's title names it)."""
     prompts: PromptSet = DEFAULT_PROMPTS
     generation: dict = dataclasses.field(default_factory=dict)
     card: dict = dataclasses.field(default_factory=dict)
+    model: str = "SSB student"
 
 
 def generation_settings(temperature: float, top_p: float, top_k: int, max_new_tokens: int,
@@ -95,9 +96,10 @@ def model_card(title: str, sections: dict, *, base: str = "", library: str = "tr
     return "\n".join(meta + ["---", ""] + body)
 
 
-def write_info(out_dir: Path, info: ExportInfo | None, tokenizer, title: str, base: str = "",
+def write_info(out_dir: Path, info: ExportInfo | None, tokenizer, form: str, base: str = "",
                library: str = "transformers") -> None:
-    """The tokenizer (with the training system prompt as its default), generation config, prompts and card."""
+    """The tokenizer (with the training system prompt as its default), generation config, prompts and card
+    (titled "<info.model> (<form>)")."""
     prompts = info.prompts if info else DEFAULT_PROMPTS
     if tokenizer is not None:
         write_tokenizer(tokenizer, out_dir, system_prompt=prompts.system_prompt if info else NO_SYSTEM_MESSAGE)
@@ -106,7 +108,7 @@ def write_info(out_dir: Path, info: ExportInfo | None, tokenizer, title: str, ba
     (out_dir / PROMPTS_FILE).write_text(json.dumps(dataclasses.asdict(prompts), indent=2))
     if info.generation:
         (out_dir / GENERATION_CONFIG).write_text(json.dumps(info.generation, indent=2))
-    (out_dir / MODEL_CARD).write_text(model_card(title, info.card, base=base, library=library))
+    (out_dir / MODEL_CARD).write_text(model_card(f"{info.model} ({form})", info.card, base=base, library=library))
 
 
 def make_world_readable(directory: Path) -> None:
@@ -135,7 +137,7 @@ def export_peft_adapter(lora_state, lora_config: LoraConfig, out_dir: str | Path
     save_file(lora_to_peft(lora_state), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     base = base_model_reference(base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_adapter_config(lora_config, base), indent=2))
-    write_info(out_dir, info, tokenizer, "SSB student (PEFT LoRA adapter)", base, library="peft")
+    write_info(out_dir, info, tokenizer, "PEFT LoRA adapter", base, library="peft")
     make_world_readable(out_dir)
     return out_dir
 
@@ -153,7 +155,7 @@ def export_merged_model(model, lora_state, lora_config: LoraConfig | None, model
         graphdef, state = nnx.split(merged)
         merged = nnx.merge(graphdef, jax.tree_util.tree_map(lambda x: x.astype(config.jnp_dtype), state))
     out_dir = Path(save_params(merged, config, out_dir))
-    write_info(out_dir, info, tokenizer, "SSB student (merged model)")
+    write_info(out_dir, info, tokenizer, "merged model")
     make_world_readable(out_dir)
     return out_dir
 

@@ -132,3 +132,39 @@ def test_load_prompts_from_a_run_directory(tmp_path):
     assert prompts.system_prompt == "S" and prompts.student_template == DEFAULT_PROMPTS.student_template
     with pytest.raises(ValueError, match="neither an export"):
         load_prompts(tmp_path / "missing")
+
+
+def test_export_stage_info_for_the_student_and_a_baseline(tmp_path):
+    """What the export stage writes into each export: the run's prompts, the evaluation's sampling settings and
+    a card naming the method (SSB, or the baseline stage that trained it) and the evaluation when there is one."""
+    import json
+    from types import SimpleNamespace
+
+    import ml_collections
+
+    from ssb_jax.distill.config import TrainConfig
+    from ssb_jax.evaluation import EvalConfig
+    from ssb_jax.model.tokenizer import load_tokenizer
+    from ssb_jax.paths import shared_data_path
+    from ssb_jax.pipeline.stages.export import export_info
+    from ssb_jax.prompts import PromptSet
+    (tmp_path / "round_1" / "train").mkdir(parents=True)
+    (tmp_path / "round_1" / "train" / "DONE.json").write_text(json.dumps({"steps": 17}))
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.md").write_text("| model | accuracy |\n| student | 12.5 |\n")
+    ctx = SimpleNamespace(
+        config=ml_collections.ConfigDict({"model": {"path": "Qwen/Qwen2.5-0.5B-Instruct"}, "num_rounds": 1,
+                                          "data": {"train": "gsm8k_train"}}),
+        eval_config=EvalConfig(temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=300),
+        train_config=TrainConfig(), prompts=PromptSet(system_prompt="Be a tutor."),
+        tokenizer=load_tokenizer(shared_data_path("qwen2.5_tokenizer")), workdir=tmp_path,
+        round_dir=lambda r: tmp_path / f"round_{r}")
+    student, grpo = export_info(ctx, tmp_path / "export/merged"), export_info(ctx, tmp_path / "grpo/export", "grpo")
+    for info in (student, grpo):
+        assert info.prompts.system_prompt == "Be a tutor."
+        assert (info.generation["temperature"], info.generation["top_p"], info.generation["max_new_tokens"]) == \
+            (0.6, 0.95, 300)
+        assert "12.5" in info.card["Evaluation"] and "Be a tutor." in info.card["Prompt"]
+    assert "Semantic Soft Bootstrapping" in student.card["Method"] and "17 steps" in student.card["Method"]
+    assert "grpo baseline" in grpo.card["Method"] and "Semantic" not in grpo.card["Method"]
+    assert (student.model, grpo.model) == ("SSB student", "grpo baseline")

@@ -61,8 +61,13 @@ class ExportStage(Stage):
         return {}
 
 
-def export_info(ctx, path):
-    """The export's prompts, generation settings (the evaluation's sampled settings) and model card."""
+BASELINE_METHOD = ("The {name} baseline of ssb_jax (its stage `{name}`), trained from the base on the training "
+                   "questions with the settings in its run directory's config.json (section `{name}`).")
+
+
+def export_info(ctx, path, baseline: str | None = None):
+    """The export's prompts, generation settings (the evaluation's sampled settings) and model card; a
+    `baseline` stage's export (grpo, onpolicy, ...) says that stage trained it instead of SSB."""
     from ssb_jax.export import ExportInfo, generation_settings
     from ssb_jax.model.tokenizer import stop_token_ids
     c, e, t = ctx.config, ctx.eval_config, ctx.train_config
@@ -75,7 +80,7 @@ def export_info(ctx, path):
     results = ctx.workdir / "eval" / "results.md"
     rounds = f" ({c.num_rounds} rounds, each from the previous round's merged student)" if c.num_rounds > 1 else ""
     card = {
-        "Base model": f"`{c.model.path}`{rounds}",
+        "Base model": f"`{c.model.path}`" + ("" if baseline else rounds),
         "Method": (
             "Semantic Soft Bootstrapping (SSB, arXiv:2512.05105): RL-free self-distillation. The base samples "
             "answers to training questions; shown one right and one wrong answer as a hint, it writes a robust "
@@ -83,10 +88,11 @@ def export_info(ctx, path):
             f"question (KL at temperature {t.temperature}, top-{t.topk} teacher log-probs).\n\n"
             f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha}, on {', '.join(t.lora_targets)}; learning rate "
             f"{t.learning_rate} ({t.schedule}), batch size {t.batch_size}, {t.epochs} epochs"
-            + (f", {done['steps']} steps" if done.get("steps") else "") + f"; student input: {t.student_format}."),
-        "Data": f"Training questions: `{c.data.train or 'the toy world'}`. " + "; ".join(
+            + (f", {done['steps']} steps" if done.get("steps") else "") + f"; student input: {t.student_format}."
+            if baseline is None else BASELINE_METHOD.format(name=baseline)),
+        "Data": f"Training questions: `{c.data.train or 'the toy world'}`. " + ("" if baseline else "; ".join(
             f"round {k}: {s.get('verdicts', {}).get('kept', '?')} kept pairs from {s.get('questions', '?')} questions"
-            for k, s in enumerate(kept, 1) if s),
+            for k, s in enumerate(kept, 1) if s)),
         "Prompt": ("Trained with this system prompt (the exported chat template renders it when a chat has no "
                    "system message):\n\n```text\n" + (prompts.system_prompt or "(none: the template's own)") +
                    "\n```\n\nUser message: `" + prompts.student_template + "`, the question in place of "
@@ -96,7 +102,8 @@ def export_info(ctx, path):
         "Evaluation": results.read_text() if results.is_file() else "Not evaluated before this export.",
         "Use": USAGE.format(path=path),
     }
-    return ExportInfo(prompts=prompts, generation=generation, card=card)
+    return ExportInfo(prompts=prompts, generation=generation, card=card,
+                      model="SSB student" if baseline is None else f"{baseline} baseline")
 
 
 def _json(path):

@@ -36,6 +36,7 @@ class GRPOStage(Stage):
         from ssb_jax.grpo import run as grpo_run
         from ssb_jax.model.lora import init_lora
         from ssb_jax.pipeline.learning_curve import learning_curve
+        from ssb_jax.pipeline.stages.export import export_info
         out = self.directory(ctx, r)
         problems = ctx.load_training_problems()
         lora_config = ctx.grpo_config.lora_config(ctx.train_config.lora_config())
@@ -54,10 +55,11 @@ class GRPOStage(Stage):
         if jax.process_index() == 0:
             lora = result["lora"] if jax.process_count() == 1 else to_host(result["lora"])
             export_peft_adapter(lora, lora_config, out / "export" / "peft_adapter", ctx.config.model.path,
-                                tokenizer=ctx.tokenizer)
+                                tokenizer=ctx.tokenizer, info=export_info(ctx, out / "export" / "peft_adapter", "grpo"))
             if ctx.config.export.merged_model:
                 export_merged_model(ctx.base_model, lora, lora_config, ctx.model_config, out / "export" / "merged",
-                                    tokenizer=ctx.tokenizer, dtype=ctx.config.export.merged_dtype or None)
+                                    tokenizer=ctx.tokenizer, dtype=ctx.config.export.merged_dtype or None,
+                                    info=export_info(ctx, out / "export" / "merged", "grpo"))
         last = result["history"][-1] if result["history"] else {}
         return {"iterations": result["iterations"], "final_metrics": last}
 

@@ -77,6 +77,7 @@ class OnPolicyStage(Stage):
         from ssb_jax.onpolicy import run as onpolicy_run
         from ssb_jax.pipeline.learning_curve import learning_curve
         from ssb_jax.pipeline.stages.curate import kept_examples
+        from ssb_jax.pipeline.stages.export import export_info
         oc = self.settings(ctx)
         out = self.directory(ctx, r)
         lora_config = oc.lora_config()
@@ -97,10 +98,12 @@ class OnPolicyStage(Stage):
         if jax.process_index() == 0:
             lora = result["lora"] if jax.process_count() == 1 else to_host(result["lora"])
             export_peft_adapter(lora, lora_config, out / "export" / "peft_adapter", ctx.config.model.path,
-                                tokenizer=ctx.tokenizer)
+                                tokenizer=ctx.tokenizer,
+                                info=export_info(ctx, out / "export" / "peft_adapter", self.name))
             if ctx.config.export.merged_model:
                 export_merged_model(ctx.base_model, lora, lora_config, ctx.model_config, out / "export" / "merged",
-                                    tokenizer=ctx.tokenizer, dtype=ctx.config.export.merged_dtype or None)
+                                    tokenizer=ctx.tokenizer, dtype=ctx.config.export.merged_dtype or None,
+                                    info=export_info(ctx, out / "export" / "merged", self.name))
         last = result["history"][-1] if result["history"] else {}
         return {"iterations": oc.steps, "final_metrics": last}
 
