@@ -89,6 +89,9 @@ class SamplerSettings:
                         "sizes like data=4,tensor=2 (axes data, fsdp, tensor; one may be -1)")
     memory_per_device_gib: float = setting(0.0, "device memory the auto sampling mesh plans with (the weights may "
                                            "take half); 0: the backend's own figure (CPU: host memory / CPU devices)")
+    layers_layout: str = setting("auto", "decode with each layer's weights apart in an unrolled loop, or the stacked "
+                                 "weights under scan; auto: unrolled on CPU and GPU, scan on TPU "
+                                 "(sampling.driver.unrolled_layers)", validate.one_of("auto", "scan", "unrolled"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,7 +152,7 @@ class RunContext:
     def sampler(self, model, lora_state=None, lora_config=None):
         """A Sampler of `model`, or of its student with these adapters."""
         from ssb_jax.model.lora import with_adapters
-        from ssb_jax.sampling.driver import Sampler
+        from ssb_jax.sampling.driver import Sampler, unrolled_layers
         s = self.config.sampler
         if self._decode_copies[0] is not model:  # samplers of the same base share one decode-layout copy
             self._decode_copies = (model, {})
@@ -160,7 +160,7 @@ class RunContext:
         return Sampler(student, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
                        mesh=self.sample_mesh if self.sample_mesh.size > 1 else None,
-                       decode_copies=self._decode_copies[1])
+                       unstack=unrolled_layers(s.layers_layout), decode_copies=self._decode_copies[1])
 
     def global_base(self):
         """The base weights for training: the sampling copy itself with one process (the trainer places
