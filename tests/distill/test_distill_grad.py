@@ -67,3 +67,47 @@ def test_lora_grads_match_finite_differences_f64(mode, seed, rng):
             fd = (float(loss(unravel(flat + eps * e))) - float(loss(unravel(flat - eps * e)))) / (2 * eps)
             np.testing.assert_allclose(g[i], fd, rtol=1e-6, atol=1e-9)
         assert np.abs(g).max() > 1e-4
+
+
+def _dot_operand_dtypes(jaxpr, found):
+    """(lhs dtype, rhs dtype, lhs shape, rhs shape, out dtype) of every dot_general, nested jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            lhs, rhs = (v.aval for v in eqn.invars)
+            found.append((lhs.dtype, rhs.dtype, lhs.shape, rhs.shape, eqn.outvars[0].aval.dtype))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _dot_operand_dtypes(inner, found)
+    return found
+
+
+def test_bf16_head_gradient_is_a_bf16_product_with_float32_sums(rng):
+    """With a bf16 head, the chunked KL's gradient to the hidden states, (p_s - p_t) / T @ headᵀ, is a
+    product of bf16 inputs accumulated in float32 (not a float32 product over an upcast head), and
+    equals float64 NumPy on the same bf16 inputs to bf16 precision."""
+    from ssb_jax.distill.loss import token_terms
+    B, A, D, V, chunk, temperature = 2, 6, 32, 300, 4, 2.0
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    hidden, teacher = bf16(rng.normal(size=(B, A, D))), bf16(rng.normal(size=(B, A, D)))
+    head = bf16(rng.normal(size=(D, V)) * 0.3)
+    targets = jnp.asarray(rng.integers(0, V, size=(B, A)))
+
+    def kl_sum(h):
+        return token_terms(h, teacher, targets, head, temperature, chunk)[0].astype(jnp.float32).sum()
+
+    dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(kl_sum))(hidden).jaxpr, [])
+    back = [d for d in dots if d[3] == (D, V) and d[2][-1] == V]  # [..., V] @ [D, V]ᵀ: back to the hidden width
+    assert back and all(d[:2] == (jnp.bfloat16, jnp.bfloat16) and d[4] == jnp.float32 for d in back), back
+    grad = np.asarray(jax.jit(jax.grad(kl_sum))(hidden), np.float64)
+
+    h, t, w = (np.asarray(x, np.float64) for x in (hidden, teacher, head))
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    expected = ((softmax(h @ w / temperature) - softmax(t @ w / temperature)) / temperature) @ w.T
+    error = np.abs(grad - expected).max() / np.abs(expected).max()
+    assert error < 2e-2, error

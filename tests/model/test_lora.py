@@ -138,3 +138,37 @@ def test_peft_roundtrip_and_parity(tiny_checkpoint, jax_key, rng):
     base, _ = params(tokens, positions_from_mask(mask), mask)
     assert np.abs(ref - np.asarray(base)).max() > 1e-2  # the adapter matters
     np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4)
+
+
+def test_bf16_projection_computes_lora_in_bf16_with_float32_master_factors(jax_key, rng):
+    """A bf16 model with float32 adapters (the default train.lora_dtype): the adapter products take bf16
+    inputs with float32 sums (the projection's input is not upcast), the factors and their gradients stay
+    float32 (the optimiser's master weights), and both match float64 NumPy to bf16 precision."""
+    import jax.numpy as jnp
+    d_in, d_out, rank, scale = 32, 24, 4, 2.0
+    linear = Linear(d_in, d_out, axes=("embed", "mlp"), use_bias=False, dtype=jnp.bfloat16,
+                    rngs=nnx.Rngs(jax_key), lora=(rank, scale, jnp.float32, "gaussian"), std=0.2)
+    linear.lora_b[...] = jnp.asarray(rng.normal(size=(rank, d_out)) * 0.3, jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, d_in)), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.normal(size=(3, d_out)), jnp.float32)
+    graphdef, params, factors = nnx.split(linear, nnx.Param, LoRAParam)
+
+    def objective(factors):
+        return (nnx.merge(graphdef, params, factors)(x).astype(jnp.float32) * cotangent).sum()
+
+    jaxpr = jax.make_jaxpr(objective)(factors).jaxpr
+    dots = [tuple(v.aval.dtype for v in e.invars) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3 and all(d == (jnp.bfloat16, jnp.bfloat16) for d in dots), dots
+    grads = jax.grad(objective)(factors)
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+
+    x64, k64 = np.asarray(x, np.float64), np.asarray(linear.kernel[...], np.float64)
+    a64, b64 = np.asarray(linear.lora_a[...], np.float64), np.asarray(linear.lora_b[...], np.float64)
+    c64 = np.asarray(cotangent, np.float64)
+    expected_y = x64 @ k64 + scale * (x64 @ a64) @ b64
+    y = np.asarray(linear(x), np.float64)
+    assert np.abs(y - expected_y).max() < 2e-2 * np.abs(expected_y).max()
+    expected = {"lora_a": scale * x64.T @ (c64 @ b64.T), "lora_b": scale * (x64 @ a64).T @ c64}
+    for name, want in expected.items():
+        got = np.asarray(nnx.to_pure_dict(grads)[name], np.float64)
+        assert np.abs(got - want).max() < 2e-2 * np.abs(want).max(), name

@@ -21,8 +21,8 @@ SMALL = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_lay
                     head_dim=8, cache_block=4)
 
 
-@pytest.mark.parametrize("layout", ["scan", "decode"])
-@pytest.mark.parametrize("mode", [dict(temperature=0.0), dict(temperature=0.8, top_k=5, top_p=0.9)])
+@pytest.mark.parametrize("layout,mode", [("scan", dict(temperature=0.0)),
+                                         ("decode", dict(temperature=0.8, top_k=5, top_p=0.9))])
 def test_decode_step_has_no_data_dependent_loop(layout, mode):
     """Prompt 8 and 20 new tokens in blocks of 4 slots: 3 decode phases (12, 24 and 28 slots), each a
     while loop in the program's main function; inside them only loops of static trip count (the layer
