@@ -23,6 +23,12 @@ Parameters (every one names its dimensions' logical axes in `out_sharding`, see 
 
 KV cache (ssb_jax.model.kv_cache): `model.init_cache(batch, length)` makes an empty one for this
 model's layout; a cached call writes its keys and values into it and attends over its filled blocks.
+
+Dtypes: parameters in ModelConfig.dtype (LoRA factors in LoraConfig.dtype, the optimiser's master
+copy); every product takes its inputs in the activations' dtype and sums in float32 at least
+(preferred_element_type); norms, softmax and logits are float32. On a CPU keep float32: XLA:CPU's bf16
+products are slower than float32 ones without bf16 units (Zen 3: 1.37x for 1024 x 896 x 4864) and,
+in jax 0.10.2, do not reach oneDNN's AVX512-BF16/AMX kernels by default where there are some.
 """
 from __future__ import annotations
 
