@@ -206,6 +206,21 @@ def check_values(config) -> None:
                     list_setting(f, value, key)
                 else:
                     validate.check_setting(f, value, key)
+    # what the run builds from them: the stage lists, and each section's dataclass (its __post_init__ checks)
+    from ssb_jax.pipeline.registry import REGISTRY
+    REGISTRY.parse(config.stages)
+    REGISTRY.parse(config.overwrite, "config.overwrite")
+    for section, classes in SECTIONS.items():
+        node = config.get(section) if section else None
+        cls = classes[-1]
+        if node is None or not hasattr(cls, "__post_init__"):
+            continue
+        names = {f.name for f in dataclasses.fields(cls)}
+        if section in PARTIAL_SECTIONS:  # its dataclass only when a config file added its fields
+            if not names & set(node.keys()):
+                continue
+            node = {k: v for k, v in node.items() if k in names}
+        section_to(cls, node, f"config.{section}")
     for key in ("num_rounds", "sampler.batch_size", "sampler.max_prompt_tokens", "sampler.min_prompt_bucket"):
         section, _, name = key.rpartition(".")
         value = (config[section] if section else config)[name]

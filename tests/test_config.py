@@ -178,12 +178,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
     ("train.length_buckets=abc", "config.train.length_buckets must be comma-separated integers, got 'abc'"),
     ("model.check_weights=some", "config.model.check_weights must be one of sample, full, off, got 'some'"),
     ("model.remat=al", "config.model.remat must be one of none, full, dots, dots_no_batch, got 'al'"),
+    ("train.learning_rate=0", "config.train: learning_rate must be > 0, got 0.0"),  # the dataclass's own check
+    ("grpo.group_size=1", "config.grpo: group_size must be >= 2 (advantages compare samples of a question), got 1"),
 ])
 def test_bad_settings_are_refused_at_parse_naming_the_setting(override, expected):
     """parse_config_args validates as a run does (a run, --print_config and the planner all parse)."""
     with pytest.raises(ValueError) as error:
         config_lib.parse_config_args([f"--config.{override}"], default_path=str(CONFIG_DIR / "tiny.py"))
     assert str(error.value) == expected
+
+
+def test_stage_names_are_checked_at_parse():
+    with pytest.raises(ValueError, match=r"^unknown stage 'trian' in config.overwrite"):
+        config_lib.parse_config_args(["--config.overwrite=trian"], default_path=str(CONFIG_DIR / "tiny.py"))
 
 
 def test_good_spellings_pass():
