@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssb_jax.engine.paged_cache import (NULL_PAGE, PageAllocator, copy_pages, flat_slots, init_pool, page_bytes,
+from ssb_jax.engine.paged_cache import (NULL_PAGE, PageAllocator, attention_kernel, copy_pages, flat_slots, init_pool, page_bytes,
                                         paged_forward, pages_for_memory)
 from ssb_jax.model.tokenizer import Chat, encode_chat
 from ssb_jax.sampling.decode_layout import DecodeLayoutModel
@@ -51,6 +51,7 @@ class _Prompt:
     tokens: list[int]
     caps: list[int]                 # each sample's limit on new tokens
     samples: list[int]              # the sample indices still to run
+    key_data: np.ndarray | None = None  # the samples' keys (row_keys_for), made when the prompt is admitted
     pages: list[int] | None = None  # the prefix's pages (all tokens but the last), shared by the samples
     prefilled: int = 0              # prefix tokens written so far
 
@@ -118,6 +119,7 @@ class Engine:
         model, graphdef, self.state = split_for_sampling(model, unstack, decode_copies)
         self.config, self.tokenizer, self.graphdef = model.config, tokenizer, graphdef
         self.per_layer = isinstance(model, DecodeLayoutModel)
+        self.attention = attention_kernel()  # decode steps: the Pallas paged kernel on TPU, the XLA gather elsewhere
         self.mesh = mesh
         if mesh is not None and mesh.size > 1:
             log.warning("Engine: a %d-device mesh; the engine runs its rows on the weights' placement without "
@@ -171,7 +173,7 @@ class Engine:
             go = running(c)
             slots = flat_slots(page_table, c["position"][:, None], go[:, None], self.page_size)
             hidden, new_pool = paged_forward(model, c["pool"], c["last"][:, None], c["position"][:, None], page_table,
-                                             slots)
+                                             slots, self.attention)
             token, logprob = jax.vmap(choose)(model.logits(hidden[:, 0]), keys, c["step"])
             token = jnp.where(go, token, sampling.pad_id)
             new_step = c["step"] + go.astype(jnp.int32)
@@ -270,11 +272,12 @@ class _Schedule:
     def __init__(self, engine: Engine, prompts, sampling: SamplingParams, n: int, seed: int, ids, caps):
         self.e, self.sampling, self.n = engine, sampling, n
         ps = engine.page_size
-        longest = max(len(p) - 1 + max(c) for p, c in zip(prompts, caps))
+        # the page table's width from max_new_tokens, not the caps: calls with the same settings share programs
+        longest = max(len(p) for p in prompts) - 1 + sampling.max_new_tokens
         self.pages_per_row = _next_power_of_two(math.ceil(longest / ps))
         engine._ensure_pool(engine.pool_pages(self.pages_per_row))
         self.alloc = engine.allocator
-        self.key_data = np.asarray(jax.random.key_data(row_keys_for(seed, [stable_row_id(k) for k in ids], n)))
+        self.seed, self.row_ids = seed, [stable_row_id(k) for k in ids]
         self.queue = collections.deque(_Prompt(i, p, c, list(range(n))) for i, (p, c) in enumerate(zip(prompts, caps)))
         self.ready: collections.deque = collections.deque()  # (prompt, sample) whose prompt is prefilled
         self.rows: list[_Row | None] = [None] * engine.slots
@@ -321,6 +324,9 @@ class _Schedule:
                 if self.alloc.available < count + reserve:
                     return
                 prompt.pages = self.alloc.take(count, refs=len(prompt.samples))
+                # one prompt at a time: the same small program whatever the call's size
+                prompt.key_data = np.asarray(jax.random.key_data(row_keys_for(self.seed, [self.row_ids[prompt.index]],
+                                                                              self.n)))
             if prompt.prefilled < prompt.prefix:
                 self._prefill_chunk(prompt)
                 budget -= e.prefill_chunk
@@ -399,14 +405,16 @@ class _Schedule:
         last = np.zeros(S, np.int32)
         position, step = np.zeros(S, np.int32), np.zeros(S, np.int32)
         cap, live = np.ones(S, np.int32), np.zeros(S, bool)
-        key_data = np.zeros((S,) + self.key_data.shape[1:], self.key_data.dtype)
+        key_data = None
         for slot, row in enumerate(self.rows):
             if row is None:
                 continue
             table[slot] = self._table_row(row.pages)
             last[slot] = row.tokens[-1] if row.tokens else row.prompt.tokens[-1]
             position[slot], step[slot], cap[slot], live[slot] = row.position, len(row.tokens), row.cap, True
-            key_data[slot] = self.key_data[row.prompt.index * self.n + row.sample]
+            if key_data is None:
+                key_data = np.zeros((S,) + row.prompt.key_data.shape[1:], row.prompt.key_data.dtype)
+            key_data[slot] = row.prompt.key_data[row.sample]
         assert len(self.copies) <= S, "one copy per placement, at most one placement per slot"
         copy_from, copy_to = np.array(self.copies + [(NULL_PAGE, NULL_PAGE)] * (S - len(self.copies)), np.int32).T
         self.copies = []

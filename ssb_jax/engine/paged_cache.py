@@ -1,8 +1,9 @@
 """A paged KV cache: a pool of fixed-size pages, a page table per row, and the model run over it.
 
-The pool holds the keys and values of every layer in pages of `page_size` slots: stacked
-{"k", "v": [L, pages, page_size, kv_heads, head_dim]} for the scan layout, or lists of L arrays
-[pages, page_size, kv_heads, head_dim] for the CPU decode layout (ssb_jax.sampling.decode_layout).
+The pool holds the keys and values of every layer in pages of `page_size` slots, KV heads first (the
+layout of JAX's Pallas paged-attention kernel): stacked {"k", "v": [L, kv_heads, pages, page_size,
+head_dim]} for the scan layout, or lists of L arrays [kv_heads, pages, page_size, head_dim] for the CPU
+decode layout (ssb_jax.sampling.decode_layout).
 A row's logical slot s (its token at position s) lives in page `page_table[row, s // page_size]` at
 offset `s % page_size`. Page 0 (NULL_PAGE) belongs to nobody: padding tokens and idle rows write
 there and unused page-table entries point there, so every index stays in bounds and nothing
@@ -10,15 +11,18 @@ real is ever overwritten.
 
 `PagedLayerCache` has the two methods the model's attention calls on a layer cache (`write`,
 `attend`; see ssb_jax.model.qwen2.Attention), so the model's own layers run over the pool
-unchanged (`paged_forward`). Attention gathers the row's whole page-table row: a static shape
-(rows x max pages per row), masked by position, with no data-dependent loop inside the step (the
-XLA reference path; `pallas.py` holds the TPU kernel wiring). `PageAllocator` is the host side:
-free list and reference counts (the prompt's pages are shared by its n samples).
+unchanged (`paged_forward`). Attention (`kernel="xla"`, the reference and the CPU path) gathers the
+row's whole page-table row: a static shape (rows x max pages per row), masked by position, with no
+data-dependent loop inside the step. On TPU a decode step (one query per row) runs JAX's Pallas
+paged-attention kernel instead (`kernel="pallas_tpu"`, `attention_kernel`), which reads only the
+pages below each row's length. `PageAllocator` is the host side: free list and reference counts (the
+prompt's pages are shared by its n samples).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +40,7 @@ NULL_PAGE = 0
 def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None, *, per_layer: bool = False) -> dict:
     """An empty page pool of `num_pages` pages (page 0 included: the null page)."""
     dtype = dtype or config.jnp_dtype
-    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
     if per_layer:
         return {"k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
                 "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]}
@@ -65,7 +69,8 @@ class PagedLayerCache:
     k, v: the stacked pool with `layer` the traced layer index, or one layer's pool with layer None.
     page_table [B, P]: each row's pages; write_slots [B, T]: the flat pool slot (page * page_size +
     offset) each new token is written to (NULL_PAGE's for padding); query_positions [B, T]: each new
-    token's position, so a query sees the row's slots at or before it.
+    token's position, so a query sees the row's slots at or before it. kernel: "xla" or "pallas_tpu"
+    (decode steps only; see attention_kernel).
     """
     k: jax.Array
     v: jax.Array
@@ -73,29 +78,32 @@ class PagedLayerCache:
     page_table: jax.Array
     write_slots: jax.Array
     query_positions: jax.Array
+    kernel: str = "xla"
 
-    def _flat(self, pool):
-        return pool.reshape(pool.shape[:-4] + (-1,) + pool.shape[-2:])
+    def _layer(self, pool):
+        """This layer's [G, pages, page_size, H]."""
+        return pool if self.layer is None else jax.lax.dynamic_index_in_dim(pool, self.layer, keepdims=False)
 
     def write(self, k, v) -> "PagedLayerCache":
         """These tokens' keys and values [B, T, G, H] into their slots of the pool."""
         slots = self.write_slots.reshape(-1)
 
         def put(pool, new):
-            flat = self._flat(pool)
-            new = new.astype(pool.dtype).reshape((-1,) + new.shape[-2:])
+            G, H = new.shape[-2:]
+            flat = pool.reshape(pool.shape[:-3] + (-1, H))  # [(L,) G, pages * page_size, H]
+            new = new.astype(pool.dtype).reshape(-1, G, H)  # [B * T, G, H]
             if self.layer is None:
-                flat = flat.at[slots].set(new, mode="promise_in_bounds")
-            else:
-                flat = flat.at[self.layer, slots].set(new, mode="promise_in_bounds")
+                flat = flat.at[:, slots].set(jnp.moveaxis(new, 1, 0), mode="promise_in_bounds")
+            else:  # two array indices apart: their dimension comes first in the indexed shape
+                flat = flat.at[self.layer, :, slots].set(new, mode="promise_in_bounds")
             return flat.reshape(pool.shape)
         return dataclasses.replace(self, k=put(self.k, k), v=put(self.v, v))
 
     def gathered(self, pool, dtype):
         """The row's pages in order [B, P * page_size, G, H]."""
-        pages = pool[self.page_table] if self.layer is None else pool[self.layer, self.page_table]
-        B, P, S = pages.shape[:3]
-        return pages.reshape((B, P * S) + pages.shape[3:]).astype(dtype)
+        pages = jnp.take(self._layer(pool), self.page_table, axis=1)  # [G, B, P, page_size, H]
+        G, B, P, S, H = pages.shape
+        return jnp.moveaxis(pages.reshape(G, B, P * S, H), 0, 2).astype(dtype)
 
     def attend(self, q) -> jax.Array:
         """q [B, T, N, H] -> [B, T, N, H] over each row's slots at or before the query's position.
@@ -105,6 +113,8 @@ class PagedLayerCache:
         reused page) get the finite MASKED score and weigh nothing.
         """
         B, T, N, H = q.shape
+        if self.kernel == "pallas_tpu" and T == 1:
+            return self._pallas_tpu(q)
         keys, values = self.gathered(self.k, q.dtype), self.gathered(self.v, q.dtype)
         G = keys.shape[-2]
         acc_dtype = at_least_f32(q.dtype)
@@ -117,6 +127,24 @@ class PagedLayerCache:
         out = jnp.einsum("bgnts,bsgh->btgnh", weights.astype(values.dtype), values, preferred_element_type=acc_dtype)
         return out.astype(q.dtype).reshape(B, T, N, H)
 
+    def _pallas_tpu(self, q):
+        """One query per row through jax.experimental.pallas.ops.tpu.paged_attention: it reads the pages
+        below each row's length (position + 1) only; the query is scaled here (the kernel does not)."""
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+        B, _, N, H = q.shape
+        pages_per_row = self.page_table.shape[1]
+        block = math.gcd(pages_per_row, 8)
+        out = paged_attention((q[:, 0] * (1.0 / np.sqrt(H))).astype(q.dtype), self._layer(self.k).astype(q.dtype),
+                              self._layer(self.v).astype(q.dtype), (self.query_positions[:, 0] + 1).astype(jnp.int32),
+                              self.page_table.astype(jnp.int32), pages_per_compute_block=block)
+        return out.reshape(B, 1, N, H)
+
+
+def attention_kernel(backend: str | None = None) -> str:
+    """The decode attention for a backend: the Pallas paged-attention kernel on TPU, the XLA gather elsewhere
+    (GPU included: JAX ships no GPU paged-attention kernel under jax.experimental.pallas.ops)."""
+    return "pallas_tpu" if (backend or jax.default_backend()) == "tpu" else "xla"
+
 
 def flat_slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
     """The pool slot of each (row, position) [B, T]; NULL_PAGE's first slot where not valid."""
@@ -124,13 +152,13 @@ def flat_slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array, pa
     return jnp.where(valid, pages * page_size + positions % page_size, NULL_PAGE * page_size)
 
 
-def paged_forward(model, pool: dict, tokens, positions, page_table, write_slots):
+def paged_forward(model, pool: dict, tokens, positions, page_table, write_slots, kernel: str = "xla"):
     """The model's layers over the pool: tokens, positions, write_slots [B, T]; page_table [B, P].
     Returns (final-normed hidden states [B, T, D], the updated pool). Works for the stacked model
     (layers under scan, the pool in the carry) and the CPU decode layout (an unrolled layer loop)."""
     hidden = model.embed(tokens)
     view = functools.partial(PagedLayerCache, page_table=page_table, write_slots=write_slots,
-                             query_positions=positions)
+                             query_positions=positions, kernel=kernel)
     if isinstance(pool["k"], list):
         new_k, new_v = [], []
         for i, layer in enumerate(model.layers):
@@ -156,10 +184,10 @@ def paged_forward(model, pool: dict, tokens, positions, page_table, write_slots)
 def copy_pages(pool: dict, sources: jax.Array, targets: jax.Array) -> dict:
     """Each target page becomes a copy of its source page (NULL_PAGE -> NULL_PAGE pairs are no-ops):
     a sample's own copy of its prompt's partly filled last page."""
-    def copy(array):
-        if array.ndim == 5:
-            return array.at[:, targets].set(array[:, sources])
-        return array.at[targets].set(array[sources])
+    def copy(array):  # the pages axis is the one before [page_size, H]
+        axis = array.ndim - 3
+        index = (slice(None),) * axis
+        return array.at[index + (targets,)].set(array[index + (sources,)])
     return {name: [copy(a) for a in value] if isinstance(value, list) else copy(value) for name, value in pool.items()}
 
 
