@@ -56,16 +56,16 @@ def onpolicy_loss(lora_state, base_state, ema_state, batch: dict, *, graphdefs, 
                   tc: TrainConfig | None):
     """(loss, metrics): lambda * the on-policy loss + (1 - lambda) * SSB's offline loss (losses.mixed_objective)."""
     student_graphdef, base_graphdef = graphdefs
-    base_state = jax.lax.stop_gradient(base_state)
 
     def onpolicy():
         b = batch["onpolicy"]
-        student = student_answer_hidden(student_graphdef, lora_state, base_state, b)
+        base = jax.lax.stop_gradient(base_state)  # here, not above: the offline term is distill_loss untouched
+        student = student_answer_hidden(student_graphdef, lora_state, base, b)
         if ema_state is None:
-            teacher = teacher_answer_hidden(base_graphdef, base_state, b)
+            teacher = teacher_answer_hidden(base_graphdef, base, b)
         else:
-            teacher = teacher_answer_hidden(student_graphdef, (jax.lax.stop_gradient(ema_state), base_state), b)
-        head = nnx.merge(base_graphdef, base_state).head_matrix()
+            teacher = teacher_answer_hidden(student_graphdef, (jax.lax.stop_gradient(ema_state), base), b)
+        head = nnx.merge(base_graphdef, base).head_matrix()
         if oc.topk and oc.topk < head.shape[-1]:
             teacher = topk_teacher(teacher, b.answer_tokens, head, k=oc.topk, temperature=oc.temperature,
                                    chunk=oc.logits_chunk)
