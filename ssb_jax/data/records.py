@@ -137,7 +137,7 @@ class RecordStore:
         data = "".join(json.dumps(dict(record), ensure_ascii=False) + "\n" for record in batch)
         payload = data.encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _naming(self.path), open(self.path, "ab") as handle:
+        with naming_write_errors(self.path), open(self.path, "ab") as handle:
             start = handle.seek(0, os.SEEK_END)
             try:
                 handle.write(payload)
@@ -156,9 +156,10 @@ class WriteError(OSError):
 
 
 @contextlib.contextmanager
-def _naming(path: Path):
-    """An OSError while writing `path` (write, flush and fsync name no file: "[Errno 28] No space left on
-    device") becomes a WriteError naming it, with what to do when the disk is full."""
+def naming_write_errors(path):
+    """`with naming_write_errors(path):` an OSError while writing `path` (write, flush and fsync name no
+    file: "[Errno 28] No space left on device") becomes a WriteError naming it, with what to do when the
+    disk is full. Every writer of a run's files may use it."""
     try:
         yield
     except WriteError:
@@ -177,7 +178,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` by a durable temp-file rename (readers never see a partial file)."""
     path = Path(path)
-    with _naming(path):
+    with naming_write_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                                  dir=path.parent)

@@ -98,4 +98,15 @@ def main(argv=None):
     except (ValueError, OSError, StaleOutputsError, RunStopped) as error:  # what the user can fix: one line
         if verbose or str(config.log_level).upper() == "DEBUG":
             raise
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {error}{_disk_full_hint(error, config)}")
+
+
+def _disk_full_hint(error: BaseException, config) -> str:
+    """Where a full disk's error names no file (a library's write): say which directory filled up."""
+    import errno
+    if not isinstance(error, OSError) or error.errno not in (errno.ENOSPC, errno.EDQUOT) or error.filename:
+        return ""
+    if str(config.workdir) in str(error):  # ssb_jax's own writes (data.records.WriteError) name the file
+        return ""
+    return (f" (while writing under --config.workdir={config.workdir}: free space there, then rerun the same "
+            "command: the run resumes)")

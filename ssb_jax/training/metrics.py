@@ -45,7 +45,8 @@ def resume_metrics(workdir, start: int) -> Path:
 
 def append_record(path, record: Mapping) -> None:
     """One JSON line at the end of a metrics.jsonl."""
-    with Path(path).open("a") as f:
+    from ssb_jax.data.records import naming_write_errors
+    with naming_write_errors(path), Path(path).open("a") as f:  # a full disk names the file
         f.write(json.dumps(record) + "\n")
 
 

@@ -224,3 +224,36 @@ def test_a_full_disk_during_an_atomic_write_names_the_file_and_keeps_the_old_one
         write_json_atomic(path, {"kept": 2})
     assert json.loads(path.read_text()) == {"kept": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["curation_summary.json"]  # no temp file left
+
+
+def test_a_full_disk_while_logging_training_metrics_names_the_file(tmp_path, monkeypatch):
+    from ssb_jax.data.records import WriteError
+    from ssb_jax.training.metrics import append_record
+    path = tmp_path / "metrics.jsonl"
+    append_record(path, {"step": 1})
+    real_open = Path.open
+
+    def full_disk_open(self, *args, **kwargs):
+        handle = real_open(self, *args, **kwargs)
+        def no_space(text):
+            raise OSError(28, os.strerror(28))
+        handle.write = no_space
+        return handle
+    monkeypatch.setattr(Path, "open", full_disk_open)
+    with pytest.raises(WriteError, match=rf"cannot write {path}: No space left on device"):
+        append_record(path, {"step": 2})
+
+
+def test_the_command_line_says_where_a_full_disk_that_names_no_file_was(tmp_path):
+    """A library's own write error (orbax, safetensors) may name no file: the CLI's line names the workdir."""
+    from types import SimpleNamespace
+
+    from ssb_jax.data.records import WriteError
+    from ssb_jax.pipeline.cli import _disk_full_hint
+    config = SimpleNamespace(workdir=str(tmp_path / "run"))
+    hint = _disk_full_hint(OSError(28, os.strerror(28)), config)
+    assert f"while writing under --config.workdir={config.workdir}: free space there" in hint
+    named = WriteError(28, f"cannot write {tmp_path / 'run' / 'records.jsonl'}: No space left on device")
+    assert _disk_full_hint(named, config) == ""
+    assert _disk_full_hint(OSError(2, "No such file", "x"), config) == ""
+    assert _disk_full_hint(ValueError("bad"), config) == ""
