@@ -71,9 +71,16 @@ def read_holder(directory: str | os.PathLike) -> dict | None:
 
 @contextlib.contextmanager
 def _guard(directory: Path):
+    """An exclusive flock around the test-and-take-over; where the file system has no locks (some FUSE
+    mounts), the atomic creation alone decides."""
     import fcntl
     with open(directory / GUARD_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            log.debug("%s: no file locks here (%s); relying on atomic creation", directory, error)
+            yield
+            return
         try:
             yield
         finally:
@@ -89,13 +96,24 @@ class WorkdirLock:
         self.held = False
 
     def _try_create(self) -> bool:
+        """Create the lock holding this process's record; False when it exists. A hard link makes the
+        record appear whole; where the file system has none (gcsfuse), an exclusive create, then the write."""
+        text = json.dumps(_holder_record())
         record = self.directory / f".run.lock.{os.getpid()}.tmp"
-        record.write_text(json.dumps(_holder_record()))
+        record.write_text(text)
         try:
             os.link(record, self.path)
             return True
         except FileExistsError:
             return False
+        except OSError:  # no hard links here
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(text)
+            return True
         finally:
             record.unlink()
 

@@ -138,3 +138,23 @@ def test_run_pipeline_stops_before_any_stage_while_another_run_holds_the_workdir
         child.stdin.close()
         child.wait(timeout=60)
     assert sorted(p.name for p in workdir.iterdir() if not p.name.startswith(".")) == []  # nothing written
+
+
+def test_a_file_system_without_hard_links_or_file_locks_still_locks(tmp_path, monkeypatch):
+    """gcsfuse (a run directory the architecture allows) has neither: exclusive creation decides."""
+    import fcntl
+
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    def no_locks(*args):
+        raise OSError(95, "Operation not supported")
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = WorkdirLock(tmp_path).acquire()
+    assert read_holder(tmp_path)["pid"] == os.getpid()
+    with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()} on "):  # held by a live process: this one
+        WorkdirLock(tmp_path).acquire()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock.guard"]
