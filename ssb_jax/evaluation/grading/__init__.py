@@ -1,9 +1,10 @@
 """Answer extraction and grading for GSM8K, MATH500 and AIME.
 
 extract.py (the last `\\boxed{}`, leniently or verbatim; the last number; GSM8K's gold answer),
-normalize.py (`normalize_answer`, `parse_number`), compare.py (the graders by name, `grade_response`,
-the MOTIF papers' `motif_grade`), math_verify_worker.py (math_verify in a subprocess that is killed
-when its time is up, so one timeout bounds a whole grade).
+normalize.py (`normalize_answer`, `parse_number`: an exact value, `well_formed`), compare.py (the graders
+by name, `grade_response`, `same_number`: the numeric rule, the MOTIF papers' `motif_grade`),
+math_verify_worker.py (math_verify in a subprocess that is killed when its time is up, so one timeout
+bounds a whole grade).
 
 Everything outside the worker takes linear time in the response's length, whatever a model writes.
 These modules import only the standard library (the worker process: and math_verify).
