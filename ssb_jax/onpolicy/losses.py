@@ -69,7 +69,8 @@ def jsd_terms(student_hidden, teacher, head, temperature: float, alpha: float, c
     if not chunk or chunk >= A:
         return per_chunk((student_hidden, teacher))
     split, merge = _chunking(A, chunk)
-    return merge(jax.lax.map(jax.checkpoint(per_chunk), (split(student_hidden), jax.tree_util.tree_map(split, teacher))))
+    chunks = (split(student_hidden), jax.tree_util.tree_map(split, teacher))
+    return merge(jax.lax.map(jax.checkpoint(per_chunk), chunks))
 
 
 def teacher_target_logprobs(teacher, targets, head, chunk: int = 0):

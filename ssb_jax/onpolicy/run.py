@@ -125,9 +125,9 @@ class SampleSource:
         started = time.perf_counter()
         chosen = questions_for(self.iteration, self.questions, oc)
         self.sampler.set_adapters(_for_sampler(state["lora"]))
+        seed = (oc.seed * 1_000_003 + self.iteration) % (1 << 31)  # the iteration's samples follow from its number
         groups = self.sampler.generate_ids([self.student_ids[q.id] for q in chosen], self.sampling,
-                                           n=oc.samples_per_prompt, seed=(oc.seed * 1_000_003 + self.iteration) % (1 << 31),
-                                           ids=[q.id for q in chosen])
+                                           n=oc.samples_per_prompt, seed=seed, ids=[q.id for q in chosen])
         sample_time = time.perf_counter() - started
         rows, correct, lengths, truncated = [], [], [], []
         for q, group in zip(chosen, groups):

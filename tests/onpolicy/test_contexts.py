@@ -8,8 +8,8 @@ import pytest
 
 from ssb_jax.data.datasets import Problem
 from ssb_jax.onpolicy.config import OnPolicyConfig
-from ssb_jax.onpolicy.contexts import (PrivilegedContext, StudentInput, TeacherInput, peer_context, reference_context,
-                                       ssb_context, student_messages, teacher_messages)
+from ssb_jax.onpolicy.contexts import (StudentInput, TeacherInput, peer_context, reference_context, ssb_context,
+                                       student_messages, teacher_messages)
 from ssb_jax.prompts import DEFAULT_PROMPTS
 from ssb_jax.sampling.driver import Completion
 

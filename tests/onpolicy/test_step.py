@@ -42,7 +42,8 @@ def test_lambda_zero_is_ssb_loss_bit_for_bit(tiny, rng):
     offline = build_batch(random_records(rng, 3, V), batch_size=3, min_bucket=8).for_step("online")
     graphdefs = graph_definitions(config, lora_config)
     base = base_state_for_training(model)
-    lora = init_state(config, lora_config, make_optimizer(tc, 10)[0], jax.random.key(int(rng.integers(1 << 30))))["lora"]
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    lora = init_state(config, lora_config, make_optimizer(tc, 10)[0], key)["lora"]
     lora = jax.tree_util.tree_map(lambda x: x + 0.05 * jnp.ones_like(x), lora)  # B != 0: the adapters matter
     ssb = lambda l: distill_loss(l, base, offline, graphdefs=graphdefs, tc=tc)  # noqa: E731
     mixed = lambda l: onpolicy_loss(l, base, None, {"offline": offline}, graphdefs=graphdefs, oc=oc,  # noqa: E731
