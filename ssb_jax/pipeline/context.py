@@ -150,13 +150,21 @@ class RunContext:
                  dict(self.sample_mesh.shape))
 
     def sampler(self, model, lora_state=None, lora_config=None):
-        """A Sampler of `model`, or of its student with these adapters."""
+        """A sampler of `model`, or of its student with these adapters: the rollout engine
+        (config.sampler.engine=continuous, on a one-device sampling mesh) or the static Sampler; both have
+        generate, generate_ids and set_adapters and return the same Completions (the same tokens)."""
         from ssb_jax.model.lora import with_adapters
         from ssb_jax.sampling.driver import Sampler, unrolled_layers
         s = self.config.sampler
         if self._decode_copies[0] is not model:  # samplers of the same base share one decode-layout copy
             self._decode_copies = (model, {})
         student = model if lora_state is None else with_adapters(model, lora_state, lora_config)
+        if s.engine == "continuous" and self.sample_mesh.size == 1:  # the engine does not split rows over devices yet
+            from ssb_jax.engine.engine import Engine
+            return Engine(student, self.tokenizer, slots=s.slots or 4 * s.batch_size, page_size=s.page_size,
+                          max_prompt_tokens=s.max_prompt_tokens, unstack=unrolled_layers(s.layers_layout),
+                          decode_copies=self._decode_copies[1],
+                          memory_per_device=s.memory_per_device_gib * 2**30 or None)
         return Sampler(student, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
                        mesh=self.sample_mesh if self.sample_mesh.size > 1 else None,
