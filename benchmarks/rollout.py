@@ -135,10 +135,10 @@ def main(argv=None):
     parser.add_argument("--shape", default="0.5b", help="0.5b, 3b or tiny (benchmarks.common.SHAPES)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts (default 12 on a CPU, 64 elsewhere)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts (default 16 on a CPU, 256 elsewhere)")
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="prompts per static batch; the engine gets batch-size x k slots (default 4 on a CPU, 16)")
+                        help="prompts per static batch; the engine gets batch-size x k slots (default 2 on a CPU, 16)")
     parser.add_argument("--length-scale", type=float, default=None, help="every length times this (default 0.25 on "
                         "a CPU, 1 elsewhere)")
     parser.add_argument("--cap", type=int, default=1024, help="the output cap before scaling")
@@ -155,8 +155,8 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     args = parser.parse_args(argv)
     cpu = jax.default_backend() == "cpu"
-    prompts_n = args.prompts or (12 if cpu else 64)
-    batch_size = args.batch_size or (4 if cpu else 16)
+    prompts_n = args.prompts or (16 if cpu else 256)
+    batch_size = args.batch_size or (2 if cpu else 16)
     scale = args.length_scale or (0.25 if cpu else 1.0)
     config = model_config(args.shape, args.dtype, args.layers)
     model = init_model(config, 0)
