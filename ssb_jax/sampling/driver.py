@@ -162,8 +162,10 @@ class Sampler:
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, n: int = 1,
                      seed: int = 0, ids: Sequence | None = None,
-                     caps: Sequence[int] | None = None) -> list[list[Completion]]:
-        """caps: each prompt's own limit on new tokens, or n of them, one per sample (None: max_new_tokens)."""
+                     caps: Sequence[int] | None = None, on_finish=None) -> list[list[Completion]]:
+        """caps: each prompt's own limit on new tokens, or n of them, one per sample (None: max_new_tokens).
+        on_finish(prompt index, sample index, completion): called for each row as its batch finishes (the
+        rollout engine, ssb_jax.engine, calls it as each row finishes)."""
         ids = list(range(len(prompts))) if ids is None else list(ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
@@ -183,6 +185,8 @@ class Sampler:
                                   sampling, n, seed, None if caps is None else [caps[i] for i in chunk])
             for row, i in enumerate(chunk):
                 results[i] = out[row * n:(row + 1) * n]
+                for j, completion in enumerate(results[i] if on_finish is not None else ()):
+                    on_finish(i, j, completion)
             generated += sum(len(c.token_ids) for c in out)
             if progress is not None:
                 progress.update(begin * n + len(chunk) * n,
