@@ -33,6 +33,10 @@ at the step holds both right orders; half the problems (group_step_prob 0.5) hav
 privileged prompts in pre-training are all three kinds the on-policy stages show (SSB's hint, a reference
 solution, a successful peer), so the toy base can read each.
 
+Measured (README, 2026-12-03): in this world no method beat the base; the hinted teacher solved only 129 of
+391 mixed questions after the toy's 1,000 pre-training steps, so the world as built does not yet separate
+the methods (a longer pre-training, world.pretrain_steps, is the next thing to try).
+
 Learning curves (greedy accuracy and completion length on the first 32 held-out problems) are recorded
 every 12 optimiser steps for every method and drawn in one figure (curves.png) by the report.
 """
