@@ -89,7 +89,7 @@ def engine_side(model, prompts, sampling, slots, k, args):
     engine = Engine(model, slots=slots, page_size=args.page_size, num_pages=args.num_pages,
                     prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    engine.generate_ids([prompts[longest]], sampling, n=k, caps=[[2] * k])
+    engine.generate_ids([prompts[longest]] * max(1, slots // k), sampling, n=k, caps=[[2] * k] * max(1, slots // k))
     return engine
 
 

@@ -280,7 +280,8 @@ class _Schedule:
         self.seed, self.row_ids = seed, [stable_row_id(k) for k in ids]
         self.queue = collections.deque(_Prompt(i, p, c, list(range(n))) for i, (p, c) in enumerate(zip(prompts, caps)))
         self.ready: collections.deque = collections.deque()  # (prompt, sample) whose prompt is prefilled
-        self.rows: list[_Row | None] = [None] * engine.slots
+        # a small call decodes on fewer slots (a power of two), so it does not compute empty slots every step
+        self.rows: list[_Row | None] = [None] * min(engine.slots, _next_power_of_two(len(prompts) * n))
         self.copies: list[tuple[int, int]] = []
         self.placed = 0
         # the compiled program shapes on these only: temperature and top-p travel as knobs, caps per row
@@ -314,7 +315,7 @@ class _Schedule:
         """Prefill waiting prompts, at most prefill_budget tokens, while the samples ready do not fill the free slots."""
         e, ps = self.e, self.e.page_size
         budget = e.prefill_budget
-        while self.queue and budget > 0 and len(self.ready) < self.rows.count(None) + e.slots // 2:
+        while self.queue and budget > 0 and len(self.ready) < self.rows.count(None) + len(self.rows) // 2:
             prompt = self.queue[0]
             if prompt.pages is None:
                 count = math.ceil(prompt.prefix / ps)
