@@ -142,7 +142,8 @@ def main(argv=None):
     peer.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers")
     parser.add_argument("--layers-layout", choices=["auto", "scan", "unrolled"], default="auto",
                         help="scan over stacked layer weights, or an unrolled loop over unstacked ones "
-                             "(auto: unrolled on CPU, as the Sampler does)")
+                             "(auto: as the Sampler chooses in sampling.driver.unrolled_layers: unrolled on CPU and "
+                             "GPU, scan on TPU)")
     parser.add_argument("--copy-mb", type=int, default=512, help="array size of the CPU copy-bandwidth measurement")
     parser.add_argument("--name", default=None)
     parser.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")

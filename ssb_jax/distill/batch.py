@@ -133,6 +133,15 @@ def quarter_power_of_two(n: int) -> int:
     return -(-n // step) * step
 
 
+def quarter_power_of_two_buckets(minimum: int, maximum: int) -> list[int]:
+    """Every `quarter_power_of_two` length from the one holding `minimum` up to the first that holds
+    `maximum`: the training length buckets of a trainer that sizes them up front (GRPO, on-policy)."""
+    buckets = [quarter_power_of_two(max(int(minimum), 1))]
+    while buckets[-1] < maximum:
+        buckets.append(quarter_power_of_two(buckets[-1] + 1))
+    return buckets
+
+
 def _prompt_keys(student_format: str) -> dict[str, str]:
     try:
         return {"teacher": "teacher_prompt_ids", "student": STUDENT_PROMPT_KEYS[student_format]}

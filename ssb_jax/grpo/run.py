@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from ssb_jax.data.datasets import Problem
+from ssb_jax.distill.batch import quarter_power_of_two_buckets
 from ssb_jax.distill.step import base_state_for_training
 from ssb_jax.grpo.config import GRPOConfig
 from ssb_jax.grpo.loss import group_advantages
@@ -40,7 +41,6 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig, as_lora_state
 from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
-from ssb_jax.sampling.driver import power_of_two_buckets
 from ssb_jax.sampling.sampler import SamplingParams
 from ssb_jax.training.loop import Hooks, TrainingLoop
 from ssb_jax.training.metrics import read_metrics, save_plot, subplots
@@ -172,7 +172,7 @@ def run(gc: GRPOConfig, model_config: ModelConfig, lora_config: LoraConfig, mode
     sampling = SamplingParams(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature, top_k=gc.top_k,
                               top_p=gc.top_p, stop_ids=tuple(stop_token_ids(tokenizer)))
     longest_prompt = max(len(ids) for ids in prompt_ids.values())
-    length_buckets = power_of_two_buckets(16, longest_prompt + gc.max_new_tokens)
+    length_buckets = quarter_power_of_two_buckets(16, longest_prompt + gc.max_new_tokens)  # padding < 25%
 
     step = GRPOStep(model_config, lora_config, gc, mesh)
     base_state = base_state_for_training(model, mesh)

@@ -32,6 +32,14 @@ def test_default_buckets_pad_at_most_a_quarter():
     assert len(set(padded[(lengths > 1024) & (lengths <= 2048)].tolist())) == 4
 
 
+def test_bucket_lists_hold_every_length_padding_at_most_a_quarter():
+    from ssb_jax.distill.batch import quarter_power_of_two_buckets
+    buckets = quarter_power_of_two_buckets(16, 3000)
+    assert buckets[0] == 16 and buckets[-2] < 3000 <= buckets[-1] and buckets == sorted(set(buckets))
+    for n in range(16, 3001):  # the smallest bucket holding n pads it by under a quarter
+        assert n <= min(b for b in buckets if b >= n) <= 1.25 * n
+
+
 def test_bucket_length():
     assert [bucket_length(n) for n in (1, 16, 17, 33, 64, 65)] == [16, 16, 20, 40, 64, 80]
     assert bucket_length(5, min_bucket=4) == 5
