@@ -221,7 +221,8 @@ def test_print_config_refuses_what_a_run_refuses(capsys):
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("override", [{"train.adam_b1": 1.5}, {"train.batch_size": 3}])
+# the second: fsdp over the 8 test devices named explicitly (the automatic mesh would fit a batch of 3)
+@pytest.mark.parametrize("override", [{"train.adam_b1": 1.5}, {"train.batch_size": 3, "mesh.fsdp": 8}])
 def test_a_refused_run_leaves_no_run_directory(tmp_path, override):
     """Refused in run_pipeline (settings changed after parsing, or a batch the mesh cannot split): no
     directory is made."""
