@@ -43,10 +43,19 @@ def test_every_counts_crossings_when_updates_jump(caplog):
 
 
 def test_sampler_progress_is_lines_off_a_terminal(capsys):
-    progress = driver._progress(8, True)
+    progress = driver.sampling_progress(8, True)
     assert isinstance(progress, metrics.Progress) and progress.bar is None  # pytest's stderr is no terminal
     assert progress.interval_s == driver.PROGRESS_LOG_INTERVAL_S > 0
     progress.update(8, {"tok/s": "1"})
     progress.close()
     assert "\r" not in capsys.readouterr().err
-    assert driver._progress(8, False) is None
+    assert driver.sampling_progress(8, False) is None
+
+
+def test_only_the_shared_progress_draws_bars():
+    """A tqdm bar drawn anywhere else would redraw into log files: every loop goes through metrics.Progress."""
+    from pathlib import Path
+    package = Path(metrics.__file__).resolve().parents[1]
+    drawing = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if "tqdm" in p.read_text() and p.resolve() != Path(metrics.__file__).resolve()]
+    assert drawing == []

@@ -36,7 +36,8 @@ from ssb_jax.engine.paged_cache import (NULL_PAGE, PageAllocator, attention_kern
                                         paged_forward, pages_for_memory)
 from ssb_jax.model.tokenizer import Chat, encode_chat
 from ssb_jax.sampling.decode_layout import DecodeLayoutModel
-from ssb_jax.sampling.driver import Completion, PromptTooLongError, Sampler, split_for_sampling, stable_row_id
+from ssb_jax.sampling.driver import (Completion, PromptTooLongError, Sampler, sampling_progress, split_for_sampling,
+                                     stable_row_id)
 from ssb_jax.sampling.sampler import SamplingParams, choose_tokens, row_keys_for
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,8 @@ class _Schedule:
 
     def run(self) -> Iterator[tuple[int, int, Completion]]:
         e = self.e
-        progress = _progress(len(self.queue) * self.n, e.show_progress)
+        progress = sampling_progress(len(self.queue) * self.n, e.show_progress, desc="rollouts")
+        finished_rows = 0
         while self.queue or self.ready or any(self.rows):
             self._prefill()
             self._place()
@@ -305,8 +307,9 @@ class _Schedule:
                 break
             finished = self._decode(limits)
             for row, completion in finished:
+                finished_rows += 1
                 if progress is not None:
-                    progress.update(1)
+                    progress.update(finished_rows)
                 yield row.prompt.index, row.sample, completion
         if progress is not None:
             progress.close()
@@ -449,10 +452,3 @@ class _Schedule:
         return Completion(token_ids=row.tokens, finish_reason="stop" if stopped else "length",
                           text=None if tokenizer is None else tokenizer.decode(row.tokens, skip_special_tokens=True),
                           logprobs=row.logprobs)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="rollouts", unit="seq")

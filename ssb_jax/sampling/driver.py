@@ -177,7 +177,7 @@ class Sampler:
                                          f"{self.max_prompt_tokens}")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[list[Completion] | None] = [None] * len(prompts)
-        progress = _progress(len(prompts) * n, self.show_progress)
+        progress = sampling_progress(len(prompts) * n, self.show_progress)
         generated, start = 0, time.perf_counter()
         for begin in range(0, len(order), self.batch_size):
             chunk = order[begin:begin + self.batch_size]
@@ -254,9 +254,10 @@ def _with_replaced(state: dict, new: dict, path: tuple) -> dict:
 PROGRESS_LOG_INTERVAL_S = 30.0
 
 
-def _progress(total: int, enabled: bool):
-    """A bar on a terminal, else a log line every PROGRESS_LOG_INTERVAL_S (training.metrics.Progress)."""
+def sampling_progress(total: int, enabled: bool, desc: str = "sampling"):
+    """The progress of `total` sequences for both samplers (this static one and ssb_jax.engine): a bar on a
+    terminal, else a log line every PROGRESS_LOG_INTERVAL_S (training.metrics.Progress); None when disabled."""
     if not enabled:
         return None
     from ssb_jax.training.metrics import Progress
-    return Progress(total, 1, desc="sampling", unit="seq", interval_s=PROGRESS_LOG_INTERVAL_S)
+    return Progress(total, 1, desc=desc, unit="seq", interval_s=PROGRESS_LOG_INTERVAL_S)
