@@ -49,13 +49,14 @@ def test_bucket_length():
 
 
 def test_batch_alignment_and_padding(rng):
+    from ssb_jax.distill.batch import quarter_power_of_two
     records = random_records(rng, 3, 50)
     b = build_batch(records, batch_size=5, min_bucket=4)
     assert b.teacher_tokens.shape[0] == b.student_tokens.shape[0] == 5
     assert b.row_valid.tolist() == [True] * 3 + [False] * 2
     for side in ("teacher", "student"):
         L = getattr(b, f"{side}_tokens").shape[1]
-        assert L & (L - 1) == 0 and L >= max(len(r[f"{side}_prompt_ids"]) + len(r["solution_ids"]) for r in records)
+        assert L == quarter_power_of_two(L) and L >= max(len(r[f"{side}_prompt_ids"]) + len(r["solution_ids"]) for r in records)
     for i, r in enumerate(records):
         n = len(r["solution_ids"])
         assert b.answer_mask[i].sum() == n and b.answer_tokens[i, :n].tolist() == r["solution_ids"]

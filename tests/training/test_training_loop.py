@@ -185,7 +185,11 @@ def test_shared_settings_check_their_fields_and_carry_help():
     gc = GRPOConfig()  # GRPO's own defaults for shared settings; the help of an unchanged one is shared
     assert (gc.learning_rate, gc.schedule, gc.checkpoint_every, gc.keep_checkpoints) == (1e-5, "constant", 10, 2)
     assert help_texts(GRPOConfig)["keep_checkpoints"] == help_texts(TrainConfig)["keep_checkpoints"]
-    assert not {f.name for f in dataclasses.fields(LoraSettings)} & {f.name for f in dataclasses.fields(GRPOConfig)}
+    # GRPO trains the student's adapter shape unless its own lora_rank / lora_alpha (0: the student's) say otherwise
+    assert not issubclass(GRPOConfig, LoraSettings)
+    assert {f.name for f in dataclasses.fields(LoraSettings)} & {f.name for f in dataclasses.fields(GRPOConfig)} == \
+        {"lora_rank", "lora_alpha"}
+    assert (gc.lora_rank, gc.lora_alpha) == (0, 0.0)
     tc = TrainConfig(lora_rank={"q": 4, "v": 8})
     assert TrainConfig.from_dict(json.loads(tc.to_json())) == tc and hash(tc) == hash(tc.replace())
 
