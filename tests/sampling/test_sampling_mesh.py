@@ -22,8 +22,10 @@ GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 pytestmark = pytest.mark.multidevice  # every test builds meshes over the 8 fake devices
 
 
-CONFIG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
-                     head_dim=16, tie_word_embeddings=False)  # untied, a vocabulary the tensor axis divides
+# untied; Qwen2.5's vocabulary size (the tensor axis divides it, and the run context's load check wants the
+# shared tokenizer's ids within the embedding)
+CONFIG = ModelConfig(vocab_size=151936, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
+                     head_dim=16, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
