@@ -151,7 +151,7 @@ class RunContext:
 
     def sampler(self, model, lora_state=None, lora_config=None):
         """A sampler of `model`, or of its student with these adapters: the rollout engine
-        (config.sampler.engine=continuous, on a one-device sampling mesh) or the static Sampler; both have
+        (config.sampler.engine=continuous, in a one-process run on a one-device sampling mesh) or the static Sampler; both have
         generate, generate_ids and set_adapters and return the same Completions (the same tokens)."""
         from ssb_jax.model.lora import with_adapters
         from ssb_jax.sampling.driver import Sampler, unrolled_layers
@@ -159,7 +159,9 @@ class RunContext:
         if self._decode_copies[0] is not model:  # samplers of the same base share one decode-layout copy
             self._decode_copies = (model, {})
         student = model if lora_state is None else with_adapters(model, lora_state, lora_config)
-        if s.engine == "continuous" and self.sample_mesh.size == 1:  # the engine does not split rows over devices yet
+        # the engine does not split rows over devices yet, and sizes its page pool from each process's free
+        # memory, which processes of one run need not agree on: one device in a one-process run only
+        if s.engine == "continuous" and self.sample_mesh.size == 1 and jax.process_count() == 1:
             from ssb_jax.engine.engine import Engine
             return Engine(student, self.tokenizer, slots=s.slots or 4 * s.batch_size, page_size=s.page_size,
                           max_prompt_tokens=s.max_prompt_tokens, unstack=unrolled_layers(s.layers_layout),
