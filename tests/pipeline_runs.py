@@ -30,8 +30,8 @@ REDUCED = [
 ]
 
 
-# The training mesh of in-process runs: 8 CPU devices that REDUCED's train.batch_size=4 divides (the default,
-# fsdp over every device, would need a multiple of 8).
+# The training mesh of in-process runs, named rather than left to the automatic choice so that these runs
+# train with tensor parallelism over the 8 CPU devices, whose data x fsdp REDUCED's train.batch_size=4 divides.
 IN_PROCESS_MESH = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"]
 
 
