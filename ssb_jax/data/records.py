@@ -231,6 +231,22 @@ def merge_record_files(sources: Iterable[str | os.PathLike], destination: str | 
     return records
 
 
+def order_records(path: str | os.PathLike, order: Mapping[Any, int], id_key: str = "id") -> bool:
+    """Put the store at `path` in `order[id]` order (ids not in `order` last), atomically, when it is not
+    already: a stage that appends each record as its rows finish leaves them in completion order, and ends
+    by putting them in input order, so the finished file does not depend on the sampler's timing.
+    Call from one process while no other writes. Returns whether the file was rewritten."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    last = len(order)
+    positions = [order.get(r[id_key], last) for r in RecordStore(path, id_key).read_all()]
+    if positions == sorted(positions):
+        return False
+    merge_record_files([], path, order, id_key)
+    return True
+
+
 # ----------------------------------------------------------------------------- one store, several writers
 #
 # In a multi-process stage each process appends to its own shard file beside the store; the main
