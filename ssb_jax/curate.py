@@ -4,11 +4,14 @@ For each question (in a seeded shuffled order): sample K rollouts under the tuto
 them; keep the question only when at least one rollout is right and one wrong; show the model the
 question with a correct trace and the trace of the most common wrong answer (the hinted prompt),
 sample one solution, and keep the pair only if that solution is still right and ended with a stop
-token (`solution_must_stop`). Each processed question becomes one JSONL record, appended batch by
-batch, so a killed run resumes where it stopped.
+token (`solution_must_stop`). Each processed question becomes one JSONL record, appended as soon as
+its rows have finished (its K rollouts and, when mixed, its teacher solution), so a killed run loses
+only the questions in flight and resumes where it stopped; at the end the records are put in question
+order (`data.records.order_records`), so the file does not depend on the order rows finished in.
 
-The sampler is anything with `generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`
-(ssb_jax.sampling.driver.Sampler, or a scripted fake in tests).
+The sampler is anything with `generate_ids(prompts, sampling, n=, seed=, ids=, on_finish=) -> [[Completion]]`
+calling on_finish(prompt index, sample index, completion) for each row as it finishes: the rollout engine
+(ssb_jax.engine), the static ssb_jax.sampling.driver.Sampler (per batch), or a scripted fake in tests.
 """
 from __future__ import annotations
 
@@ -20,11 +23,11 @@ import random
 import statistics
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ssb_jax import validate
 from ssb_jax.data.datasets import Problem
-from ssb_jax.data.records import RecordStore, ShardedRecordStore, write_json_atomic
+from ssb_jax.data.records import RecordStore, ShardedRecordStore, order_records, write_json_atomic
 from ssb_jax.evaluation.grading import (EXACT, GRADERS, LABEL_CORRECT, LABEL_NO_ANSWER, LABEL_WRONG,
                                         grade_response, normalize_answer)
 from ssb_jax.model.tokenizer import encode_chat, encode_plain, stop_token_ids
@@ -66,7 +69,9 @@ class CurationConfig:
         True,
         "keep a teacher solution only if it ended with a stop token (False: a truncated solution "
         "with the right last box is kept, as in the reference code)")
-    questions_per_batch: int = setting(32, "records are appended (and survive a crash) per this many questions")
+    questions_per_batch: int = setting(32, "questions per wave: handed to the sampler in one call, the kept pairs "
+                                           "counted (and the target checked) after each wave; records are "
+                                           "appended as each question finishes")
     grader: str = setting(
         "math_verify",
         "answer grader: math_verify (lenient), string_match (strict: normalized string equality) or "
@@ -137,63 +142,98 @@ def _grade(completion, gold: str, config: CurationConfig) -> dict:
             "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}
 
 
-def _process_batch(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
-                   prompts: PromptSet) -> list[dict]:
+def _rollout_record(problem: Problem, prompt_ids: list[int], plain_ids: list[int], completions, tokenizer,
+                    config: CurationConfig, prompts: PromptSet, limit) -> dict:
+    """A question's record from its K rollouts: with its verdict when the question is done (not mixed, or
+    its hinted prompt too long), else with the hinted prompt its teacher solution is sampled from."""
+    graded = [_grade(c, problem.answer, config) for c in completions]
+    record = {"id": problem.id, "question": problem.question, "gold": problem.answer,
+              "source": problem.source, "student_prompt_ids": prompt_ids, "student_plain_prompt_ids": plain_ids,
+              "rollouts": [{k: g[k] for k in ("answer", "label", "num_tokens", "finish_reason")} for g in graded]}
+    labels = {g["label"] for g in graded}
+    picked = select_traces(graded, config, _question_rng(config, problem.id))
+    if picked is None:
+        record["verdict"] = ("all_wrong" if LABEL_CORRECT not in labels else "all_correct"
+                             if labels == {LABEL_CORRECT} else "no_wrong_answer")
+        return record
+    correct, wrong = picked
+    messages = prompts.hinted_messages(problem.question, correct["text"], wrong["text"])
+    record.update(correct_trace=correct["text"], wrong_trace=wrong["text"], wrong_answer=wrong["answer"],
+                  hinted_messages=messages, teacher_prompt_ids=encode_chat(tokenizer, messages))
+    if len(record["teacher_prompt_ids"]) > limit:
+        record["verdict"] = "prompt_too_long"
+    return record
+
+
+def _with_solution(record: dict, completion, config: CurationConfig) -> dict:
+    """A mixed question's record completed by its teacher solution, graded: kept or teacher_failed."""
+    graded = _grade(completion, record["gold"], config)
+    # ids as sampled (no re-tokenization drift), ending with the stop token when there is one
+    record.update(solution_text=completion.text, solution_ids=list(completion.token_ids),
+                  solution_answer=graded["answer"], solution_finish_reason=completion.finish_reason)
+    ok = graded["label"] == LABEL_CORRECT and (completion.finish_reason == "stop" or not config.solution_must_stop)
+    record["verdict"] = "kept" if ok else "teacher_failed"
+    return record
+
+
+def _curate(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig, prompts: PromptSet,
+            append: Callable[[dict], None]) -> int:
+    """Curate `problems`, handing each question's record to `append` as soon as everything it needs has
+    finished: an over-long prompt's at once, a question that is not mixed when its K rollouts have, a mixed
+    one when its teacher solution has. All rollouts go to the sampler in one call, then all teacher
+    solutions in another (the rollout engine keeps its slots full across questions; a kill loses only the
+    questions in flight). Returns the number of kept pairs."""
     stops = tuple(stop_token_ids(tokenizer))
     limit = getattr(sampler, "max_prompt_tokens", None) or float("inf")
-    original_order = {p.id: i for i, p in enumerate(problems)}
-    student_ids = [encode_chat(tokenizer, prompts.student_messages(p.question)) for p in problems]
-    plain_ids = {p.id: encode_plain(tokenizer, prompts.student_messages(p.question)) for p in problems}
-    # a prompt longer than the sampler takes is recorded (and counted), not fatal to the run
-    too_long = [{"id": p.id, "question": p.question, "gold": p.answer, "source": p.source, "rollouts": [],
-                 "prompt_tokens": len(ids), "verdict": "prompt_too_long"}
-                for p, ids in zip(problems, student_ids) if len(ids) > limit]
-    problems = [p for p, ids in zip(problems, student_ids) if len(ids) <= limit]
-    student_ids = [ids for ids in student_ids if len(ids) <= limit]
-    ids = [p.id for p in problems]
-    rollout_params = SamplingParams(
-        max_new_tokens=config.rollout_max_new_tokens, temperature=config.rollout_temperature,
-        top_k=config.rollout_top_k, top_p=config.rollout_top_p, stop_ids=stops)
-    rollouts = sampler.generate_ids(student_ids, rollout_params, n=config.num_rollouts, seed=config.seed, ids=ids)
+    position = {p.id: i for i, p in enumerate(problems)}
+    kept = 0
 
-    records, hinted = [], []
-    for problem, prompt_ids, completions in zip(problems, student_ids, rollouts):
-        graded = [_grade(c, problem.answer, config) for c in completions]
-        record = {"id": problem.id, "question": problem.question, "gold": problem.answer,
-                  "source": problem.source, "student_prompt_ids": prompt_ids,
-                  "student_plain_prompt_ids": plain_ids[problem.id],
-                  "rollouts": [{k: g[k] for k in ("answer", "label", "num_tokens", "finish_reason")} for g in graded]}
-        labels = {g["label"] for g in graded}
-        picked = select_traces(graded, config, _question_rng(config, problem.id))
-        if picked is None:
-            record["verdict"] = ("all_wrong" if LABEL_CORRECT not in labels else "all_correct"
-                                 if labels == {LABEL_CORRECT} else "no_wrong_answer")
+    def done(record: dict) -> None:
+        nonlocal kept
+        kept += record["verdict"] == "kept"
+        append(record)
+
+    todo = []
+    for problem in problems:
+        prompt_ids = encode_chat(tokenizer, prompts.student_messages(problem.question))
+        if len(prompt_ids) > limit:  # recorded (and counted), not fatal to the run
+            done({"id": problem.id, "question": problem.question, "gold": problem.answer, "source": problem.source,
+                  "rollouts": [], "prompt_tokens": len(prompt_ids), "verdict": "prompt_too_long"})
         else:
-            correct, wrong = picked
-            messages = prompts.hinted_messages(problem.question, correct["text"], wrong["text"])
-            record.update(correct_trace=correct["text"], wrong_trace=wrong["text"], wrong_answer=wrong["answer"],
-                          hinted_messages=messages, teacher_prompt_ids=encode_chat(tokenizer, messages))
-            if len(record["teacher_prompt_ids"]) > limit:
-                record["verdict"] = "prompt_too_long"
-            else:
-                hinted.append(record)
-        records.append(record)
+            todo.append((problem, prompt_ids))
 
+    k = config.num_rollouts
+    rollouts, waiting_rows, hinted = [[None] * k for _ in todo], [k] * len(todo), []
+
+    def rollout_finished(i: int, j: int, completion) -> None:
+        rollouts[i][j] = completion
+        waiting_rows[i] -= 1
+        if waiting_rows[i]:
+            return
+        problem, prompt_ids = todo[i]
+        plain_ids = encode_plain(tokenizer, prompts.student_messages(problem.question))
+        record = _rollout_record(problem, prompt_ids, plain_ids, rollouts[i], tokenizer, config, prompts, limit)
+        rollouts[i] = None  # the texts are in the record now
+        if "verdict" in record:
+            done(record)
+        else:
+            hinted.append(record)
+
+    if todo:
+        rollout_params = SamplingParams(
+            max_new_tokens=config.rollout_max_new_tokens, temperature=config.rollout_temperature,
+            top_k=config.rollout_top_k, top_p=config.rollout_top_p, stop_ids=stops)
+        sampler.generate_ids([ids for _, ids in todo], rollout_params, n=k, seed=config.seed,
+                             ids=[p.id for p, _ in todo], on_finish=rollout_finished)
     if hinted:
+        hinted.sort(key=lambda r: position[r["id"]])  # the call does not depend on the order rollouts finished in
         solution_params = SamplingParams(
             max_new_tokens=config.solution_max_new_tokens, temperature=config.solution_temperature,
             top_k=config.solution_top_k, top_p=config.solution_top_p, stop_ids=stops)
-        solutions = sampler.generate_ids([r["teacher_prompt_ids"] for r in hinted], solution_params, n=1,
-                                         seed=config.seed + 1, ids=[r["id"] for r in hinted])
-        for record, (completion,) in zip(hinted, solutions):
-            graded = _grade(completion, record["gold"], config)
-            # ids as sampled (no re-tokenization drift), ending with the stop token when there is one
-            record.update(solution_text=completion.text, solution_ids=list(completion.token_ids),
-                          solution_answer=graded["answer"], solution_finish_reason=completion.finish_reason)
-            ok = graded["label"] == LABEL_CORRECT and (completion.finish_reason == "stop"
-                                                       or not config.solution_must_stop)
-            record["verdict"] = "kept" if ok else "teacher_failed"
-    return sorted(records + too_long, key=lambda r: original_order[r["id"]])
+        sampler.generate_ids([r["teacher_prompt_ids"] for r in hinted], solution_params, n=1, seed=config.seed + 1,
+                             ids=[r["id"] for r in hinted],
+                             on_finish=lambda i, j, completion: done(_with_solution(hinted[i], completion, config)))
+    return kept
 
 
 def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig, out_dir: str | Path, *,
@@ -222,7 +262,7 @@ def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
     if done:
         log.info("curation: resuming with %d questions done (%d pairs kept)", len(done), sum(stored_kept.values()))
     # Stop where an uninterrupted run stops: after the first whole wave that reaches the target, counting
-    # each wave's pairs, stored or new. A wave cut short by a kill (a prefix of its records stored) is
+    # each wave's pairs, stored or new. A wave cut short by a kill (some of its records stored) is
     # finished first, so resuming never stops inside a wave and the counts do not depend on where it was cut.
     wave = config.questions_per_batch * count
     kept = 0
@@ -233,13 +273,13 @@ def run(problems: Sequence[Problem], sampler, tokenizer, config: CurationConfig,
         batch = [p for p in share if p.id not in done]
         wave_kept = sum(stored_kept.get(p.id, False) for p in share)
         if batch:
-            records = _process_batch(batch, sampler, tokenizer, config, prompts)
-            store.append(records)
-            wave_kept += sum(r["verdict"] == "kept" for r in records)
+            wave_kept += _curate(batch, sampler, tokenizer, config, prompts, lambda record: store.append([record]))
         kept += distributed.sum_over_processes(wave_kept)
         log.info("curation: %d of %d questions looked at, %d pairs kept", min(begin + wave, len(order)), len(order),
                  kept)
     distributed.fold_process_shards([records_path], "curate:end", {records_path: position})
+    if distributed.is_main_process():  # one process: the records are in the order they finished
+        order_records(records_path, position)
     records = RecordStore(records_path).read_all()
     summary = summarize(records)
     summary["complete"] = ((config.target_pairs > 0 and kept >= config.target_pairs) or len(records) >= len(order))

@@ -25,7 +25,7 @@ class ScriptedSampler:
         ids = self.tokenizer.encode(text, add_special_tokens=False) + ([self.end] if finish == "stop" else [])
         return Completion(token_ids=ids, finish_reason=finish, text=text)
 
-    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None):
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None, on_finish=None):
         time.sleep(self.delay_s)
         solution = sampling.temperature == self.solution_temperature
         self.calls.append(("solution" if solution else "rollout", list(ids), n))
@@ -39,7 +39,18 @@ class ScriptedSampler:
                 texts = self.rollouts.get(key) or [self.default(key, i) for i in range(n)]
                 assert len(texts) == n
                 out.append([self._completion(t) for t in texts])
+        finish_rows(out, ids, on_finish)
         return out
+
+
+def finish_rows(out, ids, on_finish):
+    """Hand every row to on_finish as the rollout engine would, in an order that is not the input order
+    (a hash of the row's id and sample index), so consumers are tested on rows finishing out of order."""
+    if on_finish is None:
+        return
+    rows = [(i, j) for i, group in enumerate(out) for j in range(len(group))]
+    for i, j in sorted(rows, key=lambda row: zlib.crc32(f"{ids[row[0]]}:{row[1]}".encode())):
+        on_finish(i, j, out[i][j])
 
 
 def hashed_answers(gold_by_id):

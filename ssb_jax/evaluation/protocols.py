@@ -70,7 +70,8 @@ class EvalConfig:
     max_new_tokens: int = setting(1024, "token budget for protocols without a fixed one")
     max_problems: int = setting(0, "evaluate the first this many problems of each dataset (0: all)")
     seed: int = setting(0, "seed of the sampled responses")
-    problems_per_batch: int = setting(64, "outputs are appended (and survive a crash) per this many problems")
+    problems_per_batch: int = setting(0, "problems handed to the sampler per call (0: all of a dataset's pending "
+                                         "problems); outputs are appended as each problem finishes either way")
     # motif protocol: which datasets are graded by the bare gold string, as the authors graded AIME
     motif_contains_gold: tuple[str, ...] = setting(
         (),
@@ -98,8 +99,8 @@ class EvalConfig:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown or not self.protocols:
             raise ValueError(f"protocols must be some of {sorted(PROTOCOLS)}, got {self.protocols!r}")
-        if self.n_samples < 0 or self.problems_per_batch < 1 or self.max_problems < 0:
-            raise ValueError("n_samples and max_problems must be >= 0 and problems_per_batch >= 1")
+        if self.n_samples < 0 or self.problems_per_batch < 0 or self.max_problems < 0:
+            raise ValueError("n_samples, max_problems and problems_per_batch must be >= 0")
         if not parse_datasets(self.datasets):
             raise ValueError("datasets is empty")
         labels = [spec.label for spec in parse_datasets(self.datasets)]

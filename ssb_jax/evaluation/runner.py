@@ -2,15 +2,19 @@
 under several protocols (`run`).
 
 Models come as a dict of named samplers ({"base": ..., "student": ...}), each anything with
-`generate_ids(prompts, sampling, n=, seed=, ids=) -> [[Completion]]`. Protocols that decode alike
-(e.g. greedy at the same token budget) share one generation per batch.
+`generate_ids(prompts, sampling, n=, seed=, ids=, on_finish=) -> [[Completion]]` that calls
+on_finish(prompt index, sample index, completion) as each row finishes (the rollout engine, the static
+Sampler per batch). Protocols that decode alike (e.g. greedy at the same token budget) share one generation.
 
 A problem whose prompt is longer than the sampler's `max_prompt_tokens` is not generated: its record
 says `"status": "prompt_too_long"` with its token count, the table counts it per row, and accuracy is
 over all problems with it counted wrong.
 
-Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore), appended batch
-by batch, so a killed run resumes without redoing finished problems. Beside each, <protocol>.settings.json
+Per-problem outputs go to outputs/<model>/<dataset>/<protocol>.jsonl (a RecordStore). A dataset's pending
+problems go to the sampler in one call per decoding (`EvalConfig.problems_per_batch` splits them), and a
+protocol's record of a problem is appended as soon as its rows have finished, so a killed run loses only
+the problems in flight and resumes without redoing finished ones; at the end each file is put in problem
+order (`data.records.order_records`). Beside each, <protocol>.settings.json
 is its fingerprint (ssb_jax.fingerprint.check): what the outputs were made from (protocol, decoding,
 prompts (the run's, or the evaluation-only ones of EvalConfig.prompts_for), the dataset's content digest,
 the model's identity when the caller gives one, max_prompt_tokens); outputs made from anything else stop the run with `StaleOutputsError` before any
@@ -31,7 +35,7 @@ import jax
 
 from ssb_jax import distributed, fingerprint
 from ssb_jax.data.datasets import OnBadLine, Problem
-from ssb_jax.data.records import ShardedRecordStore, shard_paths, write_json_atomic
+from ssb_jax.data.records import ShardedRecordStore, order_records, shard_paths, write_json_atomic
 from ssb_jax.evaluation.datasets import SAFE_NAME, SAFE_NAME_RULE, dataset_inputs, load_datasets, parse_datasets
 from ssb_jax.evaluation.metrics import ACCURACY_DENOMINATOR, format_markdown, metric_rows
 from ssb_jax.evaluation.protocols import PROTOCOLS, EvalConfig, Protocol
@@ -102,22 +106,52 @@ def _prompt_limit(sampler) -> int | None:
     return getattr(sampler, "max_prompt_tokens", None)
 
 
-class _Generations:
-    """Completions of one batch, cached by (sampling params, n): protocols that decode alike
-    (e.g. greedy at the same token budget) share one generation."""
+def _requests(plan: _Plan) -> list[tuple[SamplingParams, int]]:
+    """The generations one protocol's record is made of: greedy, then n samples when it samples."""
+    return [(plan.greedy, 1)] + ([(plan.sampled, plan.n)] if plan.sampled else [])
 
-    def __init__(self, sampler, prompt_ids: Mapping[str, list[int]], seed: int):
-        self.sampler, self.prompt_ids, self.seed = sampler, prompt_ids, seed
-        self.cache: dict[tuple[SamplingParams, int], dict[str, list]] = {}
 
-    def get(self, ids: Sequence[str], sampling: SamplingParams, n: int) -> list[list]:
-        done = self.cache.setdefault((sampling, n), {})
-        missing = [i for i in ids if i not in done]
-        if missing:
-            out = self.sampler.generate_ids([self.prompt_ids[i] for i in missing], sampling, n=n, seed=self.seed,
-                                            ids=missing)
-            done.update(zip(missing, out))
-        return [done[i] for i in ids]
+def _stream_records(sampler, problems: Sequence[Problem], prompt_ids: Mapping[str, list[int]],
+                    stores: Mapping[str, ShardedRecordStore], plans: Sequence[_Plan], seed: int, grader) -> None:
+    """Generate what `problems` (prompts that fit) still lack and append each protocol's record of a problem as
+    soon as its rows have finished (its greedy completion and, when sampled, its n samples). One sampler call
+    per distinct (decoding, n): protocols that decode alike (e.g. greedy at the same token budget) share
+    one generation; greedy calls go first, so greedy-only protocols' records are written before sampling."""
+    by_id = {p.id: p for p in problems}
+    missing = {plan.protocol.name: [p.id for p in problems if p.id not in stores[plan.protocol.name]]
+               for plan in plans}
+    requests: dict[tuple[SamplingParams, int], list[str]] = {}
+    ordered = [r for plan in plans for r in _requests(plan)]
+    for request in sorted(dict.fromkeys(ordered), key=lambda r: not r[0].greedy):
+        wanted = {i for plan in plans if request in _requests(plan) for i in missing[plan.protocol.name]}
+        requests[request] = [p.id for p in problems if p.id in wanted]
+    finished: dict[tuple[SamplingParams, int], dict[str, list]] = {request: {} for request in requests}
+
+    def record_what_is_complete(problem_id: str) -> None:
+        problem = by_id[problem_id]
+        for plan in plans:
+            parts = _requests(plan)
+            store = stores[plan.protocol.name]
+            if problem_id in store or not all(problem_id in finished[r] for r in parts):
+                continue
+            greedy = finished[parts[0]][problem_id][0]
+            samples = finished[parts[1]][problem_id] if plan.sampled else None
+            store.append([problem_record(problem, len(prompt_ids[problem_id]), greedy, samples,
+                                         grader(plan.protocol.name))])
+
+    for (sampling, n), ids in requests.items():
+        if not ids:
+            continue
+        rows, done = {i: [None] * n for i in ids}, finished[sampling, n]
+
+        def row_finished(index: int, sample: int, completion, ids=ids, rows=rows, done=done) -> None:
+            problem_id = ids[index]
+            rows[problem_id][sample] = completion
+            if all(c is not None for c in rows[problem_id]):
+                done[problem_id] = rows.pop(problem_id)
+                record_what_is_complete(problem_id)
+
+        sampler.generate_ids([prompt_ids[i] for i in ids], sampling, n=n, seed=seed, ids=ids, on_finish=row_finished)
 
 
 def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mapping[str, ShardedRecordStore],
@@ -127,24 +161,19 @@ def _evaluate_one(sampler, tokenizer, problems: Sequence[Problem], stores: Mappi
     if len(todo) < len(problems):
         log.info("eval %s: %d of %d problems already done", label, len(problems) - len(todo), len(problems))
     limit = _prompt_limit(sampler) or math.inf
-    for begin in range(0, len(todo), config.problems_per_batch):
-        batch = todo[begin:begin + config.problems_per_batch]
+    size = config.problems_per_batch or max(len(todo), 1)
+    for begin in range(0, len(todo), size):
+        batch = todo[begin:begin + size]
         prompt_ids = {p.id: encode_chat(tokenizer, prompts.student_messages(p.question)) for p in batch}
-        for p in batch:  # recorded, counted wrong, and never fatal to the run
-            if len(prompt_ids[p.id]) > limit:
-                log.warning("eval %s: problem %r has %d prompt tokens, more than max_prompt_tokens=%d; recorded "
-                            "as %s", label, p.id, len(prompt_ids[p.id]), limit, STATUS_PROMPT_TOO_LONG)
-        generations = _Generations(sampler, prompt_ids, config.seed)
+        too_long = [p for p in batch if len(prompt_ids[p.id]) > limit]
+        for p in too_long:  # recorded, counted wrong, and never fatal to the run
+            log.warning("eval %s: problem %r has %d prompt tokens, more than max_prompt_tokens=%d; recorded "
+                        "as %s", label, p.id, len(prompt_ids[p.id]), limit, STATUS_PROMPT_TOO_LONG)
         for plan in plans:
             store = stores[plan.protocol.name]
-            need = [p for p in batch if p.id not in store]
-            fits = [p.id for p in need if len(prompt_ids[p.id]) <= limit]
-            greedy = dict(zip(fits, (c[0] for c in generations.get(fits, plan.greedy, 1)))) if fits else {}
-            sampled = dict(zip(fits, generations.get(fits, plan.sampled, plan.n))) if fits and plan.sampled else {}
-            grader = config.grader_name(plan.protocol.name, dataset)
-            store.append(problem_record(p, len(prompt_ids[p.id]), greedy[p.id], sampled.get(p.id), grader)
-                         if p.id in greedy
-                         else too_long_record(p, len(prompt_ids[p.id])) for p in need)
+            store.append(too_long_record(p, len(prompt_ids[p.id])) for p in too_long if p.id not in store)
+        _stream_records(sampler, [p for p in batch if len(prompt_ids[p.id]) <= limit], prompt_ids, stores, plans,
+                        config.seed, lambda protocol: config.grader_name(protocol, dataset))
         log.info("eval %s: %d/%d problems", label, len(problems) - len(todo) + begin + len(batch), len(problems))
 
 
@@ -199,6 +228,9 @@ def run(samplers: Mapping[str, object], tokenizer, config: EvalConfig, out_dir: 
             _evaluate_one(sampler, tokenizer, distributed.process_shard(problems), stores[model, dataset], plans,
                           config, config.prompts_for(dataset, prompts), model, dataset)
     distributed.fold_process_shards(list(orders), "eval:end", orders)
+    if distributed.is_main_process():  # one process: the records are in the order they finished
+        for path, order in orders.items():
+            order_records(path, order)
 
     rows, complete = [], True
     for dataset, problems in datasets.items():  # ordered so each model's number sits beside the others'

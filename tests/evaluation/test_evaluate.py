@@ -19,6 +19,7 @@ from ssb_jax.paths import shared_data_path
 from ssb_jax.prompts import DEFAULT_PROMPTS
 from ssb_jax.sampling.driver import Completion, PromptTooLongError
 from ssb_jax.sampling.sampler import SamplingParams
+from tests.scripted_sampler import finish_rows
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ class FakeSampler:
         return Completion(token_ids=self.tokenizer.encode(text, add_special_tokens=False) + ([] if cut else [self.end]),
                           finish_reason="length" if cut else "stop", text=text)
 
-    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None):
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None, on_finish=None):
         self.calls.append(("greedy" if sampling.greedy else "sampled", list(ids), n, sampling.max_new_tokens))
         if self.fail_on is not None and len(self.calls) == self.fail_on:
             raise Killed
@@ -62,6 +63,7 @@ class FakeSampler:
                 texts = self.sampled.get(key) or [self.default(key, i) for i in range(n)]
             assert len(texts) == n
             out.append([self._completion(t) for t in texts])
+        finish_rows(out, ids, on_finish)  # out of input order, as the rollout engine finishes rows
         return out
 
 
@@ -179,9 +181,9 @@ class PromptRecorder(FakeSampler):
         super().__init__(tokenizer, **kwargs)
         self.prompts = {}
 
-    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None):
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None, on_finish=None):
         self.prompts.update(zip(ids, prompts))
-        return super().generate_ids(prompts, sampling, n=n, seed=seed, ids=ids)
+        return super().generate_ids(prompts, sampling, n=n, seed=seed, ids=ids, on_finish=on_finish)
 
 
 def test_evaluation_prompts_per_dataset_leave_the_run_prompts_alone(tokenizer, tmp_path):
