@@ -1,4 +1,5 @@
-"""A scripted stand-in for the Sampler, for curation tests: texts by question id, real token ids."""
+"""A scripted stand-in for the Sampler, for curation tests: texts by question id, real token ids; a wrapper of
+any sampler that rewrites rows as they finish and can be killed after a number of rows."""
 import time
 import zlib
 
@@ -66,3 +67,30 @@ def hashed_answers(gold_by_id):
             return f"So the answer is \\boxed{{{int(gold) + h}}}."
         return "No idea."
     return default
+
+
+class Killed(RuntimeError):
+    """A simulated kill (KilledAfterRows)."""
+
+
+class KilledAfterRows:
+    """Wraps a sampler (the engine, the static Sampler, a fake): each finished row is first rewritten by
+    `rewrite(id, sample index, sampling, completion)` when given (to steer a random model's texts), then handed
+    to the consumer and logged in `finished` as (id, sample index, sampling); once `rows` rows have been
+    handed over (None: never) it raises Killed from inside the call, as a kill with rows still in flight."""
+
+    def __init__(self, sampler, rows=None, rewrite=None):
+        self.sampler, self.rows, self.rewrite, self.finished = sampler, rows, rewrite, []
+
+    def __getattr__(self, name):  # max_prompt_tokens, set_adapters, ...
+        return getattr(self.sampler, name)
+
+    def generate_ids(self, prompts, sampling, *, n=1, seed=0, ids=None, on_finish=None):
+        def finish(i, j, completion):
+            if self.rewrite is not None:
+                self.rewrite(ids[i], j, sampling, completion)
+            on_finish(i, j, completion)
+            self.finished.append((ids[i], j, sampling))
+            if self.rows is not None and len(self.finished) >= self.rows:
+                raise Killed(f"killed after {self.rows} rows")
+        return self.sampler.generate_ids(prompts, sampling, n=n, seed=seed, ids=ids, on_finish=finish)

@@ -148,24 +148,27 @@ class Sampler:
     # ------------------------------------------------------------------ public
 
     def generate(self, chats: Sequence[Chat], sampling: SamplingParams, *, n: int = 1, seed: int = 0,
-                 ids: Sequence | None = None, system_prompt: str | None = None) -> list[list[Completion]]:
+                 ids: Sequence | None = None, system_prompt: str | None = None,
+                 on_finish=None) -> list[list[Completion]]:
         """Chat prompts (strings or message lists) -> n completions each, in input order.
 
         A string is one user turn, after `system_prompt` when given (else the chat template's default). To
         prompt a model as it was trained: `prompts = ssb_jax.export.load_prompts(export_or_run_dir)`, then
         `generate([prompts.student_messages(q) for q in questions], ...)`; an export's own tokenizer
-        already defaults to its training system prompt (docs/api.md)."""
+        already defaults to its training system prompt (docs/api.md). on_finish: as for generate_ids."""
         if self.tokenizer is None:
             raise ValueError("Sampler.generate needs a tokenizer; use generate_ids for token ids")
         prompts = [encode_chat(self.tokenizer, chat, system_prompt=system_prompt) for chat in chats]
-        return self.generate_ids(prompts, sampling, n=n, seed=seed, ids=ids)
+        return self.generate_ids(prompts, sampling, n=n, seed=seed, ids=ids, on_finish=on_finish)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, n: int = 1,
                      seed: int = 0, ids: Sequence | None = None,
                      caps: Sequence[int] | None = None, on_finish=None) -> list[list[Completion]]:
         """caps: each prompt's own limit on new tokens, or n of them, one per sample (None: max_new_tokens).
         on_finish(prompt index, sample index, completion): called for each row as its batch finishes (the
-        rollout engine, ssb_jax.engine, calls it as each row finishes)."""
+        rollout engine, ssb_jax.engine, calls it as each row finishes), before the next batch starts: the
+        consumers (curation, evaluation) append each record from it, so they have one code path for both
+        samplers and a kill loses at most the batch in flight."""
         ids = list(range(len(prompts))) if ids is None else list(ids)
         if len(ids) != len(prompts):
             raise ValueError(f"{len(ids)} ids for {len(prompts)} prompts")
