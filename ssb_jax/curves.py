@@ -15,8 +15,11 @@ the first dataset of eval.datasets; on the toy world its held-out test split). T
 same problems with the same greedy decoding, so the last point's accuracy is that of the final greedy
 pass@1 on those problems; the curve only monitors training and selects nothing, so nothing leaks.
 
-One Sampler is built at the first point, from the student (base + adapters); every later point swaps
-the new adapter values in (`Sampler.set_adapters`), so nothing is compiled again.
+One sampler is built at the first point, from the student (base + adapters; the pipeline's
+`RunContext.sampler`: the rollout engine or the static Sampler); every later point swaps the new adapter
+values in (`set_adapters`), so nothing is compiled again. A point's problems go to it in one call, and the
+point is one record, written once its last row has finished: there is nothing per problem to stream, and a
+point cut by a kill is redone after the resume (its step has no checkpoint yet).
 
 Interface:
 

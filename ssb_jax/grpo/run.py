@@ -6,11 +6,13 @@
 It runs on the shared training loop (ssb_jax.training.loop), one loop step per iteration: the batch
 source (`RolloutSource`) samples and grades an iteration's groups from the current adapters, the
 step (`grpo_step`) turns rewards into advantages and updates the adapters on them.
-`sampler` is a Sampler of the student (the base with adapters of `lora_config`'s shape); each iteration
-writes the current adapters into it (`Sampler.set_adapters`), so its compiled programs are reused.
+`sampler` is a sampler of the student (the base with adapters of `lora_config`'s shape; the pipeline's
+`RunContext.sampler`: the rollout engine or the static Sampler); each iteration writes the current adapters
+into it (`set_adapters`), so its compiled programs are reused, and samples all its groups in one call.
 Iteration i reads questions [i·P, (i+1)·P) of a sequence of seeded shuffles of `problems` (one per
 pass) and samples with a seed derived from i, so the data position is the iteration count and a
-resumed run redoes an interrupted iteration's rollouts from the same adapters and keys.
+resumed run redoes an interrupted iteration's rollouts from the same adapters and keys: an iteration is
+the unit of work a checkpoint resumes, so its rollouts are not streamed to a record store.
 
 workdir gets: checkpoints/ (orbax: adapters, optimiser state, update count; JSON: iteration and
 sampled tokens so far), metrics.jsonl (one record per iteration), tb/ (TensorBoard), grpo.png,

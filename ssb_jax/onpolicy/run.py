@@ -4,12 +4,13 @@ privileged context, the student takes one optimiser step on its plain question a
     result = run(oc, model_config, lora_config, model, sampler, questions, tokenizer, workdir, mesh=mesh)
 
 It runs on the shared training loop, one loop step per iteration, like GRPO (ssb_jax.grpo.run): the batch
-source (`SampleSource`) writes the state's adapters into the sampler (`Sampler.set_adapters`), samples
-iteration i's questions (grpo.run.questions_for: seeded shuffles, so the questions follow from i) with a seed
+source (`SampleSource`) writes the state's adapters into the sampler (`set_adapters`; the pipeline's
+`RunContext.sampler`, the rollout engine or the static Sampler), samples in one call iteration i's questions (grpo.run.questions_for: seeded shuffles, so the questions follow from i) with a seed
 derived from i, grades the samples, gives each a privileged context (ssb_jax.onpolicy.contexts) and builds the
 aligned teacher/student batch; the step (`OnPolicyStep`) scores and updates. The source's position (the
 iteration and the tokens sampled so far) is checkpointed with the state, so a killed run resumes at the last
-checkpoint and redoes the iterations after it from the same adapters and keys: every step is done once.
+checkpoint and redoes the iterations after it from the same adapters and keys: every step is done once (an
+iteration is the unit a checkpoint resumes, so its samples are not streamed to a record store).
 
 workdir gets: checkpoints/, metrics.jsonl (one record per iteration, learning-curve points with "kind":
 "curve"), tb/, onpolicy_config.json, lora_config.json.
