@@ -14,8 +14,15 @@ token. Row r's token at step j is drawn by `sampler.choose_tokens` from the row'
 does not depend on its slot, its neighbours, the arrival order or the page size: the tokens are
 those of `sampler.generate` (tests/engine/).
 
-When pages run out, rows wait for pages; if every running row waits, the one holding the most pages
-is preempted (its pages freed, the row restarted later from its prompt: the same tokens again).
+When pages run out, rows wait for pages; if every running row waits, the youngest is preempted (its
+pages freed, the row restarted later from its prompt: the same tokens again).
+
+On a sampling mesh the rows are data parallel: each of the mesh's data-parallel shards has its own
+slots and its own pages (the pool's leading axis is placed over the data axes; page tables hold
+shard-local page ids) and one allocator on the host; a prompt is prefilled on one shard and its samples
+run there. Every device call (prefill, decode) is one program over all shards (paged_cache.shard_forward);
+the weights are placed as the mesh places them (replicated, or tensor parallel with the pool's KV
+heads split the same way). A row's tokens do not depend on its shard either.
 """
 from __future__ import annotations
 
@@ -24,7 +31,6 @@ import dataclasses
 import functools
 import logging
 import math
-import time
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -32,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssb_jax.engine.paged_cache import (NULL_PAGE, PageAllocator, attention_kernel, copy_pages, flat_slots, init_pool, page_bytes,
-                                        paged_forward, pages_for_memory)
+from ssb_jax.engine.paged_cache import (NULL_PAGE, PageAllocator, attention_kernel, flat_slots, init_pool, page_bytes,
+                                        pages_for_memory, pool_shardings, shard_copy_pages, shard_forward)
 from ssb_jax.model.tokenizer import Chat, encode_chat
 from ssb_jax.sampling.decode_layout import DecodeLayoutModel
 from ssb_jax.sampling.driver import (Completion, PromptTooLongError, Sampler, sampling_progress, split_for_sampling,
                                      stable_row_id)
 from ssb_jax.sampling.sampler import SamplingParams, choose_tokens, row_keys_for
+from ssb_jax.sharding import batch_sharding, data_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ class _Prompt:
     caps: list[int]                 # each sample's limit on new tokens
     samples: list[int]              # the sample indices still to run
     key_data: np.ndarray | None = None  # the samples' keys (row_keys_for), made when the prompt is admitted
+    shard: int | None = None        # the data-parallel shard that holds its pages and runs its samples
     pages: list[int] | None = None  # the prefix's pages (all tokens but the last), shared by the samples
     prefilled: int = 0              # prefix tokens written so far
 
@@ -103,6 +111,26 @@ def _next_power_of_two(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(x, 1))))
 
 
+@dataclasses.dataclass
+class _Shard:
+    """One data-parallel shard's part of a call: its slots, its allocator, its prompt being prefilled, its
+    prefilled samples waiting for a slot and the page copies its next decode call makes."""
+    index: int
+    alloc: PageAllocator
+    rows: list                      # a _Row or None per slot
+    ready: collections.deque = dataclasses.field(default_factory=collections.deque)  # (prompt, sample)
+    prefilling: _Prompt | None = None
+    copies: list = dataclasses.field(default_factory=list)  # (source page, target page)
+
+    @property
+    def load(self) -> int:
+        return len(self.ready) + sum(row is not None for row in self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.ready and not any(self.rows) and self.prefilling is None
+
+
 class Engine:
     """Continuous batching over a paged KV cache; the interface of ssb_jax.sampling.driver.Sampler."""
 
@@ -111,8 +139,10 @@ class Engine:
                  steps_per_call: int = 32, mesh=None, show_progress: bool = False, unstack: bool | None = None,
                  decode_copies: dict | None = None, memory_per_device: float | None = None, **_ignored):
         """model: a Qwen2ForCausalLM (with adapters for a student). slots: rows decoded together.
-        page_size: slots per page. num_pages: the pool's pages (None: what fits the device's memory next
-        to the weights, see pages_for_memory, capped at what `slots` rows of the longest call can use).
+        page_size: slots per page. num_pages: each shard's pages (None: what fits a device's memory next
+        to the weights, see pages_for_memory, capped at what the shard's slots can use at the longest row).
+        mesh: the sampling mesh the model's weights are on (sampling.mesh.sampling_mesh): `slots` are
+        split evenly over its data-parallel shards (rounded up), each with its own pages.
         prefill_chunk: prompt tokens per prefill call; prefill_budget: prompt tokens prefilled between
         two decode calls (default 4 chunks). steps_per_call: decode steps per device call.
         unstack, decode_copies: as Sampler (the CPU decode layout). Other Sampler keywords
@@ -121,11 +151,8 @@ class Engine:
         self.config, self.tokenizer, self.graphdef = model.config, tokenizer, graphdef
         self.per_layer = isinstance(model, DecodeLayoutModel)
         self.attention = attention_kernel()  # decode steps: the Pallas paged kernel on TPU, the XLA gather elsewhere
-        self.mesh = mesh
-        if mesh is not None and mesh.size > 1:
-            log.warning("Engine: a %d-device mesh; the engine runs its rows on the weights' placement without "
-                        "splitting them over the data axis (use the static sampler for data parallel rows)",
-                        mesh.size)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.shards = 1 if self.mesh is None else data_parallel_size(self.mesh)
         self.slots, self.page_size = slots, page_size
         self.requested_pages, self.memory_per_device = num_pages, memory_per_device
         self.max_prompt_tokens = max_prompt_tokens
@@ -133,7 +160,7 @@ class Engine:
         self.prefill_budget = prefill_budget or 4 * prefill_chunk
         self.steps_per_call = steps_per_call
         self.show_progress = show_progress
-        self.pool, self.allocator = None, None
+        self.pool, self.allocators = None, []
         self.num_compilations = 0
         self.stats = collections.Counter()  # decode_calls, decode_steps, slot_steps, busy_slot_steps, prefill_calls,
         # preemptions
@@ -144,21 +171,35 @@ class Engine:
     # ------------------------------------------------------------------ device programs
 
     def _traced_prefill(self, graphdef, state, pool, tokens, positions, page_table, write_slots):
+        """One chunk of one prompt per shard: tokens, positions, write_slots [shards, 1, C], page_table
+        [shards, 1, P] (a shard with nothing to prefill writes its null page)."""
         self.num_compilations += 1
         model = nnx.merge(graphdef, state)
-        return paged_forward(model, pool, tokens, positions, page_table, write_slots)[1]
+        return self._placed_pool(shard_forward(model, pool, tokens, positions, page_table, write_slots)[1])
+
+    def _placed_pool(self, pool):
+        """The pool pinned to its placement (each shard's pages on its own devices) inside a program."""
+        return pool if self.mesh is None else jax.lax.with_sharding_constraint(pool, pool_shardings(pool, self.mesh))
+
+    def _placed_rows(self, array: np.ndarray):
+        """A per-slot host array onto the devices, its slots split over the shards (slot g on shard g // slots)."""
+        return jnp.asarray(array) if self.mesh is None else jax.device_put(array, batch_sharding(self.mesh, array.shape))
 
     def _traced_decode(self, graphdef, state, pool, page_table, last, position, step, cap, live, limit, key_data,
                        copy_from, copy_to, knobs, return_early, *, sampling, steps):
         """Up to `steps` decode steps of every slot; stops early when every row is stopped or waits for pages,
         or (return_early) once a row has stopped. Row r at step j feeds its last token at position[r], writes it
-        at that position (its pages in page_table[r], written below limit[r]) and draws token j."""
+        at that position (its pages in page_table[r], written below limit[r]) and draws token j.
+        Slot arrays are [shards * slots per shard] (shard-major); page_table [shards * slots, P] holds
+        shard-local page ids; copy_from, copy_to [shards, copies]."""
         self.num_compilations += 1
         model = nnx.merge(graphdef, state)
-        pool = copy_pages(pool, copy_from, copy_to)
+        pool = self._placed_pool(shard_copy_pages(pool, copy_from, copy_to))
         keys = jax.random.wrap_key_data(key_data)
         stop_ids = jnp.array(sampling.stop_ids or (-1,), jnp.int32)
         S = last.shape[0]
+        D = copy_from.shape[0]
+        per_shard = lambda x: x.reshape((D, S // D) + x.shape[1:])
 
         def choose(logits, key, row_step):  # one row as a batch of one: choose_tokens with the row's own step
             token, logprob = choose_tokens(logits[None], key[None], row_step, sampling, knobs)
@@ -173,13 +214,17 @@ class Engine:
         def body(c):
             go = running(c)
             slots = flat_slots(page_table, c["position"][:, None], go[:, None], self.page_size)
-            hidden, new_pool = paged_forward(model, c["pool"], c["last"][:, None], c["position"][:, None], page_table,
-                                             slots, self.attention)
+            hidden, new_pool = shard_forward(model, c["pool"], per_shard(c["last"][:, None]),
+                                             per_shard(c["position"][:, None]), per_shard(page_table), per_shard(slots),
+                                             self.attention)
+            hidden = hidden.reshape((S,) + hidden.shape[2:])
+            if self.mesh is not None:
+                hidden = jax.lax.with_sharding_constraint(hidden, batch_sharding(self.mesh, hidden.shape))
             token, logprob = jax.vmap(choose)(model.logits(hidden[:, 0]), keys, c["step"])
             token = jnp.where(go, token, sampling.pad_id)
             new_step = c["step"] + go.astype(jnp.int32)
             stopped = go & (jnp.isin(token, stop_ids) | (new_step >= cap))
-            return {"i": c["i"] + 1, "pool": new_pool,
+            return {"i": c["i"] + 1, "pool": self._placed_pool(new_pool),
                     "tokens": c["tokens"].at[:, c["i"]].set(token),
                     "logprobs": c["logprobs"].at[:, c["i"]].set(jnp.where(go, logprob, 0.0)),
                     "last": jnp.where(go, token, c["last"]), "position": c["position"] + go.astype(jnp.int32),
@@ -241,34 +286,58 @@ class Engine:
 
     # ------------------------------------------------------------------ pool
 
+    @property
+    def slots_per_shard(self) -> int:
+        return math.ceil(self.slots / self.shards)
+
+    @property
+    def allocator(self) -> PageAllocator:
+        """The first shard's allocator (the only one without a mesh)."""
+        return self.allocators[0]
+
     def pool_pages(self, pages_per_row: int) -> int:
-        """The pool's size for a call whose rows need at most `pages_per_row` pages."""
-        worst = self.slots * pages_per_row + 2 * pages_per_row + 1  # every slot full, one prompt ahead, null page
+        """Each shard's pages for a call whose rows need at most `pages_per_row` pages.
+
+        From fixed quantities only (the device's memory limit, not what is free at the moment; the
+        weights' bytes per device; the settings), so every call and every process of a run on the same
+        hardware sizes it alike: never from timing. The processes of a run need not agree on it (each
+        samples its own prompts on its own devices, with no collective in between, and a row's tokens do
+        not depend on the pool), but on equal hardware they do."""
+        worst = self.slots_per_shard * pages_per_row + 2 * pages_per_row + 1  # slots full, a prompt ahead, null page
         if self.requested_pages:
             return self.requested_pages
         from ssb_jax.sampling.mesh import device_memory_bytes
-        memory = self.memory_per_device or device_memory_bytes(jax.devices()[0])
+        devices = jax.local_devices() if self.mesh is None else self.mesh.devices.flat
+        memory = self.memory_per_device or device_memory_bytes(next(iter(devices)))
         if not memory:
             return worst
-        weights = sum(x.nbytes for x in jax.tree.leaves(self.state))
-        logits = 2 * self.slots * self.config.vocab_size * 4
-        fits = pages_for_memory(self.config, self.page_size, memory, weights, logits)
+        weights = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.state))
+        logits = 2 * self.slots_per_shard * self.config.vocab_size * 4
+        axes = self._device_axes()
+        fits = pages_for_memory(self.config, self.page_size, memory, weights, logits, axes)
         if fits < worst:
-            log.info("page pool: %d pages fit the device's memory (%d for every slot at the longest row)", fits, worst)
+            log.info("page pool: %d pages per shard fit a device's memory (%d for every slot at the longest row)",
+                     fits, worst)
         return max(min(fits, worst), pages_per_row + 1)
+
+    def _device_axes(self) -> dict | None:
+        """The mesh shape one shard's pool is split over (the KV heads over `tensor`), for page_bytes."""
+        return None if self.mesh is None else {**dict(self.mesh.shape), "data": 1, "fsdp": 1}
 
     def _ensure_pool(self, pages: int) -> None:
         if self.pool is not None and self.allocator.num_pages >= pages:
             return
         self.pool = None  # the old pool is freed before the new one is allocated
-        self.pool = init_pool(self.config, pages, self.page_size, per_layer=self.per_layer)
-        self.allocator = PageAllocator(pages)
-        log.info("page pool: %d pages of %d slots (%.1f MiB)", pages, self.page_size,
-                 pages * page_bytes(self.config, self.page_size) / 2**20)
+        self.pool = init_pool(self.config, pages, self.page_size, per_layer=self.per_layer, shards=self.shards,
+                              mesh=self.mesh)
+        self.allocators = [PageAllocator(pages) for _ in range(self.shards)]
+        axes = self._device_axes()
+        log.info("page pool: %d shard(s) of %d pages of %d slots (%.1f MiB per device)", self.shards, pages,
+                 self.page_size, pages * page_bytes(self.config, self.page_size, axes) / 2**20)
 
 
 class _Schedule:
-    """One call's host-side scheduling: queue -> prefill -> slots -> collect."""
+    """One call's host-side scheduling: queue -> prefill (on a shard) -> that shard's slots -> collect."""
 
     def __init__(self, engine: Engine, prompts, sampling: SamplingParams, n: int, seed: int, ids, caps):
         self.e, self.sampling, self.n = engine, sampling, n
@@ -277,13 +346,12 @@ class _Schedule:
         longest = max(len(p) for p in prompts) - 1 + sampling.max_new_tokens
         self.pages_per_row = _next_power_of_two(math.ceil(longest / ps))
         engine._ensure_pool(engine.pool_pages(self.pages_per_row))
-        self.alloc = engine.allocator
         self.seed, self.row_ids = seed, [stable_row_id(k) for k in ids]
         self.queue = collections.deque(_Prompt(i, p, c, list(range(n))) for i, (p, c) in enumerate(zip(prompts, caps)))
-        self.ready: collections.deque = collections.deque()  # (prompt, sample) whose prompt is prefilled
-        # a small call decodes on fewer slots (a power of two), so it does not compute empty slots every step
-        self.rows: list[_Row | None] = [None] * min(engine.slots, _next_power_of_two(len(prompts) * n))
-        self.copies: list[tuple[int, int]] = []
+        # a small call decodes on fewer slots (a power of two over all shards), so it does not compute empty
+        # slots every step
+        slots = min(engine.slots_per_shard, math.ceil(_next_power_of_two(len(prompts) * n) / engine.shards))
+        self.shards = [_Shard(d, alloc, [None] * slots) for d, alloc in enumerate(engine.allocators)]
         self.placed = 0
         # the compiled program shapes on these only: temperature and top-p travel as knobs, caps per row
         self.program = dataclasses.replace(sampling.program(), max_new_tokens=1)
@@ -296,16 +364,21 @@ class _Schedule:
         e = self.e
         progress = sampling_progress(len(self.queue) * self.n, e.show_progress, desc="rollouts")
         finished_rows = 0
-        while self.queue or self.ready or any(self.rows):
+        while self.queue or not all(shard.idle for shard in self.shards):
             self._prefill()
-            self._place()
-            limits = self._reserve()
-            if not any(self.rows):
-                if self.queue or self.ready:
-                    raise MemoryError(f"the page pool ({self.alloc.num_pages} pages of {e.page_size}) cannot hold "
-                                      "one prompt and its first pages; raise num_pages or lower the prompt length")
+            limits = []
+            for shard in self.shards:
+                self._place(shard)
+                limits.append(self._reserve(shard))
+            if not any(any(shard.rows) for shard in self.shards):
+                if any(shard.prefilling for shard in self.shards):
+                    continue  # a prompt longer than the prefill budget: go on prefilling it
+                if self.queue or any(shard.ready for shard in self.shards):
+                    raise MemoryError(f"the page pool ({self.shards[0].alloc.num_pages} pages of {e.page_size} per "
+                                      "shard) cannot hold one prompt and its first pages; raise num_pages or lower "
+                                      "the prompt length")
                 break
-            finished = self._decode(limits)
+            finished = self._decode(np.concatenate(limits))
             for row, completion in finished:
                 finished_rows += 1
                 if progress is not None:
@@ -315,138 +388,178 @@ class _Schedule:
             progress.close()
 
     def _prefill(self) -> None:
-        """Prefill waiting prompts, at most prefill_budget tokens, while the samples ready do not fill the free slots."""
-        e, ps = self.e, self.e.page_size
-        budget = e.prefill_budget
-        while self.queue and budget > 0 and len(self.ready) < self.rows.count(None) + len(self.rows) // 2:
-            prompt = self.queue[0]
-            if prompt.pages is None:
-                count = math.ceil(prompt.prefix / ps)
-                # each sample's partial copy and first page; one sample's when nothing else runs
-                idle = not self.ready and not any(self.rows)
-                reserve = 2 if idle else 2 * len(prompt.samples)
-                if self.alloc.available < count + reserve:
-                    return
-                prompt.pages = self.alloc.take(count, refs=len(prompt.samples))
-                # one prompt at a time: the same small program whatever the call's size
-                prompt.key_data = np.asarray(jax.random.key_data(row_keys_for(self.seed, [self.row_ids[prompt.index]],
-                                                                              self.n)))
-            if prompt.prefilled < prompt.prefix:
-                self._prefill_chunk(prompt)
-                budget -= e.prefill_chunk
-            if prompt.prefilled >= prompt.prefix:
-                self.queue.popleft()
-                self.ready.extend((prompt, j) for j in prompt.samples)
+        """Prefill waiting prompts, one per shard at a time and all shards in one call, each shard at most
+        prefill_budget tokens, while its ready samples do not fill its free slots."""
+        e = self.e
+        budget = [e.prefill_budget] * len(self.shards)
+        while True:
+            chunks = []
+            for shard in sorted(self.shards, key=lambda shard: (shard.load, shard.index)):
+                if budget[shard.index] > 0 and (shard.prefilling or self._admit(shard)):
+                    chunks.append(shard)
+            if not chunks:
+                return
+            self._prefill_chunks(chunks)
+            for shard in chunks:
+                budget[shard.index] -= e.prefill_chunk
+                prompt = shard.prefilling
+                if prompt.prefilled >= prompt.prefix:
+                    shard.prefilling = None
+                    shard.ready.extend((prompt, j) for j in prompt.samples)
 
-    def _prefill_chunk(self, prompt: _Prompt) -> None:
+    def _admit(self, shard: _Shard) -> _Prompt | None:
+        """The queue's next prompt onto this shard when the shard wants more samples and has its pages: its
+        prefix's pages taken (a one-token prompt has none: its samples are ready at once). Returns the prompt
+        left to prefill, if any."""
+        ps = self.e.page_size
+        while self.queue and len(shard.ready) < shard.rows.count(None) + len(shard.rows) // 2:
+            prompt = self.queue[0]
+            count = math.ceil(prompt.prefix / ps)
+            # each sample's partial copy and first page; one sample's when nothing else runs on the shard
+            reserve = 2 if shard.idle else 2 * len(prompt.samples)
+            if shard.alloc.available < count + reserve:
+                return None
+            self.queue.popleft()
+            prompt.shard = shard.index
+            prompt.pages = shard.alloc.take(count, refs=len(prompt.samples))
+            # one prompt at a time: the same small program whatever the call's size
+            prompt.key_data = np.asarray(jax.random.key_data(row_keys_for(self.seed, [self.row_ids[prompt.index]],
+                                                                          self.n)))
+            if prompt.prefilled < prompt.prefix:
+                shard.prefilling = prompt
+                return prompt
+            shard.ready.extend((prompt, j) for j in prompt.samples)
+        return None
+
+    def _prefill_chunks(self, chunks: list[_Shard]) -> None:
+        """The next chunk of each of these shards' prompts, in one call over all shards (the others idle)."""
         e, ps, C = self.e, self.e.page_size, self.e.prefill_chunk
-        start = prompt.prefilled
-        count = min(C, prompt.prefix - start)
-        positions = start + np.arange(C, dtype=np.int32)
-        tokens = np.zeros(C, np.int32)
-        tokens[:count] = prompt.tokens[start:start + count]
-        table = self._table_row(prompt.pages)
-        pages = table[np.minimum(positions // ps, len(table) - 1)]
-        slots = np.where(np.arange(C) < count, pages * ps + positions % ps, NULL_PAGE * ps).astype(np.int32)
-        e.pool = e._prefill(e.state, e.pool, tokens[None], positions[None], table[None], slots[None])
+        D = len(self.shards)
+        tokens = np.zeros((D, 1, C), np.int32)
+        positions = np.zeros((D, 1, C), np.int32)
+        table = np.full((D, 1, self.pages_per_row), NULL_PAGE, np.int32)
+        slots = np.full((D, 1, C), NULL_PAGE * ps, np.int32)
+        for shard in chunks:
+            prompt, d = shard.prefilling, shard.index
+            start = prompt.prefilled
+            count = min(C, prompt.prefix - start)
+            positions[d, 0] = start + np.arange(C, dtype=np.int32)
+            tokens[d, 0, :count] = prompt.tokens[start:start + count]
+            table[d, 0] = self._table_row(prompt.pages)
+            pages = table[d, 0][np.minimum(positions[d, 0] // ps, self.pages_per_row - 1)]
+            slots[d, 0] = np.where(np.arange(C) < count, pages * ps + positions[d, 0] % ps, NULL_PAGE * ps)
+            prompt.prefilled += count
+        e.pool = e._prefill(e.state, e.pool, *(e._placed_rows(x) for x in (tokens, positions, table, slots)))
         e.stats["prefill_calls"] += 1
-        prompt.prefilled += count
 
     def _table_row(self, pages: list[int]) -> np.ndarray:
         table = np.full(self.pages_per_row, NULL_PAGE, np.int32)
         table[:len(pages)] = pages
         return table
 
-    def _place(self) -> None:
-        """Put ready samples into free slots: the prompt's full pages shared, a copy of a partly filled last page."""
+    def _place(self, shard: _Shard) -> None:
+        """Put the shard's ready samples into its free slots: the prompt's full pages shared, a copy of a
+        partly filled last page."""
         ps = self.e.page_size
-        for slot, row in enumerate(self.rows):
-            if row is not None or not self.ready:
+        for slot, row in enumerate(shard.rows):
+            if row is not None or not shard.ready:
                 continue
-            prompt, sample = self.ready[0]
+            prompt, sample = shard.ready[0]
             full = prompt.prefix // ps
             partial = prompt.pages[full:]
-            if self.alloc.available < len(partial) + 1:
+            if shard.alloc.available < len(partial) + 1:
                 return
-            self.ready.popleft()
-            own = self.alloc.take(len(partial))
-            self.copies += list(zip(partial, own))
-            self.rows[slot] = _Row(prompt, sample, shared=prompt.pages[:full], own=own, order=self.placed)
+            shard.ready.popleft()
+            own = shard.alloc.take(len(partial))
+            shard.copies += list(zip(partial, own))
+            shard.rows[slot] = _Row(prompt, sample, shared=prompt.pages[:full], own=own, order=self.placed)
             self.placed += 1
 
-    def _reserve(self) -> np.ndarray:
-        """Pages for each row's next steps, oldest row first; returns the position each row may write up to
-        (exclusive). When every row waits for a page, the youngest is preempted (its own pages freed, the row
-        back at the head of the ready queue, to restart from step 0): the oldest row always gets pages first,
-        so it finishes, and no row is preempted forever."""
+    def _reserve(self, shard: _Shard) -> np.ndarray:
+        """Pages for each of the shard's rows' next steps, oldest row first; returns the position each row
+        may write up to (exclusive). When every row of the shard waits for a page, its youngest is preempted
+        (its own pages freed, the row back at the head of the shard's ready queue, to restart from step 0):
+        the oldest row always gets pages first, so it finishes, and no row is preempted forever."""
         ps, M = self.e.page_size, self.e.steps_per_call
+        rows = shard.rows
         while True:
-            limits = np.zeros(len(self.rows), np.int32)
-            running = sorted((row.order, slot) for slot, row in enumerate(self.rows) if row is not None)
+            limits = np.zeros(len(rows), np.int32)
+            running = sorted((row.order, slot) for slot, row in enumerate(rows) if row is not None)
             for _, slot in running:
-                row = self.rows[slot]
+                row = rows[slot]
                 end = row.prompt.prefix + row.cap  # the positions a row writes: prefix .. prefix + cap - 1
                 want = math.ceil(min(row.position + M, end) / ps) - len(row.pages)
                 if want > 0:
-                    row.own += self.alloc.take(min(want, self.alloc.available))
+                    row.own += shard.alloc.take(min(want, shard.alloc.available))
                 limits[slot] = len(row.pages) * ps
-            if not running or any(limits[slot] > self.rows[slot].position for _, slot in running):
+            if not running or any(limits[slot] > rows[slot].position for _, slot in running):
                 return limits
             if len(running) == 1:
-                raise MemoryError(f"the page pool ({self.alloc.num_pages} pages of {ps}) cannot hold one row")
+                raise MemoryError(f"the page pool ({shard.alloc.num_pages} pages of {ps} per shard) cannot hold "
+                                  "one row")
             victim = running[-1][1]
-            row = self.rows[victim]
+            row = rows[victim]
             log.info("page pool full: preempting a row of prompt %d (it restarts from its prompt)", row.prompt.index)
             self.e.stats["preemptions"] += 1
-            self.copies = [(source, target) for source, target in self.copies if target not in row.own]
-            self.alloc.release(row.own)
-            self.rows[victim] = None
-            self.ready.appendleft((row.prompt, row.sample))  # it keeps its references to the prompt's pages
+            shard.copies = [(source, target) for source, target in shard.copies if target not in row.own]
+            shard.alloc.release(row.own)
+            rows[victim] = None
+            shard.ready.appendleft((row.prompt, row.sample))  # it keeps its references to the prompt's pages
 
     def _decode(self, limits: np.ndarray) -> list[tuple[_Row, Completion]]:
-        e, S = self.e, len(self.rows)
+        e, D, s = self.e, len(self.shards), len(self.shards[0].rows)
+        S = D * s
         table = np.zeros((S, self.pages_per_row), np.int32)
         last = np.zeros(S, np.int32)
         position, step = np.zeros(S, np.int32), np.zeros(S, np.int32)
         cap, live = np.ones(S, np.int32), np.zeros(S, bool)
         key_data = None
-        for slot, row in enumerate(self.rows):
-            if row is None:
-                continue
-            table[slot] = self._table_row(row.pages)
-            last[slot] = row.tokens[-1] if row.tokens else row.prompt.tokens[-1]
-            position[slot], step[slot], cap[slot], live[slot] = row.position, len(row.tokens), row.cap, True
-            if key_data is None:
-                key_data = np.zeros((S,) + row.prompt.key_data.shape[1:], row.prompt.key_data.dtype)
-            key_data[slot] = row.prompt.key_data[row.sample]
-        assert len(self.copies) <= S, "one copy per placement, at most one placement per slot"
-        copy_from, copy_to = np.array(self.copies + [(NULL_PAGE, NULL_PAGE)] * (S - len(self.copies)), np.int32).T
-        self.copies = []
-        return_early = bool(self.queue or self.ready)
-        e.pool, out = e._decode(e.state, e.pool, table, last, position, step, cap, live, limits, key_data,
-                                copy_from, copy_to, self.knobs, np.bool_(return_early),
+        copy_from = np.full((D, s), NULL_PAGE, np.int32)
+        copy_to = np.full((D, s), NULL_PAGE, np.int32)
+        for shard in self.shards:
+            assert len(shard.copies) <= s, "one copy per placement, at most one placement per slot"
+            for k, (source, target) in enumerate(shard.copies):
+                copy_from[shard.index, k], copy_to[shard.index, k] = source, target
+            shard.copies = []
+            for i, row in enumerate(shard.rows):
+                if row is None:
+                    continue
+                slot = shard.index * s + i
+                table[slot] = self._table_row(row.pages)
+                last[slot] = row.tokens[-1] if row.tokens else row.prompt.tokens[-1]
+                position[slot], step[slot], cap[slot], live[slot] = row.position, len(row.tokens), row.cap, True
+                if key_data is None:
+                    key_data = np.zeros((S,) + row.prompt.key_data.shape[1:], row.prompt.key_data.dtype)
+                key_data[slot] = row.prompt.key_data[row.sample]
+        return_early = bool(self.queue or any(shard.ready for shard in self.shards))
+        place = e._placed_rows
+        e.pool, out = e._decode(e.state, e.pool, place(table), place(last), place(position), place(step), place(cap),
+                                place(live), place(limits), place(key_data), place(copy_from), place(copy_to),
+                                self.knobs, np.bool_(return_early),
                                 sampling=self.program, steps=e.steps_per_call)
         out = jax.device_get(out)
         ran = int(out["i"])
         e.stats.update(decode_calls=1, decode_steps=ran, slot_steps=ran * S)
         finished = []
-        for slot, row in enumerate(self.rows):
-            if row is None:
-                continue
-            made = int(out["step"][slot]) - len(row.tokens)
-            e.stats["busy_slot_steps"] += made
-            row.tokens += out["tokens"][slot, :made].tolist()
-            row.logprobs += out["logprobs"][slot, :made].tolist()
-            if not out["live"][slot]:
-                finished.append((row, self._finish(row)))
-                self.rows[slot] = None
+        for shard in self.shards:
+            for i, row in enumerate(shard.rows):
+                if row is None:
+                    continue
+                slot = shard.index * s + i
+                made = int(out["step"][slot]) - len(row.tokens)
+                e.stats["busy_slot_steps"] += made
+                row.tokens += out["tokens"][slot, :made].tolist()
+                row.logprobs += out["logprobs"][slot, :made].tolist()
+                if not out["live"][slot]:
+                    finished.append((row, self._finish(shard, row)))
+                    shard.rows[i] = None
         return finished
 
-    def _finish(self, row: _Row) -> Completion:
-        self.alloc.release(row.own)
-        self.alloc.release(row.shared)
+    def _finish(self, shard: _Shard, row: _Row) -> Completion:
+        shard.alloc.release(row.own)
+        shard.alloc.release(row.shared)
         if row.prompt.prefix % self.e.page_size:  # the partly filled last prompt page: one reference per sample
-            self.alloc.release(row.prompt.pages[row.prompt.prefix // self.e.page_size:])
+            shard.alloc.release(row.prompt.pages[row.prompt.prefix // self.e.page_size:])
         tokenizer = self.e.tokenizer
         stopped = bool(row.tokens) and row.tokens[-1] in self.stop_ids
         return Completion(token_ids=row.tokens, finish_reason="stop" if stopped else "length",

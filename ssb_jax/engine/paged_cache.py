@@ -1,9 +1,11 @@
 """A paged KV cache: a pool of fixed-size pages, a page table per row, and the model run over it.
 
 The pool holds the keys and values of every layer in pages of `page_size` slots, KV heads first (the
-layout of JAX's Pallas paged-attention kernel): stacked {"k", "v": [L, kv_heads, pages, page_size,
-head_dim]} for the scan layout, or lists of L arrays [kv_heads, pages, page_size, head_dim] for the CPU
-decode layout (ssb_jax.sampling.decode_layout).
+layout of JAX's Pallas paged-attention kernel): stacked {"k", "v": [shards, L, kv_heads, pages,
+page_size, head_dim]} for the scan layout, or lists of L arrays [shards, kv_heads, pages, page_size,
+head_dim] for the CPU decode layout (ssb_jax.sampling.decode_layout). The leading axis is the
+data-parallel shard (placed over the sampling mesh's data axes, POOL_AXES): each shard has pages of its
+own, numbered from 0 in each, and the model runs over one shard's pool at a time (`shard_forward`).
 A row's logical slot s (its token at position s) lives in page `page_table[row, s // page_size]` at
 offset `s % page_size`. Page 0 (NULL_PAGE) belongs to nobody: padding tokens and idle rows write
 there and unused page-table entries point there, so every index stays in bounds and nothing
@@ -32,19 +34,38 @@ from flax import nnx
 from ssb_jax.model.attention import MASKED, at_least_f32
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.kv_cache import CACHE_AXES
-from ssb_jax.sharding import array_bytes_per_device
+from ssb_jax.sharding import array_bytes_per_device, named_sharding
 
 NULL_PAGE = 0
 
+# Logical axes of the stacked pool's k and v (the per-layer layout drops "layers"): a shard's pages on
+# the devices of its data-parallel index, the KV heads split over `tensor` like the weights' heads.
+POOL_AXES = ("batch", "layers", "kv_heads", None, "cache_slots", "head_dim")
 
-def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None, *, per_layer: bool = False) -> dict:
-    """An empty page pool of `num_pages` pages (page 0 included: the null page)."""
+
+def init_pool(config: ModelConfig, num_pages: int, page_size: int, dtype=None, *, per_layer: bool = False,
+              shards: int = 1, mesh=None) -> dict:
+    """An empty page pool of `shards` x `num_pages` pages (page 0 of each shard included: the null page),
+    made in place on `mesh` (POOL_AXES) when given."""
     dtype = dtype or config.jnp_dtype
-    shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
-    if per_layer:
-        return {"k": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-                "v": [jnp.zeros(shape, dtype) for _ in range(config.num_layers)]}
-    return {"k": jnp.zeros((config.num_layers,) + shape, dtype), "v": jnp.zeros((config.num_layers,) + shape, dtype)}
+    shape = (shards, config.num_kv_heads, num_pages, page_size, config.head_dim)
+    stacked = shape[:1] + (config.num_layers,) + shape[1:]
+
+    def make():
+        if per_layer:
+            return {name: [jnp.zeros(shape, dtype) for _ in range(config.num_layers)] for name in ("k", "v")}
+        return {name: jnp.zeros(stacked, dtype) for name in ("k", "v")}
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=pool_shardings(jax.eval_shape(make), mesh))()
+
+
+def pool_shardings(pool: dict, mesh) -> dict:
+    """NamedShardings of a pool of either layout (arrays or shape structs), from POOL_AXES."""
+    def place(x):
+        axes = POOL_AXES if x.ndim == len(POOL_AXES) else POOL_AXES[:1] + POOL_AXES[2:]
+        return named_sharding(axes, x.shape, mesh)
+    return jax.tree.map(place, pool)
 
 
 def page_bytes(config: ModelConfig, page_size: int, axes: dict | None = None) -> int:
@@ -181,14 +202,31 @@ def paged_forward(model, pool: dict, tokens, positions, page_table, write_slots,
     return model.final_norm(hidden), pool
 
 
+def shard_forward(model, pool: dict, tokens, positions, page_table, write_slots, kernel: str = "xla"):
+    """paged_forward on every shard at once: pool with the leading shard axis, the other arguments
+    [shards, B, ...] with shard-local page ids. One program for all shards (vmapped over the shard axis,
+    which the pool's placement splits over the data axes); one shard runs paged_forward itself."""
+    forward = functools.partial(paged_forward, model, kernel=kernel)
+    if tokens.shape[0] == 1:  # the single-device program unchanged (no batched gathers over a shard axis)
+        first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+        hidden, pool = forward(first(pool), tokens[0], positions[0], page_table[0], write_slots[0])
+        return hidden[None], jax.tree.map(lambda x: x[None], pool)
+    return jax.vmap(forward)(pool, tokens, positions, page_table, write_slots)
+
+
 def copy_pages(pool: dict, sources: jax.Array, targets: jax.Array) -> dict:
     """Each target page becomes a copy of its source page (NULL_PAGE -> NULL_PAGE pairs are no-ops):
-    a sample's own copy of its prompt's partly filled last page."""
+    a sample's own copy of its prompt's partly filled last page. One shard's pool (see shard_copy_pages)."""
     def copy(array):  # the pages axis is the one before [page_size, H]
         axis = array.ndim - 3
         index = (slice(None),) * axis
         return array.at[index + (targets,)].set(array[index + (sources,)])
     return {name: [copy(a) for a in value] if isinstance(value, list) else copy(value) for name, value in pool.items()}
+
+
+def shard_copy_pages(pool: dict, sources: jax.Array, targets: jax.Array) -> dict:
+    """copy_pages in every shard: pool with the leading shard axis, sources and targets [shards, copies]."""
+    return jax.vmap(copy_pages)(pool, sources, targets)
 
 
 class PageAllocator:

@@ -1,5 +1,6 @@
 """The rollout engine against the static sampler (the reference): the same tokens whatever the slot count,
-page size, arrival order or pool size, logprobs within 1e-5; the page allocator's books; adapters in place."""
+page size, arrival order, pool size or sampling mesh (rows split over its data axis, weights replicated or
+tensor parallel), logprobs within 1e-5; each shard's own pages; the page allocator's books; adapters in place."""
 import jax
 import numpy as np
 import pytest
@@ -39,6 +40,19 @@ def reference(model, workload, sampling, unstack):
         prompts, sampling, n=N, seed=11, ids=ids, caps=caps)
 
 
+@pytest.fixture(scope="module")
+def expected(model, workload):
+    """The single-device Sampler's outputs, computed once per (sampling, layout)."""
+    cache = {}
+
+    def get(sampling, unstack=True):
+        key = (sampling, unstack)
+        if key not in cache:
+            cache[key] = reference(model, workload, sampling, unstack)
+        return cache[key]
+    return get
+
+
 def assert_same(ours, theirs):
     for mine, ref in zip(ours, theirs):
         assert [c.token_ids for c in mine] == [c.token_ids for c in ref]
@@ -58,20 +72,19 @@ def run_engine(engine, workload, sampling, order):
     return results
 
 
-def test_greedy_matches_generate_in_the_scan_layout_with_rows_preempted(model, workload):
+def test_greedy_matches_generate_in_the_scan_layout_with_rows_preempted(model, workload, expected):
     """A pool of 13 pages of 4 slots: the last prompt's 7 shared pages and its 3 samples, which need 5 pages
     each, cannot all fit, so rows wait and the youngest is preempted (it restarts: the same tokens again)."""
     engine = Engine(model, slots=3, page_size=4, steps_per_call=4, prefill_chunk=8, unstack=False, num_pages=13)
-    assert_same(run_engine(engine, workload, GREEDY, range(len(workload[0]))),
-                reference(model, workload, GREEDY, unstack=False))
+    assert_same(run_engine(engine, workload, GREEDY, range(len(workload[0]))), expected(GREEDY, unstack=False))
     assert engine.stats["preemptions"] > 0
     assert engine.allocator.available == engine.allocator.num_pages - 1  # every page back but the null page
 
 
-def test_sampled_matches_generate_whatever_the_slots_pages_order_and_pool(model, workload, rng):
+def test_sampled_matches_generate_whatever_the_slots_pages_order_and_pool(model, workload, expected, rng):
     """temperature, top-k and top-p with stop ids; two slot counts and page sizes, shuffled arrivals, and a
     pool of fewer pages than the rows could use."""
-    expected = reference(model, workload, SAMPLED, unstack=True)
+    expected = expected(SAMPLED)
     order = rng.permutation(len(workload[0])).tolist()
     wide = Engine(model, slots=7, page_size=8, steps_per_call=6, prefill_chunk=16)
     assert_same(run_engine(wide, workload, SAMPLED, order), expected)
@@ -125,3 +138,70 @@ def test_page_allocator_counts_references_and_reuses_freed_pages_at_once():
     assert sorted(pages.take(2)) == sorted(shared)
     with pytest.raises(RuntimeError):
         pages.release(own[1:2] * 2)
+
+
+# ----------------------------------------------------------------------------- the sampling mesh
+
+def on_mesh(model, shape):
+    """The model's weights placed on a (data, fsdp, tensor) mesh of the first fake devices, as the sampling
+    mesh places them (replicated, or split over `tensor`)."""
+    from flax import nnx
+
+    from ssb_jax.sharding import make_mesh, shard_state
+    mesh = make_mesh({"fsdp": 1, **shape}, jax.devices()[:shape["data"] * shape.get("tensor", 1)])
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, shard_state(state, mesh)), mesh
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("shape", [{"data": 2}, {"data": 2, "tensor": 2}], ids=["data2", "data2_tensor2"])
+def test_rows_split_over_the_data_axis_match_generate(model, workload, expected, rng, shape):
+    """Each data-parallel shard decodes its own rows over its own pages; greedy (the scan layout) and sampled
+    (the decode layout) tokens equal the single-device Sampler's, shuffled arrivals, a pool smaller than the
+    rows could use (rows wait and are preempted)."""
+    placed, mesh = on_mesh(model, shape)
+    order = rng.permutation(len(workload[0])).tolist()
+    scan = Engine(placed, slots=6, page_size=4, steps_per_call=4, prefill_chunk=8, unstack=False, num_pages=13,
+                  mesh=mesh)
+    assert_same(run_engine(scan, workload, GREEDY, order), expected(GREEDY, unstack=False))
+    unrolled = Engine(placed, slots=8, page_size=8, steps_per_call=6, prefill_chunk=16, mesh=mesh)
+    assert_same(run_engine(unrolled, workload, SAMPLED, order[::-1]), expected(SAMPLED))
+    for engine in (scan, unrolled):
+        assert engine.shards == 2 and len(engine.allocators) == 2
+        assert all(a.available == a.num_pages - 1 for a in engine.allocators)  # every page back in every shard
+    assert scan.stats["preemptions"] > 0
+
+
+@pytest.mark.multidevice
+@pytest.mark.slow  # eight shards compiled: about 7 s of CPU, beyond what the two-shard tests add
+def test_eight_shards_match_generate(model, workload, expected):
+    placed, mesh = on_mesh(model, {"data": 8})
+    engine = Engine(placed, slots=8, page_size=4, steps_per_call=5, prefill_chunk=8, mesh=mesh)
+    assert_same(run_engine(engine, workload, SAMPLED, range(len(workload[0]))), expected(SAMPLED))
+
+
+@pytest.mark.multidevice
+def test_each_shard_has_its_own_pages(model, workload, expected):
+    """The pool's leading axis is split over `data` (each device holds one shard's pages); a prompt on shard 0
+    gives the single-device tokens while shard 1's pages hold NaN, and leaves them NaN: no page id of one
+    shard reads or writes another's."""
+    import jax.numpy as jnp
+
+    from ssb_jax.engine.paged_cache import pool_shardings
+    placed, mesh = on_mesh(model, {"data": 2})
+    engine = Engine(placed, slots=2, page_size=4, prefill_chunk=8, mesh=mesh)
+    prompts, caps, ids = workload
+    call = dict(n=1, seed=11, ids=ids[-1:], caps=caps[-1:])
+    engine.generate_ids(prompts[-1:], SAMPLED, **call)  # makes the pool
+    for layer in engine.pool["k"]:
+        assert layer.sharding.spec[0] == "data"
+        assert all(shard.data.shape[0] == 1 for shard in layer.addressable_shards)
+    poisoned = jax.tree.map(lambda x: x.at[1].set(jnp.nan), engine.pool)
+    engine.pool = jax.device_put(poisoned, pool_shardings(poisoned, mesh))
+    out = engine.generate_ids(prompts[-1:], SAMPLED, **call)
+    assert_same(out, [expected(SAMPLED)[-1][:1]])  # sample 0's key does not depend on n
+    for layer in engine.pool["k"] + engine.pool["v"]:
+        values = np.asarray(layer)
+        assert np.isnan(values[1][:, NULL_PAGE + 1:]).all()  # shard 1's pages untouched (its idle slot writes page 0)
+        assert np.isfinite(values[0]).all() and np.abs(values[0]).sum() > 0
+    assert engine.allocators[1].available == engine.allocators[1].num_pages - 1
