@@ -72,6 +72,29 @@ def test_swapped_adapters_sample_as_a_fresh_sampler_without_recompiling(base, to
     assert outputs[0] != outputs[1]  # the adapters change the answers, so the swap is tested
 
 
+@pytest.mark.slow  # sampling compiles over the real 151,936-token vocabulary, for both samplers
+def test_points_are_the_same_from_the_rollout_engine_with_adapters_swapped(base, tokenizer, seed):
+    """The pipeline's curves sample through RunContext.sampler, the rollout engine by default: its points, with
+    adapters swapped in place between them, are the static Sampler's."""
+    from ssb_jax.engine.engine import Engine
+    lora_config = LoraConfig(rank=4, alpha=8.0)
+    loras = [nnx.to_pure_dict(random_adapters(base, lora_config, jax.random.key(seed + 1 + i))) for i in range(2)]
+    makers = {"engine": lambda m, lora, c: Engine(with_adapters(m, lora, c), tokenizer, slots=4, page_size=16),
+              "static": lambda m, lora, c: Sampler(with_adapters(m, lora, c), tokenizer, batch_size=8,
+                                                   show_progress=False)}
+    prompts = [encode_chat(tokenizer, DEFAULT_PROMPTS.student_messages(p.question)) for p in problems(5)]
+    points, tokens = {kind: [] for kind in makers}, {kind: [] for kind in makers}
+    for kind, make in makers.items():
+        curve = LearningCurve(CurveConfig(eval_every=1, eval_size=5, max_new_tokens=12), problems(7), tokenizer,
+                              base, lora_config, "unused.jsonl", label="test", make_sampler=make)
+        for lora in loras:
+            points[kind].append({k: v for k, v in curve.evaluate(lora).items() if k != "eval_time_s"})
+            answers = curve.sampler.generate_ids(prompts, curve.sampling, ids=[p.id for p in problems(5)])
+            tokens[kind].append([c[0].token_ids for c in answers])
+    assert points["engine"] == points["static"] and tokens["engine"] == tokens["static"]
+    assert tokens["static"][0] != tokens["static"][1]  # the adapters change the answers, so the swap is tested
+
+
 class ScriptedSampler:
     """Answers from a table; counts weight swaps."""
 
