@@ -138,6 +138,9 @@ def _stream_records(sampler, problems: Sequence[Problem], prompt_ids: Mapping[st
             samples = finished[parts[1]][problem_id] if plan.sampled else None
             store.append([problem_record(problem, len(prompt_ids[problem_id]), greedy, samples,
                                          grader(plan.protocol.name))])
+        for request, completions in finished.items():  # what every protocol has recorded is let go
+            if all(problem_id in stores[plan.protocol.name] for plan in plans if request in _requests(plan)):
+                completions.pop(problem_id, None)
 
     for (sampling, n), ids in requests.items():
         if not ids:
