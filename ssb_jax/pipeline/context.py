@@ -151,21 +151,23 @@ class RunContext:
 
     def sampler(self, model, lora_state=None, lora_config=None):
         """A sampler of `model`, or of its student with these adapters: the rollout engine
-        (config.sampler.engine=continuous, in a one-process run on a one-device sampling mesh) or the static Sampler; both have
-        generate, generate_ids and set_adapters and return the same Completions (the same tokens)."""
+        (config.sampler.engine=continuous: rows data parallel over the sampling mesh, a page pool per shard; one
+        process) or
+        the static Sampler; both have generate, generate_ids and set_adapters and return the same Completions
+        (the same tokens)."""
         from ssb_jax.model.lora import with_adapters
         from ssb_jax.sampling.driver import Sampler, unrolled_layers
         s = self.config.sampler
         if self._decode_copies[0] is not model:  # samplers of the same base share one decode-layout copy
             self._decode_copies = (model, {})
         student = model if lora_state is None else with_adapters(model, lora_state, lora_config)
-        # the engine does not split rows over devices yet, and sizes its page pool from each process's free
-        # memory, which processes of one run need not agree on: one device in a one-process run only
-        if s.engine == "continuous" and self.sample_mesh.size == 1 and jax.process_count() == 1:
+        # several processes: the static Sampler until the two-process run passes with the engine (it missed its
+        # shutdown barrier with it, before the engine sized its pool from this process's own devices)
+        if s.engine == "continuous" and jax.process_count() == 1:
             from ssb_jax.engine.engine import Engine
             return Engine(student, self.tokenizer, slots=s.slots or 4 * s.batch_size, page_size=s.page_size,
                           max_prompt_tokens=s.max_prompt_tokens, unstack=unrolled_layers(s.layers_layout),
-                          decode_copies=self._decode_copies[1],
+                          decode_copies=self._decode_copies[1], mesh=self.sample_mesh,
                           memory_per_device=s.memory_per_device_gib * 2**30 or None)
         return Sampler(student, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
