@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 
-from ssb_jax.curate import CurationConfig
+from ssb_jax.curate import CurationConfig, question_order
 from ssb_jax.curate import run as curate
 from ssb_jax.data.datasets import Problem
 from ssb_jax.data.records import RecordStore
@@ -73,6 +73,54 @@ def test_curation_records_stream_and_resume_with_a_scripted_sampler(tokenizer, t
     clean = check_curation_kill_and_resume(lambda: ScriptedSampler(tokenizer, default=default), problems, config,
                                            kill_after, tmp_path, tokenizer)
     assert {r["verdict"] for r in clean.values()} >= {"kept", "all_wrong"}  # both kinds of record are tested
+
+
+TWO_PROCESS_CONFIG = CurationConfig(target_pairs=5, questions_per_batch=3, seed=2, num_rollouts=3)
+
+
+def two_process_problems():
+    return [Problem(id=f"q{i}", question=f"What is {i}+{i}?", answer=str(2 * i), source="t") for i in range(24)]
+
+
+@pytest.mark.slow  # two JAX processes start and meet through the coordination service
+def test_two_curation_processes_stream_into_their_shards_and_match_one(tokenizer, tmp_path):
+    """Each process appends its questions' records to its own shard as they finish (out of order), the
+    processes sum their kept pairs per wave, and the folded store is the one-process run's wherever both
+    looked (waves are questions_per_batch x processes, so two processes may look at more questions)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ssb_jax.curate import kept_pairs
+    problems = two_process_problems()
+    default = hashed_answers({p.id: p.answer for p in problems})
+    curate(problems, ScriptedSampler(tokenizer, default=default), tokenizer, TWO_PROCESS_CONFIG, tmp_path / "one")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(repo / "tests/curate_processes_worker.py"), str(tmp_path / "two"),
+                               str(port), str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert not list((tmp_path / "two").glob("*.process-*"))  # the shards were folded in
+    one, two = RecordStore(tmp_path / "one" / "records.jsonl").read_all(), \
+        RecordStore(tmp_path / "two" / "records.jsonl").read_all()
+    by_id = {r["id"]: r for r in two}
+    assert all(by_id[r["id"]] == r for r in one if r["id"] in by_id) and len(by_id) >= len(one)
+    order = [p.id for p in question_order(problems, TWO_PROCESS_CONFIG)]
+    assert [r["id"] for r in two] == [i for i in order if i in by_id]  # folded into question order
+    assert kept_pairs(two, TWO_PROCESS_CONFIG.target_pairs) == kept_pairs(one, TWO_PROCESS_CONFIG.target_pairs)
+    assert len(kept_pairs(one)) >= TWO_PROCESS_CONFIG.target_pairs
 
 
 def finished_problems(log, config: EvalConfig):
