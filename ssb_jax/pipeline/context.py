@@ -151,19 +151,16 @@ class RunContext:
 
     def sampler(self, model, lora_state=None, lora_config=None):
         """A sampler of `model`, or of its student with these adapters: the rollout engine
-        (config.sampler.engine=continuous: rows data parallel over the sampling mesh, a page pool per shard; one
-        process) or
-        the static Sampler; both have generate, generate_ids and set_adapters and return the same Completions
-        (the same tokens)."""
+        (config.sampler.engine=continuous: rows data parallel over this process's sampling mesh, a page pool per
+        shard) or the static Sampler; both have generate, generate_ids and set_adapters and return the same
+        Completions (the same tokens)."""
         from ssb_jax.model.lora import with_adapters
         from ssb_jax.sampling.driver import Sampler, unrolled_layers
         s = self.config.sampler
         if self._decode_copies[0] is not model:  # samplers of the same base share one decode-layout copy
             self._decode_copies = (model, {})
         student = model if lora_state is None else with_adapters(model, lora_state, lora_config)
-        # several processes: the static Sampler until the two-process run passes with the engine (it missed its
-        # shutdown barrier with it, before the engine sized its pool from this process's own devices)
-        if s.engine == "continuous" and jax.process_count() == 1:
+        if s.engine == "continuous":
             from ssb_jax.engine.engine import Engine
             return Engine(student, self.tokenizer, slots=s.slots or 4 * s.batch_size, page_size=s.page_size,
                           max_prompt_tokens=s.max_prompt_tokens, unstack=unrolled_layers(s.layers_layout),
