@@ -40,6 +40,25 @@ def reference(model, workload, sampling, unstack):
         prompts, sampling, n=N, seed=11, ids=ids, caps=caps)
 
 
+def record_decode_calls(engine) -> list:
+    """The engine's decode calls' arguments as they come (arrays as shape structs with their placement),
+    so a test can lower the program it ran."""
+    calls, decode = [], engine._decode
+
+    def spec(x):
+        if not isinstance(x, jax.Array):
+            return x
+        placed = isinstance(x.sharding, jax.sharding.NamedSharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if placed else None)
+
+    def recorded(*args, **kwargs):
+        calls.append((jax.tree.map(spec, args), kwargs))
+        return decode(*args, **kwargs)
+    recorded.lower = decode.lower
+    engine._decode = recorded
+    return calls
+
+
 @pytest.fixture(scope="module")
 def expected(model, workload):
     """The single-device Sampler's outputs, computed once per (sampling, layout)."""
@@ -163,7 +182,11 @@ def test_rows_split_over_the_data_axis_match_generate(model, workload, expected,
     order = rng.permutation(len(workload[0])).tolist()
     scan = Engine(placed, slots=6, page_size=4, steps_per_call=4, prefill_chunk=8, unstack=False, num_pages=13,
                   mesh=mesh)
+    calls = record_decode_calls(scan)
     assert_same(run_engine(scan, workload, GREEDY, order), expected(GREEDY, unstack=False))
+    args, kwargs = calls[0]
+    hlo = scan._decode.lower(*args, **kwargs).compile().as_text()
+    assert "all-gather" not in hlo  # no shard reads another's pages (nor any weight: greedy gathers nothing)
     unrolled = Engine(placed, slots=8, page_size=8, steps_per_call=6, prefill_chunk=16, mesh=mesh)
     assert_same(run_engine(unrolled, workload, SAMPLED, order[::-1]), expected(SAMPLED))
     for engine in (scan, unrolled):

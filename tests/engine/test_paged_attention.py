@@ -62,3 +62,18 @@ def test_the_pallas_tpu_kernel_lowers_for_tpu():
         jax.ShapeDtypeStruct((B, 1, N, H), jnp.bfloat16), pool, pool, jax.ShapeDtypeStruct((B, P), jnp.int32),
         jax.ShapeDtypeStruct((B, 1), jnp.int32))
     assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_the_pallas_tpu_kernel_lowers_for_tpu_over_shards():
+    """The same decode attention vmapped over two data-parallel shards of the pool (paged_cache.shard_forward)
+    is still the Mosaic custom call once lowered for "tpu"."""
+    D, G, N, H, pages, page_size, B, P = 2, 2, 4, 128, 16, 16, 4, 8
+    pool = jax.ShapeDtypeStruct((D, G, pages, page_size, H), jnp.bfloat16)
+
+    def decode_attention(q, k, v, table, positions):
+        return PagedLayerCache(k, v, None, table, jnp.zeros((B, 1), jnp.int32), positions, kernel="pallas_tpu").attend(q)
+
+    exported = jax.export.export(jax.jit(jax.vmap(decode_attention)), platforms=["tpu"])(
+        jax.ShapeDtypeStruct((D, B, 1, N, H), jnp.bfloat16), pool, pool, jax.ShapeDtypeStruct((D, B, P), jnp.int32),
+        jax.ShapeDtypeStruct((D, B, 1), jnp.int32))
+    assert "tpu_custom_call" in exported.mlir_module()
