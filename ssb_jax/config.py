@@ -93,8 +93,8 @@ class SamplerSettings:
                                  "weights under scan; auto: unrolled on CPU and GPU, scan on TPU "
                                  "(sampling.driver.unrolled_layers)", validate.one_of("auto", "scan", "unrolled"))
     engine: str = setting("continuous", "continuous: the rollout engine (ssb_jax.engine: continuous batching over a paged "
-                          "KV cache, the same tokens) on a one-device sampling mesh, static batches elsewhere until it "
-                          "shards; static: the bucketed static batches (sampling.driver.Sampler)",
+                          "KV cache, the same tokens; rows data parallel over the sampling mesh, a page pool per "
+                          "shard); static: the bucketed static batches (sampling.driver.Sampler)",
                           validate.one_of("continuous", "static"))
     slots: int = setting(0, "rows the continuous engine decodes together (0: 4 x batch_size)", validate.at_least(0))
     page_size: int = setting(16, "KV cache slots per page of the continuous engine's page pool", validate.at_least(1))
