@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ssb_jax.engine.paged_cache import (NULL_PAGE, PageAllocator, attention_kernel, flat_slots, init_pool, page_bytes,
                                         pages_for_memory, pool_shardings, shard_copy_pages, shard_forward)
@@ -45,7 +46,7 @@ from ssb_jax.sampling.decode_layout import DecodeLayoutModel
 from ssb_jax.sampling.driver import (Completion, PromptTooLongError, Sampler, sampling_progress, split_for_sampling,
                                      stable_row_id)
 from ssb_jax.sampling.sampler import SamplingParams, choose_tokens, row_keys_for
-from ssb_jax.sharding import batch_sharding, data_parallel_size
+from ssb_jax.sharding import BATCH_AXES, batch_sharding, data_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,13 @@ class _Shard:
         return not self.ready and not any(self.rows) and self.prefilling is None
 
 
+def _bytes_per_device(array) -> int:
+    """What one device holds of an array (the whole of one that is not a placed jax.Array)."""
+    sharding = getattr(array, "sharding", None)
+    shape = array.shape if sharding is None else sharding.shard_shape(array.shape)
+    return math.prod(shape) * np.dtype(array.dtype).itemsize
+
+
 class Engine:
     """Continuous batching over a paged KV cache; the interface of ssb_jax.sampling.driver.Sampler."""
 
@@ -205,6 +213,13 @@ class Engine:
             token, logprob = choose_tokens(logits[None], key[None], row_step, sampling, knobs)
             return token[0], logprob[0]
 
+        choose_rows = jax.vmap(choose)
+        if self.mesh is not None:
+            # each device draws its own rows' tokens: the partitioner would gather every row's logits to all of
+            # them around the top-k's platform-dependent branches
+            rows = P(tuple(a for a in BATCH_AXES if self.mesh.shape[a] > 1))
+            choose_rows = jax.shard_map(choose_rows, mesh=self.mesh, in_specs=(rows, rows, rows), out_specs=(rows, rows))
+
         def running(c):
             return c["live"] & (c["position"] < limit)
 
@@ -220,7 +235,7 @@ class Engine:
             hidden = hidden.reshape((S,) + hidden.shape[2:])
             if self.mesh is not None:
                 hidden = jax.lax.with_sharding_constraint(hidden, batch_sharding(self.mesh, hidden.shape))
-            token, logprob = jax.vmap(choose)(model.logits(hidden[:, 0]), keys, c["step"])
+            token, logprob = choose_rows(model.logits(hidden[:, 0]), keys, c["step"])
             token = jnp.where(go, token, sampling.pad_id)
             new_step = c["step"] + go.astype(jnp.int32)
             stopped = go & (jnp.isin(token, stop_ids) | (new_step >= cap))
@@ -311,7 +326,7 @@ class Engine:
         memory = self.memory_per_device or device_memory_bytes(next(iter(devices)))
         if not memory:
             return worst
-        weights = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self.state))
+        weights = sum(_bytes_per_device(x) for x in jax.tree.leaves(self.state))
         logits = 2 * self.slots_per_shard * self.config.vocab_size * 4
         axes = self._device_axes()
         fits = pages_for_memory(self.config, self.page_size, memory, weights, logits, axes)
