@@ -1,6 +1,6 @@
 """The toy world's settings: problems, tokenizer, model and pre-training, one frozen dataclass.
 
-Every field changes the world built (`build` refuses a directory built with another config).
+Every field but log_every changes the world built (`build` refuses a directory built with another config).
 """
 from __future__ import annotations
 

@@ -134,15 +134,19 @@ def save_world(world: World, out_dir: str | Path, extra: dict | None = None) -> 
 
 def _identity(config: dict | None) -> dict | None:
     """A world config as `build` compares it: settings added after worlds were built (ADDED_SETTINGS) count
-    only when they differ from their defaults, so a world built before they existed is still reused."""
+    only when they differ from their defaults, so a world built before they existed is still reused; settings
+    that only change what is logged (LOGGING_SETTINGS) never count."""
     if config is None:
         return None
-    return {k: v for k, v in config.items() if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
+    return {k: v for k, v in config.items()
+            if k not in LOGGING_SETTINGS and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])}
 
 
 # settings added to ToyWorldConfig after worlds were built with WORLD_FORMAT 2, and their defaults (which
 # make the world such a build made)
 ADDED_SETTINGS = {"problem_family": "one_slip"}
+# settings that change only the build's log lines, not the world
+LOGGING_SETTINGS = frozenset({"log_every"})
 
 
 def build(config: ToyWorldConfig, out_dir: str | Path, *, measure_problems: int = 0) -> dict[str, Path]:

@@ -95,3 +95,12 @@ def test_the_family_is_checked_and_older_worlds_are_still_reused(tmp_path):
     older = {k: v for k, v in dataclasses.asdict(toyworld.ToyWorldConfig()).items() if k != "problem_family"}
     assert world_module._identity(older) == world_module._identity(dataclasses.asdict(toyworld.ToyWorldConfig()))
     assert world_module._identity(older) != world_module._identity(dataclasses.asdict(SEVERAL))
+
+
+def test_a_logging_setting_is_not_part_of_the_world():
+    # a world built with other log lines is the same world; one with other pre-training is not
+    default = dataclasses.asdict(toyworld.ToyWorldConfig())
+    quieter = dataclasses.asdict(toyworld.ToyWorldConfig(log_every=500))
+    longer = dataclasses.asdict(toyworld.ToyWorldConfig(pretrain_steps=4000))
+    assert world_module._identity(quieter) == world_module._identity(default)
+    assert world_module._identity(longer) != world_module._identity(default)
