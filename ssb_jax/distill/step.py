@@ -190,12 +190,18 @@ def lower_train_step(model_config: ModelConfig, tc: TrainConfig, batch: DistillB
     tc = dataclasses.replace(tc, batch_size=batch.rows)
     lora_config = lora_config or tc.lora_config()
     optimizer, _ = make_optimizer(tc, total_steps)
+    state, base = abstract_step_inputs(model_config, lora_config, optimizer, mesh)
+    program = train_step_program(model_config, tc, lora_config, total_steps, mesh)
+    return program.lower(state, base, batch)
+
+
+def abstract_step_inputs(model_config: ModelConfig, lora_config: LoraConfig, optimizer: optax.GradientTransformation,
+                         mesh: Mesh | None = None) -> tuple[dict, dict]:
+    """(train state, frozen base) as ShapeDtypeStructs placed as on `mesh`: what a LoRA-only step program
+    (distillation's, GRPO's, the on-policy one's) is lowered with; nothing is allocated."""
     state = jax.eval_shape(lambda: init_state(model_config, lora_config, optimizer, jax.random.key(0)))
     base = nnx.to_pure_dict(abstract_base_state(model_config))
     if mesh is None:
-        state, base = abstract(state), abstract(base)
-    else:
-        state = abstract(state, train_state_shardings(model_config, lora_config, optimizer, mesh))
-        base = abstract(base, nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh)))
-    program = train_step_program(model_config, tc, lora_config, total_steps, mesh)
-    return program.lower(state, base, batch)
+        return abstract(state), abstract(base)
+    return (abstract(state, train_state_shardings(model_config, lora_config, optimizer, mesh)),
+            abstract(base, nnx.to_pure_dict(state_shardings(abstract_base_state(model_config), mesh))))

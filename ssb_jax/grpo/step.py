@@ -27,7 +27,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.loss import gather_positions, target_logprobs
-from ssb_jax.distill.step import abstract_base_state, graph_definitions, init_state, train_state_shardings
+from ssb_jax.distill.step import (abstract_base_state, abstract_step_inputs, graph_definitions, init_state,
+                                  train_state_shardings)
 from ssb_jax.distributed import to_host
 from ssb_jax.grpo.batch import RolloutBatch
 from ssb_jax.grpo.config import GRPOConfig
@@ -95,6 +96,15 @@ class GRPOStep:
         fn = _jitted(self.model_config, self.lora_config, self.gc, self.mesh, which, batch.rows)
         out = fn(base_state, batch) if lora is None else fn(lora, base_state, batch)
         return np.asarray(to_host(out), np.float32)
+
+
+def lower_update(model_config: ModelConfig, lora_config: LoraConfig, gc: GRPOConfig, batch: RolloutBatch,
+                 mesh: Mesh | None = None) -> jax.stages.Lowered:
+    """GRPOStep's update program for `batch` (RolloutBatch.abstract with update=True: its rows set the
+    minibatch), lowered with abstract state and base placed as on `mesh`; nothing is allocated (the planner)."""
+    optimizer, _ = make_optimizer(gc, total_updates(gc))
+    state, base = abstract_step_inputs(model_config, lora_config, optimizer, mesh)
+    return _jitted(model_config, lora_config, gc, mesh, "update", batch.rows).lower(state, base, batch)
 
 
 @functools.lru_cache(maxsize=32)

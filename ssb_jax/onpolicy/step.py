@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ssb_jax.compile_options import vocab_program_options
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.loss import _chunking
-from ssb_jax.distill.step import (abstract_base_state, distill_loss, graph_definitions, init_state,
-                                  student_answer_hidden, teacher_answer_hidden, train_state_shardings)
+from ssb_jax.distill.step import (abstract_base_state, abstract_step_inputs, distill_loss, graph_definitions,
+                                  init_state, student_answer_hidden, teacher_answer_hidden, train_state_shardings)
 from ssb_jax.distill.teacher_cache import topk_from_logits
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig
@@ -130,6 +130,19 @@ class OnPolicyStep:
     def update(self, state, base_state, batch: dict):
         fn = _jitted_update(self.model_config, self.lora_config, self.oc, self.tc, self.mesh, batch["onpolicy"].rows)
         return fn(state, base_state, self.place(batch))
+
+
+def lower_update(model_config: ModelConfig, lora_config: LoraConfig, oc: OnPolicyConfig, batch: dict,
+                 mesh: Mesh | None = None, tc: TrainConfig | None = None) -> jax.stages.Lowered:
+    """OnPolicyStep's update program for `batch` ({"onpolicy": DistillBatch.abstract (online teacher),
+    "offline": ... when lambda < 1}), lowered with abstract state (the EMA teacher's adapters included) and
+    base placed as on `mesh`; nothing is allocated (the planner)."""
+    tc = offline_config(oc, tc)
+    optimizer, _ = make_optimizer(oc, oc.steps)
+    state, base = abstract_step_inputs(model_config, lora_config, optimizer, mesh)
+    if oc.teacher == "ema":
+        state["ema"] = state["lora"]
+    return _jitted_update(model_config, lora_config, oc, tc, mesh, batch["onpolicy"].rows).lower(state, base, batch)
 
 
 @functools.lru_cache(maxsize=16)
