@@ -277,9 +277,14 @@ def attention_saved_bytes(config: ModelConfig, rows: int, length: int, tensor: i
 
 
 def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingShape, lora_config, *, weights: int,
-                    lora: int, optimizer: int, chunk: int, online_teacher: bool = True,
+                    lora: int, optimizer: int, chunk: int, online_teacher: bool = True, ema_teacher: bool = False,
                     backend: str = "gpu") -> dict[str, int]:
     """Bytes per device of one distillation step, term by term, and its peak ("total").
+
+    The same model sizes the other LoRA-only steps: GRPO's update (no teacher: `online_teacher` False;
+    its chunked log-probs in place of the KL chunk) and the on-policy update (the teacher reads the
+    privileged sequence; `ema_teacher`: its adapters, one more copy of the LoRA, are in the state, donated
+    and updated in place).
 
     The hidden states are pinned (activation_layout): rows over data x fsdp, the width whole. Alive
     throughout: frozen weights, adapters, Adam moments, the adapters' gradient, what the student's
@@ -303,7 +308,7 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
     answer_rows = rows * shape.answer_len
     terms = {
         "weights": weights, "lora": lora, "optimizer_state": optimizer,
-        "lora_gradients": lora,
+        "lora_gradients": lora, "ema_teacher_lora": lora if ema_teacher else 0,
         "saved_for_backward": L * kept_per_layer,
         "gathered_head": gathered_head_bytes(config, axes),
         # one layer's weights gathered over fsdp, for its forward or its backward (scan: one layer at a time)
@@ -329,8 +334,8 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
     layer_backward = terms["gathered_layer_weights"] + terms["layer_backward_recomputed"] + max(
         terms["layer_backward_attention"], terms["layer_backward_mlp"])
     working = max(layer_backward, terms["teacher_forward_attention"], terms["loss_chunk"])
-    terms["total"] = (weights + 2 * lora + optimizer + terms["saved_for_backward"] + terms["gathered_head"]
-                      + working)
+    terms["total"] = (weights + 2 * lora + terms["ema_teacher_lora"] + optimizer + terms["saved_for_backward"]
+                      + terms["gathered_head"] + working)
     return terms
 
 
@@ -362,6 +367,73 @@ def training_shape(config) -> TrainingShape:
     longest = tc.max_seq_len or config.sampler.max_prompt_tokens + cur.solution_max_new_tokens
     answer = min(cur.solution_max_new_tokens, tc.max_seq_len - 1) if tc.max_seq_len else cur.solution_max_new_tokens
     return TrainingShape(tc.batch_size, bucket(longest), bucket(longest), bucket(answer))
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodStage:
+    """An on-policy training stage (GRPO, onpolicy, opsd, sdpo) as planned: per iteration one sampling call
+    of `sampling` (`calls` of them when the sampler's batch holds fewer prompts), forward passes over
+    `scored_rows` sequences (GRPO's old and reference log-probs), then `updates` optimiser steps on batches
+    of `update`'s shape (teacher_len 0: no teacher)."""
+    name: str
+    iterations: int
+    sampling: SamplingShape
+    calls: int
+    update: TrainingShape
+    updates: int
+    scored_rows: int
+    lora_config: object
+    chunk: int
+    ema_teacher: bool = False
+    not_modelled: str = ""
+
+
+def method_stages(config, sample_parallel: int, data_parallel: int) -> list[MethodStage]:
+    """The GRPO and on-policy stages that config.stages selects, at their largest shapes: prompts of
+    sampler.max_prompt_tokens (the longest the sampler accepts), completions of max_new_tokens, the update
+    batch padded to the training mesh's data-parallel size and its sequences to the trainer's length
+    buckets. An on-policy teacher's prompt: with SSB's context a hinted prompt, which curation keeps
+    within max_prompt_tokens; with a reference solution or a peer sample the question plus that text,
+    taken as at most max_new_tokens (a peer sample is; a reference solution is assumed to be)."""
+    from ssb_jax.distill.batch import quarter_power_of_two
+    from ssb_jax.grpo.config import GRPOConfig
+    from ssb_jax.onpolicy.config import SECTION_CONFIGS
+    selected = REGISTRY.parse(config.stages)
+    prompt = config.sampler.max_prompt_tokens
+    tc = section_to(TrainConfig, config.train, "config.train")
+
+    def padded(n: int, multiple: int) -> int:
+        return -(-n // multiple) * multiple
+
+    def sampling(prompts: int, new_tokens: int, samples: int) -> tuple[SamplingShape, int]:
+        per_call = min(prompts, config.sampler.batch_size)
+        return (SamplingShape(padded(per_call, sample_parallel), prompt, new_tokens, samples),
+                math.ceil(prompts / per_call))
+
+    out = []
+    if "grpo" in selected:
+        gc = section_to(GRPOConfig, config.grpo, "config.grpo")
+        shape, calls = sampling(gc.prompts_per_step, gc.max_new_tokens, gc.group_size)
+        rows = padded(gc.rows_per_batch // gc.minibatches, data_parallel)
+        length = quarter_power_of_two(max(prompt + gc.max_new_tokens, 16))  # grpo.run's length buckets
+        out.append(MethodStage("grpo", gc.steps, shape, calls, TrainingShape(rows, length, 0, gc.max_new_tokens),
+                               gc.updates_per_batch * gc.minibatches, 2 * gc.rows_per_batch,
+                               gc.lora_config(tc.lora_config()),
+                               gc.logits_chunk))
+    for name, settings in SECTION_CONFIGS.items():
+        if name not in selected:
+            continue
+        oc = section_to(settings, config[name], f"config.{name}")
+        shape, calls = sampling(oc.prompts_per_step, oc.max_new_tokens, oc.samples_per_prompt)
+        teacher_prompt = prompt if oc.context == "ssb" else prompt + oc.max_new_tokens
+        bucket = lambda n: bucket_length(n, (), oc.min_bucket)  # noqa: E731 (distill.batch.build_batch's)
+        update = TrainingShape(padded(oc.rows_per_step, data_parallel), bucket(prompt + oc.max_new_tokens),
+                               bucket(teacher_prompt + oc.max_new_tokens), bucket(oc.max_new_tokens))
+        out.append(MethodStage(name, oc.steps, shape, calls, update, 1, 0, oc.lora_config(), oc.logits_chunk,
+                               ema_teacher=oc.teacher == "ema",
+                               not_modelled="SSB's offline loss mixed in (onpolicy_weight < 1) is not planned"
+                               if oc.onpolicy_weight < 1 else ""))
+    return out
 
 
 def eval_shapes(config, data_parallel: int = 1) -> dict[str, tuple[list[SamplingShape], int, bool]]:
@@ -482,10 +554,28 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
                              math.ceil(1.5 * keep_rate * questions / shapes["solutions"].prompts)))
     # LoRA training per token: the student's forward and backward through frozen weights (no weight
     # gradients: 2 + 2 x params FLOPs), a forward more under remat, and the teacher's forward.
-    student_flops = (4 + (2 if model_config.remat != "none" else 0)) * n_params * tshape.student_len
+    student_flops = _student_flops(model_config, n_params, tshape.student_len)
     teacher_flops = 2 * n_params * tshape.teacher_len if tc.teacher_mode == "online" else 0
     train_s = (cur.target_pairs * tc.epochs * (student_flops + teacher_flops)
                / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN))
+    # GRPO and the on-policy stages: their sampling (the sampler holds their adapters too) and their
+    # update step (their own LoRA and its optimiser state), each with a time estimate
+    methods, method_terms, method_s = method_stages(config, sample_parallel, data_parallel_size(axes)), {}, {}
+    for m in methods:
+        _, m_lora_state, _ = student_split(model_config, m.lora_config)
+        m_lora, m_optimizer = state_bytes_per_device(m_lora_state, axes), 2 * state_bytes_per_device(m_lora_state,
+                                                                                                   axes, 4)
+        sampled = sampling_memory(model_config, sample_axes, m.sampling,
+                                  sampling_weights + state_bytes_per_device(m_lora_state, sample_axes), backend)
+        update = training_memory(model_config, axes, m.update, m.lora_config, weights=weights, lora=m_lora,
+                                 optimizer=m_optimizer, chunk=m.chunk, online_teacher=m.update.teacher_len > 0,
+                                 ema_teacher=m.ema_teacher, backend=backend)
+        method_terms[m.name] = (sampled, update)
+        step_flops = (m.update.batch * m.updates * (_student_flops(model_config, n_params, m.update.student_len)
+                                                    + 2 * n_params * m.update.teacher_len)
+                      + m.scored_rows * 2 * n_params * m.update.student_len)
+        method_s[m.name] = m.iterations * (generate_s(m.sampling, sampled, m.calls)
+                                           + step_flops / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN))
     eval_peak = max((t["total"] for t, _, _ in evaluation.values()), default=0)
     totals = {"sampling": sampling["total"], "training": training["total"], "eval": eval_peak}
     # training_total is the train step's own peak (what the compiler check compares); the verdict
@@ -501,18 +591,34 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
             "sampling_copy_while_training": held_sampling_copy / GIB,
             "training_activations": (training["total"] - weights - 2 * lora - optimizer) / GIB,
             "sampling_total": totals["sampling"] / GIB, "training_total": totals["training"] / GIB,
-            "eval_total": totals["eval"] / GIB, "capacity": acc.memory_gib},
+            "eval_total": totals["eval"] / GIB, "capacity": acc.memory_gib,
+            **{f"{name} {part}_total": terms["total"] / GIB for name, pair in method_terms.items()
+               for part, terms in zip(("sampling", "update"), pair)}},
         "terms_gib": {**{f"curate {name}": _gib(t) for name, t in curation.items()}, "training": _gib(training),
-                      **{f"eval {label}": _gib(t) for label, (t, _, _) in evaluation.items()}},
-        "fits": {stage: total + held.get(stage, 0) < 0.9 * capacity for stage, total in totals.items()},
-        "time_estimate_s": {"curate": curate_s, "train": train_s, "eval": eval_s},
+                      **{f"eval {label}": _gib(t) for label, (t, _, _) in evaluation.items()},
+                      **{f"{name} {part}": _gib(terms) for name, pair in method_terms.items()
+                         for part, terms in zip(("sampling", "update"), pair)}},
+        "fits": {**{stage: total + held.get(stage, 0) < 0.9 * capacity for stage, total in totals.items()},
+                 # an update holds the sampling copy as training does
+                 **{f"{name} {part}": terms["total"] + (held_sampling_copy if part == "update" else 0) < 0.9 * capacity
+                    for name, pair in method_terms.items() for part, terms in zip(("sampling", "update"), pair)}},
+        "time_estimate_s": {"curate": curate_s, "train": train_s, "eval": eval_s, **method_s},
         "shapes": {**{f"curate {name}": shape for name, shape in shapes.items()}, "training": tshape,
-                   **{f"eval {label}": shape for label, (_, shape, _) in evaluation.items()}},
+                   **{f"eval {label}": shape for label, (_, shape, _) in evaluation.items()},
+                   **{f"{m.name} {part}": shape for m in methods
+                      for part, shape in (("sampling", m.sampling), ("update", m.update))}},
+        "methods": {m.name: m for m in methods},
         "assumptions": {"keep_rate": keep_rate, "mfu_train": MFU_TRAIN, "bandwidth_fraction": BANDWIDTH_FRACTION,
                         "training_rows_per_device": rows_per_device(tshape.batch, axes),
                         "eval_problems": {label: count for label, (_, _, count) in evaluation.items()},
                         "eval_prompt_length": eval_prompts},
     }
+
+
+def _student_flops(config: ModelConfig, n_params: int, length: int) -> int:
+    """FLOPs of one LoRA training sequence: forward and backward through frozen weights (no weight
+    gradients: 2 + 2 x params per token) and, under remat, a forward more."""
+    return (4 + (2 if config.remat != "none" else 0)) * n_params * length
 
 
 def _gib(terms: dict) -> dict:

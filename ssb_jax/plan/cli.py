@@ -64,6 +64,17 @@ def format_plan(p: dict) -> str:
         held = f" + {m['sampling_copy_while_training']:.3f} sampling copy" if stage == "training" and \
             m["sampling_copy_while_training"] else ""
         lines.append(f"  {stage + ' total':32s}{m[stage + '_total']:10.3f}{held} of {m['capacity']} -> {verdict}")
+    for name, method in p["methods"].items():  # GRPO and the on-policy stages config.stages selects
+        for part in ("sampling", "update"):
+            remedy = ("shard more (mesh.fsdp/tensor), fewer rows per step or minibatches, or remat" if part == "update"
+                      else "more tensor/fsdp in config.sampler.mesh, or a lower sampler.batch_size")
+            verdict = "fits" if p["fits"][f"{name} {part}"] else f"DOES NOT FIT: {remedy}"
+            held = f" + {m['sampling_copy_while_training']:.3f} sampling copy" if part == "update" and \
+                m["sampling_copy_while_training"] else ""
+            lines.append(f"  {name + ' ' + part + ' total':32s}{m[f'{name} {part}_total']:10.3f}{held} of "
+                         f"{m['capacity']} -> {verdict}")
+        if method.not_modelled:
+            lines.append(f"  ({name}: {method.not_modelled})")
     lines.append("terms per stage (GiB; the total is the peak of the program's phases, not the sum):")
     for stage, terms in p["terms_gib"].items():
         shape = p["shapes"][stage]
@@ -74,7 +85,9 @@ def format_plan(p: dict) -> str:
                  "assignment of the real programs (tests/plan/test_plan.py, --check-compiled); a GPU/TPU compiler "
                  "schedules differently")
     t = p["time_estimate_s"]
-    lines.append(f"time estimate: curate {t['curate'] / 60:.1f} min, train {t['train'] / 60:.1f} min, "
+    methods = "".join(f", {name} {t[name] / 60:.1f} min ({method.iterations} iterations)"
+                      for name, method in p["methods"].items())
+    lines.append(f"time estimate: curate {t['curate'] / 60:.1f} min, train {t['train'] / 60:.1f} min{methods}, "
                  f"eval {t['eval'] / 60:.1f} min (assumptions: {p['assumptions']})")
     return "\n".join(lines)
 

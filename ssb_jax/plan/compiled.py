@@ -15,9 +15,10 @@ from ssb_jax.config import section_to
 from ssb_jax.distill.batch import DistillBatch
 from ssb_jax.distill.config import TrainConfig
 from ssb_jax.distill.step import lower_train_step
+from ssb_jax.grpo.batch import RolloutBatch
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.qwen2 import abstract_model
-from ssb_jax.plan.analytic import GIB, SamplingShape, TrainingShape, model_config_of, plan
+from ssb_jax.plan.analytic import GIB, MethodStage, SamplingShape, TrainingShape, model_config_of, plan, training_shape
 from ssb_jax.sampling.sampler import SamplingParams, generate
 from ssb_jax.sharding import BATCH_AXES, batch_sharding, make_mesh, state_shardings
 from ssb_jax.training.checkpoint import abstract
@@ -70,9 +71,36 @@ def compile_training(config: ModelConfig, tc: TrainConfig, shape: TrainingShape,
     return lower_train_step(config, tc, batch, mesh).compile()
 
 
+def compile_method_update(config, model_config: ModelConfig, method: MethodStage, mesh):
+    """The update step of a GRPO or on-policy stage (grpo.step.lower_update, onpolicy.step.lower_update: the
+    real jitted programs) for the planned batch shape, lowered with abstract sharded state, base and batch,
+    and compiled; nothing is allocated."""
+    shape = method.update
+    rows = None if mesh is None else batch_sharding(mesh, (shape.batch,))
+    if method.name == "grpo":
+        from ssb_jax.grpo.config import GRPOConfig
+        from ssb_jax.grpo.step import lower_update
+        gc = section_to(GRPOConfig, config.grpo, "config.grpo")
+        batch = RolloutBatch.abstract(shape.batch, shape.student_len, shape.answer_len, reference=bool(gc.kl_beta),
+                                      sharding=rows)
+        return lower_update(model_config, method.lora_config, gc, batch, mesh).compile()
+    from ssb_jax.onpolicy.config import SECTION_CONFIGS
+    from ssb_jax.onpolicy.step import lower_update
+    oc = section_to(SECTION_CONFIGS[method.name], config[method.name], f"config.{method.name}")
+    tc = section_to(TrainConfig, config.train, "config.train")
+    batch = {"onpolicy": DistillBatch.abstract(shape.batch, shape.student_len, shape.teacher_len, shape.answer_len,
+                                               sharding=rows)}
+    if oc.onpolicy_weight < 1:  # SSB's batch beside it (not in the analytic figure: MethodStage.not_modelled)
+        ssb = training_shape(config)
+        batch["offline"] = DistillBatch.abstract(tc.batch_size, ssb.student_len, ssb.teacher_len, ssb.answer_len,
+                                                 sharding=None if mesh is None else batch_sharding(mesh, (tc.batch_size,)))
+    return lower_update(model_config, method.lora_config, oc, batch, mesh, tc).compile()
+
+
 def check_against_compiler(config, devices: int) -> dict[str, dict]:
-    """{stage: {"planned": bytes, "compiled": compiled_bytes}} for the curation rollouts and the training
-    step of this config on `devices` of this machine's devices."""
+    """{stage: {"planned": bytes, "compiled": compiled_bytes}} for the curation rollouts, the training
+    step and the update step of each GRPO or on-policy stage config.stages selects, for this config on
+    `devices` of this machine's devices."""
     p = plan(config, _any_accelerator(devices), devices, include_eval=False, backend=jax.default_backend())
     model_config = model_config_of(config)
     tc = section_to(TrainConfig, config.train, "config.train")
@@ -86,7 +114,10 @@ def check_against_compiler(config, devices: int) -> dict[str, dict]:
                                 "compiled": compiled_bytes(compile_sampling(model_config, rollouts,
                                                                             check_mesh(p["sampling_mesh"]), sampling))},
             "training": {"planned": p["memory_gib_per_device"]["training_total"] * GIB,
-                         "compiled": compiled_bytes(compile_training(model_config, tc, p["shapes"]["training"], mesh))}}
+                         "compiled": compiled_bytes(compile_training(model_config, tc, p["shapes"]["training"], mesh))},
+            **{f"{name} update": {"planned": p["memory_gib_per_device"][f"{name} update_total"] * GIB,
+                                  "compiled": compiled_bytes(compile_method_update(config, model_config, method, mesh))}
+               for name, method in p["methods"].items()}}
 
 
 def _any_accelerator(devices: int) -> str:
