@@ -45,7 +45,7 @@ from ssb_jax.model.tokenizer import encode_chat, stop_token_ids
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.sampler import SamplingParams
 from ssb_jax.training.loop import Hooks, TrainingLoop
-from ssb_jax.training.metrics import read_metrics, save_plot, subplots
+from ssb_jax.training.metrics import plot_iterations
 
 log = logging.getLogger(__name__)
 
@@ -244,23 +244,4 @@ def _update(step: GRPOStep, state, base_state, prompts, completions, advantages,
 
 def plot_metrics(workdir, out=None) -> Path | None:
     """PNG of the GRPO metrics per iteration, plus reward against sampled tokens."""
-    history = read_metrics(workdir)  # training records only (learning-curve points left out)
-    if not history:
-        return None
-    panels = [(k, title) for k, title in PLOTTED if k in history[0]]
-    fig, axes = subplots(2, (len(panels) + 2) // 2, figsize=(4 * ((len(panels) + 2) // 2), 7))
-    axes = axes.ravel()
-    steps = [h["step"] for h in history]
-    for ax, (key, title) in zip(axes, panels):
-        ax.plot(steps, [h[key] for h in history])
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-    ax = axes[len(panels)]
-    ax.plot([h["sampled_tokens"] for h in history], [h["reward_mean"] for h in history])
-    ax.set_title("mean reward vs sampled tokens")
-    ax.set_xlabel("sampled tokens")
-    for ax in axes[len(panels) + 1:]:
-        ax.axis("off")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    return save_plot(fig, out or Path(workdir) / PLOT_FILE)
+    return plot_iterations(workdir, PLOTTED, ("reward_mean", "mean reward"), out or Path(workdir) / PLOT_FILE)

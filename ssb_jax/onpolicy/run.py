@@ -13,15 +13,18 @@ checkpoint and redoes the iterations after it from the same adapters and keys: e
 iteration is the unit a checkpoint resumes, so its samples are not streamed to a record store).
 
 workdir gets: checkpoints/, metrics.jsonl (one record per iteration, learning-curve points with "kind":
-"curve"), tb/, onpolicy_config.json, lora_config.json.
+"curve"), tb/, <tag>.png (the dynamics: onpolicy.png, opsd.png, sdpo.png), onpolicy_config.json,
+lora_config.json.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
 import types
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
@@ -42,8 +45,26 @@ from ssb_jax.onpolicy.step import OnPolicyStep
 from ssb_jax.prompts import DEFAULT_PROMPTS, PromptSet
 from ssb_jax.sampling.sampler import SamplingParams
 from ssb_jax.training.loop import Hooks, TrainingLoop, host_numbers
+from ssb_jax.training.metrics import plot_iterations
 
 log = logging.getLogger(__name__)
+
+# Plotted per iteration, one panel each (training.metrics.plot_iterations; with lambda < 1 the on-policy
+# term's metrics carry the prefix onpolicy_). The clipped share only when clipping is on.
+PLOTTED = (("loss", "loss"),
+           (("divergence", "reverse_kl", "onpolicy_divergence", "onpolicy_reverse_kl"),
+            "divergence to the teacher (per token)"),
+           ("accuracy", "accuracy of the samples"), ("completion_len_mean", "mean completion length (tokens)"),
+           (("clipped_share", "onpolicy_clipped_share"), "clipped share of tokens"),
+           ("grad_norm", "gradient norm (before clipping)"))
+
+
+def plot_metrics(workdir, out=None, *, tag: str = "onpolicy", clipped: bool = True) -> Path | None:
+    """PNG of the on-policy metrics per iteration (PLOTTED; the clipped share only when `clipped`), plus
+    sample accuracy against sampled tokens: workdir/<tag>.png."""
+    panels = [p for p in PLOTTED if clipped or p[1] != "clipped share of tokens"]
+    return plot_iterations(workdir, panels, ("accuracy", "accuracy of the samples"),
+                           out or Path(workdir) / f"{tag}.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +211,7 @@ def onpolicy_step(step: OnPolicyStep, base_state):
 def run(oc: OnPolicyConfig, model_config: ModelConfig, lora_config: LoraConfig, model, sampler,
         questions: Sequence[Question], tokenizer, workdir, *, prompts: PromptSet = DEFAULT_PROMPTS, mesh=None,
         offline_records=None, offline_config=None, resume: bool = True, stop_after: int | None = None,
-        progress: bool = True, tensorboard: bool = True, curve=None, tag: str = "onpolicy") -> dict:
+        progress: bool = True, tensorboard: bool = True, plot: bool = True, curve=None, tag: str = "onpolicy") -> dict:
     """Run (or resume) on-policy self-distillation; returns {"state", "lora", "history", "interrupted", "start"}.
 
     model: the frozen base on `mesh`. offline_records / offline_config: SSB's kept pairs and the train
@@ -218,6 +239,7 @@ def run(oc: OnPolicyConfig, model_config: ModelConfig, lora_config: LoraConfig, 
         postfix=lambda r: {"acc": f"{r['accuracy']:.3f}", "loss": f"{r['loss']:.3g}"},
         config_files={"onpolicy_config.json": oc.to_json(),
                       "lora_config.json": json.dumps(lora_config.to_dict(), indent=2)},
+        plot=functools.partial(plot_metrics, tag=tag, clipped=oc.clip > 0) if plot else None,
         position_item="progress")
     result = loop.run(step.init_state(jax.random.key(oc.seed)), source, resume=resume, stop_after=stop_after)
     return {"state": result.state, "lora": as_lora_state(result.state["lora"], model_config, lora_config),

@@ -103,6 +103,39 @@ def save_plot(fig, out, rect=None) -> Path:
     return out
 
 
+def plot_iterations(workdir, panels, against_tokens, out) -> Path | None:
+    """PNG of an on-policy trainer's records (GRPO's, the on-policy stages'): one panel per iteration for each
+    (key, title) of `panels` whose key the records hold (a key may be a tuple of alternatives: the first
+    held is drawn; one held by none is left out), and one panel of `against_tokens` (key, title) against
+    the tokens sampled so far ("sampled_tokens"). None when there is no record."""
+    history = read_metrics(workdir)  # training records only (learning-curve points left out)
+    if not history:
+        return None
+
+    def held(keys):
+        return next((k for k in ((keys,) if isinstance(keys, str) else keys) if k in history[0]), None)
+
+    drawn = [(held(keys), title) for keys, title in panels if held(keys) is not None]
+    columns = (len(drawn) + 2) // 2
+    fig, axes = subplots(2, columns, figsize=(4 * columns, 7))
+    axes = axes.ravel()
+    steps = [h["step"] for h in history]
+    for ax, (key, title) in zip(axes, drawn):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+    key, title = against_tokens
+    ax = axes[len(drawn)]
+    ax.plot([h["sampled_tokens"] for h in history], [h[key] for h in history])
+    ax.set_title(f"{title} vs sampled tokens")
+    ax.set_xlabel("sampled tokens")
+    for ax in axes[len(drawn) + 1:]:
+        ax.axis("off")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return save_plot(fig, out)
+
+
 def format_duration(seconds: float) -> str:
     """45 s, 3 min 20 s, 1 h 05 min."""
     seconds = max(0, round(seconds))
