@@ -66,6 +66,7 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=(), stages=(
                   f"{m.get('sampled_tokens', 0)} tokens sampled in all.", ""]
         if (workdir / "grpo" / "grpo.png").exists():
             lines += ["![GRPO dynamics](grpo/grpo.png)", ""]
+    lines += onpolicy_sections(workdir)
     lines += comparison_table(workdir, num_rounds)
     lines += evaluation_details(workdir)
     evaluated = (_json(workdir / "eval" / "DONE.json") or {}).get("machine")
@@ -76,6 +77,36 @@ def write_report(workdir: str | Path, num_rounds: int = 1, warnings=(), stages=(
     out = workdir / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+# the on-policy stages (ssb_jax.onpolicy), each in <workdir>/<name>/: the report's heading of each
+ONPOLICY_SECTIONS = {"onpolicy": "On-policy self-distillation (SSB's context)",
+                     "opsd": "OPSD-style on-policy self-distillation", "sdpo": "SDPO-style on-policy self-distillation"}
+# where a record holds the divergence to the teacher: forward KL or JSD, the reverse KL's estimate, and the
+# same with lambda < 1 (the on-policy term's metrics prefixed)
+DIVERGENCE_KEYS = (("divergence", "divergence to the teacher"), ("reverse_kl", "reverse KL to the teacher"),
+                   ("onpolicy_divergence", "divergence to the teacher"),
+                   ("onpolicy_reverse_kl", "reverse KL to the teacher"))
+
+
+def onpolicy_sections(workdir: Path) -> list[str]:
+    """A section per on-policy stage that finished: its iterations and the last iteration's sample accuracy,
+    divergence to the teacher and completion length, the tokens it sampled in all, its dynamics plot."""
+    lines = []
+    for name, heading in ONPOLICY_SECTIONS.items():
+        done = _json(workdir / name / "DONE.json")
+        if not done:
+            continue
+        m = done.get("final_metrics", {})
+        key, label = next(((k, label) for k, label in DIVERGENCE_KEYS if k in m), (None, "divergence to the teacher"))
+        lines += [f"## {heading}: `{name}`", "",
+                  f"{done.get('iterations')} iterations; last iteration: sample accuracy "
+                  f"{m.get('accuracy', float('nan')):.3f}, {label} {m.get(key, float('nan')):.4g} per token, "
+                  f"mean completion length {m.get('completion_len_mean', float('nan')):.1f} tokens, "
+                  f"{m.get('sampled_tokens', 0)} tokens sampled in all.", ""]
+        if (workdir / name / f"{name}.png").exists():
+            lines += [f"![{name} dynamics]({name}/{name}.png)", ""]
+    return lines
 
 
 def evaluation_details(workdir: Path) -> list[str]:

@@ -144,3 +144,32 @@ def test_report_names_the_machine_that_evaluated(tmp_path, rng):
     assert describe_machine({"cpu": "X", "family_model": "6/143", "vector_flags": ["avx512f"], "cores": 4,
                              "jax": "0.10.2", "backend": "cpu", "xla_flags": ""}) == \
         "X (family/model 6/143; avx512f; 4 cores), jax 0.10.2 on cpu"
+
+
+def test_report_has_a_section_per_onpolicy_stage_that_ran(tmp_path, rng):
+    """opsd and sdpo finished (sdpo trained on the reverse KL), onpolicy did not: a section each for the two,
+    with the last iteration's numbers from DONE.json and the stage's dynamics plot where it was drawn."""
+    from ssb_jax.onpolicy.run import plot_metrics
+    _fabricate(tmp_path, rng)
+    finished = {}
+    for name, divergence in (("opsd", "divergence"), ("sdpo", "reverse_kl")):
+        m = {"accuracy": float(rng.uniform()), divergence: float(rng.uniform()),
+             "completion_len_mean": float(rng.uniform(5, 90)), "sampled_tokens": int(rng.integers(1000, 90000)),
+             "loss": float(rng.uniform()), "grad_norm": 1.0, "updates": 4}
+        iterations = int(rng.integers(1, 50))
+        _write(tmp_path / name / "DONE.json", {"iterations": iterations, "final_metrics": m, "wall_s": 3.0})
+        finished[name] = (iterations, m, divergence)
+    (tmp_path / "sdpo" / "metrics.jsonl").write_text(json.dumps({"step": 1, **finished["sdpo"][1]}) + "\n")
+    plot_metrics(tmp_path / "sdpo", tag="sdpo")
+    report = write_report(tmp_path).read_text()
+    assert "`onpolicy`" not in report and "(onpolicy/onpolicy.png)" not in report
+    for name, (iterations, m, divergence) in finished.items():
+        heading = next(line for line in report.splitlines() if line.startswith("## ") and f"`{name}`" in line)
+        text = report.split(heading)[1].split("\n## ")[0]
+        label = "reverse KL to the teacher" if divergence == "reverse_kl" else "divergence to the teacher"
+        assert (f"{iterations} iterations; last iteration: sample accuracy {m['accuracy']:.3f}, "
+                f"{label} {m[divergence]:.4g} per token, mean completion length {m['completion_len_mean']:.1f} "
+                f"tokens, {m['sampled_tokens']} tokens sampled in all.") in text
+        assert (f"![{name} dynamics]({name}/{name}.png)" in text) == (name == "sdpo")
+    assert report.index("## GRPO baseline") < report.index("`opsd`") < report.index("`sdpo`") < \
+        report.index("## Comparison")
