@@ -52,6 +52,15 @@ ATTENTION_SCORE_COPIES_FORWARD = 2
 ATTENTION_SCORE_COPIES_BACKWARD = 4
 
 
+def mlp_backward_copies(backend: str, gathered: bool) -> int:
+    """[rows, T, mlp] arrays alive in one layer's MLP backward: the recomputed gate, up, silu(gate) and
+    product and the gradients of product, gate and up (7). XLA:CPU, when a layer's weights are whole on the
+    device (not gathered over fsdp), also keeps transposed copies of them for its matrix products: 11 in its
+    buffer assignments of the 3B training step and GRPO update on one device (measured; with the weights
+    gathered over 8 devices it keeps 7)."""
+    return 11 if backend == "cpu" and not gathered else 7
+
+
 def mesh_shape(mesh: dict, devices: int) -> dict[str, int]:
     sizes = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
     free = [a for a, s in sizes.items() if s == -1]
@@ -322,7 +331,7 @@ def training_memory(config: ModelConfig, axes: dict[str, int], shape: TrainingSh
         # one layer's backward, attention or MLP (not alive together). MLP: the recomputed gate, up,
         # silu(gate) and product, and the gradients of product, gate and up (7)
         "layer_backward_attention": attention_working_set(config, rows, T, T, tensor, student_kernel, backward=True),
-        "layer_backward_mlp": 7 * mlp_one,
+        "layer_backward_mlp": mlp_backward_copies(backend, weights_gathered(config, axes)) * mlp_one,
         "teacher_forward_attention": attention_working_set(config, rows, Tt, Tt, tensor, teacher_kernel)
         if online_teacher else 0,
         # the chunked vocabulary loss (distill.loss: its custom VJP forms each chunk's gradient in the

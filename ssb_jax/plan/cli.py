@@ -66,7 +66,9 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {stage + ' total':32s}{m[stage + '_total']:10.3f}{held} of {m['capacity']} -> {verdict}")
     for name, method in p["methods"].items():  # GRPO and the on-policy stages config.stages selects
         for part in ("sampling", "update"):
-            remedy = ("shard more (mesh.fsdp/tensor), fewer rows per step or minibatches, or remat" if part == "update"
+            rows = ("more grpo.minibatches" if name == "grpo" else
+                    f"fewer {name}.prompts_per_step x samples_per_prompt (one optimiser step takes them all)")
+            remedy = (f"shard more (mesh.fsdp/tensor), {rows}, or remat" if part == "update"
                       else "more tensor/fsdp in config.sampler.mesh, or a lower sampler.batch_size")
             verdict = "fits" if p["fits"][f"{name} {part}"] else f"DOES NOT FIT: {remedy}"
             held = f" + {m['sampling_copy_while_training']:.3f} sampling copy" if part == "update" and \
