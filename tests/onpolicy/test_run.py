@@ -64,5 +64,5 @@ def test_run_killed_and_resumed_repeats_the_uninterrupted_run(tiny, tmp_path, rn
     with Checkpoints(tmp_path / "resumed", oc.keep_checkpoints, json_items=("progress",)) as checkpoints:
         _, items = checkpoints.restore(4, abstract(full["state"]))
     assert items["progress"] == {"iteration": 4, "sampled_tokens": tokens[-1]}
-    for name in ("onpolicy_config.json", "lora_config.json"):
+    for name in ("onpolicy_config.json", "lora_config.json", "onpolicy.png"):  # the plot: the loop's plot hook
         assert (tmp_path / "resumed" / name).exists(), name
