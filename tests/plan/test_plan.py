@@ -395,30 +395,30 @@ def test_plan_sizes_grpo_and_onpolicy_stages_only_when_selected(tmp_path, capsys
     assert sdpo["terms_gib"]["sdpo update"]["ema_teacher_lora"] == sdpo["terms_gib"]["sdpo update"]["lora"] > 0
 
 
-@pytest.mark.slow  # compiles the four update programs (~15 s each on 2 loaded cores)
+@pytest.mark.slow  # compiles the four update programs (~5-15 s each on 2 cores), the rollouts and SSB's step
 @pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.multidevice)])
 def test_planned_update_memory_of_grpo_and_onpolicy_steps_is_within_15_percent_of_the_compilers(tmp_path, devices):
-    """The planned per-device peak of each stage's update step against memory_analysis() of the real
-    jitted program (grpo.step.lower_update, onpolicy.step.lower_update: abstract sharded state, base and
-    batch, compiled by XLA:CPU, nothing allocated), within the 3B check's tolerance; and the state the
-    program takes (frozen base, the stage's own LoRA and Adam moments, the EMA teacher's adapters) plus its
-    batch equals the compiled arguments to the byte order of a KiB."""
+    """--check-compiled's figures (check_against_compiler): the planned per-device peak of each selected
+    stage's update step against memory_analysis() of the real jitted program (grpo.step.lower_update,
+    onpolicy.step.lower_update: abstract sharded state, base and batch, compiled by XLA:CPU, nothing
+    allocated), within the 3B check's tolerance; and the state the program takes (frozen base, the stage's
+    own LoRA and Adam moments, the EMA teacher's adapters) plus its batch is the compiled arguments."""
     from ssb_jax.distill.batch import DistillBatch
     from ssb_jax.grpo.batch import RolloutBatch
-    from ssb_jax.plan.compiled import check_mesh, compile_method_update
     c = _method_config(tmp_path, ",".join(METHOD_STAGES))
+    results = check_against_compiler(c, devices)
+    report = cli.format_check(results)
     p = plan(c, "H100-80G" if devices == 1 else "v5e-8", devices, include_eval=False, backend="cpu")
-    mesh = check_mesh(p["mesh"])
-    report = []
+    assert set(results) == {"backend", "curate rollouts", "training"} | {f"{name} update" for name in METHOD_STAGES}
     for name, method in p["methods"].items():
-        compiled = compiled_bytes(compile_method_update(c, analytic.model_config_of(c), method, mesh))
+        compiled = results[f"{name} update"]["compiled"]
         terms = {k: v * 2**30 for k, v in p["terms_gib"][f"{name} update"].items()}
-        planned = terms["total"]
-        report.append(f"{name}: planned {planned:.0f}, compiled {compiled}")
-        assert abs(planned - compiled["total"]) <= 0.15 * compiled["total"], report
+        assert results[f"{name} update"]["planned"] == pytest.approx(terms["total"])
+        assert abs(terms["total"] - compiled["total"]) <= 0.15 * compiled["total"], report
         shape = method.update
         batch = (RolloutBatch.abstract(shape.batch, shape.student_len, shape.answer_len) if name == "grpo" else
                  DistillBatch.abstract(shape.batch, shape.student_len, shape.teacher_len, shape.answer_len))
         batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // devices  # rows split
         state = terms["weights"] + terms["lora"] + terms["ema_teacher_lora"] + terms["optimizer_state"]
         assert abs(compiled["argument"] - batch_bytes - state) <= 2**12, report  # scalars: Adam's count, the step
+        assert f"  {name} update " in report
