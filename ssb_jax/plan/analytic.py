@@ -383,7 +383,8 @@ class MethodStage:
     """An on-policy training stage (GRPO, onpolicy, opsd, sdpo) as planned: per iteration one sampling call
     of `sampling` (`calls` of them when the sampler's batch holds fewer prompts), forward passes over
     `scored_rows` sequences (GRPO's old and reference log-probs), then `updates` optimiser steps on batches
-    of `update`'s shape (teacher_len 0: no teacher)."""
+    of `update`'s shape (teacher_len 0: no teacher); `offline`: SSB's batch in the same step (an on-policy
+    stage with onpolicy_weight < 1), None without."""
     name: str
     iterations: int
     sampling: SamplingShape
@@ -394,7 +395,7 @@ class MethodStage:
     lora_config: object
     chunk: int
     ema_teacher: bool = False
-    not_modelled: str = ""
+    offline: TrainingShape | None = None
 
 
 def method_stages(config, sample_parallel: int, data_parallel: int) -> list[MethodStage]:
@@ -440,8 +441,7 @@ def method_stages(config, sample_parallel: int, data_parallel: int) -> list[Meth
                                bucket(teacher_prompt + oc.max_new_tokens), bucket(oc.max_new_tokens))
         out.append(MethodStage(name, oc.steps, shape, calls, update, 1, 0, oc.lora_config(), oc.logits_chunk,
                                ema_teacher=oc.teacher == "ema",
-                               not_modelled="SSB's offline loss mixed in (onpolicy_weight < 1) is not planned"
-                               if oc.onpolicy_weight < 1 else ""))
+                               offline=training_shape(config) if oc.onpolicy_weight < 1 else None))
     return out
 
 
@@ -579,10 +579,17 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
         update = training_memory(model_config, axes, m.update, m.lora_config, weights=weights, lora=m_lora,
                                  optimizer=m_optimizer, chunk=m.chunk, online_teacher=m.update.teacher_len > 0,
                                  ema_teacher=m.ema_teacher, backend=backend)
+        if m.offline is not None:
+            update = with_offline_term(update, training_memory(
+                model_config, axes, m.offline, m.lora_config, weights=0, lora=0, optimizer=0, chunk=tc.logits_chunk,
+                backend=backend))
         method_terms[m.name] = (sampled, update)
         step_flops = (m.update.batch * m.updates * (_student_flops(model_config, n_params, m.update.student_len)
                                                     + 2 * n_params * m.update.teacher_len)
                       + m.scored_rows * 2 * n_params * m.update.student_len)
+        if m.offline is not None:
+            step_flops += m.offline.batch * (_student_flops(model_config, n_params, m.offline.student_len)
+                                             + 2 * n_params * m.offline.teacher_len)
         method_s[m.name] = m.iterations * (generate_s(m.sampling, sampled, m.calls)
                                            + step_flops / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN))
     eval_peak = max((t["total"] for t, _, _ in evaluation.values()), default=0)
@@ -622,6 +629,20 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
                         "eval_problems": {label: count for label, (_, _, count) in evaluation.items()},
                         "eval_prompt_length": eval_prompts},
     }
+
+
+def with_offline_term(update: dict, offline: dict) -> dict:
+    """An on-policy update's terms with SSB's offline loss in the same step (lambda < 1; `offline`: SSB's
+    training_memory of its batch, without weights or state): both forward passes keep their residuals
+    until the one backward pass, and the working set is the larger of the two terms'."""
+    shared = ("weights", "lora", "optimizer_state", "lora_gradients", "ema_teacher_lora", "saved_for_backward",
+              "gathered_head")
+    working = update["total"] - sum(update[k] for k in shared)
+    offline_working = offline["total"] - offline["saved_for_backward"] - offline["gathered_head"]
+    out = dict(update, offline_saved_for_backward=offline["saved_for_backward"],
+               offline_working_set=offline_working)
+    out["total"] = update["total"] + offline["saved_for_backward"] + max(0, offline_working - working)
+    return out
 
 
 def _student_flops(config: ModelConfig, n_params: int, length: int) -> int:

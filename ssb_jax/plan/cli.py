@@ -75,8 +75,6 @@ def format_plan(p: dict) -> str:
                 m["sampling_copy_while_training"] else ""
             lines.append(f"  {name + ' ' + part + ' total':32s}{m[f'{name} {part}_total']:10.3f}{held} of "
                          f"{m['capacity']} -> {verdict}")
-        if method.not_modelled:
-            lines.append(f"  ({name}: {method.not_modelled})")
     lines.append("terms per stage (GiB; the total is the peak of the program's phases, not the sum):")
     for stage, terms in p["terms_gib"].items():
         shape = p["shapes"][stage]

@@ -18,7 +18,7 @@ from ssb_jax.distill.step import lower_train_step
 from ssb_jax.grpo.batch import RolloutBatch
 from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.qwen2 import abstract_model
-from ssb_jax.plan.analytic import GIB, MethodStage, SamplingShape, TrainingShape, model_config_of, plan, training_shape
+from ssb_jax.plan.analytic import GIB, MethodStage, SamplingShape, TrainingShape, model_config_of, plan
 from ssb_jax.sampling.sampler import SamplingParams, generate
 from ssb_jax.sharding import BATCH_AXES, batch_sharding, make_mesh, state_shardings
 from ssb_jax.training.checkpoint import abstract
@@ -90,8 +90,8 @@ def compile_method_update(config, model_config: ModelConfig, method: MethodStage
     tc = section_to(TrainConfig, config.train, "config.train")
     batch = {"onpolicy": DistillBatch.abstract(shape.batch, shape.student_len, shape.teacher_len, shape.answer_len,
                                                sharding=rows)}
-    if oc.onpolicy_weight < 1:  # SSB's batch beside it (not in the analytic figure: MethodStage.not_modelled)
-        ssb = training_shape(config)
+    if method.offline is not None:  # SSB's batch beside it (onpolicy_weight < 1)
+        ssb = method.offline
         batch["offline"] = DistillBatch.abstract(tc.batch_size, ssb.student_len, ssb.teacher_len, ssb.answer_len,
                                                  sharding=None if mesh is None else batch_sharding(mesh, (tc.batch_size,)))
     return lower_update(model_config, method.lora_config, oc, batch, mesh, tc).compile()

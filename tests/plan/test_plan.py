@@ -352,7 +352,7 @@ def _method_config(tmp_path, stages: str):
     (directory / "config.json").write_text(json.dumps(model.to_hf_dict()))
     c = base_config()
     c.model.path, c.model.dtype, c.stages = str(directory), "float32", stages
-    c.sampler.max_prompt_tokens = 64
+    c.sampler.max_prompt_tokens, c.curate.solution_max_new_tokens = 64, 32  # SSB's pairs (lambda < 1) as short
     c.grpo.prompts_per_step, c.grpo.group_size, c.grpo.max_new_tokens, c.grpo.logits_chunk = 2, 4, 32, 16
     for name in ("onpolicy", "opsd", "sdpo"):
         c[name].max_new_tokens, c[name].logits_chunk = 32, 16
@@ -393,6 +393,16 @@ def test_plan_sizes_grpo_and_onpolicy_stages_only_when_selected(tmp_path, capsys
     # a peer's sample in the teacher's prompt; the EMA teacher's adapters in the state
     assert sdpo["shapes"]["sdpo update"].teacher_len > sdpo["shapes"]["sdpo update"].student_len
     assert sdpo["terms_gib"]["sdpo update"]["ema_teacher_lora"] == sdpo["terms_gib"]["sdpo update"]["lora"] > 0
+    # lambda < 1: SSB's batch in the same step keeps its residuals for the one backward pass too
+    c = _method_config(tmp_path, "onpolicy")
+    alone = plan(c, "v5e-8", include_eval=False)
+    c.onpolicy.onpolicy_weight = 0.5
+    mixed = plan(c, "v5e-8", include_eval=False)
+    assert mixed["methods"]["onpolicy"].offline == mixed["shapes"]["training"]
+    terms = mixed["terms_gib"]["onpolicy update"]
+    assert terms["total"] >= alone["terms_gib"]["onpolicy update"]["total"] + terms["offline_saved_for_backward"] > \
+        alone["terms_gib"]["onpolicy update"]["total"]
+    assert mixed["time_estimate_s"]["onpolicy"] > alone["time_estimate_s"]["onpolicy"]
 
 
 @pytest.mark.slow  # compiles the four update programs (~5-15 s each on 2 cores), the rollouts and SSB's step
@@ -402,10 +412,13 @@ def test_planned_update_memory_of_grpo_and_onpolicy_steps_is_within_15_percent_o
     stage's update step against memory_analysis() of the real jitted program (grpo.step.lower_update,
     onpolicy.step.lower_update: abstract sharded state, base and batch, compiled by XLA:CPU, nothing
     allocated), within the 3B check's tolerance; and the state the program takes (frozen base, the stage's
-    own LoRA and Adam moments, the EMA teacher's adapters) plus its batch is the compiled arguments."""
+    own LoRA and Adam moments, the EMA teacher's adapters) plus its batch is the compiled arguments. On one
+    device `onpolicy` mixes in SSB's offline loss (lambda 0.5: SSB's batch in the same step)."""
     from ssb_jax.distill.batch import DistillBatch
     from ssb_jax.grpo.batch import RolloutBatch
     c = _method_config(tmp_path, ",".join(METHOD_STAGES))
+    if devices == 1:
+        c.onpolicy.onpolicy_weight = 0.5
     results = check_against_compiler(c, devices)
     report = cli.format_check(results)
     p = plan(c, "H100-80G" if devices == 1 else "v5e-8", devices, include_eval=False, backend="cpu")
@@ -418,6 +431,9 @@ def test_planned_update_memory_of_grpo_and_onpolicy_steps_is_within_15_percent_o
         shape = method.update
         batch = (RolloutBatch.abstract(shape.batch, shape.student_len, shape.answer_len) if name == "grpo" else
                  DistillBatch.abstract(shape.batch, shape.student_len, shape.teacher_len, shape.answer_len))
+        if method.offline is not None:
+            ssb = method.offline
+            batch = (batch, DistillBatch.abstract(ssb.batch, ssb.student_len, ssb.teacher_len, ssb.answer_len))
         batch_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)) // devices  # rows split
         state = terms["weights"] + terms["lora"] + terms["ema_teacher_lora"] + terms["optimizer_state"]
         assert abs(compiled["argument"] - batch_bytes - state) <= 2**12, report  # scalars: Adam's count, the step
