@@ -54,6 +54,7 @@ def get_config():
     s.lora_targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     s.max_new_tokens = 1024
     s.sample_temperature = 1.0
+    s.microbatches = 8            # 256 rows a step, 32 at a time: the update fits one 80 GB GPU (python -m ssb_jax.plan)
     s.steps = 125                 # 125 x 32 = 4,000 questions x 8 = 32,000 samples: GRPO's budget (16 x 8 x 250)
     s.schedule = "constant"
     s.onpolicy_weight = 1.0

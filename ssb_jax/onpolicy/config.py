@@ -62,6 +62,8 @@ class OnPolicyConfig(LoraSettings, CheckpointSettings, OptimizerSettings):
                                           "the curated pairs (0: exactly SSB's loss; < 1 reads the train section's "
                                           "loss settings and the curated pairs)")
     per_sequence_mean: bool = setting(False, "average per sequence first, then over sequences")
+    microbatches: int = setting(1, "slices of an iteration's rows whose gradients the update accumulates one at a "
+                                   "time (the same step in less memory; divides the rows, and the offline batch)")
     logits_chunk: int = setting(128, "answer positions per sequence projected to the vocabulary at once (0: all)")
     min_bucket: int = setting(16, "smallest padded sequence length of the update's batches")
     seed: int = setting(0, "seed of the LoRA initialisation, the question order and the samples")
@@ -71,7 +73,7 @@ class OnPolicyConfig(LoraSettings, CheckpointSettings, OptimizerSettings):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         validate.positive(self, "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                          "sample_temperature", "temperature", "min_bucket")
+                          "sample_temperature", "temperature", "min_bucket", "microbatches")
         validate.non_negative(self, "top_k", "topk", "clip", "logits_chunk")
         validate.probability(self, "top_p")
         for name in ("ema_decay", "jsd_alpha", "onpolicy_weight"):
@@ -81,6 +83,9 @@ class OnPolicyConfig(LoraSettings, CheckpointSettings, OptimizerSettings):
         if self.context == "peer" and self.samples_per_prompt < 2:
             raise ValueError(f"context 'peer' needs samples_per_prompt >= 2 (a sample's teacher sees another), "
                              f"got {self.samples_per_prompt}")
+        if self.rows_per_step % self.microbatches:
+            raise ValueError(f"microbatches ({self.microbatches}) must divide the rows of an iteration "
+                             f"(prompts_per_step x samples_per_prompt = {self.rows_per_step})")
         if self.loss == "jsd" and self.jsd_alpha in (0, 1):
             raise ValueError("jsd_alpha must be strictly between 0 and 1 (0 and 1 make the JSD vanish)")
         from ssb_jax.evaluation.grading import GRADERS

@@ -230,7 +230,8 @@ def run(oc: OnPolicyConfig, model_config: ModelConfig, lora_config: LoraConfig, 
                               top_p=oc.top_p, stop_ids=tuple(stop_token_ids(tokenizer)))
     step = OnPolicyStep(model_config, lora_config, oc, offline_config, mesh)
     dp = _data_parallel(mesh)
-    rows = -(-oc.rows_per_step // dp) * dp  # padded to a multiple of the data-parallel size
+    unit = dp * oc.microbatches  # padded so that each microbatch splits over the data-parallel devices
+    rows = -(-oc.rows_per_step // unit) * unit
     source = SampleSource(sampler, usable, tokenizer, prompts, sampling, oc, rows, offline_records, step.tc)
     hooks = Hooks(curve_point=None if curve is None else curve.loop_hook(lambda: source.sampled_tokens))
     loop = TrainingLoop(

@@ -33,7 +33,8 @@ from ssb_jax.model.config import ModelConfig
 from ssb_jax.model.lora import LoraConfig
 from ssb_jax.onpolicy.config import OnPolicyConfig
 from ssb_jax.onpolicy.losses import mixed_objective, onpolicy_objective
-from ssb_jax.sharding import batch_sharding, check_batch_divides, state_shardings, under_mesh
+from ssb_jax.sharding import (batch_sharding, check_batch_divides, data_parallel_size, state_shardings,
+                              under_mesh)
 from ssb_jax.training.optim import make_optimizer
 
 
@@ -53,9 +54,17 @@ def topk_teacher(hidden, targets, head, *, k: int, temperature: float, chunk: in
 
 
 def onpolicy_loss(lora_state, base_state, ema_state, batch: dict, *, graphdefs, oc: OnPolicyConfig,
-                  tc: TrainConfig | None):
-    """(loss, metrics): lambda * the on-policy loss + (1 - lambda) * SSB's offline loss (losses.mixed_objective)."""
+                  tc: TrainConfig | None, shares=None):
+    """(loss, metrics): lambda * the on-policy loss + (1 - lambda) * SSB's offline loss (losses.mixed_objective).
+    shares: (on-policy, offline) weights that scale each term and its mean metrics (a microbatch's share of
+    the batch's tokens or sequences, microbatch_shares); None: 1."""
     student_graphdef, base_graphdef = graphdefs
+
+    def scaled(term, share):
+        if share is None:
+            return term
+        value, metrics = term
+        return value * share, {k: v if k.endswith("answer_tokens") else v * share for k, v in metrics.items()}
 
     def onpolicy():
         b = batch["onpolicy"]
@@ -69,12 +78,14 @@ def onpolicy_loss(lora_state, base_state, ema_state, batch: dict, *, graphdefs, 
         if oc.topk and oc.topk < head.shape[-1]:
             teacher = topk_teacher(teacher, b.answer_tokens, head, k=oc.topk, temperature=oc.temperature,
                                    chunk=oc.logits_chunk)
-        return onpolicy_objective(student, teacher, b.answer_tokens, b.answer_mask, head, loss=oc.loss,
-                                  temperature=oc.temperature, jsd_alpha=oc.jsd_alpha, clip=oc.clip,
-                                  per_sequence_mean=oc.per_sequence_mean, chunk=oc.logits_chunk)
+        return scaled(onpolicy_objective(student, teacher, b.answer_tokens, b.answer_mask, head, loss=oc.loss,
+                                         temperature=oc.temperature, jsd_alpha=oc.jsd_alpha, clip=oc.clip,
+                                         per_sequence_mean=oc.per_sequence_mean, chunk=oc.logits_chunk),
+                      None if shares is None else shares[0])
 
     def offline():
-        return distill_loss(lora_state, base_state, batch["offline"], graphdefs=graphdefs, tc=tc)
+        return scaled(distill_loss(lora_state, base_state, batch["offline"], graphdefs=graphdefs, tc=tc),
+                      None if shares is None else shares[1])
 
     return mixed_objective(onpolicy, offline, oc.onpolicy_weight)
 
@@ -88,11 +99,54 @@ def offline_config(oc: OnPolicyConfig, tc: TrainConfig | None) -> TrainConfig | 
     return tc.replace(teacher_mode="online")
 
 
+def split_microbatches(tree, count: int):
+    """Every [rows, ...] leaf as [count, rows / count, ...], microbatch j holding rows j, j + count, ...: with
+    rows split over the data axes in contiguous blocks, each microbatch keeps that split (no rows move)."""
+    def split(x):
+        x = x.reshape((x.shape[0] // count, count) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree_util.tree_map(split, tree)
+
+
+def microbatch_shares(mask, count: int, per_sequence: bool):
+    """[count] weights of microbatches (split_microbatches of mask [rows, A]) that make the weighted sum of their
+    masked means the whole batch's: each one's share of the answer tokens, or with per_sequence of the
+    sequences holding any."""
+    mask = split_microbatches(mask, count).astype(jnp.float32)
+    units = jnp.sum(jnp.sum(mask, -1) > 0, -1).astype(jnp.float32) if per_sequence else jnp.sum(mask, (1, 2))
+    return units / jnp.maximum(jnp.sum(units), 1.0)
+
+
+def onpolicy_gradients(graphdefs, oc: OnPolicyConfig, tc, lora, base_state, ema, batch):
+    """(gradients, metrics) of onpolicy_loss on `batch`; with oc.microbatches > 1 accumulated over that many
+    slices of its rows, one at a time (a scan: one slice's activations alive), each term weighted by the
+    slice's share of its tokens (or sequences), so they are the whole batch's up to rounding."""
+    grad_fn = jax.value_and_grad(functools.partial(onpolicy_loss, graphdefs=graphdefs, oc=oc, tc=tc), has_aux=True)
+    count = oc.microbatches
+    if count == 1:
+        (_, metrics), grads = grad_fn(lora, base_state, ema, batch)
+        return grads, metrics
+    shares = (microbatch_shares(batch["onpolicy"].answer_mask, count, oc.per_sequence_mean) if "onpolicy" in batch
+              else jnp.zeros(count),
+              microbatch_shares(batch["offline"].answer_mask, count, tc.per_sequence_mean) if "offline" in batch
+              else jnp.zeros(count))
+
+    def one(total, xs):
+        piece, share = xs
+        (_, metrics), grads = grad_fn(lora, base_state, ema, piece, shares=share)
+        return jax.tree_util.tree_map(jnp.add, total, (grads, metrics)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(lora, base_state, ema, jax.tree_util.tree_map(lambda x: x[0], split_microbatches(
+            batch, count)), shares=(shares[0][0], shares[1][0]))))
+    zeros = (zeros[1], zeros[0][1])  # (gradients, metrics)
+    (grads, metrics), _ = jax.lax.scan(one, zeros, (split_microbatches(batch, count), shares))
+    return grads, metrics
+
+
 def onpolicy_update(graphdefs, optimizer, schedule, oc: OnPolicyConfig, tc, state, base_state, batch):
     """One AdamW step on the adapters (and the EMA teacher's update); a pure function."""
-    grad_fn = jax.value_and_grad(onpolicy_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state["lora"], base_state, state.get("ema"), batch, graphdefs=graphdefs, oc=oc,
-                                  tc=tc)
+    grads, metrics = onpolicy_gradients(graphdefs, oc, tc, state["lora"], base_state, state.get("ema"), batch)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["lora"])
     lora = optax.apply_updates(state["lora"], updates)
     new = {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1}
@@ -113,6 +167,9 @@ class OnPolicyStep:
         self.tc = offline_config(oc, tc)
         if mesh is not None and self.tc is not None:
             check_batch_divides(self.tc.batch_size, mesh, "train.batch_size")
+        if self.tc is not None and self.tc.batch_size % oc.microbatches:
+            raise ValueError(f"microbatches ({oc.microbatches}) must divide train.batch_size ({self.tc.batch_size}), "
+                             "the rows of the offline batch mixed in")
         self.optimizer, self.schedule = make_optimizer(oc, oc.steps)
 
     def init_state(self, key: jax.Array) -> dict:
@@ -128,6 +185,11 @@ class OnPolicyStep:
         return placed
 
     def update(self, state, base_state, batch: dict):
+        data_parallel = 1 if self.mesh is None else data_parallel_size(self.mesh)
+        for name, b in batch.items():
+            if b.rows % (self.oc.microbatches * data_parallel):
+                raise ValueError(f"the {name} batch's {b.rows} rows do not split into {self.oc.microbatches} "
+                                 f"microbatches of a multiple of the {data_parallel} data-parallel devices")
         fn = _jitted_update(self.model_config, self.lora_config, self.oc, self.tc, self.mesh, batch["onpolicy"].rows)
         return fn(state, base_state, self.place(batch))
 

@@ -384,7 +384,8 @@ class MethodStage:
     of `sampling` (`calls` of them when the sampler's batch holds fewer prompts), forward passes over
     `scored_rows` sequences (GRPO's old and reference log-probs), then `updates` optimiser steps on batches
     of `update`'s shape (teacher_len 0: no teacher); `offline`: SSB's batch in the same step (an on-policy
-    stage with onpolicy_weight < 1), None without."""
+    stage with onpolicy_weight < 1), None without. With `microbatches` > 1 `update` and `offline` are one
+    microbatch's shapes (its activations are what is alive at once) and a step runs that many of them."""
     name: str
     iterations: int
     sampling: SamplingShape
@@ -396,6 +397,7 @@ class MethodStage:
     chunk: int
     ema_teacher: bool = False
     offline: TrainingShape | None = None
+    microbatches: int = 1
 
 
 def method_stages(config, sample_parallel: int, data_parallel: int) -> list[MethodStage]:
@@ -437,11 +439,15 @@ def method_stages(config, sample_parallel: int, data_parallel: int) -> list[Meth
         shape, calls = sampling(oc.prompts_per_step, oc.max_new_tokens, oc.samples_per_prompt)
         teacher_prompt = prompt if oc.context == "ssb" else prompt + oc.max_new_tokens
         bucket = lambda n: bucket_length(n, (), oc.min_bucket)  # noqa: E731 (distill.batch.build_batch's)
-        update = TrainingShape(padded(oc.rows_per_step, data_parallel), bucket(prompt + oc.max_new_tokens),
-                               bucket(teacher_prompt + oc.max_new_tokens), bucket(oc.max_new_tokens))
+        count = oc.microbatches  # one microbatch's rows (onpolicy.run pads the rows to split evenly)
+        update = TrainingShape(padded(oc.rows_per_step, data_parallel * count) // count,
+                               bucket(prompt + oc.max_new_tokens), bucket(teacher_prompt + oc.max_new_tokens),
+                               bucket(oc.max_new_tokens))
+        offline = training_shape(config) if oc.onpolicy_weight < 1 else None
+        if offline is not None:
+            offline = dataclasses.replace(offline, batch=offline.batch // count)
         out.append(MethodStage(name, oc.steps, shape, calls, update, 1, 0, oc.lora_config(), oc.logits_chunk,
-                               ema_teacher=oc.teacher == "ema",
-                               offline=training_shape(config) if oc.onpolicy_weight < 1 else None))
+                               ema_teacher=oc.teacher == "ema", offline=offline, microbatches=count))
     return out
 
 
@@ -584,11 +590,12 @@ def plan(config, accelerator: str, devices: int | None = None, keep_rate: float 
                 model_config, axes, m.offline, m.lora_config, weights=0, lora=0, optimizer=0, chunk=tc.logits_chunk,
                 backend=backend))
         method_terms[m.name] = (sampled, update)
-        step_flops = (m.update.batch * m.updates * (_student_flops(model_config, n_params, m.update.student_len)
-                                                    + 2 * n_params * m.update.teacher_len)
+        rows = m.update.batch * m.microbatches * m.updates
+        step_flops = (rows * (_student_flops(model_config, n_params, m.update.student_len)
+                              + 2 * n_params * m.update.teacher_len)
                       + m.scored_rows * 2 * n_params * m.update.student_len)
         if m.offline is not None:
-            step_flops += m.offline.batch * (_student_flops(model_config, n_params, m.offline.student_len)
+            step_flops += m.offline.batch * m.microbatches * (_student_flops(model_config, n_params, m.offline.student_len)
                                              + 2 * n_params * m.offline.teacher_len)
         method_s[m.name] = m.iterations * (generate_s(m.sampling, sampled, m.calls)
                                            + step_flops / (devices * acc.bf16_tflops * 1e12 * MFU_TRAIN))

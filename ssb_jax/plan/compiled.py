@@ -76,7 +76,7 @@ def compile_method_update(config, model_config: ModelConfig, method: MethodStage
     real jitted programs) for the planned batch shape, lowered with abstract sharded state, base and batch,
     and compiled; nothing is allocated."""
     shape = method.update
-    rows = None if mesh is None else batch_sharding(mesh, (shape.batch,))
+    rows = None if mesh is None else batch_sharding(mesh, (shape.batch * method.microbatches,))
     if method.name == "grpo":
         from ssb_jax.grpo.config import GRPOConfig
         from ssb_jax.grpo.step import lower_update
@@ -88,7 +88,7 @@ def compile_method_update(config, model_config: ModelConfig, method: MethodStage
     from ssb_jax.onpolicy.step import lower_update
     oc = section_to(SECTION_CONFIGS[method.name], config[method.name], f"config.{method.name}")
     tc = section_to(TrainConfig, config.train, "config.train")
-    batch = {"onpolicy": DistillBatch.abstract(shape.batch, shape.student_len, shape.teacher_len, shape.answer_len,
+    batch = {"onpolicy": DistillBatch.abstract(shape.batch * method.microbatches, shape.student_len, shape.teacher_len, shape.answer_len,
                                                sharding=rows)}
     if method.offline is not None:  # SSB's batch beside it (onpolicy_weight < 1)
         ssb = method.offline

@@ -1,6 +1,8 @@
 """The on-policy update on a tiny model: lambda 0 is SSB's loss bit for bit; one step raises the log-probability
 of sampled tokens the teacher prefers and lowers the others'; one step lowers the divergence to the teacher;
 the EMA teacher follows the adapters."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,55 @@ def test_one_step_lowers_the_divergence_to_the_teacher(tiny, rng, loss, topk, te
             lambda e0, l1, e1: np.testing.assert_allclose(np.asarray(e1), 0.75 * np.asarray(e0) + 0.25 * np.asarray(l1),
                                                           rtol=1e-6, atol=1e-7), before["ema"], after["lora"],
             after["ema"])
+
+
+@pytest.mark.parametrize("loss,topk,per_sequence,weight,microbatches", [
+    ("forward_kl", 8, False, 1.0, 2),
+    pytest.param("reverse_kl", 0, True, 1.0, 4, marks=pytest.mark.slow),  # each case compiles two programs
+    pytest.param("jsd", 0, False, 0.5, 2, marks=pytest.mark.slow)])
+def test_microbatches_accumulate_the_whole_batchs_gradient(tiny, rng, loss, topk, per_sequence, weight, microbatches):
+    """An iteration's rows in microbatches, one at a time: the gradient and the metrics are the whole batch's
+    (each slice weighted by its share of the tokens, or of the sequences), with rows of different lengths and
+    one row that trains on nothing; lambda 0.5 splits SSB's offline batch alike."""
+    from ssb_jax.distill.step import base_state_for_training, graph_definitions
+    from ssb_jax.distill.synthetic import random_records
+    from ssb_jax.onpolicy.run import onpolicy_batch
+    from ssb_jax.onpolicy.step import OnPolicyStep, offline_config, onpolicy_gradients
+    config, model, lora_config = tiny
+    tc = TrainConfig(batch_size=4, logits_chunk=3, temperature=2.0, per_sequence_mean=per_sequence, lora_rank=4,
+                     lora_alpha=8.0)
+    samples = []
+    for i, length in enumerate((1, 5, 3, 7)):
+        student, teacher = _prompts(rng)
+        samples.append({"id": f"q#{i}", "student_prompt_ids": student, "teacher_prompt_ids": teacher,
+                        "solution_ids": rng.integers(2, V, length).tolist()})
+    onpolicy = onpolicy_batch(samples, 4, 8)
+    onpolicy = onpolicy.replace(answer_mask=onpolicy.answer_mask.copy())
+    onpolicy.answer_mask[2] = False  # a row with nothing to train on (padding) weighs nothing
+    batch = {"onpolicy": onpolicy.for_step("online")}
+    if weight < 1:
+        batch["offline"] = build_batch(random_records(rng, 4, V), batch_size=4, min_bucket=8).for_step("online")
+    graphdefs = graph_definitions(config, lora_config)
+    base = base_state_for_training(model)
+    results = []
+    for count in (1, microbatches):
+        oc = _settings(loss=loss, topk=topk, clip=0.5 if loss == "reverse_kl" else 0.0, per_sequence_mean=per_sequence,
+                       onpolicy_weight=weight, prompts_per_step=4, microbatches=count, temperature=1.5)
+        state = OnPolicyStep(config, lora_config, oc, tc).init_state(jax.random.key(int(rng.integers(1 << 30))))
+        lora = jax.tree_util.tree_map(lambda x: x + 0.05, state["lora"]) if not results else results[0][2]
+        grads, metrics = jax.jit(functools.partial(onpolicy_gradients, graphdefs, oc, offline_config(oc, tc)))(
+            lora, base, None, batch)
+        results.append((grads, metrics, lora))
+    (whole, whole_metrics, _), (split, split_metrics, _) = results
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=1e-6),
+                           whole, split)
+    assert float(np.abs(np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(whole)])).max()) > 0
+    assert set(split_metrics) == set(whole_metrics)
+    for key, value in whole_metrics.items():
+        if key != "clipped_share" or not per_sequence:  # a token mean weighted by sequences: not the whole's
+            assert float(split_metrics[key]) == pytest.approx(float(value), rel=2e-4, abs=1e-6), key
+
+
+def test_microbatches_must_divide_the_rows():
+    with pytest.raises(ValueError, match="microbatches .3. must divide the rows"):
+        _settings(prompts_per_step=4, microbatches=3)

@@ -405,6 +405,32 @@ def test_plan_sizes_grpo_and_onpolicy_stages_only_when_selected(tmp_path, capsys
     assert mixed["time_estimate_s"]["onpolicy"] > alone["time_estimate_s"]["onpolicy"]
 
 
+def test_an_onpolicy_step_in_microbatches_is_planned_one_microbatch_at_a_time(tmp_path):
+    """microbatches = 4: the update's activations are one quarter of the rows' (the plan's update shape has a
+    quarter of the rows, so less is saved for the backward pass), and the step's time is the same work."""
+    c = _method_config(tmp_path, "sdpo")
+    whole = plan(c, "H100-80G", include_eval=False)
+    c.sdpo.microbatches = 4
+    split = plan(c, "H100-80G", include_eval=False)
+    assert split["methods"]["sdpo"].microbatches == 4
+    assert split["shapes"]["sdpo update"].batch * 4 == whole["shapes"]["sdpo update"].batch == 8
+    assert split["terms_gib"]["sdpo update"]["saved_for_backward"] == pytest.approx(
+        whole["terms_gib"]["sdpo update"]["saved_for_backward"] / 4)
+    assert split["terms_gib"]["sdpo update"]["total"] < whole["terms_gib"]["sdpo update"]["total"]
+    assert split["time_estimate_s"]["sdpo"] == pytest.approx(whole["time_estimate_s"]["sdpo"])
+
+
+@pytest.mark.slow  # compiles one update program (~10 s on 2 cores)
+def test_planned_update_in_microbatches_is_within_15_percent_of_the_compilers(tmp_path):
+    """The real update program with microbatches = 2 (a scan over two slices of the rows), compiled for its
+    whole batch: its peak within the planner's tolerance of the plan for one microbatch's activations."""
+    c = _method_config(tmp_path, "sdpo")
+    c.sdpo.microbatches = 2
+    results = check_against_compiler(c, 1)
+    planned, compiled = results["sdpo update"]["planned"], results["sdpo update"]["compiled"]["total"]
+    assert abs(planned - compiled) <= 0.15 * compiled, cli.format_check(results)
+
+
 @pytest.mark.slow  # compiles the four update programs (~5-15 s each on 2 cores), the rollouts and SSB's step
 @pytest.mark.parametrize("devices", [1, pytest.param(8, marks=pytest.mark.multidevice)])
 def test_planned_update_memory_of_grpo_and_onpolicy_steps_is_within_15_percent_of_the_compilers(tmp_path, devices):
