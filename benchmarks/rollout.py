@@ -85,11 +85,13 @@ def run_static(sampler, prompts, lengths, sampling, batch_size, k):
 
 
 def engine_side(model, prompts, sampling, slots, k, args):
-    """The engine with the run's programs compiled (the longest prompt and the cap give the page table's width)."""
+    """The engine with the run's programs compiled (prefill, and decode at each page-table width up to the
+    longest prompt plus the cap)."""
     engine = Engine(model, slots=slots, page_size=args.page_size, num_pages=args.num_pages,
                     prefill_chunk=args.prefill_chunk, steps_per_call=args.steps_per_call)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     engine.generate_ids([prompts[longest]] * max(1, slots // k), sampling, n=k, caps=[[2] * k] * max(1, slots // k))
+    engine.compile_ahead(prompts, sampling, n=k)  # every page-table width the run's rows reach
     return engine
 
 

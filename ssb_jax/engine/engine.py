@@ -299,6 +299,14 @@ class Engine:
             return
         yield from _Schedule(self, [list(map(int, p)) for p in prompts], sampling, n, seed, ids, caps).run()
 
+    def compile_ahead(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams, *, n: int = 1) -> None:
+        """Compile the decode program at every page-table width a call with these prompts can use (each width
+        in a call where no row is live, which returns at once), so that none compiles while rows wait: a
+        benchmark's warm-up; a run compiles each width when it first needs it."""
+        if prompts:
+            _Schedule(self, [list(map(int, p)) for p in prompts], sampling, n, 0, list(range(len(prompts))),
+                      per_sample_caps(None, len(prompts), n, sampling.max_new_tokens)).compile_widths()
+
     # ------------------------------------------------------------------ pool
 
     @property
@@ -521,6 +529,21 @@ class _Schedule:
             rows[victim] = None
             shard.ready.appendleft((row.prompt, row.sample))  # it keeps its references to the prompt's pages
 
+    def compile_widths(self) -> None:
+        e, D, s = self.e, len(self.shards), len(self.shards[0].rows)
+        S = D * s
+        keys = np.asarray(jax.random.key_data(row_keys_for(self.seed, [0], 1)))
+        zeros, place, width = np.zeros(S, np.int32), e._placed_rows, 1
+        while True:
+            e.pool, _ = e._decode(e.state, e.pool, place(np.full((S, width), NULL_PAGE, np.int32)), place(zeros),
+                                  place(zeros), place(zeros), place(np.ones(S, np.int32)), place(np.zeros(S, bool)),
+                                  place(zeros), place(np.zeros((S,) + keys.shape[1:], keys.dtype)),
+                                  place(np.full((D, s), NULL_PAGE, np.int32)), place(np.full((D, s), NULL_PAGE, np.int32)),
+                                  self.knobs, np.bool_(False), sampling=self.program, steps=e.steps_per_call)
+            if width >= self.pages_per_row:
+                return
+            width *= 2
+
     def _decode(self, limits: np.ndarray) -> list[tuple[_Row, Completion]]:
         e, D, s = self.e, len(self.shards), len(self.shards[0].rows)
         S = D * s
@@ -546,6 +569,10 @@ class _Schedule:
                 if key_data is None:
                     key_data = np.zeros((S,) + row.prompt.key_data.shape[1:], row.prompt.key_data.dtype)
                 key_data[slot] = row.prompt.key_data[row.sample]
+        # attention reads as many pages as the longest running row holds (its writes this call included:
+        # limits stop each row inside its pages), in powers of two: one program per width, not per row length
+        held = max((len(row.pages) for shard in self.shards for row in shard.rows if row is not None), default=1)
+        table = table[:, :min(_next_power_of_two(held), self.pages_per_row)]
         return_early = bool(self.queue or any(shard.ready for shard in self.shards))
         place = e._placed_rows
         e.pool, out = e._decode(e.state, e.pool, place(table), place(last), place(position), place(step), place(cap),

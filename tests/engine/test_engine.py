@@ -1,6 +1,8 @@
 """The rollout engine against the static sampler (the reference): the same tokens whatever the slot count,
 page size, arrival order, pool size or sampling mesh (rows split over its data axis, weights replicated or
 tensor parallel), logprobs within 1e-5; each shard's own pages; the page allocator's books; adapters in place."""
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -109,6 +111,22 @@ def test_sampled_matches_generate_whatever_the_slots_pages_order_and_pool(model,
     assert_same(run_engine(wide, workload, SAMPLED, order), expected)
     narrow = Engine(model, slots=4, page_size=4, steps_per_call=5, prefill_chunk=8, num_pages=16)
     assert_same(run_engine(narrow, workload, SAMPLED, order[::-1]), expected)
+
+
+def test_decode_reads_only_the_pages_rows_hold_and_compiles_its_widths_ahead(model, workload, expected):
+    """Each decode call's page table is as wide as the most pages a running row holds (a power of two), not the
+    call's longest possible row; compile_ahead compiles every such width, so the call compiles nothing new."""
+    prompts, caps, ids = workload
+    engine = Engine(model, slots=4, page_size=2, steps_per_call=3, prefill_chunk=8)
+    engine.compile_ahead(prompts, GREEDY, n=N)
+    jitted = engine._decode
+    compiled = jitted._cache_size()
+    calls = record_decode_calls(engine)
+    assert_same(run_engine(engine, workload, GREEDY, range(len(prompts))), expected(GREEDY))
+    widths = [args[2].shape[1] for args, _ in calls]
+    full = 2 ** math.ceil(math.log2(math.ceil((max(map(len, prompts)) - 1 + GREEDY.max_new_tokens) / 2)))
+    assert all(w & (w - 1) == 0 for w in widths) and min(widths) < full and max(widths) <= full, widths
+    assert jitted._cache_size() == compiled
 
 
 def test_rows_are_streamed_as_they_finish(model, workload):
