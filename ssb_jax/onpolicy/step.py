@@ -126,22 +126,21 @@ def onpolicy_gradients(graphdefs, oc: OnPolicyConfig, tc, lora, base_state, ema,
     if count == 1:
         (_, metrics), grads = grad_fn(lora, base_state, ema, batch)
         return grads, metrics
-    shares = (microbatch_shares(batch["onpolicy"].answer_mask, count, oc.per_sequence_mean) if "onpolicy" in batch
-              else jnp.zeros(count),
-              microbatch_shares(batch["offline"].answer_mask, count, tc.per_sequence_mean) if "offline" in batch
-              else jnp.zeros(count))
+    pieces = split_microbatches(batch, count)
+    per_sequence = {"onpolicy": oc.per_sequence_mean, "offline": tc is not None and tc.per_sequence_mean}
+    shares = tuple(microbatch_shares(batch[name].answer_mask, count, per_sequence[name]) if name in batch
+                   else jnp.zeros(count) for name in ("onpolicy", "offline"))
+
+    def gradients(piece, share):
+        (_, metrics), grads = grad_fn(lora, base_state, ema, piece, shares=share)
+        return grads, metrics
 
     def one(total, xs):
-        piece, share = xs
-        (_, metrics), grads = grad_fn(lora, base_state, ema, piece, shares=share)
-        return jax.tree_util.tree_map(jnp.add, total, (grads, metrics)), None
+        return jax.tree_util.tree_map(jnp.add, total, gradients(*xs)), None
 
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
-        lambda: grad_fn(lora, base_state, ema, jax.tree_util.tree_map(lambda x: x[0], split_microbatches(
-            batch, count)), shares=(shares[0][0], shares[1][0]))))
-    zeros = (zeros[1], zeros[0][1])  # (gradients, metrics)
-    (grads, metrics), _ = jax.lax.scan(one, zeros, (split_microbatches(batch, count), shares))
-    return grads, metrics
+    first = jax.tree_util.tree_map(lambda x: x[0], (pieces, shares))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(gradients, *first))
+    return jax.lax.scan(one, zeros, (pieces, shares))[0]
 
 
 def onpolicy_update(graphdefs, optimizer, schedule, oc: OnPolicyConfig, tc, state, base_state, batch):
