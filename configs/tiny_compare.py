@@ -34,12 +34,12 @@ privileged prompts in pre-training are all three kinds the on-policy stages show
 solution, a successful peer), so the toy base can read each.
 
 Pre-training is 4,000 steps (`world.pretrain_steps`, 1,000 in configs/tiny.py): after 1,000 the hinted
-teacher of this world solved only 129 of 391 mixed questions and no method beat the base; after 4,000 the
-teacher solves 97% of held-out problems greedily (the base 58%) and curation keeps 131 of 134 mixed questions.
+teacher of this world failed most mixed questions, so there was nothing reliable to distil; after 4,000 it
+solves nearly all of them (README, Results, has the figures).
 
 The learning rate is 5e-5 for every method, a quarter of the paper's 2e-4: at 2e-4 every method reaches the
-toy's ceiling (96-98% greedy) within 24-36 of the 48 steps, so the table cannot tell them apart; at 5e-5
-they stop short of it and do (README, Results). The on-policy sections copy train.learning_rate when this
+toy's ceiling well before the 48th step, so the table cannot tell them apart; at 5e-5 they stop short of it
+and do (README, Results). The on-policy sections copy train.learning_rate when this
 file is read, so a different rate is given to each section on the command line (README has the command).
 
 Learning curves (greedy accuracy and completion length on the first 32 held-out problems) are recorded
