@@ -9,8 +9,11 @@ drawn from a long tail with a cap: 80% uniform in [100, 400], 15% between 400 an
 (--cap, default 1024); every length times --length-scale (default 0.25 on a CPU, so the default run fits
 ten minutes; 1 on an accelerator). Random weights without EOS: each row stops at its drawn length (its
 own cap), so every side generates the same rows of the same lengths. A static batch (the Sampler's:
-prompts sorted by length, --batch-size prompts x K rows) decodes until its longest row stops; the
-engine keeps batch-size x K slots busy, refilling each as its row stops.
+prompts sorted by length, --batch-size prompts x K rows) decodes until its longest row stops and holds
+KV memory for each of its rows at the longest prompt plus the cap. The engine gets a page pool of that
+same KV memory and, by default, as many slots as rows of the workload's mean length (prompt plus output)
+fit in it, rounded down to a power of two (--engine-slots; the paged cache's point: rows hold only the
+pages they fill), refilling each as its row stops.
 
 Reported per side: useful tokens per second (tokens before each row's stop, over the wall time after
 compilation), padding share (decode row-steps spent on rows already stopped, or on empty slots), KV
@@ -149,8 +152,34 @@ def interleaved(run_engine_once, run_static_once, repeats: int):
     return best
 
 
-def same_rows(a, b) -> bool:
-    return all([c.token_ids for c in x] == [c.token_ids for c in y] for x, y in zip(a, b))
+def identical_rows(a, b) -> int:
+    """How many rows have the same tokens on both sides (a sampled token can differ where two candidates'
+    logits are within float32 rounding of a tie: the sides round with other reduction widths)."""
+    return sum(c.token_ids == d.token_ids for x, y in zip(a, b) for c, d in zip(x, y))
+
+
+def differing_rows(ours, theirs) -> list[dict]:
+    """Where the rows that differ part: the first differing token, how far apart the two sides' logprobs were
+    on the tokens before it, and the logprob each side's own token had there (about equal at a near-tie)."""
+    out = []
+    for prompt, (x, y) in enumerate(zip(ours, theirs)):
+        for sample, (c, d) in enumerate(zip(x, y)):
+            if c.token_ids == d.token_ids:
+                continue
+            first = next(i for i, (s, t) in enumerate(zip(c.token_ids + [-1], d.token_ids + [-1])) if s != t)
+            before = np.abs(np.subtract(c.logprobs[:first], d.logprobs[:first]))
+            out.append({"prompt": prompt, "sample": sample, "first_difference": first,
+                        "logprob_max_difference_before": float(before.max()) if first else 0.0,
+                        "tokens": [c.token_ids[first:first + 1], d.token_ids[first:first + 1]],
+                        "their_logprobs": [c.logprobs[first:first + 1], d.logprobs[first:first + 1]]})
+    return out
+
+
+def memory_matched_slots(static_kv_slots: int, prompts, lengths) -> int:
+    """The rows of the workload's mean length (prompt plus output) that the static sampler's KV memory
+    holds, rounded down to a power of two."""
+    mean_row = np.mean([len(p) for p in prompts]) + float(np.mean(lengths))
+    return 1 << int(math.log2(max(static_kv_slots / mean_row, 1)))
 
 
 def main(argv=None):
@@ -161,13 +190,15 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=None, help="prompts (default 16 on a CPU, 256 elsewhere)")
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="prompts per static batch; the engine gets batch-size x k slots (default 2 on a CPU, 16)")
+                        help="prompts per static batch, of batch-size x k rows (default 2 on a CPU, 16)")
     parser.add_argument("--length-scale", type=float, default=None, help="every length times this (default 0.25 on "
                         "a CPU, 1 elsewhere)")
     parser.add_argument("--cap", type=int, default=1024, help="the output cap before scaling")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None, help="the engine's pool (default: no more KV memory "
                         "than the static sampler's largest batch)")
+    parser.add_argument("--engine-slots", type=int, default=None, help="the engine's decode slots (default: the "
+                        "rows of the workload's mean length its pool holds, a power of two)")
     parser.add_argument("--prefill-chunk", type=int, default=64)
     parser.add_argument("--steps-per-call", type=int, default=32)
     parser.add_argument("--hf-batches", type=int, default=1, help="static batches transformers runs (0: none)")
@@ -188,10 +219,11 @@ def main(argv=None):
     sampling = SamplingParams(max_new_tokens=max(round(args.cap * scale), 2), temperature=1.0, top_k=50)
     rng = np.random.default_rng(args.seed)
     prompts, lengths, cap = draw_workload(rng, prompts_n, args.k, config.vocab_size, scale, args.cap)
-    slots = batch_size * args.k
+    static_rows = batch_size * args.k
+    longest_bucket = 2 ** math.ceil(math.log2(max(len(p) for p in prompts)))
     if args.num_pages is None:  # the static sampler's KV memory of its largest batch, in pages
-        longest_bucket = 2 ** math.ceil(math.log2(max(len(p) for p in prompts)))
-        args.num_pages = slots * (longest_bucket + cap) // args.page_size
+        args.num_pages = static_rows * (longest_bucket + cap) // args.page_size
+    slots = args.engine_slots or memory_matched_slots(args.num_pages * args.page_size, prompts, lengths)
 
     results = {"config": vars(args), "backend": jax.default_backend(), "machine": machine_info(),
                "workload": {"prompts": prompts_n, "k": args.k, "length_scale": scale, "cap": cap,
@@ -203,7 +235,9 @@ def main(argv=None):
         lambda: run_engine(engine, prompts, lengths, sampling, slots, args.k, args),
         lambda: run_static(sampler, prompts, lengths, sampling, batch_size, args.k), args.repeats)
     results["long_tailed"] = {"engine": engine_row, "static": static_row,
-                              "same_tokens": same_rows(engine_out, static_out),
+                              "identical_rows": identical_rows(engine_out, static_out),
+                              "differing_rows": differing_rows(engine_out, static_out),
+                              "rows": int(lengths.size),
                               "ratio": engine_row["useful_tokens_per_s"] / static_row["useful_tokens_per_s"]}
     if args.hf_batches:
         results["long_tailed"]["transformers"] = run_transformers(config, prompts, lengths, batch_size, args.k,

@@ -17,6 +17,11 @@ those of `sampler.generate` (tests/engine/).
 When pages run out, rows wait for pages; if every running row waits, the youngest is preempted (its
 pages freed, the row restarted later from its prompt: the same tokens again).
 
+Two things keep the device from computing nothing: a prompt's last chunk is prefilled in the smallest
+power of two that holds it (not a whole `prefill_chunk`), and once no prompt waits, a decode call runs
+its rows in the first half or quarter of the slots when they fit there (the rows' state is per call,
+their keys and values stay in their pages), so the last long rows do not drag empty slots along.
+
 On a sampling mesh the rows are data parallel: each of the mesh's data-parallel shards has its own
 slots and its own pages (the pool's leading axis is placed over the data axes; page tables hold
 shard-local page ids) and one allocator on the host; a prompt is prefilled on one shard and its samples
@@ -110,6 +115,29 @@ def per_sample_caps(caps, prompts: int, n: int, max_new_tokens: int) -> list[lis
 
 def _next_power_of_two(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+# A decode call runs on all of a shard's slots, half or a quarter of them (each a program per page-table
+# width): below a quarter a step costs about the same on a CPU (reading the weights dominates), and each
+# level more is programs more to compile.
+SLOT_LEVELS = 3
+# The smallest prefill chunk: a prompt's last tokens are prefilled in the smallest power of two from here
+# up to prefill_chunk that holds them.
+MIN_PREFILL_CHUNK = 8
+
+
+def slot_levels(slots: int) -> list[int]:
+    """The slot counts a decode call may run on, largest first."""
+    return sorted({max(1, slots >> j) for j in range(SLOT_LEVELS)}, reverse=True)
+
+
+def prefill_sizes(prefill_chunk: int) -> list[int]:
+    """The chunk lengths a prefill call may have: powers of two from MIN_PREFILL_CHUNK, and prefill_chunk."""
+    sizes, size = {prefill_chunk}, _next_power_of_two(prefill_chunk) // 2
+    while size >= MIN_PREFILL_CHUNK:
+        sizes.add(size)
+        size //= 2
+    return sorted(sizes)
 
 
 @dataclasses.dataclass
@@ -401,7 +429,7 @@ class _Schedule:
                                       "shard) cannot hold one prompt and its first pages; raise num_pages or lower "
                                       "the prompt length")
                 break
-            finished = self._decode(np.concatenate(limits))
+            finished = self._decode(limits)
             for row, completion in finished:
                 finished_rows += 1
                 if progress is not None:
@@ -456,8 +484,10 @@ class _Schedule:
 
     def _prefill_chunks(self, chunks: list[_Shard]) -> None:
         """The next chunk of each of these shards' prompts, in one call over all shards (the others idle)."""
-        e, ps, C = self.e, self.e.page_size, self.e.prefill_chunk
+        e, ps = self.e, self.e.page_size
         D = len(self.shards)
+        longest = max(min(e.prefill_chunk, shard.prefilling.prefix - shard.prefilling.prefilled) for shard in chunks)
+        C = min(size for size in prefill_sizes(e.prefill_chunk) if size >= longest)
         tokens = np.zeros((D, 1, C), np.int32)
         positions = np.zeros((D, 1, C), np.int32)
         table = np.full((D, 1, self.pages_per_row), NULL_PAGE, np.int32)
@@ -530,23 +560,48 @@ class _Schedule:
             shard.ready.appendleft((row.prompt, row.sample))  # it keeps its references to the prompt's pages
 
     def compile_widths(self) -> None:
-        e, D, s = self.e, len(self.shards), len(self.shards[0].rows)
-        S = D * s
+        """Every decode program a call can use (each slot level, each page-table width), each run with no live
+        row (it returns at once), and the prefill program at each chunk size, writing only the null page."""
+        e, D = self.e, len(self.shards)
         keys = np.asarray(jax.random.key_data(row_keys_for(self.seed, [0], 1)))
-        zeros, place, width = np.zeros(S, np.int32), e._placed_rows, 1
-        while True:
-            e.pool, _ = e._decode(e.state, e.pool, place(np.full((S, width), NULL_PAGE, np.int32)), place(zeros),
-                                  place(zeros), place(zeros), place(np.ones(S, np.int32)), place(np.zeros(S, bool)),
-                                  place(zeros), place(np.zeros((S,) + keys.shape[1:], keys.dtype)),
-                                  place(np.full((D, s), NULL_PAGE, np.int32)), place(np.full((D, s), NULL_PAGE, np.int32)),
-                                  self.knobs, np.bool_(False), sampling=self.program, steps=e.steps_per_call)
-            if width >= self.pages_per_row:
-                return
-            width *= 2
+        place = e._placed_rows
+        for s in slot_levels(len(self.shards[0].rows)):
+            S, width = D * s, 1
+            zeros = np.zeros(S, np.int32)
+            while True:
+                e.pool, _ = e._decode(e.state, e.pool, place(np.full((S, width), NULL_PAGE, np.int32)), place(zeros),
+                                      place(zeros), place(zeros), place(np.ones(S, np.int32)), place(np.zeros(S, bool)),
+                                      place(zeros), place(np.zeros((S,) + keys.shape[1:], keys.dtype)),
+                                      place(np.full((D, s), NULL_PAGE, np.int32)),
+                                      place(np.full((D, s), NULL_PAGE, np.int32)),
+                                      self.knobs, np.bool_(False), sampling=self.program, steps=e.steps_per_call)
+                if width >= self.pages_per_row:
+                    break
+                width *= 2
+        for C in prefill_sizes(e.prefill_chunk):
+            zeros = np.zeros((D, 1, C), np.int32)
+            e.pool = e._prefill(e.state, e.pool, place(zeros), place(zeros),
+                                place(np.full((D, 1, self.pages_per_row), NULL_PAGE, np.int32)),
+                                place(np.full((D, 1, C), NULL_PAGE * e.page_size, np.int32)))
 
-    def _decode(self, limits: np.ndarray) -> list[tuple[_Row, Completion]]:
-        e, D, s = self.e, len(self.shards), len(self.shards[0].rows)
+    def _call_slots(self, rows: int) -> int:
+        """The slots per shard a decode call runs on when its fullest shard runs `rows` rows: all of them while
+        prompts wait for a slot, else the smallest slot level that holds the rows."""
+        levels = slot_levels(len(self.shards[0].rows))
+        if self.queue or any(shard.ready or shard.prefilling for shard in self.shards):
+            return levels[0]
+        return min(level for level in levels if level >= rows)
+
+    def _decode(self, limits: list[np.ndarray]) -> list[tuple[_Row, Completion]]:
+        """One decode call over the running rows; limits: each shard's, per slot of shard.rows. A row runs in
+        the call's slot shard * s + k, k its rank among its shard's running rows (the call's slots need not
+        be the rows' slots in shard.rows: a row's state is handed over on each call)."""
+        e, D = self.e, len(self.shards)
+        running = [[i for i, row in enumerate(shard.rows) if row is not None] for shard in self.shards]
+        rows = max(map(len, running))
+        s = self._call_slots(rows)
         S = D * s
+        limit = np.zeros(S, np.int32)
         table = np.zeros((S, self.pages_per_row), np.int32)
         last = np.zeros(S, np.int32)
         position, step = np.zeros(S, np.int32), np.zeros(S, np.int32)
@@ -559,10 +614,10 @@ class _Schedule:
             for k, (source, target) in enumerate(shard.copies):
                 copy_from[shard.index, k], copy_to[shard.index, k] = source, target
             shard.copies = []
-            for i, row in enumerate(shard.rows):
-                if row is None:
-                    continue
-                slot = shard.index * s + i
+            for k, i in enumerate(running[shard.index]):
+                row = shard.rows[i]
+                slot = shard.index * s + k
+                limit[slot] = limits[shard.index][i]
                 table[slot] = self._table_row(row.pages)
                 last[slot] = row.tokens[-1] if row.tokens else row.prompt.tokens[-1]
                 position[slot], step[slot], cap[slot], live[slot] = row.position, len(row.tokens), row.cap, True
@@ -573,10 +628,13 @@ class _Schedule:
         # limits stop each row inside its pages), in powers of two: one program per width, not per row length
         held = max((len(row.pages) for shard in self.shards for row in shard.rows if row is not None), default=1)
         table = table[:, :min(_next_power_of_two(held), self.pages_per_row)]
-        return_early = bool(self.queue or any(shard.ready for shard in self.shards))
+        # back to the host when a row stops while others wait for its slot, or when one row fewer would fit a
+        # smaller slot level
+        return_early = bool(self.queue or any(shard.ready for shard in self.shards)) or (
+            rows > 1 and self._call_slots(rows - 1) < s)
         place = e._placed_rows
         e.pool, out = e._decode(e.state, e.pool, place(table), place(last), place(position), place(step), place(cap),
-                                place(live), place(limits), place(key_data), place(copy_from), place(copy_to),
+                                place(live), place(limit), place(key_data), place(copy_from), place(copy_to),
                                 self.knobs, np.bool_(return_early),
                                 sampling=self.program, steps=e.steps_per_call)
         out = jax.device_get(out)
@@ -584,10 +642,9 @@ class _Schedule:
         e.stats.update(decode_calls=1, decode_steps=ran, slot_steps=ran * S)
         finished = []
         for shard in self.shards:
-            for i, row in enumerate(shard.rows):
-                if row is None:
-                    continue
-                slot = shard.index * s + i
+            for k, i in enumerate(running[shard.index]):
+                row = shard.rows[i]
+                slot = shard.index * s + k
                 made = int(out["step"][slot]) - len(row.tokens)
                 e.stats["busy_slot_steps"] += made
                 row.tokens += out["tokens"][slot, :made].tolist()

@@ -118,20 +118,37 @@ def test_sampled_matches_generate_whatever_the_slots_pages_order_and_pool(model,
     assert_same(run_engine(narrow, workload, SAMPLED, order[::-1]), expected)
 
 
-def test_decode_reads_only_the_pages_rows_hold_and_compiles_its_widths_ahead(model, workload, expected):
+def test_calls_compute_only_what_rows_use_and_compile_ahead(model, workload, expected):
     """Each decode call's page table is as wide as the most pages a running row holds (a power of two), not the
-    call's longest possible row; compile_ahead compiles every such width, so the call compiles nothing new."""
+    call's longest possible row; once no prompt waits, calls run on half or a quarter of the slots; a prompt's
+    last chunk is prefilled in the smallest power of two that holds it. compile_ahead compiles every such
+    program, so the call compiles nothing new."""
     prompts, caps, ids = workload
-    engine = Engine(model, slots=4, page_size=2, steps_per_call=3, prefill_chunk=8)
+    engine = Engine(model, slots=4, page_size=2, steps_per_call=3, prefill_chunk=16)
     engine.compile_ahead(prompts, GREEDY, n=N)
-    jitted = engine._decode
-    compiled = jitted._cache_size()
+    decode, prefill = engine._decode, engine._prefill
+    compiled = decode._cache_size(), prefill._cache_size()
     calls = record_decode_calls(engine)
+    chunks = []
+    engine._prefill = lambda state, pool, tokens, *rest: chunks.append(tokens.shape[-1]) or prefill(
+        state, pool, tokens, *rest)
     assert_same(run_engine(engine, workload, GREEDY, range(len(prompts))), expected(GREEDY))
     widths = [args[2].shape[1] for args, _ in calls]
     full = 2 ** math.ceil(math.log2(math.ceil((max(map(len, prompts)) - 1 + GREEDY.max_new_tokens) / 2)))
     assert all(w & (w - 1) == 0 for w in widths) and min(widths) < full and max(widths) <= full, widths
-    assert jitted._cache_size() == compiled
+    assert {args[2].shape[0] for args, _ in calls} <= {4, 2, 1}
+    prefixes = [len(p) - 1 for p in prompts if len(p) > 1]
+    assert sorted(chunks) == sorted([16] * sum(n // 16 for n in prefixes) + [8 if n % 16 <= 8 else 16
+                                                                              for n in prefixes if n % 16]), chunks
+    assert (decode._cache_size(), prefill._cache_size()) == compiled
+    # three samples of one prompt stopping at 2, 9 and 18 tokens: on 4 slots, then 2, then 1
+    calls.clear()
+    caps = [(2, 9, GREEDY.max_new_tokens)]
+    ours = engine.generate_ids(prompts[-1:], GREEDY, n=N, ids=ids[-1:], caps=caps)
+    slot_counts = [args[2].shape[0] for args, _ in calls]
+    assert slot_counts == sorted(slot_counts, reverse=True) and set(slot_counts) == {4, 2, 1}, slot_counts
+    assert_same(ours, Sampler(model, batch_size=1, show_progress=False).generate_ids(
+        prompts[-1:], GREEDY, n=N, ids=ids[-1:], caps=caps))
 
 
 def test_rows_are_streamed_as_they_finish(model, workload):

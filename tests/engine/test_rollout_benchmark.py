@@ -1,5 +1,5 @@
 """`python -m benchmarks.rollout` end to end at the tiny shape: every side runs, the engine's tokens equal the
-static sampler's, the JSON holds what the docs quote, and the last line is the ratio."""
+static sampler's at the same KV memory, the JSON holds what the docs quote, and the last line is the ratio."""
 import json
 
 import pytest
@@ -15,7 +15,10 @@ def test_rollout_benchmark_smoke(tmp_path, capsys):
     assert lines[-1].startswith("engine/static useful tokens/s: ") and lines[-1].endswith("x")
     results = json.loads((tmp_path / "smoke.json").read_text())
     long_tailed = results["long_tailed"]
-    assert long_tailed["same_tokens"]
+    assert long_tailed["identical_rows"] == long_tailed["rows"] == 6 and long_tailed["differing_rows"] == []
+    # the engine's KV memory at most the static sampler's; its slots, the rows of mean length that memory holds
+    assert long_tailed["engine"]["kv_bytes"] <= long_tailed["static"]["kv_bytes"]
+    assert long_tailed["engine"]["slots"] >= long_tailed["static"]["rows_at_a_time"]
     lengths = results["workload"]["output_lengths"]
     assert long_tailed["engine"]["useful_tokens"] == long_tailed["static"]["useful_tokens"] == sum(map(sum, lengths))
     assert 0 <= long_tailed["engine"]["padding_share"] < 1 and 0 <= long_tailed["static"]["padding_share"] < 1
