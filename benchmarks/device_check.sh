@@ -72,13 +72,14 @@ else
   PARITY_SELECT+=" or remat_policies_and_attention_kernels or (greedy_matches_transformers and scan)"
   PARITY_SELECT+=" or merge_equals_forward or loss_matches_torch or chunked_equals_unchunked"
   PARITY_SELECT+=" or (lora_grads_match_finite and online) or online_teacher_and_student"
+  PARITY_SELECT+=" or gpu_paged_kernel_gives_the_same_tokens"  # the engine's Triton paged attention
   LAYOUT_SHAPE=3b ROLLOUT_SHAPE=3b
   # seconds per step, 410 in all: under TOTAL_S - RESERVE_S, so the budget never cuts a step short
   T_ENV=20 T_SAMPLING=(45 75) T_LAYOUT=45 T_TRAIN=(55 65) T_ROLLOUT=45 T_PARITY=60
 fi
 PARITY_FILES=(tests/accelerators/test_gpu_attention.py tests/model/test_kv_cache.py tests/model/test_model.py
               tests/sampling/test_sampling.py tests/model/test_lora.py tests/distill/test_distill_loss.py
-              tests/distill/test_distill_grad.py tests/distill/test_distill_batch.py)
+              tests/distill/test_distill_grad.py tests/distill/test_distill_batch.py tests/engine/test_engine.py)
 PEER_FLAG=--no-peer
 [[ $PEER == 1 ]] && PEER_FLAG=--peer
 

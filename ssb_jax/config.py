@@ -98,6 +98,9 @@ class SamplerSettings:
                           validate.one_of("continuous", "static"))
     slots: int = setting(0, "rows the continuous engine decodes together (0: 4 x batch_size)", validate.at_least(0))
     page_size: int = setting(16, "KV cache slots per page of the continuous engine's page pool", validate.at_least(1))
+    decode_attention: str = setting("auto", "the continuous engine's decode attention: auto (JAX's Pallas paged-attention "
+                                    "kernel on TPU and GPU, the XLA gather elsewhere), xla, pallas_tpu or pallas_gpu",
+                                    validate.one_of("auto", "xla", "pallas_tpu", "pallas_gpu"))
 
 
 @dataclasses.dataclass(frozen=True)

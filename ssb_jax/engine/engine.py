@@ -19,8 +19,9 @@ pages freed, the row restarted later from its prompt: the same tokens again).
 
 Two things keep the device from computing nothing: a prompt's last chunk is prefilled in the smallest
 power of two that holds it (not a whole `prefill_chunk`), and once no prompt waits, a decode call runs
-its rows in the first half or quarter of the slots when they fit there (the rows' state is per call,
-their keys and values stay in their pages), so the last long rows do not drag empty slots along.
+its rows in the first half or quarter of the slots when they fit there and have more than two calls'
+steps to go (the rows' state is per call, their keys and values stay in their pages), so the last long
+rows do not drag empty slots along.
 
 On a sampling mesh the rows are data parallel: each of the mesh's data-parallel shards has its own
 slots and its own pages (the pool's leading axis is placed over the data axes; page tables hold
@@ -173,7 +174,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, slots: int = 8, page_size: int = 16, num_pages: int | None = None,
                  max_prompt_tokens: int = 2048, prefill_chunk: int = 64, prefill_budget: int | None = None,
                  steps_per_call: int = 32, mesh=None, show_progress: bool = False, unstack: bool | None = None,
-                 decode_copies: dict | None = None, memory_per_device: float | None = None, **_ignored):
+                 decode_copies: dict | None = None, memory_per_device: float | None = None,
+                 attention: str = "auto", **_ignored):
         """model: a Qwen2ForCausalLM (with adapters for a student). slots: rows decoded together.
         page_size: slots per page. num_pages: each shard's pages (None: what fits a device's memory next
         to the weights, see pages_for_memory, capped at what the shard's slots can use at the longest row).
@@ -181,12 +183,14 @@ class Engine:
         split evenly over its data-parallel shards (rounded up), each with its own pages.
         prefill_chunk: prompt tokens per prefill call; prefill_budget: prompt tokens prefilled between
         two decode calls (default 4 chunks). steps_per_call: decode steps per device call.
+        attention: the decode steps' attention (paged_cache.attention_kernel: auto is the platform's Pallas
+        paged kernel on TPU and GPU, the XLA gather elsewhere; "xla" everywhere is the fallback).
         unstack, decode_copies: as Sampler (the CPU decode layout). Other Sampler keywords
         (batch_size, prompt buckets) are accepted and ignored: the engine needs no buckets."""
         model, graphdef, self.state = split_for_sampling(model, unstack, decode_copies)
         self.config, self.tokenizer, self.graphdef = model.config, tokenizer, graphdef
         self.per_layer = isinstance(model, DecodeLayoutModel)
-        self.attention = attention_kernel()  # decode steps: the Pallas paged kernel on TPU, the XLA gather elsewhere
+        self.attention = attention_kernel(choice=attention)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         self.shards = 1 if self.mesh is None else data_parallel_size(self.mesh)
         self.slots, self.page_size = slots, page_size
@@ -404,6 +408,7 @@ class _Schedule:
         slots = min(engine.slots_per_shard, math.ceil(_next_power_of_two(len(prompts) * n) / engine.shards))
         self.shards = [_Shard(d, alloc, [None] * slots) for d, alloc in enumerate(engine.allocators)]
         self.placed = 0
+        self.call_slots = None  # the slots per shard of the last decode call
         # the compiled program shapes on these only: temperature and top-p travel as knobs, caps per row
         self.program = dataclasses.replace(sampling.program(), max_new_tokens=1)
         self.knobs = jnp.asarray(sampling.knobs())
@@ -586,11 +591,18 @@ class _Schedule:
 
     def _call_slots(self, rows: int) -> int:
         """The slots per shard a decode call runs on when its fullest shard runs `rows` rows: all of them while
-        prompts wait for a slot, else the smallest slot level that holds the rows."""
+        prompts wait for a slot, else the smallest slot level that holds the rows; but no smaller than the last
+        call's when every running row is within two calls of its cap (a smaller program, compiled once per
+        engine, pays for itself only over many steps)."""
         levels = slot_levels(len(self.shards[0].rows))
         if self.queue or any(shard.ready or shard.prefilling for shard in self.shards):
             return levels[0]
-        return min(level for level in levels if level >= rows)
+        fits = min(level for level in levels if level >= rows)
+        left = max((row.cap - len(row.tokens) for shard in self.shards for row in shard.rows if row is not None),
+                   default=0)
+        if left < 2 * self.e.steps_per_call:
+            return max(fits, self.call_slots or levels[0])
+        return fits
 
     def _decode(self, limits: list[np.ndarray]) -> list[tuple[_Row, Completion]]:
         """One decode call over the running rows; limits: each shard's, per slot of shard.rows. A row runs in
@@ -599,7 +611,7 @@ class _Schedule:
         e, D = self.e, len(self.shards)
         running = [[i for i, row in enumerate(shard.rows) if row is not None] for shard in self.shards]
         rows = max(map(len, running))
-        s = self._call_slots(rows)
+        s = self.call_slots = self._call_slots(rows)
         S = D * s
         limit = np.zeros(S, np.int32)
         table = np.zeros((S, self.pages_per_row), np.int32)

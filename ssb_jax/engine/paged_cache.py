@@ -15,9 +15,10 @@ real is ever overwritten.
 `attend`; see ssb_jax.model.qwen2.Attention), so the model's own layers run over the pool
 unchanged (`paged_forward`). Attention (`kernel="xla"`, the reference and the CPU path) gathers the
 row's whole page-table row: a static shape (rows x max pages per row), masked by position, with no
-data-dependent loop inside the step. On TPU a decode step (one query per row) runs JAX's Pallas
-paged-attention kernel instead (`kernel="pallas_tpu"`, `attention_kernel`), which reads only the
-pages below each row's length. `PageAllocator` is the host side: free list and reference counts (the
+data-dependent loop inside the step. On TPU and GPU a decode step (one query per row) runs JAX's own
+Pallas paged-attention kernel for that platform instead (`kernel="pallas_tpu"` or `"pallas_gpu"`,
+`attention_kernel`), which reads only the pages below each row's length (its loop bound is inside the
+kernel, not an XLA loop). `PageAllocator` is the host side: free list and reference counts (the
 prompt's pages are shared by its n samples).
 """
 from __future__ import annotations
@@ -90,8 +91,8 @@ class PagedLayerCache:
     k, v: the stacked pool with `layer` the traced layer index, or one layer's pool with layer None.
     page_table [B, P]: each row's pages; write_slots [B, T]: the flat pool slot (page * page_size +
     offset) each new token is written to (NULL_PAGE's for padding); query_positions [B, T]: each new
-    token's position, so a query sees the row's slots at or before it. kernel: "xla" or "pallas_tpu"
-    (decode steps only; see attention_kernel).
+    token's position, so a query sees the row's slots at or before it. kernel: one of KERNELS (decode steps
+    only; see attention_kernel).
     """
     k: jax.Array
     v: jax.Array
@@ -136,6 +137,8 @@ class PagedLayerCache:
         B, T, N, H = q.shape
         if self.kernel == "pallas_tpu" and T == 1:
             return self._pallas_tpu(q)
+        if self.kernel in ("pallas_gpu", "pallas_gpu_interpret") and T == 1:
+            return self._pallas_gpu(q, interpret=self.kernel == "pallas_gpu_interpret")
         keys, values = self.gathered(self.k, q.dtype), self.gathered(self.v, q.dtype)
         G = keys.shape[-2]
         acc_dtype = at_least_f32(q.dtype)
@@ -161,10 +164,35 @@ class PagedLayerCache:
         return out.reshape(B, 1, N, H)
 
 
-def attention_kernel(backend: str | None = None) -> str:
-    """The decode attention for a backend: the Pallas paged-attention kernel on TPU, the XLA gather elsewhere
-    (GPU included: JAX ships no GPU paged-attention kernel under jax.experimental.pallas.ops)."""
-    return "pallas_tpu" if (backend or jax.default_backend()) == "tpu" else "xla"
+    def _pallas_gpu(self, q, interpret: bool = False):
+        """One query per row through jax.experimental.pallas.ops.gpu.paged_attention (Triton): it reads the
+        pages below each row's length only, split over min(16, P) partitions of the page table (P a power of
+        two, so they divide it); the query is scaled here (the kernel does not). interpret: Pallas's
+        interpreter instead of Triton, on any backend (the tests' numerics on a CPU)."""
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+        B, _, N, H = q.shape
+        pages_per_row = self.page_table.shape[1]
+        splits = math.gcd(pages_per_row, 16)
+        out = paged_attention((q[:, 0] * (1.0 / np.sqrt(H))).astype(q.dtype), self._layer(self.k).astype(q.dtype),
+                              self._layer(self.v).astype(q.dtype), self.page_table.astype(jnp.int32),
+                              (self.query_positions[:, 0] + 1).astype(jnp.int32), k_splits=splits,
+                              pages_per_compute_block=math.gcd(pages_per_row // splits, 8),
+                              interpret=interpret)
+        return out.reshape(B, 1, N, H)
+
+
+# pallas_gpu_interpret: the GPU kernel through Pallas's interpreter, which runs anywhere (tests)
+KERNELS = ("xla", "pallas_tpu", "pallas_gpu", "pallas_gpu_interpret")
+
+
+def attention_kernel(backend: str | None = None, choice: str = "auto") -> str:
+    """The decode attention: `choice` when it names a kernel, else (auto) the platform's Pallas paged-attention
+    kernel on TPU and GPU, the XLA gather elsewhere."""
+    if choice != "auto":
+        if choice not in KERNELS:
+            raise ValueError(f"decode attention {choice!r}: one of auto, {', '.join(KERNELS)}")
+        return choice
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend or jax.default_backend(), "xla")
 
 
 def flat_slots(page_table: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:

@@ -137,7 +137,7 @@ class RunContext:
         check_vocabulary(self.tokenizer, model_config, m.path, m.tokenizer or m.path)
         try:
             self.sample_mesh = sampling_mesh(model_config, jax.local_devices(), shape=self.sample_mesh_setting,
-                                             memory_per_device=s.memory_per_device_gib * 2**30 or None)
+                                             memory_per_device=s.memory_per_device_gib * 2**30 or None, attention=s.decode_attention)
         except ValueError as error:  # an explicit shape this process's devices cannot fill
             raise ValueError(f"config.sampler.mesh={s.mesh!r}: {error}") from None
         self.model_config, self.base_model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh,
@@ -165,7 +165,7 @@ class RunContext:
             return Engine(student, self.tokenizer, slots=s.slots or 4 * s.batch_size, page_size=s.page_size,
                           max_prompt_tokens=s.max_prompt_tokens, unstack=unrolled_layers(s.layers_layout),
                           decode_copies=self._decode_copies[1], mesh=self.sample_mesh,
-                          memory_per_device=s.memory_per_device_gib * 2**30 or None)
+                          memory_per_device=s.memory_per_device_gib * 2**30 or None, attention=s.decode_attention)
         return Sampler(student, self.tokenizer, batch_size=s.batch_size,
                        max_prompt_tokens=s.max_prompt_tokens, min_prompt_bucket=s.min_prompt_bucket,
                        mesh=self.sample_mesh if self.sample_mesh.size > 1 else None,

@@ -165,6 +165,17 @@ def test_rows_are_streamed_as_they_finish(model, workload):
 
 
 @pytest.mark.slow  # two students compiled: about 20 s of CPU
+@pytest.mark.slow  # the kernel interpreted at each slot level and width: about 20 s of CPU
+def test_the_gpu_paged_kernel_gives_the_same_tokens(seed, workload):
+    """Decode steps through JAX's Pallas GPU paged-attention kernel, which reads only the pages below each row's
+    length: the tokens of generate. On a GPU the Triton kernel itself (benchmarks/device_check.sh runs this
+    test), elsewhere Pallas's interpreter. Head dim and page size 16: Triton's smallest matrix product."""
+    model = init_model(tiny_model_config(head_dim=16, cache_block=8), seed, std=0.3)
+    kernel = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_gpu_interpret"
+    engine = Engine(model, slots=4, page_size=16, steps_per_call=6, prefill_chunk=8, attention=kernel)
+    assert_same(run_engine(engine, workload, SAMPLED, range(len(workload[0]))), reference(model, workload, SAMPLED, True))
+
+
 def test_adapters_are_swapped_in_place_without_recompiling(model, workload):
     from ssb_jax.model.lora import LoraConfig, init_lora, with_adapters
     prompts, caps, ids = workload
