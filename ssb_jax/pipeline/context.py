@@ -137,7 +137,7 @@ class RunContext:
         check_vocabulary(self.tokenizer, model_config, m.path, m.tokenizer or m.path)
         try:
             self.sample_mesh = sampling_mesh(model_config, jax.local_devices(), shape=self.sample_mesh_setting,
-                                             memory_per_device=s.memory_per_device_gib * 2**30 or None, attention=s.decode_attention)
+                                             memory_per_device=s.memory_per_device_gib * 2**30 or None)
         except ValueError as error:  # an explicit shape this process's devices cannot fill
             raise ValueError(f"config.sampler.mesh={s.mesh!r}: {error}") from None
         self.model_config, self.base_model = ssb_jax.load_model(m.path, dtype=m.dtype, mesh=self.sample_mesh,
