@@ -17,7 +17,7 @@ those of `sampler.generate` (tests/engine/).
 When pages run out, rows wait for pages; if every running row waits, the youngest is preempted (its
 pages freed, the row restarted later from its prompt: the same tokens again).
 
-Two things keep the device from computing nothing: a prompt's last chunk is prefilled in the smallest
+Two things keep the device from computing what no row uses: a prompt's last chunk is prefilled in the smallest
 power of two that holds it (not a whole `prefill_chunk`), and once no prompt waits, a decode call runs
 its rows in the first half or quarter of the slots when they fit there and have more than two calls'
 steps to go (the rows' state is per call, their keys and values stay in their pages), so the last long
