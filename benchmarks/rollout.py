@@ -220,8 +220,8 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     prompts, lengths, cap = draw_workload(rng, prompts_n, args.k, config.vocab_size, scale, args.cap)
     static_rows = batch_size * args.k
-    longest_bucket = 2 ** math.ceil(math.log2(max(len(p) for p in prompts)))
     if args.num_pages is None:  # the static sampler's KV memory of its largest batch, in pages
+        longest_bucket = 2 ** math.ceil(math.log2(max(len(p) for p in prompts)))
         args.num_pages = static_rows * (longest_bucket + cap) // args.page_size
     slots = args.engine_slots or memory_matched_slots(args.num_pages * args.page_size, prompts, lengths)
 

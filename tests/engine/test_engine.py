@@ -164,7 +164,6 @@ def test_rows_are_streamed_as_they_finish(model, workload):
     assert min(length for _, _, length in seen[:longest + 1]) < seen[longest][2]
 
 
-@pytest.mark.slow  # two students compiled: about 20 s of CPU
 @pytest.mark.slow  # the kernel interpreted at each slot level and width: about 20 s of CPU
 def test_the_gpu_paged_kernel_gives_the_same_tokens(seed, workload):
     """Decode steps through JAX's Pallas GPU paged-attention kernel, which reads only the pages below each row's
@@ -176,6 +175,7 @@ def test_the_gpu_paged_kernel_gives_the_same_tokens(seed, workload):
     assert_same(run_engine(engine, workload, SAMPLED, range(len(workload[0]))), reference(model, workload, SAMPLED, True))
 
 
+@pytest.mark.slow  # two students compiled: about 20 s of CPU
 def test_adapters_are_swapped_in_place_without_recompiling(model, workload):
     from ssb_jax.model.lora import LoraConfig, init_lora, with_adapters
     prompts, caps, ids = workload
